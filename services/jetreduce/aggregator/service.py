@@ -1,0 +1,200 @@
+"""Aggregator service: see the package docstring."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+
+from jetreduce.contract.events import (
+    MapComplete,
+    Progress,
+    ReduceCompleted,
+    ReduceFailed,
+    SetupFailed,
+    WorkflowCompleted,
+    WorkflowFailed,
+    WorkflowPlanned,
+    decode,
+    encode,
+)
+from jetreduce.contract.records import Phase, WorkflowRecord
+from jetreduce.runtime.publish import publish_once, publish_retrying
+from jetreduce.runtime.service import EventConsumer, ServiceContext
+from jetreduce.runtime.state import StateStore
+
+__all__ = ["Aggregator"]
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.25
+"""How often active workflows are counted (one cheap STREAM.INFO each)."""
+PROGRESS_EVERY_S = 1.0
+
+
+@dataclass
+class _Tracked:
+    total: int
+    started: float = field(default_factory=time.monotonic)
+    history: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=40))
+    last_progress: float = 0.0
+    last_terminal: int = -1
+
+
+class Aggregator:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.s = ctx.subjects
+        self.state = StateStore(ctx.js, ctx.subjects)
+        self.active: dict[str, _Tracked] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        for record in await self.state.list():
+            if record.phase == Phase.MAPPING and record.total is not None:
+                self.active[record.workflow_id] = _Tracked(total=record.total)
+        consumer = EventConsumer(
+            self.ctx, stream=self.s.events_stream, durable="aggregator",
+            filters=[
+                self.s.workflow("planned", "*"),
+                self.s.setup("failed", "*"),
+                self.s.map("complete", "*"),
+                self.s.reduce("completed", "*"),
+                self.s.reduce("failed", "*"),
+            ],
+            handler=self.on_event,
+        )
+        await asyncio.gather(consumer.run(stop), self._ticker(stop))
+
+    async def _ticker(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            for wf in list(self.active):
+                try:
+                    await self.check(wf)
+                except Exception:
+                    log.exception("aggregator: counting %s failed", wf)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), TICK_S)
+
+    async def count(self, subject_filter: str) -> int:
+        """Distinct subjects matching the filter in RESULTS, counted by the server
+        (research/jetstream.md §2: a huge offset returns the total without the subject map)."""
+        resp = await self.ctx.nc.request(
+            f"$JS.API.STREAM.INFO.{self.s.results_stream}",
+            json.dumps({"subjects_filter": subject_filter, "offset": 1 << 40}).encode(),
+            timeout=10,
+        )
+        body = json.loads(resp.data)
+        if "error" in body:
+            raise RuntimeError(f"stream info: {body['error']}")
+        return int(body.get("total", 0))
+
+    async def check(self, wf: str) -> None:
+        tracked = self.active.get(wf)
+        if tracked is None:
+            return
+        terminal = await self.count(self.s.terminal_of(wf))
+        done = await self.count(self.s.done_of(wf))
+        now = time.monotonic()
+        tracked.history.append((now, terminal))
+        if terminal >= tracked.total:
+            await self.complete_map(wf, tracked.total, done, terminal - done)
+            return
+        if terminal != tracked.last_terminal or now - tracked.last_progress >= PROGRESS_EVERY_S:
+            tracked.last_terminal = terminal
+            tracked.last_progress = now
+            await self.publish_progress(wf, tracked, done, terminal - done, "mapping")
+
+    async def publish_progress(
+        self, wf: str, tracked: _Tracked, done: int, dead: int, phase: str
+    ) -> None:
+        terminal = done + dead
+        rate = 0.0
+        if len(tracked.history) >= 2:
+            (t0, n0), (t1, n1) = tracked.history[0], tracked.history[-1]
+            if t1 > t0:
+                rate = (n1 - n0) / (t1 - t0)
+        left = tracked.total - terminal
+        eta = (left / rate) if rate > 0 else None
+        in_flight = pending = 0
+        with contextlib.suppress(NotFoundError, Exception):
+            info = await self.ctx.js.consumer_info(self.s.work_stream, self.s.work_consumer(wf))
+            in_flight, pending = info.num_ack_pending or 0, info.num_pending or 0
+        progress = Progress(
+            workflow_id=wf, phase=phase, total=tracked.total, done=done, dead=dead,
+            in_flight=in_flight, pending=pending, rate_per_s=round(rate, 2),
+            eta_s=round(eta, 1) if eta is not None else None,
+        )
+        await publish_retrying(self.ctx.js, self.s.progress(wf), encode(progress))
+
+    async def complete_map(self, wf: str, total: int, done: int, dead: int) -> None:
+        tracked = self.active.pop(wf, None)
+        if tracked is not None:
+            await self.publish_progress(wf, tracked, done, dead, "map complete")
+        await self.state.update(wf, lambda r: _set_counts(r, done, dead))
+        stored = await publish_once(
+            self.ctx.js, self.s.map("complete", wf),
+            encode(MapComplete(workflow_id=wf, total=total, done=done, dead=dead)),
+        )
+        if stored:
+            log.info("workflow %s: map complete (%d done, %d dead)", wf, done, dead)
+
+    # -- events ---------------------------------------------------------------------------
+    async def on_event(self, msg: Msg) -> None:
+        event = decode(msg.data)
+        wf = event.workflow_id
+        if isinstance(event, WorkflowPlanned):
+            record = await self.state.get(wf)
+            if record is not None and not record.phase.terminal and wf not in self.active:
+                self.active[wf] = _Tracked(total=event.total)
+                await self.check(wf)
+        elif isinstance(event, SetupFailed):
+            await self.finish_failed(wf, f"setup failed: {event.error}")
+        elif isinstance(event, MapComplete):
+            spec = await self.state.get_spec(wf)
+            if spec is not None and (spec.workflow.reduce is None
+                                     or not spec.workflow.reduce.steps):
+                await self.finish_completed(wf, event.total, event.done, event.dead, "")
+            elif event.total == 0:
+                # Prodigy: no work items means map and reduce are both skipped.
+                await self.finish_completed(wf, 0, 0, 0, "")
+        elif isinstance(event, ReduceCompleted):
+            record = await self.state.get(wf)
+            if record is not None:
+                await self.finish_completed(wf, record.total or 0, record.done, record.dead,
+                                            event.output)
+        elif isinstance(event, ReduceFailed):
+            await self.finish_failed(wf, event.error)
+
+    async def finish_completed(
+        self, wf: str, total: int, done: int, dead: int, reduce_output: str
+    ) -> None:
+        record = await self.state.transition(wf, Phase.COMPLETED, reduce_output=reduce_output)
+        created = record.created_ts if record else time.time()
+        await publish_once(
+            self.ctx.js, self.s.workflow("completed", wf),
+            encode(WorkflowCompleted(workflow_id=wf, total=total, done=done, dead=dead,
+                                     duration_s=round(time.time() - created, 3),
+                                     reduce_output=reduce_output)),
+        )
+
+    async def finish_failed(self, wf: str, reason: str) -> None:
+        self.active.pop(wf, None)
+        await self.state.transition(wf, Phase.FAILED, reason=reason)
+        await publish_once(
+            self.ctx.js, self.s.workflow("failed", wf),
+            encode(WorkflowFailed(workflow_id=wf, reason=reason)),
+        )
+
+
+def _set_counts(record: WorkflowRecord, done: int, dead: int) -> WorkflowRecord | None:
+    if record.done == done and record.dead == dead:
+        return None
+    record.done, record.dead = done, dead
+    return record

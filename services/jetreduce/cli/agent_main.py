@@ -1,0 +1,17 @@
+"""Entry point of an agent process (``jetreduce worker``): everything comes from environment
+variables, as a pod's would."""
+
+from __future__ import annotations
+
+import asyncio
+
+from jetreduce.cli.logs import configure
+from jetreduce.runtime.settings import NatsSettings
+from jetreduce.worker.agent import AgentConfig, run_agent
+
+
+def main() -> int:
+    configure()
+    settings = NatsSettings.from_env()
+    config = AgentConfig.from_env()
+    return asyncio.run(run_agent(settings, config))

@@ -1,0 +1,508 @@
+"""``jetreduce``: run Prodigy-format MapReduce workflows on NATS JetStream.
+
+Exit codes: 0 success · 1 workflow failed / cancelled / timed out · 2 invalid arguments or
+workflow file · 3 completed but some items failed permanently (see ``jetreduce dlq``) ·
+4 NATS unreachable · 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import typer
+
+from jetreduce.cli import exit_codes
+from jetreduce.cli.host import SERVICE_NAMES, ServiceHost
+from jetreduce.cli.logs import configure
+from jetreduce.cli.options import (
+    Creds,
+    Nats,
+    NkeySeed,
+    Password,
+    Prefix,
+    TlsCa,
+    TlsCert,
+    TlsKey,
+    Token,
+    User,
+)
+from jetreduce.cli.options import (
+    settings as make_settings,
+)
+from jetreduce.cli.submit import (
+    SubmitRejected,
+    format_problems,
+    load_workflow,
+    new_workflow_id,
+    submit,
+)
+from jetreduce.cli.watch import Watcher, describe
+from jetreduce.contract import events as ev
+from jetreduce.contract.events import SubmitOptions
+from jetreduce.contract.subjects import InvalidToken, Subjects, check_token
+from jetreduce.contract.topology import declare
+from jetreduce.contract.workflow import WorkflowInvalid
+from jetreduce.runtime.connection import ConnectFailed, connect
+from jetreduce.runtime.settings import NatsSettings
+from jetreduce.runtime.state import StateStore
+
+app = typer.Typer(
+    name="jetreduce",
+    help=__doc__,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+services_app = typer.Typer(help="Run the orchestrator's services.", no_args_is_help=True)
+app.add_typer(services_app, name="services")
+
+DEFAULT_DATA_DIR = ".jetreduce"
+
+
+class _Global:
+    settings = NatsSettings()
+
+
+def _settings(nats: str | None) -> NatsSettings:
+    """The global settings, with a command's own ``--nats`` taking precedence."""
+    return replace(_Global.settings, url=nats) if nats else _Global.settings
+
+
+@app.callback()
+def _root(
+    nats: Nats = None,
+    creds: Creds = None,
+    nkey: NkeySeed = None,
+    user: User = None,
+    password: Password = None,
+    token: Token = None,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    prefix: Prefix = None,
+    log_level: Annotated[
+        str | None, typer.Option("--log-level", envvar="JETREDUCE_LOG_LEVEL")
+    ] = None,
+) -> None:
+    """Connection options given here apply to every command; `--nats` on a command wins."""
+    configure(log_level)
+    _Global.settings = make_settings(nats, creds, nkey, user, password, token, tls_ca,
+                                     tls_cert, tls_key, prefix)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(message, err=True)
+    return typer.Exit(code)
+
+
+async def _connect(settings: NatsSettings) -> Any:
+    try:
+        return await connect(settings, name="jetreduce-cli", forever=False)
+    except ConnectFailed as exc:
+        raise _fail(str(exc), exit_codes.UNREACHABLE) from None
+
+
+def _load(path: Path) -> tuple[str, Any, dict[str, str]]:
+    try:
+        return load_workflow(path)
+    except OSError as exc:
+        raise _fail(f"cannot read {path}: {exc.strerror or exc}", exit_codes.USAGE) from None
+    except WorkflowInvalid as exc:
+        raise _fail(str(exc), exit_codes.USAGE) from None
+
+
+def _terminal_code(event: Any) -> int:
+    if isinstance(event, ev.WorkflowCompleted):
+        return exit_codes.DEAD_ITEMS if event.dead else exit_codes.OK
+    if isinstance(event, ev.WorkflowRejected):
+        return exit_codes.USAGE
+    return exit_codes.FAILED
+
+
+def _print_outcome(event: Any) -> None:
+    if isinstance(event, ev.WorkflowCompleted):
+        if event.reduce_output:
+            typer.echo(event.reduce_output)
+        typer.echo(
+            f"workflow {event.workflow_id}: completed, {event.done}/{event.total} items "
+            f"succeeded, {event.dead} failed, in {event.duration_s:.1f}s",
+            err=True,
+        )
+    else:
+        typer.echo(f"workflow {event.workflow_id}: {describe(event)}", err=True)
+
+
+# -- run ----------------------------------------------------------------------------------------
+@app.command()
+def run(
+    workflow: Annotated[Path, typer.Argument(help="Workflow YAML file (Prodigy MapReduce).")],
+    max_parallel: Annotated[
+        int | None, typer.Option("--max-parallel", "-j", min=1, help="Override map.max_parallel.")
+    ] = None,
+    nats: Nats = None,
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", help="Embedded server's store and agent logs.")
+    ] = Path(DEFAULT_DATA_DIR),
+    workdir: Annotated[
+        Path | None, typer.Option("--workdir", help="Where commands run (default: here).")
+    ] = None,
+    max_attempts: Annotated[
+        int | None, typer.Option("--max-attempts", min=1, help="Attempts per item.")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="Give up after this many seconds.")
+    ] = None,
+    workflow_id: Annotated[str | None, typer.Option("--id", help="Workflow id.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Run a workflow here: embedded nats-server, the services in this process, agents as
+    child processes. Prints the reduce output and a summary; Ctrl-C cancels cleanly."""
+    text, result, used = _load(workflow)
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning.render(str(workflow))}", err=True)
+    wf = workflow_id or new_workflow_id(result.workflow.name)
+    try:
+        check_token(wf)
+    except InvalidToken as exc:
+        raise _fail(str(exc), exit_codes.USAGE) from None
+    options = SubmitOptions(
+        workdir=str((workdir or Path.cwd()).resolve()),
+        max_parallel=max_parallel,
+        vars=used,
+        max_attempts=max_attempts,
+    )
+    code = asyncio.run(_run(text, str(workflow), wf, options, nats, data_dir, timeout, quiet))
+    raise typer.Exit(code)
+
+
+async def _run(
+    text: str, source: str, wf: str, options: SubmitOptions, nats: str | None,
+    data_dir: Path, timeout: float | None, quiet: bool,
+) -> int:
+    from jetreduce.embedded import EmbeddedServer
+
+    server = None
+    settings = _settings(nats)
+    if nats is None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        server = EmbeddedServer(data_dir / "nats")
+        try:
+            await asyncio.to_thread(server.start)
+        except Exception as exc:
+            raise _fail(f"cannot start the embedded nats-server: {exc}", exit_codes.FAILED) from None
+        settings = replace(settings, url=server.url)
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupted.set)
+    try:
+        host = ServiceHost(settings, log_dir=data_dir.resolve() / "logs")
+        async with host.running():
+            nc = await _connect(settings)
+            try:
+                subjects = Subjects(settings.prefix)
+                watcher = Watcher(nc, subjects, wf, show_events=not quiet)
+                await watcher.start()
+                try:
+                    await submit(nc, subjects, text, options, workflow_id=wf, source=source)
+                except SubmitRejected as exc:
+                    typer.echo(format_problems(exc), err=True)
+                    return exit_codes.USAGE
+                typer.echo(f"workflow {wf} submitted", err=True)
+                follow = asyncio.create_task(watcher.until_done(timeout))
+                stop = asyncio.create_task(interrupted.wait())
+                failed = asyncio.create_task(host.stop.wait())
+                await asyncio.wait({follow, stop, failed}, return_when=asyncio.FIRST_COMPLETED)
+                if follow.done():
+                    stop.cancel()
+                    failed.cancel()
+                    try:
+                        event = follow.result()
+                    except TimeoutError:
+                        await _cancel(nc, subjects, wf, f"timed out after {timeout}s")
+                        typer.echo(f"workflow {wf}: timed out after {timeout}s", err=True)
+                        return exit_codes.FAILED
+                    _print_outcome(event)
+                    return _terminal_code(event)
+                follow.cancel()
+                if stop.done():
+                    typer.echo(f"\ninterrupted: cancelling workflow {wf}", err=True)
+                    with contextlib.suppress(Exception):
+                        await _cancel(nc, subjects, wf, "interrupted (Ctrl-C)")
+                    return exit_codes.INTERRUPTED
+                await host.wait()
+                return exit_codes.FAILED
+            finally:
+                await nc.close()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+
+
+async def _cancel(nc: Any, subjects: Subjects, wf: str, reason: str) -> None:
+    js = nc.jetstream()
+    await js.publish(subjects.workflow("cancel", wf),
+                     ev.encode(ev.WorkflowCancelRequested(workflow_id=wf, reason=reason)))
+
+
+# -- submit / watch / status / list / cancel ----------------------------------------------------
+@app.command("submit")
+def submit_cmd(
+    workflow: Annotated[Path, typer.Argument(help="Workflow YAML file.")],
+    nats: Nats = None,
+    max_parallel: Annotated[int | None, typer.Option("--max-parallel", "-j", min=1)] = None,
+    priority: Annotated[str, typer.Option(help="high, normal or low.")] = "normal",
+    workdir: Annotated[Path | None, typer.Option(help="Where commands run.")] = None,
+    max_attempts: Annotated[int | None, typer.Option("--max-attempts", min=1)] = None,
+    workflow_id: Annotated[str | None, typer.Option("--id", help="Workflow id.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow it until it ends.")] = False,
+) -> None:
+    """Submit a workflow to running services; prints its id (stdout)."""
+    text, result, used = _load(workflow)
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning.render(str(workflow))}", err=True)
+    wf = workflow_id or new_workflow_id(result.workflow.name)
+    options = SubmitOptions(workdir=str((workdir or Path.cwd()).resolve()),
+                            max_parallel=max_parallel, priority=priority, vars=used,
+                            max_attempts=max_attempts)
+
+    async def go() -> int:
+        settings = _settings(nats)
+        nc = await _connect(settings)
+        try:
+            subjects = Subjects(settings.prefix)
+            watcher = Watcher(nc, subjects, wf)
+            if wait:
+                await watcher.start()
+            try:
+                await submit(nc, subjects, text, options, workflow_id=wf, source=str(workflow))
+            except SubmitRejected as exc:
+                typer.echo(format_problems(exc), err=True)
+                return exit_codes.USAGE
+            except TimeoutError as exc:
+                typer.echo(str(exc), err=True)
+                return exit_codes.FAILED
+            typer.echo(wf)
+            if not wait:
+                return exit_codes.OK
+            event = await watcher.until_done()
+            _print_outcome(event)
+            return _terminal_code(event)
+        finally:
+            await nc.close()
+
+    raise typer.Exit(asyncio.run(go()))
+
+
+@app.command()
+def watch(
+    workflow_id: Annotated[str, typer.Argument(help="Workflow id.")],
+    nats: Nats = None,
+    items: Annotated[bool, typer.Option("--items", help="Show every finished item too.")] = False,
+) -> None:
+    """Follow a workflow's events and progress until it ends."""
+
+    async def go() -> int:
+        settings = _settings(nats)
+        nc = await _connect(settings)
+        try:
+            watcher = Watcher(nc, Subjects(settings.prefix), workflow_id, show_items=items)
+            event = await watcher.until_done()
+            _print_outcome(event)
+            return _terminal_code(event)
+        finally:
+            await nc.close()
+
+    raise typer.Exit(asyncio.run(go()))
+
+
+@app.command()
+def status(
+    workflow_id: Annotated[str | None, typer.Argument(help="Workflow id (all if omitted).")] = None,
+    nats: Nats = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show a workflow's phase and counts (or every workflow's)."""
+
+    async def go() -> int:
+        settings = _settings(nats)
+        nc = await _connect(settings)
+        try:
+            js = nc.jetstream()
+            subjects = Subjects(settings.prefix)
+            await declare(js, subjects)
+            state = StateStore(js, subjects)
+            if workflow_id is None:
+                records = await state.list()
+            else:
+                record = await state.get(workflow_id)
+                if record is None:
+                    typer.echo(f"no workflow {workflow_id}", err=True)
+                    return exit_codes.FAILED
+                records = [record]
+            for rec in records:
+                progress = await _last_progress(js, subjects, rec.workflow_id)
+                if as_json:
+                    body = msgspec.to_builtins(rec)
+                    body.pop("reduce_output", None)
+                    if progress is not None:
+                        body["progress"] = msgspec.to_builtins(progress)
+                    typer.echo(json.dumps(body))
+                else:
+                    line = (f"{rec.workflow_id}  {rec.phase.value:<10} {rec.name}  "
+                            f"total={rec.total if rec.total is not None else '?'}")
+                    if progress is not None:
+                        line += f"  {describe(progress)}"
+                    elif rec.total is not None:
+                        line += f"  done={rec.done} failed={rec.dead}"
+                    if rec.reason:
+                        line += f"  reason: {rec.reason}"
+                    typer.echo(line)
+            return exit_codes.OK
+        finally:
+            await nc.close()
+
+    raise typer.Exit(asyncio.run(go()))
+
+
+async def _last_progress(js: Any, subjects: Subjects, wf: str) -> ev.Progress | None:
+    with contextlib.suppress(Exception):
+        msg = await js.get_last_msg(subjects.progress_stream, subjects.progress(wf))
+        event = ev.decode(msg.data)
+        if isinstance(event, ev.Progress):
+            return event
+    return None
+
+
+@app.command("list")
+def list_cmd(nats: Nats = None) -> None:
+    """List workflows (id, phase, name, counts), oldest first."""
+    status(None, nats, False)
+
+
+@app.command()
+def cancel(
+    workflow_id: Annotated[str, typer.Argument(help="Workflow id.")],
+    nats: Nats = None,
+    reason: Annotated[str, typer.Option(help="Recorded in workflow.cancelled.")] = "cancelled by user",
+) -> None:
+    """Cancel a workflow: dispatch stops, agents stop, queued items are purged."""
+
+    async def go() -> int:
+        settings = _settings(nats)
+        nc = await _connect(settings)
+        try:
+            subjects = Subjects(settings.prefix)
+            watcher = Watcher(nc, subjects, workflow_id, show_events=False)
+            await watcher.start()
+            await _cancel(nc, subjects, workflow_id, reason)
+            try:
+                event = await watcher.until_done(timeout_s=10)
+            except TimeoutError:
+                typer.echo(f"no confirmation within 10s for {workflow_id}", err=True)
+                return exit_codes.FAILED
+            _print_outcome(event)
+            return exit_codes.OK
+        finally:
+            await nc.close()
+
+    raise typer.Exit(asyncio.run(go()))
+
+
+@app.command()
+def validate(workflow: Annotated[Path, typer.Argument(help="Workflow YAML file.")]) -> None:
+    """Check a workflow file; prints every problem with its line and column."""
+    _, result, _ = _load(workflow)
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning.render(str(workflow))}", err=True)
+    typer.echo(f"{workflow}: ok ({result.workflow.name})")
+
+
+# -- services, agents, server -------------------------------------------------------------------
+def _serve(names: tuple[str, ...], nats: str | None, log_dir: Path | None) -> int:
+    async def go() -> int:
+        settings = _settings(nats)
+        host = ServiceHost(settings, names, log_dir=log_dir)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, host.stop.set)
+        try:
+            async with host.running():
+                typer.echo(f"jetreduce services running: {', '.join(names)} on {settings.url}",
+                           err=True)
+                await host.wait()
+        except ConnectFailed as exc:
+            typer.echo(str(exc), err=True)
+            return exit_codes.UNREACHABLE
+        return exit_codes.OK
+
+    return asyncio.run(go())
+
+
+@app.command()
+def service(
+    name: Annotated[str, typer.Argument(help="planner, launcher, aggregator or janitor.")],
+    nats: Nats = None,
+    log_dir: Annotated[Path | None, typer.Option(help="Local agents' logs.")] = None,
+) -> None:
+    """Run one service (what a Kubernetes Deployment runs)."""
+    if name not in SERVICE_NAMES:
+        raise _fail(f"unknown service {name!r}: choose from {', '.join(SERVICE_NAMES)}",
+                    exit_codes.USAGE)
+    raise typer.Exit(_serve((name,), nats, log_dir))
+
+
+@services_app.command("up")
+def services_up(
+    nats: Nats = None,
+    log_dir: Annotated[Path | None, typer.Option(help="Local agents' logs.")] = None,
+) -> None:
+    """Run planner, launcher, aggregator and janitor in one process."""
+    raise typer.Exit(_serve(SERVICE_NAMES, nats, log_dir))
+
+
+@app.command()
+def worker() -> None:
+    """Agent entry point, configured by environment variables as a pod is:
+    JETREDUCE_NATS_URL, JETREDUCE_WORKFLOW_ID, JETREDUCE_PHASE (setup|map|reduce),
+    JETREDUCE_SLOTS, JOB_COMPLETION_INDEX."""
+    from jetreduce.cli.agent_main import main as agent_main
+
+    raise typer.Exit(agent_main())
+
+
+@app.command()
+def server(
+    data_dir: Annotated[Path, typer.Option("--data-dir")] = Path(DEFAULT_DATA_DIR),
+    port: Annotated[int, typer.Option(help="-1 picks a free port.")] = 4222,
+) -> None:
+    """Run the embedded nats-server in the foreground (loopback only) until Ctrl-C."""
+    from jetreduce.embedded import EmbeddedServer
+
+    srv = EmbeddedServer(data_dir / "nats", port=port).start()
+    typer.echo(srv.url)
+    try:
+        while srv.proc is not None and srv.proc.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.stop()
+
+
+def main() -> None:
+    app(prog_name="jetreduce")
+
+
+if __name__ == "__main__":
+    main()

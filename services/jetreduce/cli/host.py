@@ -1,0 +1,111 @@
+"""Hosting services in one process: ``jetreduce services up``, ``jetreduce service NAME`` and
+the embedded ``jetreduce run``. Each service runs as a supervised task; if one fails, the rest
+are stopped and the error is raised (a half-running orchestrator is worse than a dead one)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+from jetreduce.aggregator.service import Aggregator
+from jetreduce.contract.subjects import Subjects
+from jetreduce.contract.topology import TopologySettings, declare
+from jetreduce.janitor.service import Janitor
+from jetreduce.launcher.local import LocalBackend
+from jetreduce.launcher.service import Launcher
+from jetreduce.planner.service import Planner
+from jetreduce.runtime.connection import connect
+from jetreduce.runtime.service import ServiceContext
+from jetreduce.runtime.settings import NatsSettings
+
+__all__ = ["SERVICE_NAMES", "ServiceHost"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = ("planner", "launcher", "aggregator", "janitor")
+
+
+class _Service(Protocol):
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+class ServiceHost:
+    def __init__(
+        self,
+        settings: NatsSettings,
+        names: tuple[str, ...] = SERVICE_NAMES,
+        *,
+        log_dir: Path | None = None,
+        max_processes: int | None = None,
+        topology: TopologySettings | None = None,
+    ) -> None:
+        unknown = set(names) - set(SERVICE_NAMES)
+        if unknown:
+            raise ValueError(f"unknown service(s): {', '.join(sorted(unknown))}")
+        self.settings = settings
+        self.names = names
+        self.log_dir = log_dir
+        self.max_processes = max_processes
+        self.topology = topology
+        self.stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _build(self, ctx: ServiceContext) -> dict[str, _Service]:
+        built: dict[str, _Service] = {}
+        for name in self.names:
+            if name == "planner":
+                built[name] = Planner(ctx)
+            elif name == "launcher":
+                backend = LocalBackend(self.settings, log_dir=self.log_dir,
+                                       max_processes=self.max_processes)
+                built[name] = Launcher(ctx, backend)
+            elif name == "aggregator":
+                built[name] = Aggregator(ctx)
+            elif name == "janitor":
+                built[name] = Janitor(ctx)
+        return built
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[ServiceHost]:
+        """Start every service; on exit, stop them and close the connection."""
+        nc = await connect(self.settings, name="jetreduce-services")
+        js = nc.jetstream()
+        subjects = Subjects(self.settings.prefix)
+        await declare(js, subjects, self.topology)
+        ctx = ServiceContext(nc=nc, js=js, subjects=subjects)
+        for name, service in self._build(ctx).items():
+            self._tasks.append(asyncio.create_task(self._guard(name, service), name=name))
+        try:
+            yield self
+        finally:
+            self.stop.set()
+            if self._tasks:
+                _, pending = await asyncio.wait(self._tasks, timeout=20)
+                for task in pending:
+                    task.cancel()
+            with contextlib.suppress(Exception):
+                await nc.drain()
+
+    async def _guard(self, name: str, service: _Service) -> None:
+        try:
+            await service.run(self.stop)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("service %s failed; stopping the others", name)
+            self.stop.set()
+            raise
+        if not self.stop.is_set():
+            log.error("service %s finished unexpectedly; stopping the others", name)
+            self.stop.set()
+
+    async def wait(self) -> None:
+        """Until stopped (signal) or a service fails; re-raises that failure."""
+        await self.stop.wait()
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]

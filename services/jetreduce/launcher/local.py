@@ -1,0 +1,166 @@
+"""Local backend: agents are child processes (``python -m jetreduce worker``).
+
+A crashed agent (non-zero exit or killed by a signal) is restarted with a growing delay, up to
+``max_restarts``; an agent that exits 0 has finished its phase. Every child is killed when
+the workflow ends or the launcher stops, so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jetreduce.runtime.settings import NatsSettings
+
+__all__ = ["AgentSpec", "LocalBackend"]
+
+log = logging.getLogger(__name__)
+
+ExitCallback = Callable[[str, str, int, int, bool], Awaitable[None]]
+
+
+@dataclass
+class AgentSpec:
+    workflow_id: str
+    phase: str
+    index: int
+    slots: int
+    workdir: str
+
+
+@dataclass
+class _Running:
+    spec: AgentSpec
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    task: asyncio.Task[None] | None = None
+    stopping: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(
+        self,
+        settings: NatsSettings,
+        *,
+        log_dir: Path | None = None,
+        max_processes: int | None = None,
+        max_restarts: int = 10,
+        on_exit: ExitCallback | None = None,
+    ) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.max_processes = max_processes or max(2, os.cpu_count() or 2)
+        self.max_restarts = max_restarts
+        self.on_exit = on_exit
+        self._agents: dict[tuple[str, str], list[_Running]] = {}
+
+    def plan(self, parallel: int) -> list[int]:
+        """Slots per process: ``parallel`` slots spread over at most ``max_processes``."""
+        procs = max(1, min(parallel, self.max_processes))
+        base, extra = divmod(parallel, procs)
+        return [base + (1 if i < extra else 0) for i in range(procs)]
+
+    def running(self, wf: str, phase: str) -> bool:
+        return any(r.task and not r.task.done() for r in self._agents.get((wf, phase), []))
+
+    async def launch(self, wf: str, phase: str, slots: list[int], workdir: str) -> int:
+        """Start the phase's agents unless they are already running. Returns how many."""
+        if self.running(wf, phase):
+            return 0
+        runs = [_Running(AgentSpec(wf, phase, i, n, workdir)) for i, n in enumerate(slots)]
+        self._agents[(wf, phase)] = runs
+        for run in runs:
+            run.task = asyncio.create_task(self._supervise(run), name=f"agent {wf}/{phase}")
+        return len(runs)
+
+    async def _spawn(self, run: _Running) -> asyncio.subprocess.Process:
+        spec = run.spec
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JETREDUCE_")}
+        env.update(self.settings.to_env())
+        env.update(
+            JETREDUCE_WORKFLOW_ID=spec.workflow_id,
+            JETREDUCE_PHASE=spec.phase,
+            JETREDUCE_AGENT_INDEX=str(spec.index),
+            JETREDUCE_SLOTS=str(spec.slots),
+            PYTHONUNBUFFERED="1",
+        )
+        out: int | None = asyncio.subprocess.DEVNULL
+        handle = None
+        if self.log_dir is not None:
+            directory = self.log_dir / spec.workflow_id
+            directory.mkdir(parents=True, exist_ok=True)
+            handle = open(directory / f"{spec.phase}-{spec.index}.log", "ab")  # noqa: SIM115
+            out = handle.fileno()
+        try:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "jetreduce", "worker",
+                env=env, cwd=spec.workdir if os.path.isdir(spec.workdir) else None,
+                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True,
+            )
+        finally:
+            if handle is not None:
+                handle.close()
+
+    async def _supervise(self, run: _Running) -> None:
+        spec = run.spec
+        while True:
+            run.proc = await self._spawn(run)
+            code = await run.proc.wait()
+            restart = (code != 0 and not run.stopping and run.restarts < self.max_restarts)
+            if code != 0 and not run.stopping:
+                log.warning("agent %s/%s-%d exited with %d%s", spec.workflow_id, spec.phase,
+                            spec.index, code, "; restarting" if restart else "")
+            if self.on_exit is not None and not run.stopping:
+                with contextlib.suppress(Exception):
+                    await self.on_exit(spec.workflow_id, spec.phase, spec.index, code, restart)
+            if not restart:
+                return
+            run.restarts += 1
+            await asyncio.sleep(min(10.0, 0.5 * 2 ** (run.restarts - 1)))
+            if run.stopping:
+                return
+
+    async def stop(self, wf: str, phase: str | None = None, grace_s: float = 10.0) -> None:
+        keys = [k for k in self._agents if k[0] == wf and (phase is None or k[1] == phase)]
+        runs = [r for k in keys for r in self._agents.pop(k)]
+        await self._terminate(runs, grace_s)
+
+    async def stop_all(self, grace_s: float = 10.0) -> None:
+        runs = [r for rs in self._agents.values() for r in rs]
+        self._agents.clear()
+        await self._terminate(runs, grace_s)
+
+    async def _terminate(self, runs: list[_Running], grace_s: float) -> None:
+        for run in runs:
+            run.stopping = True
+            _signal_group(run.proc, signal.SIGTERM)
+        tasks = [r.task for r in runs if r.task is not None]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        for run in runs:
+            if run.task in pending:
+                _signal_group(run.proc, signal.SIGKILL)
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+            for task in pending:
+                task.cancel()
+
+
+def _signal_group(proc: asyncio.subprocess.Process | None, sig: int) -> None:
+    """Signal the agent and everything it started (its own session / process group)."""
+    if proc is None or proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)

@@ -1,0 +1,35 @@
+"""The item pipeline: from ``map.input`` bytes to the ordered list of work items.
+
+Pure functions over plain JSON values (msgspec-decoded ``dict``/``list``/scalars); no I/O, no
+NATS. The planner runs it once per job; the workflow validator calls the ``validate_*``
+helpers at submit time so a bad expression is rejected before anything runs.
+
+Stages, in Prodigy's order: ``json_path`` → ``filter`` → ``sort_by`` → ``distinct`` →
+``offset`` → ``max_items``. Every error is a :class:`PipelineError` (a ``ValueError``).
+"""
+
+from jetreduce.planner.pipeline.filter import compile_filter, validate_filter
+from jetreduce.planner.pipeline.input_parse import parse_input_document, parse_input_output
+from jetreduce.planner.pipeline.jsonpath import (
+    PipelineError,
+    compile_json_path,
+    select,
+    validate_json_path,
+)
+from jetreduce.planner.pipeline.pipeline import ItemPipeline, run_pipeline
+from jetreduce.planner.pipeline.sort import compile_sort, validate_sort
+
+__all__ = [
+    "ItemPipeline",
+    "PipelineError",
+    "compile_filter",
+    "compile_json_path",
+    "compile_sort",
+    "parse_input_document",
+    "parse_input_output",
+    "run_pipeline",
+    "select",
+    "validate_filter",
+    "validate_json_path",
+    "validate_sort",
+]

@@ -1,0 +1,268 @@
+"""Planner service: see the package docstring."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import yaml
+from nats.aio.msg import Msg
+
+from jetreduce.contract.events import (
+    BadEvent,
+    Problem,
+    SetupCompleted,
+    SubmitReply,
+    WorkflowAccepted,
+    WorkflowFailed,
+    WorkflowPlanned,
+    WorkflowRejected,
+    WorkflowSubmit,
+    WorkItem,
+    decode_as,
+    encode,
+)
+from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
+from jetreduce.contract.subjects import PRIORITY_LANES, InvalidToken, check_token
+from jetreduce.contract.workflow import WorkflowInvalid, parse_workflow
+from jetreduce.planner.pipeline import PipelineError, parse_input_output, run_pipeline
+from jetreduce.queues.jetstream import JetStreamQueue
+from jetreduce.runtime.publish import publish_once
+from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
+from jetreduce.runtime.state import StateStore
+
+__all__ = ["REPLY_HEADER", "Planner"]
+
+log = logging.getLogger(__name__)
+
+REPLY_HEADER = "Jetreduce-Reply"
+"""Header naming an inbox: the planner answers a submission there (JetStream keeps no reply
+subjects, so request/reply over a stored subject needs this)."""
+
+VISIBILITY_S = 30.0
+"""Lease length of a work item; agents heartbeat at a third of it."""
+
+
+class Planner:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.s = ctx.subjects
+        self.state = StateStore(ctx.js, ctx.subjects)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        submits = EventConsumer(
+            self.ctx,
+            stream=self.s.submit_stream,
+            durable="planner-submit",
+            filters=[self.s.submit],
+            handler=self.on_submit,
+            ack_wait_s=60,
+        )
+        setups = EventConsumer(
+            self.ctx,
+            stream=self.s.events_stream,
+            durable="planner-setup",
+            filters=[self.s.setup("completed", "*")],
+            handler=self.on_setup_completed,
+            ack_wait_s=60,
+        )
+        await asyncio.gather(submits.run(stop), setups.run(stop))
+
+    # -- submissions ----------------------------------------------------------------------
+    async def on_submit(self, msg: Msg) -> None:
+        reply_to = (msg.headers or {}).get(REPLY_HEADER)
+        try:
+            submit = decode_as(msg.data, WorkflowSubmit)
+        except BadEvent as exc:
+            wf = _fallback_id(msg)
+            await self._reject(wf, [Problem(path="", message=str(exc))], reply_to)
+            return
+        wf = submit.workflow_id or _fallback_id(msg)
+        try:
+            check_token(wf)
+        except InvalidToken as exc:
+            await self._reject(_fallback_id(msg), [Problem(path="workflow_id", message=str(exc))],
+                               reply_to)
+            return
+        existing = await self.state.get(wf)
+        if existing is not None:
+            # A resubmit of the same id (client retry, redelivery): answer as before.
+            await self._reply(reply_to, SubmitReply(workflow_id=wf, accepted=True))
+            await self._announce_accepted(wf, existing.name, [])
+            return
+        problems, warnings, spec = self.validate(submit)
+        if spec is None:
+            await self._reject(wf, problems, reply_to)
+            return
+        now = time.time()
+        record = WorkflowRecord(
+            workflow_id=wf,
+            name=spec.workflow.name,
+            phase=Phase.ACCEPTED,
+            created_ts=now,
+            updated_ts=now,
+            max_parallel=spec.options.max_parallel or spec.workflow.map.max_parallel,
+        )
+        await self.state.put_spec(wf, spec)
+        await self.state.create(record)
+        await self._announce_accepted(wf, spec.workflow.name, warnings)
+        await self._reply(reply_to, SubmitReply(workflow_id=wf, accepted=True, problems=warnings))
+        log.info("workflow %s accepted (%s)", wf, spec.workflow.name)
+
+    def validate(
+        self, submit: WorkflowSubmit
+    ) -> tuple[list[Problem], list[Problem], StoredSpec | None]:
+        """All problems at once: the workflow file's, then the options'."""
+        text = submit.workflow
+        if not isinstance(text, str):
+            text = yaml.safe_dump(text, sort_keys=False)
+        try:
+            result = parse_workflow(text, env=submit.options.vars, source=submit.source)
+        except WorkflowInvalid as exc:
+            return [_problem(p) for p in exc.problems], [], None
+        problems: list[Problem] = []
+        opts = submit.options
+        if opts.max_parallel is not None and opts.max_parallel < 1:
+            problems.append(Problem(path="options.max_parallel", message="must be at least 1"))
+        if opts.priority not in PRIORITY_LANES:
+            problems.append(
+                Problem(path="options.priority", message="must be one of high, normal, low")
+            )
+        if opts.backend not in ("local",):
+            problems.append(
+                Problem(path="options.backend", message=f"unknown backend {opts.backend!r}")
+            )
+        if opts.max_attempts is not None and opts.max_attempts < 1:
+            problems.append(Problem(path="options.max_attempts", message="must be at least 1"))
+        if problems:
+            return problems, [], None
+        spec = StoredSpec(workflow=result.workflow, options=opts)
+        return [], [_problem(p) for p in result.warnings], spec
+
+    async def _announce_accepted(self, wf: str, name: str, warnings: list[Problem]) -> None:
+        await publish_once(
+            self.ctx.js,
+            self.s.workflow("accepted", wf),
+            encode(WorkflowAccepted(workflow_id=wf, name=name, warnings=warnings)),
+        )
+
+    async def _reject(self, wf: str, problems: list[Problem], reply_to: str | None) -> None:
+        log.info("workflow %s rejected: %d problem(s)", wf, len(problems))
+        with contextlib.suppress(InvalidToken):
+            check_token(wf)
+            await publish_once(
+                self.ctx.js,
+                self.s.workflow("rejected", wf),
+                encode(WorkflowRejected(workflow_id=wf, problems=problems)),
+            )
+        await self._reply(reply_to, SubmitReply(workflow_id=wf, accepted=False, problems=problems))
+
+    async def _reply(self, reply_to: str | None, reply: SubmitReply) -> None:
+        if reply_to:
+            await self.ctx.nc.publish(reply_to, encode(reply))
+
+    # -- planning -------------------------------------------------------------------------
+    async def on_setup_completed(self, msg: Msg) -> None:
+        event = decode_as(msg.data, SetupCompleted)
+        wf = event.workflow_id
+        record = await self.state.get(wf)
+        spec = await self.state.get_spec(wf)
+        if record is None or spec is None:
+            log.warning("setup.completed for unknown workflow %s: ignored", wf)
+            return
+        if record.phase.terminal:
+            return
+        spec.captures = dict(event.captures)
+        await self.state.put_spec(wf, spec)
+        items = await self._expand(wf, spec, event)
+        if items is None:
+            return
+        total = len(items)
+        parallel = max(1, min(spec.options.max_parallel or spec.workflow.map.max_parallel, total))
+        await self.state.transition(
+            wf, Phase.MAPPING, total=total, max_parallel=parallel
+        )
+        attempts = spec.options.max_attempts or spec.workflow.error_policy.retry.max_attempts
+        queue = JetStreamQueue(self.ctx, wf)
+        await queue.prepare(visibility_s=VISIBILITY_S, max_attempts=attempts, parallel=parallel)
+        await publish_once(
+            self.ctx.js,
+            self.s.workflow("planned", wf),
+            encode(WorkflowPlanned(workflow_id=wf, total=total, max_parallel=parallel)),
+        )
+        lane = PRIORITY_LANES[spec.options.priority]
+        beat = asyncio.create_task(_keep_in_progress(msg))
+        try:
+            result = await queue.enqueue(_work_items(wf, items), lane=lane)
+        finally:
+            beat.cancel()
+        log.info("workflow %s planned: %d items (%d already queued)", wf, total, result.duplicates)
+
+    async def _expand(
+        self, wf: str, spec: StoredSpec, event: SetupCompleted
+    ) -> list[Any] | None:
+        try:
+            store = await self.ctx.js.object_store(self.s.objects_bucket)
+            obj = await store.get(event.input_object)
+        except Exception as exc:
+            raise Retry(f"input object {event.input_object} unreadable: {exc}") from exc
+        data = obj.data or b""
+        m = spec.workflow.map
+        try:
+            doc = parse_input_output(data, lenient_lines=event.input_is_command)
+            return run_pipeline(
+                doc,
+                json_path=m.json_path,
+                filter=m.filter,
+                sort_by=m.sort_by,
+                distinct=m.distinct,
+                offset=m.offset,
+                max_items=m.max_items,
+            )
+        except PipelineError as exc:
+            await self._fail(wf, f"map input: {exc}")
+            return None
+
+    async def _fail(self, wf: str, reason: str) -> None:
+        await self.state.transition(wf, Phase.FAILED, reason=reason)
+        await publish_once(
+            self.ctx.js,
+            self.s.workflow("failed", wf),
+            encode(WorkflowFailed(workflow_id=wf, reason=reason)),
+        )
+
+
+def _work_items(wf: str, items: list[Any]) -> Iterator[WorkItem]:
+    for index, item in enumerate(items):
+        yield WorkItem(workflow_id=wf, index=index, item=item)
+
+
+async def _keep_in_progress(msg: Msg) -> None:
+    """Long plans (100k+ items) outlast the ack wait: keep the triggering event leased."""
+    while True:
+        await asyncio.sleep(10)
+        with contextlib.suppress(Exception):
+            await msg.in_progress()
+
+
+def _fallback_id(msg: Msg) -> str:
+    try:
+        return f"wf-{msg.metadata.sequence.stream}"
+    except Exception:
+        return "wf-unknown"
+
+
+def _problem(p: Any) -> Problem:
+    return Problem(
+        path=str(getattr(p, "path", "")),
+        message=str(getattr(p, "message", p)),
+        line=getattr(p, "line", None),
+        column=getattr(p, "column", None),
+        severity=str(getattr(p, "severity", "error")),
+    )
+
+

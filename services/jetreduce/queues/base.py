@@ -1,0 +1,71 @@
+"""The item-queue contract (DESIGN §7). Every backend passes the same conformance tests.
+
+Guarantees each implementation gives:
+
+* ``enqueue`` is idempotent per (workflow, item index): an item already pending is not queued
+  again (it counts as a duplicate). Calls are batched/pipelined inside the backend.
+* ``lease`` returns at most ``max_n`` items and waits at most ``wait_s`` for the first one.
+  A leased item is invisible to other consumers until acked, retried, declared dead, or its
+  lease expires (``visibility_s`` without a heartbeat) — then it is delivered again.
+* ``heartbeat`` extends a lease; ``retry`` makes the item visible again after ``delay_s``
+  (never at once: no hot loops); ``dead`` removes it for good; ``ack`` removes it after success.
+* ``Lease.attempt`` counts deliveries, starting at 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from jetreduce.contract.events import WorkItem
+
+__all__ = ["EnqueueResult", "ItemQueue", "Lease", "QueueDepth", "QueueError"]
+
+
+class QueueError(Exception):
+    """A backend failed (connection lost, refused…); the cause is chained."""
+
+
+@dataclass
+class Lease:
+    item: WorkItem
+    attempt: int
+    token: Any = field(repr=False, default=None)
+    """Backend handle (a JetStream message, a Redis stream id, an SQS receipt handle)."""
+
+
+@dataclass
+class EnqueueResult:
+    added: int = 0
+    duplicates: int = 0
+
+
+@dataclass
+class QueueDepth:
+    pending: int
+    in_flight: int
+
+
+class ItemQueue(Protocol):
+    workflow_id: str
+
+    async def prepare(self, *, visibility_s: float, max_attempts: int, parallel: int) -> None:
+        """Create what the workflow's queue needs (idempotent)."""
+
+    async def enqueue(self, items: Iterable[WorkItem], *, lane: str = "p1") -> EnqueueResult: ...
+
+    async def lease(self, max_n: int, wait_s: float) -> list[Lease]: ...
+
+    async def heartbeat(self, lease: Lease) -> None: ...
+
+    async def ack(self, lease: Lease) -> None: ...
+
+    async def retry(self, lease: Lease, delay_s: float) -> None: ...
+
+    async def dead(self, lease: Lease, reason: str) -> None: ...
+
+    async def depth(self) -> QueueDepth: ...
+
+    async def purge(self) -> None:
+        """Drop every queued item of the workflow and what ``prepare`` created."""

@@ -1,0 +1,134 @@
+"""The service loop: a durable pull consumer on the events stream feeding idempotent handlers.
+
+Delivery is at-least-once, so every handler must be safe to run twice. A handler that raises
+:class:`Retry` (or any unexpected exception) gets the event redelivered after a delay — never
+a hot loop; a malformed event is terminated at once with its reason logged, so one bad message
+cannot wedge a service (invariant 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from jetreduce.contract.events import BadEvent
+from jetreduce.contract.subjects import Subjects
+
+__all__ = ["EventConsumer", "Handler", "Retry", "ServiceContext"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Msg], Awaitable[None]]
+
+
+class Retry(Exception):
+    """Raise from a handler to have the event redelivered after ``delay_s``."""
+
+    def __init__(self, reason: str, delay_s: float = 2.0) -> None:
+        super().__init__(reason)
+        self.delay_s = delay_s
+
+
+@dataclass
+class ServiceContext:
+    """What a service gets handed: a connection and the names. Services construct nothing."""
+
+    nc: Client
+    js: JetStreamContext
+    subjects: Subjects
+
+
+class EventConsumer:
+    """One durable consumer (``durable``) on ``stream`` filtered to ``filters``."""
+
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        *,
+        stream: str,
+        durable: str,
+        filters: list[str],
+        handler: Handler,
+        ack_wait_s: float = 60.0,
+        max_deliver: int = 20,
+        batch: int = 64,
+        deliver_new: bool = False,
+    ) -> None:
+        self.ctx = ctx
+        self.stream = stream
+        self.durable = durable
+        self.filters = filters
+        self.handler = handler
+        self.ack_wait_s = ack_wait_s
+        self.max_deliver = max_deliver
+        self.batch = batch
+        self.deliver_new = deliver_new
+
+    async def ensure(self) -> None:
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait_s,
+            max_deliver=self.max_deliver,
+            max_ack_pending=10_000,
+            deliver_policy=DeliverPolicy.NEW if self.deliver_new else DeliverPolicy.ALL,
+            filter_subjects=self.filters if len(self.filters) > 1 else None,
+            filter_subject=self.filters[0] if len(self.filters) == 1 else None,
+        )
+        try:
+            await self.ctx.js.consumer_info(self.stream, self.durable)
+        except NotFoundError:
+            await self.ctx.js.add_consumer(self.stream, config)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.ensure()
+        sub = await self.ctx.js.pull_subscribe_bind(self.durable, stream=self.stream)
+        try:
+            while not stop.is_set():
+                try:
+                    msgs = await sub.fetch(self.batch, timeout=0.5)
+                except (NatsTimeout, asyncio.TimeoutError):
+                    continue
+                except Exception as exc:  # consumer deleted, connection lost: back off
+                    log.warning("%s: fetch failed (%r); retrying", self.durable, exc)
+                    await _sleep_or_stop(stop, 1.0)
+                    with contextlib.suppress(Exception):
+                        await self.ensure()
+                    continue
+                for msg in msgs:
+                    await self._handle(msg)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            await self.handler(msg)
+        except BadEvent as exc:
+            log.error("%s: dropping malformed event on %s: %s", self.durable, msg.subject, exc)
+            await msg.term()
+            return
+        except Retry as exc:
+            log.info("%s: will retry %s in %.1fs: %s", self.durable, msg.subject, exc.delay_s, exc)
+            await msg.nak(delay=exc.delay_s)
+            return
+        except Exception:
+            log.exception("%s: handler failed on %s; redelivering", self.durable, msg.subject)
+            await msg.nak(delay=2.0)
+            return
+        await msg.ack()
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

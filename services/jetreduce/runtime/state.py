@@ -1,0 +1,137 @@
+"""Reading and changing the workflow record and stored spec (KV), with compare-and-set.
+
+``transition`` is the only way a phase changes: it re-reads on a lost race and gives up
+quietly when the record has already moved on, so a redelivered event is a no-op.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
+from jetreduce.contract.subjects import Subjects
+
+__all__ = ["StateStore"]
+
+_rec_dec = msgspec.json.Decoder(WorkflowRecord)
+_spec_dec = msgspec.json.Decoder(StoredSpec)
+_enc = msgspec.json.Encoder()
+
+
+class StateStore:
+    def __init__(self, js: JetStreamContext, subjects: Subjects) -> None:
+        self._js = js
+        self._subjects = subjects
+        self._records: KeyValue | None = None
+        self._specs: KeyValue | None = None
+
+    async def _rec_kv(self) -> KeyValue:
+        if self._records is None:
+            self._records = await self._js.key_value(self._subjects.workflows_bucket)
+        return self._records
+
+    async def _spec_kv(self) -> KeyValue:
+        if self._specs is None:
+            self._specs = await self._js.key_value(self._subjects.specs_bucket)
+        return self._specs
+
+    async def get(self, wf: str) -> WorkflowRecord | None:
+        found = await self.get_with_revision(wf)
+        return found[0] if found else None
+
+    async def get_with_revision(self, wf: str) -> tuple[WorkflowRecord, int] | None:
+        kv = await self._rec_kv()
+        try:
+            entry = await kv.get(wf)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        return _rec_dec.decode(entry.value), entry.revision
+
+    async def create(self, record: WorkflowRecord) -> bool:
+        """True if created, False if a record with this id exists already."""
+        kv = await self._rec_kv()
+        try:
+            await kv.create(record.workflow_id, _enc.encode(record))
+        except KeyWrongLastSequenceError:
+            return False
+        except Exception as exc:  # nats-py raises a generic APIError (10071) on some versions
+            if "10071" in str(exc) or "wrong last sequence" in str(exc):
+                return False
+            raise
+        return True
+
+    async def update(
+        self, wf: str, change: Callable[[WorkflowRecord], WorkflowRecord | None]
+    ) -> WorkflowRecord | None:
+        """Apply ``change`` with CAS, re-reading on conflict. ``change`` returns None to leave
+        the record alone. Returns the stored record (None if absent or unchanged)."""
+        kv = await self._rec_kv()
+        for _ in range(50):
+            found = await self.get_with_revision(wf)
+            if found is None:
+                return None
+            record, revision = found
+            new = change(record)
+            if new is None:
+                return None
+            new.updated_ts = time.time()
+            try:
+                await kv.update(wf, _enc.encode(new), last=revision)
+                return new
+            except KeyWrongLastSequenceError:
+                continue
+        raise RuntimeError(f"workflow record {wf}: too much contention")
+
+    async def transition(
+        self, wf: str, to: Phase, *, allowed_from: set[Phase] | None = None, **fields: object
+    ) -> WorkflowRecord | None:
+        """Move to ``to`` unless the record is terminal or already at/after ``to``."""
+
+        def change(rec: WorkflowRecord) -> WorkflowRecord | None:
+            if rec.phase.terminal or rec.phase == to:
+                return None
+            if allowed_from is not None and rec.phase not in allowed_from:
+                return None
+            if not to.terminal and rec.phase.order > to.order:
+                return None
+            new = msgspec.structs.replace(rec, phase=to, **fields)
+            if to.terminal:
+                new.finished_ts = time.time()
+            return new
+
+        return await self.update(wf, change)
+
+    async def list(self) -> list[WorkflowRecord]:
+        kv = await self._rec_kv()
+        try:
+            keys = await kv.keys()
+        except Exception:  # nats-py raises NoKeysError on an empty bucket
+            return []
+        out = []
+        for key in keys:
+            rec = await self.get(key)
+            if rec is not None:
+                out.append(rec)
+        return sorted(out, key=lambda r: r.created_ts)
+
+    async def put_spec(self, wf: str, spec: StoredSpec) -> None:
+        kv = await self._spec_kv()
+        await kv.put(wf, _enc.encode(spec))
+
+    async def get_spec(self, wf: str) -> StoredSpec | None:
+        kv = await self._spec_kv()
+        try:
+            entry = await kv.get(wf)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return _spec_dec.decode(entry.value)

@@ -1,0 +1,451 @@
+"""Agent entry point and the three phase runners (setup, map, reduce).
+
+The map runner leases as many items as it has free slots, runs each through the agent
+template, records the terminal result create-only (first write wins, so a redelivered item is
+never counted twice), then acks. A failed attempt is retried with exponential backoff and
+jitter through a delayed redelivery; after the last attempt the item is dead (``item.dead`` +
+DLQ). The agent exits 0 when the map phase is over or the workflow ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jetreduce.contract.events import (
+    ItemDead,
+    ItemDone,
+    ItemFailed,
+    MapComplete,
+    ReduceCompleted,
+    ReduceFailed,
+    ReduceStarted,
+    SetupCompleted,
+    SetupFailed,
+    decode_as,
+    encode,
+)
+from jetreduce.contract.records import Phase, StoredSpec
+from jetreduce.contract.subjects import Subjects
+from jetreduce.contract.topology import declare
+from jetreduce.contract.workflow.model import RetryConfig, Step
+from jetreduce.queues.base import Lease
+from jetreduce.queues.jetstream import JetStreamQueue
+from jetreduce.runtime.connection import connect
+from jetreduce.runtime.publish import publish_once, publish_retrying
+from jetreduce.runtime.service import ServiceContext
+from jetreduce.runtime.settings import NatsSettings
+from jetreduce.runtime.state import StateStore
+from jetreduce.worker.interpolate import Variables, render_shell, render_text
+from jetreduce.worker.results import ResultsSpool
+from jetreduce.worker.steps import StepOutcome, base_env, run_process, run_step
+
+__all__ = ["AgentConfig", "run_agent"]
+
+log = logging.getLogger(__name__)
+
+INPUT_COMMAND_TIMEOUT_S = 300.0
+HEARTBEAT_EVERY_S = 10.0
+ERROR_TAIL = 2048
+EVENT_TEXT_LIMIT = 64 * 1024
+RESULTS_REF = re.compile(r"map\.results(?!_file)")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    workflow_id: str
+    phase: str
+    """``setup``, ``map`` or ``reduce``."""
+    index: int = 0
+    slots: int = 1
+    grace_s: float = 20.0
+    """On SIGTERM: how long in-flight items may finish before they are handed back."""
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> AgentConfig:
+        env = dict(os.environ) if env is None else env
+        try:
+            return cls(
+                workflow_id=env["JETREDUCE_WORKFLOW_ID"],
+                phase=env.get("JETREDUCE_PHASE", "map"),
+                index=int(env.get("JOB_COMPLETION_INDEX", env.get("JETREDUCE_AGENT_INDEX", "0"))),
+                slots=int(env.get("JETREDUCE_SLOTS", "1")),
+                grace_s=float(env.get("JETREDUCE_GRACE_S", "20")),
+            )
+        except KeyError as exc:
+            raise SystemExit(f"agent: missing environment variable {exc}") from None
+        except ValueError as exc:
+            raise SystemExit(f"agent: bad numeric setting: {exc}") from None
+
+
+def _clip(text: str, limit: int = EVENT_TEXT_LIMIT) -> str:
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return "[... truncated ...]\n" + data[-limit:].decode("utf-8", errors="ignore")
+
+
+class Agent:
+    def __init__(self, ctx: ServiceContext, config: AgentConfig, spec: StoredSpec) -> None:
+        self.ctx = ctx
+        self.s: Subjects = ctx.subjects
+        self.config = config
+        self.spec = spec
+        self.wf = config.workflow_id
+        self.name = f"{socket.gethostname()}/{os.getpid()}/{config.phase}-{config.index}"
+        self.workdir = spec.options.workdir or os.getcwd()
+        self.stop = asyncio.Event()
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"jetreduce-{self.wf}-"))
+        wf_env = {**spec.workflow.env, **spec.captures}
+        self.env = {**base_env(), **wf_env}
+        self.vars_base: dict[str, Any] = dict(wf_env)
+
+    # -- shared ---------------------------------------------------------------------------
+    async def _steps(
+        self,
+        steps: list[Step],
+        variables: dict[str, Any],
+        *,
+        deadline: float | None,
+        captures: dict[str, str] | None = None,
+    ) -> tuple[list[StepOutcome], StepOutcome | None]:
+        """Run steps in order; returns the outcomes and the failing one (None if all ok)."""
+        outcomes: list[StepOutcome] = []
+        for step in steps:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if remaining is not None and remaining <= 0:
+                failed = StepOutcome(124, "", "timed out", 0.0, timed_out=True)
+                return outcomes, failed
+            outcome = await run_step(
+                step,
+                Variables(variables),
+                env=self.env,
+                cwd=self.workdir,
+                timeout_s=remaining,
+                spill_dir=self.scratch,
+            )
+            outcomes.append(outcome)
+            self._capture(step, outcome, variables, captures)
+            if not outcome.ok:
+                return outcomes, outcome
+        return outcomes, None
+
+    @staticmethod
+    def _capture(
+        step: Step, outcome: StepOutcome, variables: dict[str, Any],
+        captures: dict[str, str] | None,
+    ) -> None:
+        value = outcome.stdout.rstrip("\n")
+        variables[f"{step.kind}.output"] = value
+        variables["last.output"] = value
+        variables["last.exit_code"] = outcome.exit_code
+        names = []
+        if isinstance(step.capture_output, str) and step.capture_output:
+            names.append(step.capture_output)
+        if step.capture:
+            names.append(step.capture)
+        for name in names:
+            variables[name] = value
+            if captures is not None:
+                captures[name] = value
+
+    @staticmethod
+    def _describe(index: int, steps: list[Step], failed: StepOutcome, done: int) -> str:
+        step = steps[done - 1] if done else None
+        kind = step.kind if step else "step"
+        if failed.timed_out:
+            return f"step {done} ({kind}) timed out"
+        if failed.error:
+            return f"step {done} ({kind}) failed: {failed.error}"
+        return f"step {done} ({kind}) exited with code {failed.exit_code}"
+
+    async def _watch_end(self, also_map_complete: bool) -> None:
+        """Set ``stop`` when the workflow ends (or its map phase does)."""
+
+        async def on_end(_msg: Any) -> None:
+            self.stop.set()
+
+        subs = [await self.ctx.nc.subscribe(self.s.workflow(e, self.wf), cb=on_end)
+                for e in ("completed", "failed", "cancelled", "timed_out")]
+        if also_map_complete:
+            subs.append(await self.ctx.nc.subscribe(self.s.map("complete", self.wf), cb=on_end))
+        self._end_subs = subs
+
+    # -- setup ----------------------------------------------------------------------------
+    async def run_setup(self) -> int:
+        setup = self.spec.workflow.setup
+        steps = setup.steps if setup else []
+        deadline = (time.monotonic() + setup.timeout_s) if setup and setup.timeout_s else None
+        before = set(os.listdir(self.workdir))
+        variables = dict(self.vars_base)
+        captures: dict[str, str] = {}
+        outcomes, failed = await self._steps(steps, variables, deadline=deadline,
+                                             captures=captures)
+        if failed is not None:
+            error = self._describe(0, steps, failed, len(outcomes))
+            detail = (failed.stderr or failed.stdout).strip()[-ERROR_TAIL:]
+            await self._setup_failed(f"setup {error}: {detail}" if detail else f"setup {error}",
+                                     failed.exit_code)
+            return 0
+        if setup:
+            for name, ref in setup.capture_outputs.items():
+                index = ref if isinstance(ref, int) else (ref or {}).get("command_index", 0)
+                if isinstance(index, int) and 0 <= index < len(outcomes):
+                    captures[name] = outcomes[index].stdout.strip()
+        variables.update(captures)
+        self.env.update(captures)
+        data, is_command, error = await self._resolve_input(before, variables)
+        if error is not None:
+            await self._setup_failed(error, None)
+            return 0
+        store = await self.ctx.js.object_store(self.s.objects_bucket)
+        name = f"input/{self.wf}"
+        await store.put(name, data)
+        await publish_once(
+            self.ctx.js,
+            self.s.setup("completed", self.wf),
+            encode(SetupCompleted(workflow_id=self.wf, captures=captures, input_object=name,
+                                  input_is_command=is_command, input_bytes=len(data))),
+        )
+        return 0
+
+    async def _resolve_input(
+        self, before: set[str], variables: dict[str, Any]
+    ) -> tuple[bytes, bool, str | None]:
+        new_items = sorted(
+            f for f in set(os.listdir(self.workdir)) - before if f.endswith("work-items.json")
+        )
+        if new_items:
+            return Path(self.workdir, new_items[0]).read_bytes(), False, None
+        source = self.spec.workflow.map.input
+        as_path = Path(self.workdir, render_text(source, Variables(variables)))
+        if as_path.is_file():
+            return as_path.read_bytes(), False, None
+        cmd = render_shell(source, Variables(variables), spill_dir=self.scratch)
+        out = await run_process(["sh", "-c", cmd.script], env={**self.env, **cmd.env},
+                                cwd=self.workdir, timeout_s=INPUT_COMMAND_TIMEOUT_S)
+        if not out.ok:
+            why = "timed out" if out.timed_out else f"exited with code {out.exit_code}"
+            detail = (out.stderr or out.stdout).strip()[-ERROR_TAIL:]
+            return b"", True, f"map.input command {why}: {detail}"
+        return out.stdout.encode(), True, None
+
+    async def _setup_failed(self, error: str, code: int | None) -> None:
+        await publish_once(
+            self.ctx.js,
+            self.s.setup("failed", self.wf),
+            encode(SetupFailed(workflow_id=self.wf, error=_clip(error), exit_code=code)),
+        )
+
+    # -- map ------------------------------------------------------------------------------
+    async def run_map(self) -> int:
+        await self._watch_end(also_map_complete=True)
+        record = await StateStore(self.ctx.js, self.s).get(self.wf)
+        if record is None or record.phase.order > Phase.MAPPING.order:
+            return 0
+        self.total = record.total or 0
+        self.queue = JetStreamQueue(self.ctx, self.wf)
+        policy = self.spec.workflow.error_policy
+        self.retry: RetryConfig = policy.retry
+        self.max_attempts = self.spec.options.max_attempts or self.retry.max_attempts
+        self.inflight: dict[asyncio.Task[None], Lease] = {}
+        beats = asyncio.create_task(self._heartbeats())
+        draining = False
+        try:
+            while not self.stop.is_set():
+                free = self.config.slots - len(self.inflight)
+                if free <= 0:
+                    await asyncio.wait(list(self.inflight), return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                leases = await self.queue.lease(free, wait_s=1.0)
+                if self.stop.is_set():
+                    for lease in leases:  # raced the stop: give them back at once
+                        await self.queue.retry(lease, 0.001)
+                    break
+                for lease in leases:
+                    task = asyncio.create_task(self._run_item(lease))
+                    self.inflight[task] = lease
+                    task.add_done_callback(self._forget)
+            draining = True
+            await self._drain()
+        finally:
+            beats.cancel()
+            if not draining:
+                for task in list(self.inflight):
+                    task.cancel()
+            await self.queue.close()
+        return 0
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self.inflight.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("item task failed: %r", task.exception())
+
+    async def _drain(self) -> None:
+        """Let in-flight items finish within the grace period, then hand the rest back."""
+        if not self.inflight:
+            return
+        done, pending = await asyncio.wait(list(self.inflight), timeout=self.config.grace_s)
+        for task in pending:
+            lease = self.inflight.get(task)
+            task.cancel()
+            if lease is not None:
+                with contextlib.suppress(Exception):
+                    await self.queue.retry(lease, 0.001)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_EVERY_S)
+            for lease in list(self.inflight.values()):
+                with contextlib.suppress(Exception):
+                    await self.queue.heartbeat(lease)
+
+    async def _run_item(self, lease: Lease) -> None:
+        work = lease.item
+        index = work.index
+        item_id = f"item_{index}"
+        variables = dict(self.vars_base)
+        variables.update(
+            item=work.item,
+            item_id=item_id,
+            item_index=index,
+            item_total=self.total,
+            item_json=json.dumps(work.item, separators=(",", ":")),
+            **{"map.total": self.total, "worker.id": self.name},
+        )
+        m = self.spec.workflow.map
+        start = time.monotonic()
+        deadline = start + m.agent_timeout_s if m.agent_timeout_s else None
+        outcomes, failed = await self._steps(m.agent_template, variables, deadline=deadline)
+        duration = time.monotonic() - start
+        if failed is None:
+            output = "\n".join(o.stdout.rstrip("\n") for o in outcomes if o.stdout)
+            done = ItemDone(
+                workflow_id=self.wf, index=index, item_id=item_id, output=_clip(output),
+                exit_code=outcomes[-1].exit_code if outcomes else 0, duration_s=duration,
+                attempts=lease.attempt, agent=self.name,
+            )
+            await publish_once(self.ctx.js, self.s.item_done(self.wf, index), encode(done),
+                               guard=self.s.item_terminal(self.wf, index))
+            await self.queue.ack(lease)
+            return
+        error = self._describe(index, m.agent_template, failed, len(outcomes))
+        tail = _clip((failed.stderr or failed.stdout)[-ERROR_TAIL:], ERROR_TAIL)
+        last = lease.attempt >= self.max_attempts
+        delay = None if last else self._backoff(lease.attempt)
+        await publish_retrying(
+            self.ctx.js,
+            self.s.item_failed(self.wf, index),
+            encode(ItemFailed(workflow_id=self.wf, index=index, item_id=item_id,
+                              attempt=lease.attempt, error=error, exit_code=failed.exit_code,
+                              stderr_tail=tail, retry_in_s=delay)),
+        )
+        if delay is not None:
+            await self.queue.retry(lease, delay)
+            return
+        dead = ItemDead(
+            workflow_id=self.wf, index=index, item_id=item_id, error=error,
+            exit_code=failed.exit_code, stderr_tail=tail, attempts=lease.attempt,
+            duration_s=duration, agent=self.name,
+        )
+        stored = await publish_once(self.ctx.js, self.s.item_dead(self.wf, index), encode(dead),
+                                    guard=self.s.item_terminal(self.wf, index))
+        if stored:
+            dead.item = work.item
+            await publish_once(self.ctx.js, self.s.dlq(self.wf, index), encode(dead))
+        await self.queue.dead(lease, error)
+
+    def _backoff(self, attempt: int) -> float:
+        r = self.retry
+        base = min(r.max_delay_s, r.initial_delay_s * (r.multiplier ** (attempt - 1)))
+        return base * random.uniform(0.8, 1.2)
+
+    # -- reduce ---------------------------------------------------------------------------
+    async def run_reduce(self) -> int:
+        reduce = self.spec.workflow.reduce
+        steps = reduce.steps if reduce else []
+        msg = await self.ctx.js.get_last_msg(self.s.events_stream, self.s.map("complete", self.wf))
+        complete = decode_as(msg.data or b"", MapComplete)
+        await publish_once(self.ctx.js, self.s.reduce("started", self.wf),
+                           encode(ReduceStarted(workflow_id=self.wf)))
+        spool = ResultsSpool(self.scratch)
+        try:
+            await spool.fill(self.ctx.js, self.s, self.wf, complete.done + complete.dead)
+            results_file = self.scratch / "map-results.jsonl"
+            spool.write_jsonl(results_file)
+            variables = dict(self.vars_base)
+            variables.update({
+                "map.total": complete.total,
+                "map.successful": spool.done,
+                "map.failed": spool.dead,
+                "map.results_file": str(results_file),
+            })
+            if any(RESULTS_REF.search(_step_text(s)) for s in steps):
+                variables["map.results"] = json.loads(spool.as_json_array())
+            self.env.update({"MAP_TOTAL": str(complete.total), "MAP_SUCCESSFUL": str(spool.done),
+                             "MAP_FAILED": str(spool.dead), "MAP_RESULTS_FILE": str(results_file)})
+        finally:
+            spool.close()
+        start = time.monotonic()
+        outcomes, failed = await self._steps(steps, variables, deadline=None)
+        output = "\n".join(o.stdout.rstrip("\n") for o in outcomes if o.stdout)
+        if failed is not None:
+            error = self._describe(0, steps, failed, len(outcomes))
+            detail = (failed.stderr or failed.stdout).strip()[-ERROR_TAIL:]
+            await publish_once(
+                self.ctx.js, self.s.reduce("failed", self.wf),
+                encode(ReduceFailed(workflow_id=self.wf, error=f"reduce {error}: {detail}",
+                                    exit_code=failed.exit_code, output=_clip(output))),
+            )
+            return 0
+        await publish_once(
+            self.ctx.js, self.s.reduce("completed", self.wf),
+            encode(ReduceCompleted(workflow_id=self.wf, output=_clip(output),
+                                   duration_s=time.monotonic() - start)),
+        )
+        return 0
+
+
+def _step_text(step: Step) -> str:
+    parts = [step.shell or "", step.claude or ""]
+    if step.write_file is not None:
+        parts += [step.write_file.path, step.write_file.content]
+    return " ".join(parts)
+
+
+async def run_agent(settings: NatsSettings, config: AgentConfig) -> int:
+    """Run one agent to completion; the exit code is what a pod or child process returns."""
+    nc = await connect(settings, name=f"jetreduce-agent-{config.phase}-{config.index}")
+    try:
+        subjects = Subjects(settings.prefix)
+        js = nc.jetstream()
+        await declare(js, subjects)
+        ctx = ServiceContext(nc=nc, js=js, subjects=subjects)
+        spec = await StateStore(js, subjects).get_spec(config.workflow_id)
+        if spec is None:
+            log.error("agent: unknown workflow %s", config.workflow_id)
+            return 2
+        agent = Agent(ctx, config, spec)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stop.set)
+        runner = {"setup": agent.run_setup, "map": agent.run_map, "reduce": agent.run_reduce}
+        if config.phase not in runner:
+            log.error("agent: unknown phase %r", config.phase)
+            return 2
+        return await runner[config.phase]()
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.drain()

@@ -1,0 +1,122 @@
+"""Assembling the map results for reduce, in input order, with bounded memory.
+
+Results arrive from the RESULTS stream in completion order. They are spooled into a SQLite
+file keyed by item index (on disk, not in memory), then read back in order into a JSON Lines
+file: ``${map.results_file}``. ``${map.results}`` is built from that file only when a reduce
+step asks for it, and large values reach the shell through a spill file, never the argv.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from nats.js import JetStreamContext
+
+from jetreduce.contract.events import ItemDead, ItemDone, decode
+from jetreduce.contract.subjects import Subjects
+
+__all__ = ["ResultsSpool", "agent_result"]
+
+_enc = msgspec.json.Encoder()
+
+
+def agent_result(event: ItemDone | ItemDead) -> dict[str, Any]:
+    """One entry of ``map.results``: Prodigy's AgentResult shape (``status`` "Success" or
+    ``{"Failed": msg}``, ``duration`` as ``{secs, nanos}``) plus our plain fields."""
+    secs = int(event.duration_s)
+    base: dict[str, Any] = {
+        "item_id": event.item_id,
+        "index": event.index,
+        "duration": {"secs": secs, "nanos": int((event.duration_s - secs) * 1e9)},
+        "duration_s": round(event.duration_s, 6),
+        "attempts": event.attempts,
+    }
+    if isinstance(event, ItemDone):
+        base.update(status="Success", success=True, output=event.output,
+                    exit_code=event.exit_code)
+    else:
+        base.update(status={"Failed": event.error}, success=False, output="",
+                    error=event.error, exit_code=event.exit_code)
+    return base
+
+
+class ResultsSpool:
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "results.sqlite"
+        self.db = sqlite3.connect(self.path)
+        self.db.execute("PRAGMA journal_mode=OFF")
+        self.db.execute("PRAGMA synchronous=OFF")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS r (idx INTEGER PRIMARY KEY, ok INTEGER, body BLOB)"
+        )
+        self.done = 0
+        self.dead = 0
+
+    async def fill(
+        self, js: JetStreamContext, subjects: Subjects, wf: str, expected: int,
+        timeout_s: float = 600.0,
+    ) -> None:
+        """Read every terminal result of ``wf`` (``expected`` of them) from the stream."""
+        if expected == 0:
+            return
+        got = asyncio.Event()
+        seen = 0
+        batch: list[tuple[int, int, bytes]] = []
+
+        async def on_msg(msg: Any) -> None:
+            nonlocal seen
+            try:
+                event = decode(msg.data)
+            except Exception:
+                return
+            if not isinstance(event, ItemDone | ItemDead):
+                return
+            batch.append((event.index, int(isinstance(event, ItemDone)),
+                          _enc.encode(agent_result(event))))
+            seen += 1
+            if len(batch) >= 1000 or seen >= expected:
+                self._flush(batch)
+            if seen >= expected:
+                got.set()
+
+        sub = await js.subscribe(
+            subjects.terminal_of(wf), stream=subjects.results_stream, ordered_consumer=True,
+            cb=on_msg,
+        )
+        try:
+            await asyncio.wait_for(got.wait(), timeout_s)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._flush(batch)
+        row = self.db.execute("SELECT COUNT(*), COALESCE(SUM(ok), 0) FROM r").fetchone()
+        self.done = int(row[1])
+        self.dead = int(row[0]) - self.done
+
+    def _flush(self, batch: list[tuple[int, int, bytes]]) -> None:
+        if batch:
+            self.db.executemany("INSERT OR IGNORE INTO r VALUES (?, ?, ?)", batch)
+            self.db.commit()
+            batch.clear()
+
+    def rows(self) -> Iterator[bytes]:
+        for (body,) in self.db.execute("SELECT body FROM r ORDER BY idx"):
+            yield bytes(body)
+
+    def write_jsonl(self, path: Path) -> None:
+        with open(path, "wb") as f:
+            for body in self.rows():
+                f.write(body)
+                f.write(b"\n")
+
+    def as_json_array(self) -> str:
+        return "[" + ",".join(b.decode() for b in self.rows()) + "]"
+
+    def close(self) -> None:
+        self.db.close()
