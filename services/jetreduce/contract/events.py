@@ -76,6 +76,8 @@ class SubmitOptions(msgspec.Struct, kw_only=True, omit_defaults=True):
     vars: dict[str, str] = msgspec.field(default_factory=dict)
     """Values of ``$VAR`` references the submitter resolved from its own environment."""
     max_attempts: int | None = None
+    queue: str | None = None
+    """Item queue URL (``jetstream``, ``redis://…``, ``sqs://…``); None: the installation's."""
 
 
 class WorkflowSubmit(_Base, tag="workflow.submit", kw_only=True):

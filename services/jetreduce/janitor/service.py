@@ -10,7 +10,8 @@ from nats.aio.msg import Msg
 
 from jetreduce.contract.events import WorkflowCancelled, WorkflowCancelRequested, decode, encode
 from jetreduce.contract.records import Phase
-from jetreduce.queues.jetstream import JetStreamQueue
+from jetreduce.queues.base import ItemQueue
+from jetreduce.queues.factory import open_queue
 from jetreduce.runtime.publish import publish_once
 from jetreduce.runtime.service import EventConsumer, ServiceContext
 from jetreduce.runtime.state import StateStore
@@ -49,15 +50,19 @@ class Janitor:
         record = await self.state.transition(wf, Phase.CANCELLED, reason=reason)
         if record is None:
             return  # unknown, or already finished: nothing to cancel
-        await JetStreamQueue(self.ctx, wf).purge()
+        await (await self._queue(wf)).purge()
         await publish_once(
             self.ctx.js, self.s.workflow("cancelled", wf),
             encode(WorkflowCancelled(workflow_id=wf, reason=reason)),
         )
         log.info("workflow %s cancelled: %s", wf, reason)
 
+    async def _queue(self, wf: str) -> ItemQueue:
+        spec = await self.state.get_spec(wf)
+        return open_queue(self.ctx, wf, spec.options.queue if spec else None)
+
     async def clean(self, wf: str) -> None:
-        await JetStreamQueue(self.ctx, wf).purge()
+        await (await self._queue(wf)).purge()
         with contextlib.suppress(Exception):
             store = await self.ctx.js.object_store(self.s.objects_bucket)
             await store.delete(f"input/{wf}")

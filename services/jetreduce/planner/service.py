@@ -30,7 +30,7 @@ from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import PRIORITY_LANES, InvalidToken, check_token
 from jetreduce.contract.workflow import WorkflowInvalid, parse_workflow
 from jetreduce.planner.pipeline import PipelineError, parse_input_output, run_pipeline
-from jetreduce.queues.jetstream import JetStreamQueue
+from jetreduce.queues.factory import open_queue, validate_queue_url
 from jetreduce.runtime.publish import publish_once
 from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
 from jetreduce.runtime.state import StateStore
@@ -136,6 +136,9 @@ class Planner:
             problems.append(
                 Problem(path="options.backend", message=f"unknown backend {opts.backend!r}")
             )
+        queue_problem = validate_queue_url(opts.queue)
+        if queue_problem is not None:
+            problems.append(Problem(path="options.queue", message=queue_problem))
         if opts.max_attempts is not None and opts.max_attempts < 1:
             problems.append(Problem(path="options.max_attempts", message="must be at least 1"))
         if problems:
@@ -187,7 +190,7 @@ class Planner:
             wf, Phase.MAPPING, total=total, max_parallel=parallel
         )
         attempts = spec.options.max_attempts or spec.workflow.error_policy.retry.max_attempts
-        queue = JetStreamQueue(self.ctx, wf)
+        queue = open_queue(self.ctx, wf, spec.options.queue)
         await queue.prepare(visibility_s=VISIBILITY_S, max_attempts=attempts, parallel=parallel)
         await publish_once(
             self.ctx.js,

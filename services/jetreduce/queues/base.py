@@ -69,3 +69,6 @@ class ItemQueue(Protocol):
 
     async def purge(self) -> None:
         """Drop every queued item of the workflow and what ``prepare`` created."""
+
+    async def close(self) -> None:
+        """Release client resources (never the queued items)."""

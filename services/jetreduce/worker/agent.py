@@ -42,7 +42,7 @@ from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
 from jetreduce.contract.workflow.model import RetryConfig, Step
 from jetreduce.queues.base import Lease
-from jetreduce.queues.jetstream import JetStreamQueue
+from jetreduce.queues.factory import open_queue
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.publish import publish_once, publish_retrying
 from jetreduce.runtime.service import ServiceContext
@@ -256,7 +256,7 @@ class Agent:
         if record is None or record.phase.order > Phase.MAPPING.order:
             return 0
         self.total = record.total or 0
-        self.queue = JetStreamQueue(self.ctx, self.wf)
+        self.queue = open_queue(self.ctx, self.wf, self.spec.options.queue)
         policy = self.spec.workflow.error_policy
         self.retry: RetryConfig = policy.retry
         self.max_attempts = self.spec.options.max_attempts or self.retry.max_attempts

