@@ -13,17 +13,17 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jetreduce.contract.records import StoredSpec
 from jetreduce.runtime.settings import NatsSettings
 
 __all__ = ["AgentSpec", "LocalBackend"]
 
 log = logging.getLogger(__name__)
 
-ExitCallback = Callable[[str, str, int, int, bool], Awaitable[None]]
+from jetreduce.launcher.backend import ExitCallback
 
 
 @dataclass
@@ -73,8 +73,9 @@ class LocalBackend:
     def running(self, wf: str, phase: str) -> bool:
         return any(r.task and not r.task.done() for r in self._agents.get((wf, phase), []))
 
-    async def launch(self, wf: str, phase: str, slots: list[int], workdir: str) -> int:
+    async def launch(self, wf: str, phase: str, slots: list[int], spec: StoredSpec) -> int:
         """Start the phase's agents unless they are already running. Returns how many."""
+        workdir = spec.options.workdir or os.getcwd()
         if self.running(wf, phase):
             return 0
         runs = [_Running(AgentSpec(wf, phase, i, n, workdir)) for i, n in enumerate(slots)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 from nats.aio.msg import Msg
 
@@ -16,8 +15,8 @@ from jetreduce.contract.events import (
     decode,
     encode,
 )
-from jetreduce.contract.records import Phase
-from jetreduce.launcher.local import LocalBackend
+from jetreduce.contract.records import Phase, StoredSpec
+from jetreduce.launcher.backend import AgentBackend
 from jetreduce.runtime.publish import publish_retrying
 from jetreduce.runtime.service import EventConsumer, ServiceContext
 from jetreduce.runtime.state import StateStore
@@ -30,7 +29,7 @@ _TERMINAL = ("completed", "failed", "cancelled", "timed_out")
 
 
 class Launcher:
-    def __init__(self, ctx: ServiceContext, backend: LocalBackend) -> None:
+    def __init__(self, ctx: ServiceContext, backend: AgentBackend) -> None:
         self.ctx = ctx
         self.s = ctx.subjects
         self.backend = backend
@@ -61,18 +60,17 @@ class Launcher:
         spec = await self.state.get_spec(wf)
         if record is None or spec is None or record.phase.terminal:
             return
-        workdir = spec.options.workdir or os.getcwd()
         if kind == "workflow.accepted":
             if record.phase.order > Phase.SETUP.order:
                 return
             await self.state.transition(wf, Phase.SETUP)
-            await self._launch(wf, "setup", [1], workdir)
+            await self._launch(wf, "setup", [1], spec)
         elif kind == "workflow.planned":
             planned = decode(msg.data)
             assert isinstance(planned, WorkflowPlanned)
             if planned.total == 0 or record.phase.order > Phase.MAPPING.order:
                 return
-            await self._launch(wf, "map", self.backend.plan(planned.max_parallel), workdir)
+            await self._launch(wf, "map", self.backend.plan(planned.max_parallel), spec)
         elif kind == "map.complete":
             await self.backend.stop(wf, "map")
             complete = decode(msg.data)
@@ -81,10 +79,10 @@ class Launcher:
             if reduce is None or not reduce.steps or complete.total == 0:
                 return
             await self.state.transition(wf, Phase.REDUCING)
-            await self._launch(wf, "reduce", [1], workdir)
+            await self._launch(wf, "reduce", [1], spec)
 
-    async def _launch(self, wf: str, phase: str, slots: list[int], workdir: str) -> None:
-        started = await self.backend.launch(wf, phase, slots, workdir)
+    async def _launch(self, wf: str, phase: str, slots: list[int], spec: StoredSpec) -> None:
+        started = await self.backend.launch(wf, phase, slots, spec)
         if started:
             log.info("workflow %s: launched %d %s agent(s)", wf, started, phase)
             await publish_retrying(

@@ -29,7 +29,7 @@ from jetreduce.contract.events import (
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import PRIORITY_LANES, InvalidToken, check_token
 from jetreduce.contract.workflow import WorkflowInvalid, parse_workflow
-from jetreduce.planner.pipeline import PipelineError, parse_input_output, run_pipeline
+from jetreduce.planner.pipeline import PipelineError, parse_input_document, run_pipeline
 from jetreduce.queues.factory import open_queue, validate_queue_url
 from jetreduce.runtime.publish import publish_once
 from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
@@ -216,7 +216,7 @@ class Planner:
         data = obj.data or b""
         m = spec.workflow.map
         try:
-            doc = parse_input_output(data, lenient_lines=event.input_is_command)
+            doc = parse_input_document(data, lenient_lines=event.input_is_command)
             return run_pipeline(
                 doc,
                 json_path=m.json_path,
