@@ -81,11 +81,16 @@ class EmbeddedServer:
         )
         args = [
             find_nats_server(),
-            "-c", str(conf),
-            "-a", "127.0.0.1",
-            "-p", str(self.port),
-            "-m", "-1",
-            "--ports_file_dir", str(ports_dir),
+            "-c",
+            str(conf),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-m",
+            "-1",
+            "--ports_file_dir",
+            str(ports_dir),
             *self.extra_args,
         ]
         log_path = self.data_dir / "nats-server.log"

@@ -60,7 +60,9 @@ class Aggregator:
             if record.phase == Phase.MAPPING and record.total is not None:
                 self.active[record.workflow_id] = _Tracked(total=record.total)
         consumer = EventConsumer(
-            self.ctx, stream=self.s.events_stream, durable="aggregator",
+            self.ctx,
+            stream=self.s.events_stream,
+            durable="aggregator",
             filters=[
                 self.s.workflow("planned", "*"),
                 self.s.setup("failed", "*"),
@@ -127,8 +129,14 @@ class Aggregator:
             info = await self.ctx.js.consumer_info(self.s.work_stream, self.s.work_consumer(wf))
             in_flight, pending = info.num_ack_pending or 0, info.num_pending or 0
         progress = Progress(
-            workflow_id=wf, phase=phase, total=tracked.total, done=done, dead=dead,
-            in_flight=in_flight, pending=pending, rate_per_s=round(rate, 2),
+            workflow_id=wf,
+            phase=phase,
+            total=tracked.total,
+            done=done,
+            dead=dead,
+            in_flight=in_flight,
+            pending=pending,
+            rate_per_s=round(rate, 2),
             eta_s=round(eta, 1) if eta is not None else None,
         )
         await publish_retrying(self.ctx.js, self.s.progress(wf), encode(progress))
@@ -139,7 +147,8 @@ class Aggregator:
             await self.publish_progress(wf, tracked, done, dead, "map complete")
         await self.state.update(wf, lambda r: _set_counts(r, done, dead))
         stored = await publish_once(
-            self.ctx.js, self.s.map("complete", wf),
+            self.ctx.js,
+            self.s.map("complete", wf),
             encode(MapComplete(workflow_id=wf, total=total, done=done, dead=dead)),
         )
         if stored:
@@ -158,8 +167,9 @@ class Aggregator:
             await self.finish_failed(wf, f"setup failed: {event.error}")
         elif isinstance(event, MapComplete):
             spec = await self.state.get_spec(wf)
-            if spec is not None and (spec.workflow.reduce is None
-                                     or not spec.workflow.reduce.steps):
+            if spec is not None and (
+                spec.workflow.reduce is None or not spec.workflow.reduce.steps
+            ):
                 await self.finish_completed(wf, event.total, event.done, event.dead, "")
             elif event.total == 0:
                 # Prodigy: no work items means map and reduce are both skipped.
@@ -167,8 +177,9 @@ class Aggregator:
         elif isinstance(event, ReduceCompleted):
             record = await self.state.get(wf)
             if record is not None:
-                await self.finish_completed(wf, record.total or 0, record.done, record.dead,
-                                            event.output)
+                await self.finish_completed(
+                    wf, record.total or 0, record.done, record.dead, event.output
+                )
         elif isinstance(event, ReduceFailed):
             await self.finish_failed(wf, event.error)
 
@@ -178,17 +189,26 @@ class Aggregator:
         record = await self.state.transition(wf, Phase.COMPLETED, reduce_output=reduce_output)
         created = record.created_ts if record else time.time()
         await publish_once(
-            self.ctx.js, self.s.workflow("completed", wf),
-            encode(WorkflowCompleted(workflow_id=wf, total=total, done=done, dead=dead,
-                                     duration_s=round(time.time() - created, 3),
-                                     reduce_output=reduce_output)),
+            self.ctx.js,
+            self.s.workflow("completed", wf),
+            encode(
+                WorkflowCompleted(
+                    workflow_id=wf,
+                    total=total,
+                    done=done,
+                    dead=dead,
+                    duration_s=round(time.time() - created, 3),
+                    reduce_output=reduce_output,
+                )
+            ),
         )
 
     async def finish_failed(self, wf: str, reason: str) -> None:
         self.active.pop(wf, None)
         await self.state.transition(wf, Phase.FAILED, reason=reason)
         await publish_once(
-            self.ctx.js, self.s.workflow("failed", wf),
+            self.ctx.js,
+            self.s.workflow("failed", wf),
             encode(WorkflowFailed(workflow_id=wf, reason=reason)),
         )
 

@@ -94,8 +94,9 @@ def _root(
 ) -> None:
     """Connection options given here apply to every command; `--nats` on a command wins."""
     configure(log_level)
-    _Global.settings = make_settings(nats, creds, nkey, user, password, token, tls_ca,
-                                     tls_cert, tls_key, prefix)
+    _Global.settings = make_settings(
+        nats, creds, nkey, user, password, token, tls_ca, tls_cert, tls_key, prefix
+    )
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -184,8 +185,14 @@ def run(
 
 
 async def _run(
-    text: str, source: str, wf: str, options: SubmitOptions, nats: str | None,
-    data_dir: Path, timeout: float | None, quiet: bool,
+    text: str,
+    source: str,
+    wf: str,
+    options: SubmitOptions,
+    nats: str | None,
+    data_dir: Path,
+    timeout: float | None,
+    quiet: bool,
 ) -> int:
     from jetreduce.embedded import EmbeddedServer
 
@@ -197,7 +204,9 @@ async def _run(
         try:
             await asyncio.to_thread(server.start)
         except Exception as exc:
-            raise _fail(f"cannot start the embedded nats-server: {exc}", exit_codes.FAILED) from None
+            raise _fail(
+                f"cannot start the embedded nats-server: {exc}", exit_codes.FAILED
+            ) from None
         settings = replace(settings, url=server.url)
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
@@ -251,8 +260,10 @@ async def _run(
 
 async def _cancel(nc: Any, subjects: Subjects, wf: str, reason: str) -> None:
     js = nc.jetstream()
-    await js.publish(subjects.workflow("cancel", wf),
-                     ev.encode(ev.WorkflowCancelRequested(workflow_id=wf, reason=reason)))
+    await js.publish(
+        subjects.workflow("cancel", wf),
+        ev.encode(ev.WorkflowCancelRequested(workflow_id=wf, reason=reason)),
+    )
 
 
 # -- submit / watch / status / list / cancel ----------------------------------------------------
@@ -272,9 +283,13 @@ def submit_cmd(
     for warning in result.warnings:
         typer.echo(f"warning: {warning.render(str(workflow))}", err=True)
     wf = workflow_id or new_workflow_id(result.workflow.name)
-    options = SubmitOptions(workdir=str((workdir or Path.cwd()).resolve()),
-                            max_parallel=max_parallel, priority=priority, vars=used,
-                            max_attempts=max_attempts)
+    options = SubmitOptions(
+        workdir=str((workdir or Path.cwd()).resolve()),
+        max_parallel=max_parallel,
+        priority=priority,
+        vars=used,
+        max_attempts=max_attempts,
+    )
 
     async def go() -> int:
         settings = _settings(nats)
@@ -359,8 +374,10 @@ def status(
                         body["progress"] = msgspec.to_builtins(progress)
                     typer.echo(json.dumps(body))
                 else:
-                    line = (f"{rec.workflow_id}  {rec.phase.value:<10} {rec.name}  "
-                            f"total={rec.total if rec.total is not None else '?'}")
+                    line = (
+                        f"{rec.workflow_id}  {rec.phase.value:<10} {rec.name}  "
+                        f"total={rec.total if rec.total is not None else '?'}"
+                    )
                     if progress is not None:
                         line += f"  {describe(progress)}"
                     elif rec.total is not None:
@@ -394,7 +411,9 @@ def list_cmd(nats: Nats = None) -> None:
 def cancel(
     workflow_id: Annotated[str, typer.Argument(help="Workflow id.")],
     nats: Nats = None,
-    reason: Annotated[str, typer.Option(help="Recorded in workflow.cancelled.")] = "cancelled by user",
+    reason: Annotated[
+        str, typer.Option(help="Recorded in workflow.cancelled.")
+    ] = "cancelled by user",
 ) -> None:
     """Cancel a workflow: dispatch stops, agents stop, queued items are purged."""
 
@@ -438,8 +457,9 @@ def _serve(names: tuple[str, ...], nats: str | None, log_dir: Path | None) -> in
             loop.add_signal_handler(sig, host.stop.set)
         try:
             async with host.running():
-                typer.echo(f"jetreduce services running: {', '.join(names)} on {settings.url}",
-                           err=True)
+                typer.echo(
+                    f"jetreduce services running: {', '.join(names)} on {settings.url}", err=True
+                )
                 await host.wait()
         except ConnectFailed as exc:
             typer.echo(str(exc), err=True)
@@ -457,8 +477,9 @@ def service(
 ) -> None:
     """Run one service (what a Kubernetes Deployment runs)."""
     if name not in SERVICE_NAMES:
-        raise _fail(f"unknown service {name!r}: choose from {', '.join(SERVICE_NAMES)}",
-                    exit_codes.USAGE)
+        raise _fail(
+            f"unknown service {name!r}: choose from {', '.join(SERVICE_NAMES)}", exit_codes.USAGE
+        )
     raise typer.Exit(_serve((name,), nats, log_dir))
 
 

@@ -60,8 +60,9 @@ class ServiceHost:
             if name == "planner":
                 built[name] = Planner(ctx)
             elif name == "launcher":
-                backend = LocalBackend(self.settings, log_dir=self.log_dir,
-                                       max_processes=self.max_processes)
+                backend = LocalBackend(
+                    self.settings, log_dir=self.log_dir, max_processes=self.max_processes
+                )
                 built[name] = Launcher(ctx, backend)
             elif name == "aggregator":
                 built[name] = Aggregator(ctx)

@@ -10,7 +10,9 @@ from jetreduce.runtime.settings import NatsSettings
 
 Nats = Annotated[
     str | None,
-    typer.Option("--nats", envvar="JETREDUCE_NATS_URL", help="NATS server URL(s), comma-separated."),
+    typer.Option(
+        "--nats", envvar="JETREDUCE_NATS_URL", help="NATS server URL(s), comma-separated."
+    ),
 ]
 Creds = Annotated[
     str | None,
@@ -51,6 +53,14 @@ def settings(
     prefix: str | None = None,
 ) -> NatsSettings:
     return NatsSettings.from_env(
-        url=nats, creds=creds, nkey_seed=nkey, user=user, password=password, token=token,
-        tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, prefix=prefix,
+        url=nats,
+        creds=creds,
+        nkey_seed=nkey,
+        user=user,
+        password=password,
+        token=token,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        prefix=prefix,
     )

@@ -83,10 +83,15 @@ async def submit(
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, max_msgs=1)
     try:
-        payload = WorkflowSubmit(workflow_id=workflow_id, workflow=text, options=options,
-                                 source=source)
-        await publish_retrying(nc.jetstream(), subjects.submit, encode(payload),
-                               {"Nats-Msg-Id": workflow_id, REPLY_HEADER: inbox})
+        payload = WorkflowSubmit(
+            workflow_id=workflow_id, workflow=text, options=options, source=source
+        )
+        await publish_retrying(
+            nc.jetstream(),
+            subjects.submit,
+            encode(payload),
+            {"Nats-Msg-Id": workflow_id, REPLY_HEADER: inbox},
+        )
         msg = await sub.next_msg(timeout=timeout_s)
     except TimeoutError:
         raise TimeoutError(

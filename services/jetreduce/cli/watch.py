@@ -30,10 +30,20 @@ from jetreduce.contract.subjects import Subjects
 
 __all__ = ["Watcher", "describe"]
 
-TERMINAL = (ev.WorkflowCompleted, ev.WorkflowFailed, ev.WorkflowCancelled, ev.WorkflowTimedOut,
-            ev.WorkflowRejected)
-Terminal = (ev.WorkflowCompleted | ev.WorkflowFailed | ev.WorkflowCancelled
-            | ev.WorkflowTimedOut | ev.WorkflowRejected)
+TERMINAL = (
+    ev.WorkflowCompleted,
+    ev.WorkflowFailed,
+    ev.WorkflowCancelled,
+    ev.WorkflowTimedOut,
+    ev.WorkflowRejected,
+)
+Terminal = (
+    ev.WorkflowCompleted
+    | ev.WorkflowFailed
+    | ev.WorkflowCancelled
+    | ev.WorkflowTimedOut
+    | ev.WorkflowRejected
+)
 PLAIN_EVERY_S = 2.0
 
 
@@ -42,19 +52,25 @@ def describe(event: ev.Event) -> str:
     kind = type(event).__name__
     if isinstance(event, ev.Progress):
         eta = f", ETA {event.eta_s:.0f}s" if event.eta_s is not None else ""
-        return (f"progress: {event.done + event.dead}/{event.total} "
-                f"({event.done} done, {event.dead} failed, {event.in_flight} running), "
-                f"{event.rate_per_s:.1f} items/s{eta}")
+        return (
+            f"progress: {event.done + event.dead}/{event.total} "
+            f"({event.done} done, {event.dead} failed, {event.in_flight} running), "
+            f"{event.rate_per_s:.1f} items/s{eta}"
+        )
     if isinstance(event, ev.WorkflowPlanned):
         return f"planned: {event.total} items, {event.max_parallel} in parallel"
     if isinstance(event, ev.AgentLaunched):
         return f"launched {event.agents} {event.phase} agent(s), {event.slots} slot(s)"
     if isinstance(event, ev.AgentExited):
-        return (f"{event.phase} agent {event.index} exited with {event.exit_code}"
-                + (" (restarting)" if event.restarted else ""))
+        return f"{event.phase} agent {event.index} exited with {event.exit_code}" + (
+            " (restarting)" if event.restarted else ""
+        )
     if isinstance(event, ev.ItemFailed):
-        retry = (f"; retry in {event.retry_in_s:.1f}s" if event.retry_in_s is not None
-                 else "; no attempts left")
+        retry = (
+            f"; retry in {event.retry_in_s:.1f}s"
+            if event.retry_in_s is not None
+            else "; no attempts left"
+        )
         return f"item {event.item_id} attempt {event.attempt} failed: {event.error}{retry}"
     if isinstance(event, ev.ItemDead):
         return f"item {event.item_id} dead after {event.attempts} attempt(s): {event.error}"
@@ -67,8 +83,10 @@ def describe(event: ev.Event) -> str:
     if isinstance(event, ev.ReduceFailed):
         return f"reduce failed: {event.error}"
     if isinstance(event, ev.WorkflowCompleted):
-        return (f"completed: {event.done} done, {event.dead} failed of {event.total} "
-                f"in {event.duration_s:.1f}s")
+        return (
+            f"completed: {event.done} done, {event.dead} failed of {event.total} "
+            f"in {event.duration_s:.1f}s"
+        )
     if isinstance(event, ev.WorkflowFailed):
         return f"failed: {event.reason}"
     if isinstance(event, ev.WorkflowCancelled):
@@ -163,17 +181,23 @@ class Watcher:
             )
             task: TaskID | None = None
             with bar:
+
                 def show(event: ev.Event) -> None:
                     nonlocal task
                     if isinstance(event, ev.Progress):
-                        fields = {"failed": event.dead, "rate": f"{event.rate_per_s:.1f}",
-                                  "eta": "-" if event.eta_s is None else f"{event.eta_s:.0f}s"}
+                        fields: dict[str, Any] = {
+                            "failed": event.dead,
+                            "rate": f"{event.rate_per_s:.1f}",
+                            "eta": "-" if event.eta_s is None else f"{event.eta_s:.0f}s",
+                        }
                         if task is None:
                             task = bar.add_task(self.wf, total=event.total, **fields)
-                        bar.update(task, completed=event.done + event.dead, total=event.total,
-                                   **fields)
+                        bar.update(
+                            task, completed=event.done + event.dead, total=event.total, **fields
+                        )
                     elif self._wanted(event):
                         bar.console.print(describe(event))
+
                 yield show
         else:
             last = 0.0
@@ -188,6 +212,7 @@ class Watcher:
                         print(describe(event), file=self.out, flush=True)
                 elif self._wanted(event):
                     print(describe(event), file=self.out, flush=True)
+
             yield show
 
     def _wanted(self, event: ev.Event) -> bool:

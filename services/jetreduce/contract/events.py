@@ -288,9 +288,10 @@ def encode(event: Any) -> bytes:
 def decode(data: bytes) -> Event:
     """Decode any event. Raises :class:`BadEvent` (only) on a malformed payload."""
     try:
-        return _decoder.decode(data)
+        event: Event = _decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BadEvent(f"malformed event: {str(exc)[:256]}") from None
+    return event
 
 
 def decode_as(data: bytes, cls: type[T]) -> T:

@@ -7,7 +7,7 @@ one) racing on the same transition cannot both win.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import msgspec
 
@@ -17,7 +17,7 @@ from jetreduce.contract.workflow.model import Workflow
 __all__ = ["Phase", "StoredSpec", "WorkflowRecord"]
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     ACCEPTED = "accepted"
     SETUP = "setup"
     PLANNING = "planning"

@@ -24,9 +24,7 @@ class InvalidToken(ValueError):
 
 def check_token(value: str, what: str = "workflow id") -> str:
     if not TOKEN_RE.match(value):
-        raise InvalidToken(
-            f"invalid {what} {value!r}: use 1-80 characters of A-Z a-z 0-9 _ -"
-        )
+        raise InvalidToken(f"invalid {what} {value!r}: use 1-80 characters of A-Z a-z 0-9 _ -")
     return value
 
 

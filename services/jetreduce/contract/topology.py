@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -56,7 +57,7 @@ class TopologySettings:
 def stream_configs(subjects: Subjects, settings: TopologySettings) -> list[StreamConfig]:
     storage = StorageType.MEMORY if settings.memory else StorageType.FILE
     max_age = settings.retention_days * DAY_S
-    common = {"num_replicas": settings.replicas, "storage": storage}
+    common: dict[str, Any] = {"num_replicas": settings.replicas, "storage": storage}
     return [
         StreamConfig(
             name=subjects.submit_stream,
@@ -138,9 +139,7 @@ async def declare(
     except (BucketNotFoundError, NotFoundError):
         await js.create_object_store(
             subjects.objects_bucket,
-            ObjectStoreConfig(
-                ttl=max_age, replicas=settings.replicas, storage=storage
-            ),
+            ObjectStoreConfig(ttl=max_age, replicas=settings.replicas, storage=storage),
         )
 
 

@@ -31,9 +31,10 @@ class Janitor:
 
     async def run(self, stop: asyncio.Event) -> None:
         consumer = EventConsumer(
-            self.ctx, stream=self.s.events_stream, durable="janitor",
-            filters=[self.s.workflow("cancel", "*"),
-                     *[self.s.workflow(e, "*") for e in _TERMINAL]],
+            self.ctx,
+            stream=self.s.events_stream,
+            durable="janitor",
+            filters=[self.s.workflow("cancel", "*"), *[self.s.workflow(e, "*") for e in _TERMINAL]],
             handler=self.on_event,
         )
         await consumer.run(stop)
@@ -52,7 +53,8 @@ class Janitor:
             return  # unknown, or already finished: nothing to cancel
         await (await self._queue(wf)).purge()
         await publish_once(
-            self.ctx.js, self.s.workflow("cancelled", wf),
+            self.ctx.js,
+            self.s.workflow("cancelled", wf),
             encode(WorkflowCancelled(workflow_id=wf, reason=reason)),
         )
         log.info("workflow %s cancelled: %s", wf, reason)

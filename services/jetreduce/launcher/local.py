@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jetreduce.contract.records import StoredSpec
+from jetreduce.launcher.backend import ExitCallback
 from jetreduce.runtime.settings import NatsSettings
 
 __all__ = ["AgentSpec", "LocalBackend"]
 
 log = logging.getLogger(__name__)
-
-from jetreduce.launcher.backend import ExitCallback
 
 
 @dataclass
@@ -104,9 +103,15 @@ class LocalBackend:
             out = handle.fileno()
         try:
             return await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "jetreduce", "worker",
-                env=env, cwd=spec.workdir if os.path.isdir(spec.workdir) else None,
-                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                sys.executable,
+                "-m",
+                "jetreduce",
+                "worker",
+                env=env,
+                cwd=spec.workdir if os.path.isdir(spec.workdir) else None,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
                 start_new_session=True,
             )
         finally:
@@ -118,10 +123,16 @@ class LocalBackend:
         while True:
             run.proc = await self._spawn(run)
             code = await run.proc.wait()
-            restart = (code != 0 and not run.stopping and run.restarts < self.max_restarts)
+            restart = code != 0 and not run.stopping and run.restarts < self.max_restarts
             if code != 0 and not run.stopping:
-                log.warning("agent %s/%s-%d exited with %d%s", spec.workflow_id, spec.phase,
-                            spec.index, code, "; restarting" if restart else "")
+                log.warning(
+                    "agent %s/%s-%d exited with %d%s",
+                    spec.workflow_id,
+                    spec.phase,
+                    spec.index,
+                    code,
+                    "; restarting" if restart else "",
+                )
             if self.on_exit is not None and not run.stopping:
                 with contextlib.suppress(Exception):
                     await self.on_exit(spec.workflow_id, spec.phase, spec.index, code, restart)

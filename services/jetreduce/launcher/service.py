@@ -43,8 +43,13 @@ class Launcher:
             self.s.map("complete", "*"),
             *[self.s.workflow(e, "*") for e in _TERMINAL],
         ]
-        consumer = EventConsumer(self.ctx, stream=self.s.events_stream, durable="launcher",
-                                 filters=filters, handler=self.on_event)
+        consumer = EventConsumer(
+            self.ctx,
+            stream=self.s.events_stream,
+            durable="launcher",
+            filters=filters,
+            handler=self.on_event,
+        )
         try:
             await consumer.run(stop)
         finally:
@@ -86,9 +91,17 @@ class Launcher:
         if started:
             log.info("workflow %s: launched %d %s agent(s)", wf, started, phase)
             await publish_retrying(
-                self.ctx.js, self.s.agent("launched", wf),
-                encode(AgentLaunched(workflow_id=wf, phase=phase, agents=started,
-                                     slots=sum(slots), backend=self.backend.name)),
+                self.ctx.js,
+                self.s.agent("launched", wf),
+                encode(
+                    AgentLaunched(
+                        workflow_id=wf,
+                        phase=phase,
+                        agents=started,
+                        slots=sum(slots),
+                        backend=self.backend.name,
+                    )
+                ),
             )
 
     async def _on_agent_exit(
@@ -96,7 +109,15 @@ class Launcher:
     ) -> None:
         if code != 0:
             await publish_retrying(
-                self.ctx.js, self.s.agent("exited", wf),
-                encode(AgentExited(workflow_id=wf, phase=phase, index=index, exit_code=code,
-                                   restarted=restarted)),
+                self.ctx.js,
+                self.s.agent("exited", wf),
+                encode(
+                    AgentExited(
+                        workflow_id=wf,
+                        phase=phase,
+                        index=index,
+                        exit_code=code,
+                        restarted=restarted,
+                    )
+                ),
             )

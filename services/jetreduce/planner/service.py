@@ -85,8 +85,9 @@ class Planner:
         try:
             check_token(wf)
         except InvalidToken as exc:
-            await self._reject(_fallback_id(msg), [Problem(path="workflow_id", message=str(exc))],
-                               reply_to)
+            await self._reject(
+                _fallback_id(msg), [Problem(path="workflow_id", message=str(exc))], reply_to
+            )
             return
         existing = await self.state.get(wf)
         if existing is not None:
@@ -186,9 +187,7 @@ class Planner:
             return
         total = len(items)
         parallel = max(1, min(spec.options.max_parallel or spec.workflow.map.max_parallel, total))
-        await self.state.transition(
-            wf, Phase.MAPPING, total=total, max_parallel=parallel
-        )
+        await self.state.transition(wf, Phase.MAPPING, total=total, max_parallel=parallel)
         attempts = spec.options.max_attempts or spec.workflow.error_policy.retry.max_attempts
         queue = open_queue(self.ctx, wf, spec.options.queue)
         await queue.prepare(visibility_s=VISIBILITY_S, max_attempts=attempts, parallel=parallel)
@@ -205,9 +204,7 @@ class Planner:
             beat.cancel()
         log.info("workflow %s planned: %d items (%d already queued)", wf, total, result.duplicates)
 
-    async def _expand(
-        self, wf: str, spec: StoredSpec, event: SetupCompleted
-    ) -> list[Any] | None:
+    async def _expand(self, wf: str, spec: StoredSpec, event: SetupCompleted) -> list[Any] | None:
         try:
             store = await self.ctx.js.object_store(self.s.objects_bucket)
             obj = await store.get(event.input_object)
@@ -267,5 +264,3 @@ def _problem(p: Any) -> Problem:
         column=getattr(p, "column", None),
         severity=str(getattr(p, "severity", "error")),
     )
-
-

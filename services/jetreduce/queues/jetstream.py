@@ -58,9 +58,7 @@ class JetStreamQueue:
     async def enqueue(self, items: Iterable[WorkItem], *, lane: str = "p1") -> EnqueueResult:
         pipe = Pipeline(self.ctx.js)
         for item in items:
-            await pipe.publish(
-                self.subjects.work(lane, self.workflow_id, item.index), encode(item)
-            )
+            await pipe.publish(self.subjects.work(lane, self.workflow_id, item.index), encode(item))
         try:
             await pipe.flush()
         except RuntimeError as exc:

@@ -97,7 +97,7 @@ class EventConsumer:
             while not stop.is_set():
                 try:
                     msgs = await sub.fetch(self.batch, timeout=0.5)
-                except (NatsTimeout, asyncio.TimeoutError):
+                except (TimeoutError, NatsTimeout):
                     continue
                 except Exception as exc:  # consumer deleted, connection lost: back off
                     log.warning("%s: fetch failed (%r); retrying", self.durable, exc)

@@ -42,9 +42,7 @@ class NatsSettings:
         env = os.environ if env is None else env
         values: dict[str, object] = {}
         for f in fields(cls):
-            key = f"{ENV_PREFIX}NATS_{f.name.upper()}"
-            if f.name == "prefix":
-                key = f"{ENV_PREFIX}PREFIX"
+            key = _env_key(f.name)
             if key in env and env[key] != "":
                 values[f.name] = env[key]
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -57,6 +55,9 @@ class NatsSettings:
             value = getattr(self, f.name)
             if value is None or f.name == "name":
                 continue
-            key = f"{ENV_PREFIX}PREFIX" if f.name == "prefix" else f"{ENV_PREFIX}NATS_{f.name.upper()}"
-            env[key] = str(value)
+            env[_env_key(f.name)] = str(value)
         return env
+
+
+def _env_key(name: str) -> str:
+    return f"{ENV_PREFIX}PREFIX" if name == "prefix" else f"{ENV_PREFIX}NATS_{name.upper()}"

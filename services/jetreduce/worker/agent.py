@@ -144,7 +144,9 @@ class Agent:
 
     @staticmethod
     def _capture(
-        step: Step, outcome: StepOutcome, variables: dict[str, Any],
+        step: Step,
+        outcome: StepOutcome,
+        variables: dict[str, Any],
         captures: dict[str, str] | None,
     ) -> None:
         value = outcome.stdout.rstrip("\n")
@@ -177,8 +179,10 @@ class Agent:
         async def on_end(_msg: Any) -> None:
             self.stop.set()
 
-        subs = [await self.ctx.nc.subscribe(self.s.workflow(e, self.wf), cb=on_end)
-                for e in ("completed", "failed", "cancelled", "timed_out")]
+        subs = [
+            await self.ctx.nc.subscribe(self.s.workflow(e, self.wf), cb=on_end)
+            for e in ("completed", "failed", "cancelled", "timed_out")
+        ]
         if also_map_complete:
             subs.append(await self.ctx.nc.subscribe(self.s.map("complete", self.wf), cb=on_end))
         self._end_subs = subs
@@ -191,13 +195,13 @@ class Agent:
         before = set(os.listdir(self.workdir))
         variables = dict(self.vars_base)
         captures: dict[str, str] = {}
-        outcomes, failed = await self._steps(steps, variables, deadline=deadline,
-                                             captures=captures)
+        outcomes, failed = await self._steps(steps, variables, deadline=deadline, captures=captures)
         if failed is not None:
             error = self._describe(0, steps, failed, len(outcomes))
             detail = (failed.stderr or failed.stdout).strip()[-ERROR_TAIL:]
-            await self._setup_failed(f"setup {error}: {detail}" if detail else f"setup {error}",
-                                     failed.exit_code)
+            await self._setup_failed(
+                f"setup {error}: {detail}" if detail else f"setup {error}", failed.exit_code
+            )
             return 0
         if setup:
             for name, ref in setup.capture_outputs.items():
@@ -206,9 +210,9 @@ class Agent:
                     captures[name] = outcomes[index].stdout.strip()
         variables.update(captures)
         self.env.update(captures)
-        data, is_command, error = await self._resolve_input(before, variables)
-        if error is not None:
-            await self._setup_failed(error, None)
+        data, is_command, problem = await self._resolve_input(before, variables)
+        if problem is not None:
+            await self._setup_failed(problem, None)
             return 0
         store = await self.ctx.js.object_store(self.s.objects_bucket)
         name = f"input/{self.wf}"
@@ -216,8 +220,15 @@ class Agent:
         await publish_once(
             self.ctx.js,
             self.s.setup("completed", self.wf),
-            encode(SetupCompleted(workflow_id=self.wf, captures=captures, input_object=name,
-                                  input_is_command=is_command, input_bytes=len(data))),
+            encode(
+                SetupCompleted(
+                    workflow_id=self.wf,
+                    captures=captures,
+                    input_object=name,
+                    input_is_command=is_command,
+                    input_bytes=len(data),
+                )
+            ),
         )
         return 0
 
@@ -234,8 +245,12 @@ class Agent:
         if as_path.is_file():
             return as_path.read_bytes(), False, None
         cmd = render_shell(source, Variables(variables), spill_dir=self.scratch)
-        out = await run_process(["sh", "-c", cmd.script], env={**self.env, **cmd.env},
-                                cwd=self.workdir, timeout_s=INPUT_COMMAND_TIMEOUT_S)
+        out = await run_process(
+            ["sh", "-c", cmd.script],
+            env={**self.env, **cmd.env},
+            cwd=self.workdir,
+            timeout_s=INPUT_COMMAND_TIMEOUT_S,
+        )
         if not out.ok:
             why = "timed out" if out.timed_out else f"exited with code {out.exit_code}"
             detail = (out.stderr or out.stdout).strip()[-ERROR_TAIL:]
@@ -297,7 +312,7 @@ class Agent:
         """Let in-flight items finish within the grace period, then hand the rest back."""
         if not self.inflight:
             return
-        done, pending = await asyncio.wait(list(self.inflight), timeout=self.config.grace_s)
+        _, pending = await asyncio.wait(list(self.inflight), timeout=self.config.grace_s)
         for task in pending:
             lease = self.inflight.get(task)
             task.cancel()
@@ -333,12 +348,21 @@ class Agent:
         if failed is None:
             output = "\n".join(o.stdout.rstrip("\n") for o in outcomes if o.stdout)
             done = ItemDone(
-                workflow_id=self.wf, index=index, item_id=item_id, output=_clip(output),
-                exit_code=outcomes[-1].exit_code if outcomes else 0, duration_s=duration,
-                attempts=lease.attempt, agent=self.name,
+                workflow_id=self.wf,
+                index=index,
+                item_id=item_id,
+                output=_clip(output),
+                exit_code=outcomes[-1].exit_code if outcomes else 0,
+                duration_s=duration,
+                attempts=lease.attempt,
+                agent=self.name,
             )
-            await publish_once(self.ctx.js, self.s.item_done(self.wf, index), encode(done),
-                               guard=self.s.item_terminal(self.wf, index))
+            await publish_once(
+                self.ctx.js,
+                self.s.item_done(self.wf, index),
+                encode(done),
+                guard=self.s.item_terminal(self.wf, index),
+            )
             await self.queue.ack(lease)
             return
         error = self._describe(index, m.agent_template, failed, len(outcomes))
@@ -348,20 +372,39 @@ class Agent:
         await publish_retrying(
             self.ctx.js,
             self.s.item_failed(self.wf, index),
-            encode(ItemFailed(workflow_id=self.wf, index=index, item_id=item_id,
-                              attempt=lease.attempt, error=error, exit_code=failed.exit_code,
-                              stderr_tail=tail, retry_in_s=delay)),
+            encode(
+                ItemFailed(
+                    workflow_id=self.wf,
+                    index=index,
+                    item_id=item_id,
+                    attempt=lease.attempt,
+                    error=error,
+                    exit_code=failed.exit_code,
+                    stderr_tail=tail,
+                    retry_in_s=delay,
+                )
+            ),
         )
         if delay is not None:
             await self.queue.retry(lease, delay)
             return
         dead = ItemDead(
-            workflow_id=self.wf, index=index, item_id=item_id, error=error,
-            exit_code=failed.exit_code, stderr_tail=tail, attempts=lease.attempt,
-            duration_s=duration, agent=self.name,
+            workflow_id=self.wf,
+            index=index,
+            item_id=item_id,
+            error=error,
+            exit_code=failed.exit_code,
+            stderr_tail=tail,
+            attempts=lease.attempt,
+            duration_s=duration,
+            agent=self.name,
         )
-        stored = await publish_once(self.ctx.js, self.s.item_dead(self.wf, index), encode(dead),
-                                    guard=self.s.item_terminal(self.wf, index))
+        stored = await publish_once(
+            self.ctx.js,
+            self.s.item_dead(self.wf, index),
+            encode(dead),
+            guard=self.s.item_terminal(self.wf, index),
+        )
         if stored:
             dead.item = work.item
             await publish_once(self.ctx.js, self.s.dlq(self.wf, index), encode(dead))
@@ -378,24 +421,35 @@ class Agent:
         steps = reduce.steps if reduce else []
         msg = await self.ctx.js.get_last_msg(self.s.events_stream, self.s.map("complete", self.wf))
         complete = decode_as(msg.data or b"", MapComplete)
-        await publish_once(self.ctx.js, self.s.reduce("started", self.wf),
-                           encode(ReduceStarted(workflow_id=self.wf)))
+        await publish_once(
+            self.ctx.js,
+            self.s.reduce("started", self.wf),
+            encode(ReduceStarted(workflow_id=self.wf)),
+        )
         spool = ResultsSpool(self.scratch)
         try:
             await spool.fill(self.ctx.js, self.s, self.wf, complete.done + complete.dead)
             results_file = self.scratch / "map-results.jsonl"
             spool.write_jsonl(results_file)
             variables = dict(self.vars_base)
-            variables.update({
-                "map.total": complete.total,
-                "map.successful": spool.done,
-                "map.failed": spool.dead,
-                "map.results_file": str(results_file),
-            })
+            variables.update(
+                {
+                    "map.total": complete.total,
+                    "map.successful": spool.done,
+                    "map.failed": spool.dead,
+                    "map.results_file": str(results_file),
+                }
+            )
             if any(RESULTS_REF.search(_step_text(s)) for s in steps):
                 variables["map.results"] = json.loads(spool.as_json_array())
-            self.env.update({"MAP_TOTAL": str(complete.total), "MAP_SUCCESSFUL": str(spool.done),
-                             "MAP_FAILED": str(spool.dead), "MAP_RESULTS_FILE": str(results_file)})
+            self.env.update(
+                {
+                    "MAP_TOTAL": str(complete.total),
+                    "MAP_SUCCESSFUL": str(spool.done),
+                    "MAP_FAILED": str(spool.dead),
+                    "MAP_RESULTS_FILE": str(results_file),
+                }
+            )
         finally:
             spool.close()
         start = time.monotonic()
@@ -405,15 +459,26 @@ class Agent:
             error = self._describe(0, steps, failed, len(outcomes))
             detail = (failed.stderr or failed.stdout).strip()[-ERROR_TAIL:]
             await publish_once(
-                self.ctx.js, self.s.reduce("failed", self.wf),
-                encode(ReduceFailed(workflow_id=self.wf, error=f"reduce {error}: {detail}",
-                                    exit_code=failed.exit_code, output=_clip(output))),
+                self.ctx.js,
+                self.s.reduce("failed", self.wf),
+                encode(
+                    ReduceFailed(
+                        workflow_id=self.wf,
+                        error=f"reduce {error}: {detail}",
+                        exit_code=failed.exit_code,
+                        output=_clip(output),
+                    )
+                ),
             )
             return 0
         await publish_once(
-            self.ctx.js, self.s.reduce("completed", self.wf),
-            encode(ReduceCompleted(workflow_id=self.wf, output=_clip(output),
-                                   duration_s=time.monotonic() - start)),
+            self.ctx.js,
+            self.s.reduce("completed", self.wf),
+            encode(
+                ReduceCompleted(
+                    workflow_id=self.wf, output=_clip(output), duration_s=time.monotonic() - start
+                )
+            ),
         )
         return 0
 

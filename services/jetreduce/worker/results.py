@@ -38,11 +38,15 @@ def agent_result(event: ItemDone | ItemDead) -> dict[str, Any]:
         "attempts": event.attempts,
     }
     if isinstance(event, ItemDone):
-        base.update(status="Success", success=True, output=event.output,
-                    exit_code=event.exit_code)
+        base.update(status="Success", success=True, output=event.output, exit_code=event.exit_code)
     else:
-        base.update(status={"Failed": event.error}, success=False, output="",
-                    error=event.error, exit_code=event.exit_code)
+        base.update(
+            status={"Failed": event.error},
+            success=False,
+            output="",
+            error=event.error,
+            exit_code=event.exit_code,
+        )
     return base
 
 
@@ -59,7 +63,11 @@ class ResultsSpool:
         self.dead = 0
 
     async def fill(
-        self, js: JetStreamContext, subjects: Subjects, wf: str, expected: int,
+        self,
+        js: JetStreamContext,
+        subjects: Subjects,
+        wf: str,
+        expected: int,
         timeout_s: float = 600.0,
     ) -> None:
         """Read every terminal result of ``wf`` (``expected`` of them) from the stream."""
@@ -77,8 +85,9 @@ class ResultsSpool:
                 return
             if not isinstance(event, ItemDone | ItemDead):
                 return
-            batch.append((event.index, int(isinstance(event, ItemDone)),
-                          _enc.encode(agent_result(event))))
+            batch.append(
+                (event.index, int(isinstance(event, ItemDone)), _enc.encode(agent_result(event)))
+            )
             seen += 1
             if len(batch) >= 1000 or seen >= expected:
                 self._flush(batch)
@@ -86,7 +95,9 @@ class ResultsSpool:
                 got.set()
 
         sub = await js.subscribe(
-            subjects.terminal_of(wf), stream=subjects.results_stream, ordered_consumer=True,
+            subjects.terminal_of(wf),
+            stream=subjects.results_stream,
+            ordered_consumer=True,
             cb=on_msg,
         )
         try:
