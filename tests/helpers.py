@@ -1,0 +1,87 @@
+"""Test helpers: host the real services against the session nats-server and run workflows
+through the same submit/watch path the CLI uses. Agents are real child processes."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jetreduce.cli.host import ServiceHost
+from jetreduce.cli.submit import submit
+from jetreduce.cli.watch import Watcher
+from jetreduce.contract import events as ev
+from jetreduce.contract.events import SubmitOptions
+from jetreduce.contract.subjects import Subjects
+from jetreduce.runtime.connection import connect
+from jetreduce.runtime.settings import NatsSettings
+
+
+@dataclass
+class Harness:
+    settings: NatsSettings
+    subjects: Subjects
+    nc: Any
+    host: ServiceHost
+    log_dir: Path
+
+    async def run(
+        self,
+        text: str,
+        workdir: Path,
+        *,
+        timeout_s: float = 120.0,
+        workflow_id: str | None = None,
+        **options: Any,
+    ) -> Any:
+        """Submit ``text`` and follow it to its terminal event (bounded by ``timeout_s``)."""
+        wf = workflow_id or f"wf-{secrets.token_hex(4)}"
+        watcher = Watcher(self.nc, self.subjects, wf, show_events=False, tty=False)
+        await watcher.start()
+        try:
+            await submit(
+                self.nc, self.subjects, text, SubmitOptions(workdir=str(workdir), **options),
+                workflow_id=wf, source="test",
+            )
+            return await watcher.until_done(timeout_s)
+        finally:
+            await watcher.stop()
+
+    def agent_logs(self) -> str:
+        return "\n".join(
+            f"--- {p.relative_to(self.log_dir)}\n{p.read_text()}"
+            for p in sorted(self.log_dir.rglob("*.log"))
+        )
+
+
+@contextlib.asynccontextmanager
+async def services(nats_url: str, prefix: str, tmp_path: Path) -> AsyncIterator[Harness]:
+    settings = NatsSettings(url=nats_url, prefix=prefix)
+    log_dir = tmp_path / "agent-logs"
+    host = ServiceHost(settings, log_dir=log_dir)
+    async with host.running():
+        nc = await connect(settings, forever=False)
+        try:
+            yield Harness(settings, Subjects(prefix), nc, host, log_dir)
+        finally:
+            await nc.close()
+
+
+async def stored_events(nc: Any, subjects: Subjects, subject: str) -> list[ev.Event]:
+    """Every message stored on ``subject`` in the events stream, decoded."""
+    js = nc.jetstream()
+    out: list[ev.Event] = []
+    sub = await js.subscribe(subject, stream=subjects.events_stream, ordered_consumer=True)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except TimeoutError:
+                break
+            out.append(ev.decode(msg.data))
+    finally:
+        await sub.unsubscribe()
+    return out
