@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from jetreduce.contract.events import (
+    AgentExited,
     MapComplete,
     Progress,
     ReduceCompleted,
@@ -69,6 +70,7 @@ class Aggregator:
                 self.s.map("complete", "*"),
                 self.s.reduce("completed", "*"),
                 self.s.reduce("failed", "*"),
+                self.s.agent("exited", "*"),
             ],
             handler=self.on_event,
         )
@@ -182,6 +184,16 @@ class Aggregator:
                 )
         elif isinstance(event, ReduceFailed):
             await self.finish_failed(wf, event.error)
+        elif isinstance(event, AgentExited) and not event.restarted and event.remaining == 0:
+            # The backend gave up restarting the last agent of a phase: nothing will move
+            # this workflow on, so it fails with the reason instead of hanging.
+            record = await self.state.get(wf)
+            if record is not None and not record.phase.terminal:
+                await self.finish_failed(
+                    wf,
+                    f"{event.phase} agents kept crashing (last exit code {event.exit_code}); "
+                    "see the agent logs",
+                )
 
     async def finish_completed(
         self, wf: str, total: int, done: int, dead: int, reduce_output: str

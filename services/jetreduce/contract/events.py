@@ -145,6 +145,8 @@ class AgentExited(_Base, tag="agent.exited", kw_only=True):
     index: int
     exit_code: int
     restarted: bool
+    remaining: int = 0
+    """Agents of this phase still running (or to be restarted) after this exit."""
 
 
 class MapComplete(_Base, tag="map.complete", kw_only=True):

@@ -10,8 +10,9 @@ from jetreduce.contract.records import StoredSpec
 
 __all__ = ["AgentBackend", "ExitCallback"]
 
-ExitCallback = Callable[[str, str, int, int, bool], Awaitable[None]]
-"""(workflow id, phase, agent index, exit code, will be restarted)."""
+ExitCallback = Callable[[str, str, int, int, bool, int], Awaitable[None]]
+"""Called when an agent fails: (workflow id, phase, agent index, exit code, will be restarted,
+agents of the phase still running or restarting). Not called for clean exits or stops."""
 
 
 class AgentBackend(Protocol):

@@ -123,19 +123,32 @@ class LocalBackend:
         while True:
             run.proc = await self._spawn(run)
             code = await run.proc.wait()
-            restart = code != 0 and not run.stopping and run.restarts < self.max_restarts
-            if code != 0 and not run.stopping:
-                log.warning(
-                    "agent %s/%s-%d exited with %d%s",
-                    spec.workflow_id,
-                    spec.phase,
-                    spec.index,
-                    code,
-                    "; restarting" if restart else "",
+            if code == 0 or run.stopping:
+                return
+            restart = run.restarts < self.max_restarts
+            log.warning(
+                "agent %s/%s-%d exited with %d%s",
+                spec.workflow_id,
+                spec.phase,
+                spec.index,
+                code,
+                "; restarting" if restart else "; giving up",
+            )
+            if self.on_exit is not None:
+                others = sum(
+                    1
+                    for r in self._agents.get((spec.workflow_id, spec.phase), [])
+                    if r is not run and r.task is not None and not r.task.done()
                 )
-            if self.on_exit is not None and not run.stopping:
                 with contextlib.suppress(Exception):
-                    await self.on_exit(spec.workflow_id, spec.phase, spec.index, code, restart)
+                    await self.on_exit(
+                        spec.workflow_id,
+                        spec.phase,
+                        spec.index,
+                        code,
+                        restart,
+                        others + (1 if restart else 0),
+                    )
             if not restart:
                 return
             run.restarts += 1

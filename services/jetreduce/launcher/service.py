@@ -105,19 +105,19 @@ class Launcher:
             )
 
     async def _on_agent_exit(
-        self, wf: str, phase: str, index: int, code: int, restarted: bool
+        self, wf: str, phase: str, index: int, code: int, restarted: bool, remaining: int
     ) -> None:
-        if code != 0:
-            await publish_retrying(
-                self.ctx.js,
-                self.s.agent("exited", wf),
-                encode(
-                    AgentExited(
-                        workflow_id=wf,
-                        phase=phase,
-                        index=index,
-                        exit_code=code,
-                        restarted=restarted,
-                    )
-                ),
-            )
+        await publish_retrying(
+            self.ctx.js,
+            self.s.agent("exited", wf),
+            encode(
+                AgentExited(
+                    workflow_id=wf,
+                    phase=phase,
+                    index=index,
+                    exit_code=code,
+                    restarted=restarted,
+                    remaining=remaining,
+                )
+            ),
+        )

@@ -76,7 +76,7 @@ class JetStreamQueue:
     async def lease(self, max_n: int, wait_s: float) -> list[Lease]:
         sub = await self._subscription()
         try:
-            msgs = await sub.fetch(max_n, timeout=wait_s)  # type: ignore[attr-defined]
+            msgs = await sub.fetch(max_n, timeout=max(wait_s, 0.01))  # type: ignore[attr-defined]
         except NatsTimeout:
             return []
         except Exception as exc:

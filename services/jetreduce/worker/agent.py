@@ -210,13 +210,15 @@ class Agent:
                     captures[name] = outcomes[index].stdout.strip()
         variables.update(captures)
         self.env.update(captures)
-        data, is_command, problem = await self._resolve_input(before, variables)
+        path, is_command, problem = await self._resolve_input(before, variables)
         if problem is not None:
             await self._setup_failed(problem, None)
             return 0
         store = await self.ctx.js.object_store(self.s.objects_bucket)
         name = f"input/{self.wf}"
-        await store.put(name, data)
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            await store.put(name, f)
         await publish_once(
             self.ctx.js,
             self.s.setup("completed", self.wf),
@@ -226,7 +228,7 @@ class Agent:
                     captures=captures,
                     input_object=name,
                     input_is_command=is_command,
-                    input_bytes=len(data),
+                    input_bytes=size,
                 )
             ),
         )
@@ -234,28 +236,32 @@ class Agent:
 
     async def _resolve_input(
         self, before: set[str], variables: dict[str, Any]
-    ) -> tuple[bytes, bool, str | None]:
+    ) -> tuple[Path, bool, str | None]:
+        """The map input as a file: a setup-created ``*work-items.json``, the input path, or
+        the input command's whole stdout (spooled to disk, never truncated)."""
         new_items = sorted(
             f for f in set(os.listdir(self.workdir)) - before if f.endswith("work-items.json")
         )
         if new_items:
-            return Path(self.workdir, new_items[0]).read_bytes(), False, None
+            return Path(self.workdir, new_items[0]), False, None
         source = self.spec.workflow.map.input
         as_path = Path(self.workdir, render_text(source, Variables(variables)))
         if as_path.is_file():
-            return as_path.read_bytes(), False, None
+            return as_path, False, None
         cmd = render_shell(source, Variables(variables), spill_dir=self.scratch)
+        spooled = self.scratch / "map-input"
         out = await run_process(
             ["sh", "-c", cmd.script],
             env={**self.env, **cmd.env},
             cwd=self.workdir,
             timeout_s=INPUT_COMMAND_TIMEOUT_S,
+            stdout_path=spooled,
         )
         if not out.ok:
             why = "timed out" if out.timed_out else f"exited with code {out.exit_code}"
-            detail = (out.stderr or out.stdout).strip()[-ERROR_TAIL:]
-            return b"", True, f"map.input command {why}: {detail}"
-        return out.stdout.encode(), True, None
+            detail = out.stderr.strip()[-ERROR_TAIL:]
+            return spooled, True, f"map.input command {why}: {detail}"
+        return spooled, True, None
 
     async def _setup_failed(self, error: str, code: int | None) -> None:
         await publish_once(

@@ -75,9 +75,24 @@ async def _pump(stream: asyncio.StreamReader | None, tail: _Tail) -> None:
         tail.feed(chunk)
 
 
+async def _pump_to_file(stream: asyncio.StreamReader | None, path: Path) -> None:
+    if stream is None:
+        return
+    with open(path, "wb") as f:
+        while chunk := await stream.read(65536):
+            f.write(chunk)
+
+
 async def run_process(
-    argv: list[str], *, env: dict[str, str], cwd: str | None, timeout_s: float | None
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    cwd: str | None,
+    timeout_s: float | None,
+    stdout_path: Path | None = None,
 ) -> StepOutcome:
+    """Run to completion (or timeout). Keeps the tail of stdout, or all of it in
+    ``stdout_path`` when given (map input: never truncated)."""
     start = time.monotonic()
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -92,7 +107,10 @@ async def run_process(
     except OSError as exc:
         return StepOutcome(127, "", str(exc), time.monotonic() - start, error=str(exc))
     out, err = _Tail(OUTPUT_LIMIT), _Tail(STDERR_LIMIT)
-    pumps = asyncio.gather(_pump(proc.stdout, out), _pump(proc.stderr, err), proc.wait())
+    out_pump = (
+        _pump(proc.stdout, out) if stdout_path is None else _pump_to_file(proc.stdout, stdout_path)
+    )
+    pumps = asyncio.gather(out_pump, _pump(proc.stderr, err), proc.wait())
     timed_out = False
     try:
         await asyncio.wait_for(asyncio.shield(pumps), timeout_s)
