@@ -3,6 +3,7 @@ involved), and submitting it with request/reply."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import secrets
@@ -12,11 +13,19 @@ from pathlib import Path
 
 import msgspec
 from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
-from jetreduce.contract.events import SubmitOptions, SubmitReply, WorkflowSubmit, encode
+from jetreduce.contract.events import (
+    SubmitOptions,
+    SubmitReply,
+    WorkflowRejected,
+    WorkflowSubmit,
+    decode,
+    encode,
+)
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.workflow import ParseResult, WorkflowInvalid, parse_workflow
-from jetreduce.runtime.publish import publish_retrying
 
 __all__ = [
     "RecordingEnv",
@@ -82,16 +91,21 @@ async def submit(
     """Publish ``workflow.submit`` (stored, de-duplicated by id) and wait for the verdict."""
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, max_msgs=1)
+    js = nc.jetstream()
     try:
         payload = WorkflowSubmit(
             workflow_id=workflow_id, workflow=text, options=options, source=source
         )
-        await publish_retrying(
-            nc.jetstream(),
+        ack = await js.publish(
             subjects.submit,
             encode(payload),
-            {"Nats-Msg-Id": workflow_id, REPLY_HEADER: inbox},
+            headers={"Nats-Msg-Id": workflow_id, REPLY_HEADER: inbox},
+            timeout=timeout_s,
         )
+        if ack.duplicate:
+            # Already submitted within the de-duplication window: the planner will not see
+            # this copy, so the verdict is read from the events it published for the first.
+            return await _stored_verdict(js, subjects, workflow_id, timeout_s)
         msg = await sub.next_msg(timeout=timeout_s)
     except TimeoutError:
         raise TimeoutError(
@@ -104,6 +118,29 @@ async def submit(
     if not reply.accepted:
         raise SubmitRejected(reply)
     return reply
+
+
+async def _stored_verdict(
+    js: JetStreamContext, subjects: Subjects, workflow_id: str, timeout_s: float
+) -> SubmitReply:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for verdict in ("accepted", "rejected"):
+            try:
+                msg = await js.get_last_msg(
+                    subjects.events_stream, subjects.workflow(verdict, workflow_id)
+                )
+            except NotFoundError:
+                continue
+            event = decode(msg.data or b"")
+            if isinstance(event, WorkflowRejected):
+                reply = SubmitReply(
+                    workflow_id=workflow_id, accepted=False, problems=event.problems
+                )
+                raise SubmitRejected(reply)
+            return SubmitReply(workflow_id=workflow_id, accepted=True)
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"workflow {workflow_id} was submitted before but has no verdict yet")
 
 
 def format_problems(exc: WorkflowInvalid | SubmitRejected) -> str:

@@ -1,0 +1,711 @@
+"""Kubernetes backend: agents are the pods of one Indexed Job per workflow phase.
+
+Objects per workflow (all in ``KubernetesSettings.namespace``, all labelled
+``jetreduce.io/workflow=<slug>``)::
+
+    ConfigMap jr-<slug>            the root: workflow id, name, agent template (for people)
+     ├── Secret jr-<slug>-env      NATS password/token and workflow secrets (secretKeyRef only)
+     ├── Job jr-<slug>-setup       Indexed, completions 1
+     ├── Job jr-<slug>-map         Indexed, completions = parallelism = number of agents
+     └── Job jr-<slug>-reduce      Indexed, completions 1
+
+Children carry an ``ownerReference`` to the root, so deleting the root ConfigMap lets the
+garbage collector remove everything; :meth:`KubernetesBackend.stop` does not rely on that and
+deletes by label (one ``deletecollection`` per kind), which also catches children whose root
+was never created. Setup and reduce are Indexed Jobs of one completion so that every agent
+pod reads ``JOB_COMPLETION_INDEX`` the same way.
+
+The builders (:func:`build_root_configmap`, :func:`build_secret`, :func:`build_map_job`,
+:func:`build_phase_job`) are pure functions returning plain dicts, so tests validate them
+against the Kubernetes OpenAPI schemas without a cluster.
+
+Failures are found by polling, not watching: one LIST of this installation's Jobs per
+``poll_interval_s`` (plus a LIST of a Job's pods when its failure count grows). A poll has no
+resume/410 logic to get wrong, its cost does not grow with the number of workflows, and a
+missed interval only delays an informational ``agent.exited`` event: no item depends on it,
+because items live in JetStream and are redelivered whatever happens to pods.
+
+This is the only module that imports the ``kubernetes`` client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+
+from jetreduce.contract.records import StoredSpec
+from jetreduce.launcher.backend import ExitCallback
+from jetreduce.launcher.k8s_settings import KubernetesSettings
+from jetreduce.runtime.settings import SECRET_FIELDS, NatsSettings
+
+__all__ = [
+    "COMPLETION_INDEX_ANNOTATION",
+    "PHASE_LABEL",
+    "WORKFLOW_ANNOTATION",
+    "WORKFLOW_LABEL",
+    "KubernetesBackend",
+    "KubernetesBackendError",
+    "SecretSource",
+    "build_map_job",
+    "build_phase_job",
+    "build_root_configmap",
+    "build_secret",
+    "job_name",
+    "load_api_client",
+    "root_name",
+    "secret_name",
+    "workflow_slug",
+]
+
+log = logging.getLogger(__name__)
+
+WORKFLOW_LABEL = "jetreduce.io/workflow"
+PHASE_LABEL = "jetreduce.io/phase"
+WORKFLOW_ANNOTATION = "jetreduce.io/workflow-id"
+"""The exact workflow id (the label holds a slug that fits label and name rules)."""
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+MANAGED_BY = "jetreduce-launcher"
+PART_OF = "jetreduce"
+AGENT_CONTAINER = "agent"
+CONFIGMAP_TEMPLATE_LIMIT = 512 * 1024
+"""Bytes of agent template kept in the root ConfigMap (the object limit is 1 MiB)."""
+
+SecretSource = Callable[[str, StoredSpec], Awaitable[Mapping[str, str]]]
+"""(workflow id, spec) → environment variables to hand agents through the workflow's Secret.
+Values never travel through JetStream; where they come from is the installation's choice."""
+
+_SLUG_MAX = 40
+_BAD_CHARS = re.compile(r"[^a-z0-9-]+")
+
+
+class KubernetesBackendError(Exception):
+    """A Kubernetes API call failed for a reason retrying the same event may fix (the
+    launcher's consumer redelivers it). Carries the HTTP status, never the response body."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- names and labels ---------------------------------------------------------------------------
+def workflow_slug(wf: str) -> str:
+    """A DNS-1123 label of at most 40 characters for ``wf``, stable and collision-safe.
+
+    Workflow ids allow ``_`` and capitals, which object names do not; any id that had to be
+    changed or cut gets a short hash of the original, so two ids never share a slug."""
+    slug = _BAD_CHARS.sub("-", wf.lower()).strip("-")
+    if slug == wf and len(slug) <= _SLUG_MAX:
+        return slug
+    digest = hashlib.sha256(wf.encode()).hexdigest()[:8]
+    head = slug[: _SLUG_MAX - 9].strip("-") or "wf"
+    return f"{head}-{digest}"
+
+
+def root_name(wf: str) -> str:
+    return f"jr-{workflow_slug(wf)}"
+
+
+def secret_name(wf: str) -> str:
+    return f"jr-{workflow_slug(wf)}-env"
+
+
+def job_name(wf: str, phase: str) -> str:
+    """At most 52 characters: pod names append ``-<index>-<5 chars>`` within 63."""
+    return f"jr-{workflow_slug(wf)}-{phase}"
+
+
+def _labels(wf: str, component: str, instance: str, settings: KubernetesSettings) -> dict[str, str]:
+    labels = dict(settings.labels)
+    labels.update(
+        {
+            "app.kubernetes.io/name": "jetreduce-agent",
+            "app.kubernetes.io/instance": instance,
+            "app.kubernetes.io/component": component,
+            "app.kubernetes.io/part-of": PART_OF,
+            "app.kubernetes.io/managed-by": MANAGED_BY,
+            WORKFLOW_LABEL: workflow_slug(wf),
+        }
+    )
+    return labels
+
+
+def _metadata(
+    wf: str,
+    name: str,
+    component: str,
+    settings: KubernetesSettings,
+    owner: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": settings.namespace,
+        "labels": _labels(wf, component, name, settings),
+        "annotations": {WORKFLOW_ANNOTATION: wf},
+    }
+    if owner is not None:
+        meta["ownerReferences"] = [dict(owner)]
+    return meta
+
+
+def owner_reference(root: Mapping[str, Any]) -> dict[str, Any]:
+    """An ownerReference to the root ConfigMap as the API server returned it (with its uid).
+
+    Not ``controller``/``blockOwnerDeletion``: the root does not manage its children, and
+    blocking would need ``update`` on ``configmaps/finalizers`` for no gain."""
+    meta = root["metadata"]
+    return {"apiVersion": "v1", "kind": "ConfigMap", "name": meta["name"], "uid": meta["uid"]}
+
+
+# -- builders (pure) ----------------------------------------------------------------------------
+def build_root_configmap(wf: str, spec: StoredSpec, settings: KubernetesSettings) -> dict[str, Any]:
+    """The workflow's root object. It holds what a person inspecting the namespace wants to
+    see (which workflow, which agent template); agents read the spec from JetStream."""
+    template = json.dumps(
+        [_step_json(s) for s in spec.workflow.map.agent_template], indent=1, sort_keys=True
+    )
+    if len(template.encode()) > CONFIGMAP_TEMPLATE_LIMIT:
+        template = json.dumps({"truncated": True, "bytes": len(template.encode())})
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(wf, root_name(wf), "workflow", settings, None),
+        "data": {
+            "workflow-id": wf,
+            "workflow-name": spec.workflow.name,
+            "agent-template.json": template,
+        },
+    }
+
+
+def _step_json(step: Any) -> Any:
+    return msgspec.to_builtins(step)
+
+
+def build_secret(
+    wf: str,
+    values: Mapping[str, str],
+    settings: KubernetesSettings,
+    owner: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The workflow's Secret: one key per environment variable. Immutable, so kubelets need
+    not watch it and nobody can swap credentials under a running Job."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "immutable": True,
+        "metadata": _metadata(wf, secret_name(wf), "credentials", settings, owner),
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in sorted(values.items())},
+    }
+
+
+def build_map_job(
+    wf: str,
+    *,
+    agents: int,
+    slots: int,
+    settings: KubernetesSettings,
+    nats_env: Mapping[str, str],
+    secret_keys: list[str] | tuple[str, ...] = (),
+    owner: Mapping[str, Any] | None = None,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """The map phase: ``agents`` pods (``parallelism = completions``), each index retried
+    ``backoff_limit_per_index`` times; the Job fails once more than ``maxFailedIndexes``
+    indexes have failed. Evictions and drains (``DisruptionTarget``) do not count."""
+    return build_phase_job(
+        wf,
+        "map",
+        completions=agents,
+        slots=slots,
+        settings=settings,
+        nats_env=nats_env,
+        secret_keys=secret_keys,
+        owner=owner,
+        timeout_s=timeout_s,
+    )
+
+
+def build_phase_job(
+    wf: str,
+    phase: str,
+    *,
+    completions: int = 1,
+    slots: int = 1,
+    settings: KubernetesSettings,
+    nats_env: Mapping[str, str],
+    secret_keys: list[str] | tuple[str, ...] = (),
+    owner: Mapping[str, Any] | None = None,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """An Indexed Job running ``jetreduce worker`` for ``phase`` (setup/map/reduce)."""
+    if completions < 1:
+        raise ValueError("completions must be >= 1")
+    name = job_name(wf, phase)
+    labels = _labels(wf, phase, name, settings)
+    labels[PHASE_LABEL] = phase
+    meta = _metadata(wf, name, phase, settings, owner)
+    meta["labels"] = labels
+    spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": completions,
+        "parallelism": completions,
+        "backoffLimitPerIndex": settings.backoff_limit_per_index,
+        "maxFailedIndexes": min(
+            completions, max(1, math.ceil(settings.max_failed_indexes_ratio * completions))
+        ),
+        "backoffLimit": settings.backoff_limit,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    # Evictions, preemption, node drains: retry the index without using its
+                    # budget (the agent handed its items back on SIGTERM anyway).
+                    "action": "Ignore",
+                    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                }
+            ]
+        },
+        "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
+        "template": {
+            "metadata": {
+                "labels": labels,
+                "annotations": {WORKFLOW_ANNOTATION: wf},
+            },
+            "spec": _pod_spec(wf, phase, slots, settings, nats_env, secret_keys),
+        },
+    }
+    if timeout_s is not None and timeout_s > 0:
+        spec["activeDeadlineSeconds"] = math.ceil(timeout_s) + settings.deadline_margin_s
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
+
+
+def _pod_spec(
+    wf: str,
+    phase: str,
+    slots: int,
+    settings: KubernetesSettings,
+    nats_env: Mapping[str, str],
+    secret_keys: list[str] | tuple[str, ...],
+) -> dict[str, Any]:
+    env: list[dict[str, Any]] = [
+        {
+            "name": "JOB_COMPLETION_INDEX",
+            "valueFrom": {
+                "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
+            },
+        },
+        {"name": "JETREDUCE_WORKFLOW_ID", "value": wf},
+        {"name": "JETREDUCE_PHASE", "value": phase},
+        {"name": "JETREDUCE_SLOTS", "value": str(slots)},
+        # Leave the agent a few seconds of the pod's grace period to hand items back.
+        {"name": "JETREDUCE_GRACE_S", "value": str(max(1, settings.termination_grace_s - 5))},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    env += [{"name": k, "value": v} for k, v in sorted(nats_env.items())]
+    env += [
+        {"name": k, "valueFrom": {"secretKeyRef": {"name": secret_name(wf), "key": k}}}
+        for k in sorted(secret_keys)
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "work", "mountPath": settings.workdir},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "work", "emptyDir": {}},
+    ]
+    if settings.nats_files_secret:
+        mounts.append(
+            {"name": "nats-files", "mountPath": settings.nats_files_mount, "readOnly": True}
+        )
+        volumes.append({"name": "nats-files", "secret": {"secretName": settings.nats_files_secret}})
+    container: dict[str, Any] = {
+        "name": AGENT_CONTAINER,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": list(settings.command),
+        "env": env,
+        "workingDir": settings.workdir,
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": settings.read_only_root_filesystem,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    resources = settings.resources.to_dict()
+    if resources:
+        container["resources"] = resources
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": settings.termination_grace_s,
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if settings.service_account:
+        pod["serviceAccountName"] = settings.service_account
+    if settings.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
+    if settings.node_selector:
+        pod["nodeSelector"] = dict(settings.node_selector)
+    if settings.tolerations:
+        pod["tolerations"] = [dict(t) for t in settings.tolerations]
+    return pod
+
+
+def phase_timeout_s(spec: StoredSpec, phase: str) -> float | None:
+    """The phase's own time bound, when the workflow states one (setup's ``timeout``). The
+    map phase has none yet: a workflow-level timeout is enforced by the janitor, and once
+    ``SubmitOptions`` carries it, it should become the map Job's deadline too."""
+    if phase == "setup" and spec.workflow.setup is not None:
+        return spec.workflow.setup.timeout_s
+    return None
+
+
+# -- client ----------------------------------------------------------------------------------
+def load_api_client() -> k8s.ApiClient:
+    """In-cluster service-account credentials when running in a pod, else ``~/.kube/config``
+    (or ``$KUBECONFIG``). Blocking file reads: call once at startup."""
+    try:
+        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
+    return k8s.ApiClient()
+
+
+@dataclass
+class _JobSeen:
+    wf: str
+    phase: str
+    failed: int = 0
+    reported_pods: set[str] = field(default_factory=set)
+    finished: bool = False
+    failure_logged: bool = False
+
+
+class KubernetesBackend:
+    """:class:`~jetreduce.launcher.backend.AgentBackend` on Kubernetes Indexed Jobs.
+
+    Stateless across restarts: what runs is whatever the API server lists, so a restarted
+    launcher (a new Deployment revision) neither relaunches nor loses running Jobs.
+    """
+
+    name = "kubernetes"
+
+    def __init__(
+        self,
+        nats: NatsSettings,
+        settings: KubernetesSettings | None = None,
+        *,
+        api_client: k8s.ApiClient | None = None,
+        secret_source: SecretSource | None = None,
+        on_exit: ExitCallback | None = None,
+    ) -> None:
+        self.nats = nats
+        self.settings = settings or KubernetesSettings()
+        self.api = api_client if api_client is not None else load_api_client()
+        self.batch = k8s.BatchV1Api(self.api)
+        self.core = k8s.CoreV1Api(self.api)
+        self.secret_source = secret_source
+        self.on_exit = on_exit
+        self._seen: dict[str, _JobSeen] = {}
+        """Job name → what the poller last saw."""
+        self._poller: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    # -- AgentBackend ---------------------------------------------------------------------
+    def plan(self, parallel: int) -> list[int]:
+        """Pods and slots per pod: ``ceil(parallel / slots_per_pod)`` pods sharing ``parallel``
+        slots evenly (a Job's pods are identical, so it rounds up: at most pods-1 extra)."""
+        parallel = max(1, parallel)
+        pods = math.ceil(parallel / self.settings.slots_per_pod)
+        return [math.ceil(parallel / pods)] * pods
+
+    def running(self, wf: str, phase: str) -> bool:
+        """As of the last poll (or this process's own launch)."""
+        return any(s.wf == wf and s.phase == phase and not s.finished for s in self._seen.values())
+
+    async def launch(self, wf: str, phase: str, slots: list[int], spec: StoredSpec) -> int:
+        """Create the root ConfigMap, the Secret and the phase's Job, each create-or-keep
+        (409 means a previous attempt got there). Returns the Job's pod count, or 0 if the
+        Job already existed."""
+        root = await self._ensure_root(wf, spec)
+        owner = owner_reference(root)
+        secret_values = self._nats_secret_env()
+        if self.secret_source is not None:
+            secret_values.update(await self.secret_source(wf, spec))
+        if secret_values:
+            await self._create(
+                self.core.create_namespaced_secret,
+                build_secret(wf, secret_values, self.settings, owner),
+            )
+        agents = max(1, len(slots))
+        job = build_phase_job(
+            wf,
+            phase,
+            completions=agents,
+            slots=max(slots) if slots else 1,
+            settings=self.settings,
+            nats_env=self._nats_plain_env(),
+            secret_keys=sorted(secret_values),
+            owner=owner,
+            timeout_s=phase_timeout_s(spec, phase),
+        )
+        created = await self._create(self.batch.create_namespaced_job, job)
+        name = job["metadata"]["name"]
+        self._seen.setdefault(name, _JobSeen(wf, phase))
+        self._ensure_poller()
+        return agents if created else 0
+
+    async def stop(self, wf: str, phase: str | None = None, grace_s: float = 10.0) -> None:
+        """Delete the workflow's Jobs (of ``phase``, or all, with Background propagation so
+        their pods get their grace period) and, for the whole workflow, its ConfigMaps and
+        Secrets. Idempotent; ``grace_s`` is unused: pods have ``terminationGracePeriodSeconds``."""
+        selector = f"{WORKFLOW_LABEL}={workflow_slug(wf)}"
+        if phase is not None:
+            selector += f",{PHASE_LABEL}={phase}"
+        await self._call(
+            self.batch.delete_collection_namespaced_job,
+            self.settings.namespace,
+            label_selector=selector,
+            propagation_policy="Background",
+        )
+        if phase is None:
+            for delete in (
+                self.core.delete_collection_namespaced_secret,
+                self.core.delete_collection_namespaced_config_map,
+            ):
+                await self._call(delete, self.settings.namespace, label_selector=selector)
+        for name, seen in list(self._seen.items()):
+            if seen.wf == wf and (phase is None or seen.phase == phase):
+                del self._seen[name]
+
+    async def stop_all(self, grace_s: float = 10.0) -> None:
+        """Stop watching; leave every Job running. Unlike local child processes, pods do not
+        die with the launcher, and deleting them on a launcher restart (an upgrade) would
+        throw away all work in flight; the next launcher finds them by label."""
+        self._stopping.set()
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+
+    # -- janitor support ------------------------------------------------------------------
+    async def workflows(self) -> set[str]:
+        """Ids of every workflow that has objects in the namespace (for orphan sweeps)."""
+        found: set[str] = set()
+        selector = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+        for lister in (
+            self.batch.list_namespaced_job,
+            self.core.list_namespaced_config_map,
+            self.core.list_namespaced_secret,
+        ):
+            listed = await self._call(lister, self.settings.namespace, label_selector=selector)
+            for item in listed.get("items", []):
+                wf = item.get("metadata", {}).get("annotations", {}).get(WORKFLOW_ANNOTATION)
+                if wf:
+                    found.add(wf)
+        return found
+
+    # -- internals ------------------------------------------------------------------------
+    def _nats_plain_env(self) -> dict[str, str]:
+        env = self.nats.to_env()
+        if self.settings.nats_url:
+            env["JETREDUCE_NATS_URL"] = self.settings.nats_url
+        for key in self._secret_env_keys():
+            env.pop(key, None)
+        return env
+
+    def _nats_secret_env(self) -> dict[str, str]:
+        env = self.nats.to_env()
+        return {k: env[k] for k in self._secret_env_keys() if k in env}
+
+    @staticmethod
+    def _secret_env_keys() -> list[str]:
+        return [f"JETREDUCE_NATS_{name.upper()}" for name in sorted(SECRET_FIELDS)]
+
+    async def _ensure_root(self, wf: str, spec: StoredSpec) -> dict[str, Any]:
+        body = build_root_configmap(wf, spec, self.settings)
+        created: dict[str, Any] | None = await self._create(
+            self.core.create_namespaced_config_map, body
+        )
+        if created is not None:
+            return created
+        existing: dict[str, Any] = await self._call(
+            self.core.read_namespaced_config_map, body["metadata"]["name"], self.settings.namespace
+        )
+        return existing
+
+    async def _create(self, create: Callable[..., Any], body: dict[str, Any]) -> Any:
+        """Create; None if it already exists (409)."""
+        try:
+            return await self._call(create, self.settings.namespace, body)
+        except KubernetesBackendError as exc:
+            if exc.status == 409:
+                return None
+            raise
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one API call off the event loop with a bounded timeout; the raw JSON answer
+        (no model round trip). 404 on a delete counts as done."""
+
+        def call() -> Any:
+            response = fn(
+                *args,
+                _preload_content=False,
+                _request_timeout=self.settings.request_timeout_s,
+                **kwargs,
+            )
+            data = response.data
+            return json.loads(data) if data else {}
+
+        try:
+            return await asyncio.to_thread(call)
+        except ApiException as exc:
+            if exc.status == 404 and fn.__name__.startswith("delete"):
+                return {}
+            raise KubernetesBackendError(
+                f"kubernetes {fn.__name__}: {exc.status} {exc.reason}", exc.status
+            ) from None
+        except Exception as exc:  # urllib3 / connection errors
+            raise KubernetesBackendError(f"kubernetes {fn.__name__}: {exc}") from None
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._stopping.clear()
+            self._poller = asyncio.create_task(self._poll_loop(), name="kubernetes job poller")
+
+    async def _poll_loop(self) -> None:
+        last_error = ""
+        while not self._stopping.is_set():
+            try:
+                await self.poll_once()
+                last_error = ""
+            except Exception as exc:
+                if str(exc) != last_error:  # log a repeating failure once
+                    log.warning("kubernetes job poll failed: %s", exc)
+                    last_error = str(exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.poll_interval_s)
+
+    async def poll_once(self) -> None:
+        """One look at every Job of this installation: report newly failed pods through
+        ``on_exit`` (with the container's exit code) and mark finished Jobs."""
+        listed = await self._call(
+            self.batch.list_namespaced_job,
+            self.settings.namespace,
+            label_selector=f"app.kubernetes.io/managed-by={MANAGED_BY}",
+        )
+        present: set[str] = set()
+        for job in listed.get("items", []):
+            meta = job.get("metadata", {})
+            name = meta.get("name", "")
+            wf = meta.get("annotations", {}).get(WORKFLOW_ANNOTATION)
+            phase = meta.get("labels", {}).get(PHASE_LABEL)
+            if not wf or not phase:
+                continue
+            present.add(name)
+            seen = self._seen.setdefault(name, _JobSeen(wf, phase))
+            status = job.get("status") or {}
+            conditions = {
+                c.get("type"): c
+                for c in status.get("conditions") or []
+                if c.get("status") == "True"
+            }
+            job_failed = "Failed" in conditions
+            seen.finished = job_failed or "Complete" in conditions
+            failed = int(status.get("failed") or 0)
+            if failed > seen.failed:
+                seen.failed = failed
+                completions = int((job.get("spec") or {}).get("completions") or 1)
+                await self._report_pods(name, seen, job_failed, status, completions)
+            if job_failed and not seen.failure_logged:
+                seen.failure_logged = True
+                reason = conditions["Failed"].get("reason", "")
+                log.warning("workflow %s: %s Job failed (%s)", wf, phase, reason or "no reason")
+        for name in set(self._seen) - present:
+            del self._seen[name]  # deleted (by us, the janitor, or its TTL)
+
+    async def _report_pods(
+        self,
+        job: str,
+        seen: _JobSeen,
+        job_failed: bool,
+        status: Mapping[str, Any],
+        completions: int,
+    ) -> None:
+        failed_indexes = _parse_indexes(str(status.get("failedIndexes") or ""))
+        # Indexes still running or to be retried: neither succeeded nor failed for good.
+        remaining = (
+            0
+            if job_failed
+            else max(0, completions - int(status.get("succeeded") or 0) - len(failed_indexes))
+        )
+        pods = await self._call(
+            self.core.list_namespaced_pod,
+            self.settings.namespace,
+            label_selector=f"batch.kubernetes.io/job-name={job}",
+        )
+        for pod in pods.get("items", []):
+            meta = pod.get("metadata", {})
+            pod_status = pod.get("status") or {}
+            if pod_status.get("phase") != "Failed" or meta.get("name") in seen.reported_pods:
+                continue
+            seen.reported_pods.add(meta.get("name", ""))
+            index = int(meta.get("annotations", {}).get(COMPLETION_INDEX_ANNOTATION, "-1"))
+            code = _exit_code(pod_status)
+            restart = not job_failed and index not in failed_indexes
+            log.warning(
+                "workflow %s: %s pod %s (index %d) failed with %d%s",
+                seen.wf,
+                seen.phase,
+                meta.get("name"),
+                index,
+                code,
+                "; the Job retries it" if restart else "",
+            )
+            if self.on_exit is not None:
+                try:
+                    await self.on_exit(seen.wf, seen.phase, index, code, restart, remaining)
+                except Exception:
+                    log.exception("on_exit callback failed")
+
+
+def _exit_code(pod_status: Mapping[str, Any]) -> int:
+    """The agent container's exit code; -1 when the pod failed without one (evicted, lost)."""
+    for cs in pod_status.get("containerStatuses") or []:
+        if cs.get("name") == AGENT_CONTAINER:
+            terminated = (cs.get("state") or {}).get("terminated") or {}
+            if "exitCode" in terminated:
+                return int(terminated["exitCode"])
+    return -1
+
+
+def _parse_indexes(text: str) -> set[int]:
+    """``"1,3-5"`` → ``{1, 3, 4, 5}`` (the Job status's compressed index lists)."""
+    out: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
