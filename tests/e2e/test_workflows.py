@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import services, stored_events
 
+from helpers import services, stored_events
 from jetreduce.contract import events as ev
 
 pytestmark = pytest.mark.anyio

@@ -117,6 +117,8 @@ def _load(path: Path) -> tuple[str, Any, dict[str, str]]:
     except OSError as exc:
         raise _fail(f"cannot read {path}: {exc.strerror or exc}", exit_codes.USAGE) from None
     except WorkflowInvalid as exc:
+        for warning in exc.warnings:
+            typer.echo(f"warning: {warning.render(str(path))}", err=True)
         raise _fail(str(exc), exit_codes.USAGE) from None
 
 
@@ -246,6 +248,8 @@ async def _run(
                     typer.echo(f"\ninterrupted: cancelling workflow {wf}", err=True)
                     with contextlib.suppress(Exception):
                         await _cancel(nc, subjects, wf, "interrupted (Ctrl-C)")
+                        # Agents stop their steps on workflow.cancelled: wait for it, briefly.
+                        await watcher.until_done(timeout_s=5)
                     return exit_codes.INTERRUPTED
                 await host.wait()
                 return exit_codes.FAILED

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import msgspec
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.api import PubAck
+from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from jetreduce.contract.events import (
     SubmitOptions,
@@ -96,11 +98,12 @@ async def submit(
         payload = WorkflowSubmit(
             workflow_id=workflow_id, workflow=text, options=options, source=source
         )
-        ack = await js.publish(
+        ack = await _publish_submit(
+            js,
             subjects.submit,
             encode(payload),
-            headers={"Nats-Msg-Id": workflow_id, REPLY_HEADER: inbox},
-            timeout=timeout_s,
+            {"Nats-Msg-Id": workflow_id, REPLY_HEADER: inbox},
+            timeout_s,
         )
         if ack.duplicate:
             # Already submitted within the de-duplication window: the planner will not see
@@ -118,6 +121,24 @@ async def submit(
     if not reply.accepted:
         raise SubmitRejected(reply)
     return reply
+
+
+async def _publish_submit(
+    js: JetStreamContext, subject: str, data: bytes, headers: dict[str, str], timeout_s: float
+) -> PubAck:
+    """Publish, waiting (bounded) for the submissions stream to exist: the services declare
+    it when they start, and a client started at the same moment may be first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await js.publish(subject, data, headers=headers, timeout=timeout_s)
+        except (NoStreamResponseError, NoRespondersError):
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"no stream stores {subject!r}: are the jetreduce services running "
+                    "against this server (they declare the streams)?"
+                ) from None
+            await asyncio.sleep(0.2)
 
 
 async def _stored_verdict(

@@ -123,6 +123,8 @@ class LocalBackend:
         while True:
             run.proc = await self._spawn(run)
             code = await run.proc.wait()
+            # Steps an agent left behind (it was killed mid-item) die with it.
+            _kill_session(run.proc.pid)
             if code == 0 or run.stopping:
                 return
             restart = run.restarts < self.max_restarts
@@ -181,6 +183,26 @@ class LocalBackend:
             await asyncio.wait(pending, timeout=5)
             for task in pending:
                 task.cancel()
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` (an agent is its session's leader; its steps
+    run in their own process groups inside it). Linux /proc; a no-op elsewhere."""
+    proc_root = Path("/proc")
+    if not proc_root.is_dir():
+        return
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state ppid pgrp session ...
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 3 and fields[3] == str(sid) and int(entry.name) != sid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 def _signal_group(proc: asyncio.subprocess.Process | None, sig: int) -> None:

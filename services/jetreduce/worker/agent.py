@@ -107,6 +107,9 @@ class Agent:
         self.name = f"{socket.gethostname()}/{os.getpid()}/{config.phase}-{config.index}"
         self.workdir = spec.options.workdir or os.getcwd()
         self.stop = asyncio.Event()
+        """Stop taking items; in-flight ones finish within the grace period (SIGTERM)."""
+        self.abort = asyncio.Event()
+        """The workflow ended (cancelled, failed…): in-flight steps are killed at once."""
         self.scratch = Path(tempfile.mkdtemp(prefix=f"jetreduce-{self.wf}-"))
         wf_env = {**spec.workflow.env, **spec.captures}
         self.env = {**base_env(), **wf_env}
@@ -177,6 +180,10 @@ class Agent:
         """Set ``stop`` when the workflow ends (or its map phase does)."""
 
         async def on_end(_msg: Any) -> None:
+            self.abort.set()
+            self.stop.set()
+
+        async def on_map_complete(_msg: Any) -> None:
             self.stop.set()
 
         subs = [
@@ -184,7 +191,9 @@ class Agent:
             for e in ("completed", "failed", "cancelled", "timed_out")
         ]
         if also_map_complete:
-            subs.append(await self.ctx.nc.subscribe(self.s.map("complete", self.wf), cb=on_end))
+            subs.append(
+                await self.ctx.nc.subscribe(self.s.map("complete", self.wf), cb=on_map_complete)
+            )
         self._end_subs = subs
 
     # -- setup ----------------------------------------------------------------------------
@@ -315,14 +324,29 @@ class Agent:
             log.error("item task failed: %r", task.exception())
 
     async def _drain(self) -> None:
-        """Let in-flight items finish within the grace period, then hand the rest back."""
-        if not self.inflight:
-            return
-        _, pending = await asyncio.wait(list(self.inflight), timeout=self.config.grace_s)
-        for task in pending:
-            lease = self.inflight.get(task)
-            task.cancel()
-            if lease is not None:
+        """Let in-flight items finish within the grace period (unless the workflow ended),
+        then kill what is left and hand those items back for another agent at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.grace_s
+        aborting = asyncio.ensure_future(self.abort.wait())
+        try:
+            while self.inflight and not self.abort.is_set():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                await asyncio.wait(
+                    [*self.inflight, aborting],
+                    timeout=remaining,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+        finally:
+            aborting.cancel()
+        leftovers = list(self.inflight.items())
+        for task, _ in leftovers:
+            task.cancel()  # run_process kills the step's process group on cancellation
+        await asyncio.gather(*(t for t, _ in leftovers), return_exceptions=True)
+        if not self.abort.is_set():
+            for _, lease in leftovers:
                 with contextlib.suppress(Exception):
                     await self.queue.retry(lease, 0.001)
 

@@ -102,7 +102,9 @@ async def run_process(
             stderr=asyncio.subprocess.PIPE,
             env=env,
             cwd=cwd,
-            start_new_session=True,  # its own process group: a timeout kills everything it ran
+            # Its own process group (a timeout kills everything the step started), but the
+            # agent's session, so whoever stops the agent can find and stop its steps too.
+            process_group=0,
         )
     except OSError as exc:
         return StepOutcome(127, "", str(exc), time.monotonic() - start, error=str(exc))

@@ -1,0 +1,182 @@
+"""The command line as a user runs it: real processes, real exit codes, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import env_without_jetreduce
+
+JETREDUCE = [sys.executable, "-m", "jetreduce"]
+
+
+def cli(*args: str, cwd: Path, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*JETREDUCE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env=env_without_jetreduce(), **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_validate_reports_every_problem_with_position(tmp_path: Path) -> None:
+    wf = tmp_path / "bad.yml"
+    wf.write_text("name: x\nmode: mapreduce\nmap:\n  max_parallel: lots\n  agent_template:\n"
+                  "    - shell: echo\n      colour: red\n")
+    out = cli("validate", str(wf), cwd=tmp_path)
+    assert out.returncode == 2
+    assert "map.input: required key is missing" in out.stderr
+    assert "bad.yml:4:17: map.max_parallel" in out.stderr
+    assert "colour" in out.stderr  # the unknown key is warned about, with its line
+
+
+def test_validate_accepts_the_prodigy_examples(tmp_path: Path, prodigy_examples: Path) -> None:
+    out = cli("validate", str(prodigy_examples / "test-mapreduce.yml"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+
+def test_run_prints_reduce_output_and_exits_zero(tmp_path: Path, prodigy_examples: Path) -> None:
+    out = cli("run", str(prodigy_examples / "test-mapreduce.yml"), "--data-dir",
+              str(tmp_path / "data"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "Processed 3 items"
+    assert "progress: 3/3" in out.stderr  # plain progress lines when not a TTY
+    assert "completed, 3/3 items succeeded" in out.stderr
+
+
+def test_run_exit_codes_for_failures(tmp_path: Path) -> None:
+    failing_reduce = tmp_path / "reduce-fails.yml"
+    failing_reduce.write_text("""
+name: reduce-fails
+map:
+  input: "echo '[1]'"
+  agent_template:
+    - shell: "true"
+reduce:
+  - shell: "echo nope >&2; exit 7"
+""")
+    out = cli("run", str(failing_reduce), "--data-dir", str(tmp_path / "d1"), cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert "exited with code 7" in out.stderr and "nope" in out.stderr
+
+    dead_items = tmp_path / "dead.yml"
+    dead_items.write_text("""
+name: dead-items
+map:
+  input: "echo '[1, 2]'"
+  agent_template:
+    - shell: "test ${item} -eq 1"
+""")
+    out = cli("run", str(dead_items), "--max-attempts", "1", "--data-dir",
+              str(tmp_path / "d2"), cwd=tmp_path)
+    assert out.returncode == 3, out.stderr
+    assert "1/2 items succeeded, 1 failed" in out.stderr
+
+    out = cli("run", str(tmp_path / "missing.yml"), cwd=tmp_path)
+    assert out.returncode == 2 and "cannot read" in out.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is not running: read its state.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_ctrl_c_cancels_and_leaves_nothing_running(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    wf = tmp_path / "slow.yml"
+    wf.write_text(f"""
+name: slow
+map:
+  input: "seq 1 20"
+  max_parallel: 3
+  agent_template:
+    - shell: "echo $$ > {pids}/${{item}}; sleep 60"
+""")
+    proc = subprocess.Popen(
+        [*JETREDUCE, "run", str(wf), "--data-dir", str(tmp_path / "data")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env_without_jetreduce(),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(pids.iterdir())) < 3:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "agents never started"
+            time.sleep(0.1)
+        step_pids = [int(p.read_text()) for p in pids.iterdir()]
+        server_pids = _nats_servers_under(tmp_path)
+        assert server_pids
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "cancelling workflow" in err
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in step_pids + server_pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in step_pids + server_pids if _alive(p)]
+
+
+def _nats_servers_under(path: Path) -> list[int]:
+    found = []
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            cmd = (proc_dir / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmd and cmd[0].endswith(b"nats-server") and any(str(path).encode() in c for c in cmd):
+            found.append(int(proc_dir.name))
+    return found
+
+
+def test_services_submit_status_watch_as_separate_processes(
+    tmp_path: Path, nats_url: str, prefix: str, prodigy_examples: Path
+) -> None:
+    env = env_without_jetreduce() | {"JETREDUCE_PREFIX": prefix}
+    services = subprocess.Popen(
+        [*JETREDUCE, "services", "up", "--nats", nats_url, "--log-dir", str(tmp_path / "logs")],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        run = lambda *a: subprocess.run(  # noqa: E731
+            [*JETREDUCE, *a], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env
+        )
+        sub = run("submit", str(prodigy_examples / "test-mapreduce.yml"), "--nats", nats_url,
+                  "--id", "cli-wf-1")
+        assert sub.returncode == 0, sub.stderr
+        assert sub.stdout.strip() == "cli-wf-1"
+        watch = run("watch", "cli-wf-1", "--nats", nats_url)
+        assert watch.returncode == 0, watch.stderr
+        assert "Processed 3 items" in watch.stdout
+        status = run("status", "cli-wf-1", "--nats", nats_url)
+        assert status.returncode == 0 and "completed" in status.stdout
+        listing = run("list", "--nats", nats_url)
+        assert "cli-wf-1" in listing.stdout
+        again = run("submit", str(prodigy_examples / "test-mapreduce.yml"), "--nats", nats_url,
+                    "--id", "cli-wf-1")
+        assert again.returncode == 0 and again.stdout.strip() == "cli-wf-1"
+    finally:
+        services.send_signal(signal.SIGTERM)
+        try:
+            services.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            services.kill()
+            pytest.fail("services did not stop on SIGTERM")
+    assert services.returncode == 0, services.stderr.read() if services.stderr else ""
