@@ -43,8 +43,12 @@ class Harness:
         await watcher.start()
         try:
             await submit(
-                self.nc, self.subjects, text, SubmitOptions(workdir=str(workdir), **options),
-                workflow_id=wf, source="test",
+                self.nc,
+                self.subjects,
+                text,
+                SubmitOptions(workdir=str(workdir), **options),
+                workflow_id=wf,
+                source="test",
             )
             return await watcher.until_done(timeout_s)
         finally:

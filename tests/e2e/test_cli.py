@@ -16,17 +16,26 @@ from conftest import env_without_jetreduce
 JETREDUCE = [sys.executable, "-m", "jetreduce"]
 
 
-def cli(*args: str, cwd: Path, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, cwd: Path, timeout: float = 120, **kw: object
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*JETREDUCE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env=env_without_jetreduce(), **kw,  # type: ignore[arg-type]
+        [*JETREDUCE, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env_without_jetreduce(),
+        **kw,  # type: ignore[arg-type]
     )
 
 
 def test_validate_reports_every_problem_with_position(tmp_path: Path) -> None:
     wf = tmp_path / "bad.yml"
-    wf.write_text("name: x\nmode: mapreduce\nmap:\n  max_parallel: lots\n  agent_template:\n"
-                  "    - shell: echo\n      colour: red\n")
+    wf.write_text(
+        "name: x\nmode: mapreduce\nmap:\n  max_parallel: lots\n  agent_template:\n"
+        "    - shell: echo\n      colour: red\n"
+    )
     out = cli("validate", str(wf), cwd=tmp_path)
     assert out.returncode == 2
     assert "map.input: required key is missing" in out.stderr
@@ -41,8 +50,13 @@ def test_validate_accepts_the_prodigy_examples(tmp_path: Path, prodigy_examples:
 
 
 def test_run_prints_reduce_output_and_exits_zero(tmp_path: Path, prodigy_examples: Path) -> None:
-    out = cli("run", str(prodigy_examples / "test-mapreduce.yml"), "--data-dir",
-              str(tmp_path / "data"), cwd=tmp_path)
+    out = cli(
+        "run",
+        str(prodigy_examples / "test-mapreduce.yml"),
+        "--data-dir",
+        str(tmp_path / "data"),
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "Processed 3 items"
     assert "progress: 3/3" in out.stderr  # plain progress lines when not a TTY
@@ -72,8 +86,15 @@ map:
   agent_template:
     - shell: "test ${item} -eq 1"
 """)
-    out = cli("run", str(dead_items), "--max-attempts", "1", "--data-dir",
-              str(tmp_path / "d2"), cwd=tmp_path)
+    out = cli(
+        "run",
+        str(dead_items),
+        "--max-attempts",
+        "1",
+        "--data-dir",
+        str(tmp_path / "d2"),
+        cwd=tmp_path,
+    )
     assert out.returncode == 3, out.stderr
     assert "1/2 items succeeded, 1 failed" in out.stderr
 
@@ -107,7 +128,10 @@ map:
 """)
     proc = subprocess.Popen(
         [*JETREDUCE, "run", str(wf), "--data-dir", str(tmp_path / "data")],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env=env_without_jetreduce(),
     )
     try:
@@ -152,14 +176,24 @@ def test_services_submit_status_watch_as_separate_processes(
     env = env_without_jetreduce() | {"JETREDUCE_PREFIX": prefix}
     services = subprocess.Popen(
         [*JETREDUCE, "services", "up", "--nats", nats_url, "--log-dir", str(tmp_path / "logs")],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         run = lambda *a: subprocess.run(  # noqa: E731
             [*JETREDUCE, *a], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env
         )
-        sub = run("submit", str(prodigy_examples / "test-mapreduce.yml"), "--nats", nats_url,
-                  "--id", "cli-wf-1")
+        sub = run(
+            "submit",
+            str(prodigy_examples / "test-mapreduce.yml"),
+            "--nats",
+            nats_url,
+            "--id",
+            "cli-wf-1",
+        )
         assert sub.returncode == 0, sub.stderr
         assert sub.stdout.strip() == "cli-wf-1"
         watch = run("watch", "cli-wf-1", "--nats", nats_url)
@@ -169,8 +203,14 @@ def test_services_submit_status_watch_as_separate_processes(
         assert status.returncode == 0 and "completed" in status.stdout
         listing = run("list", "--nats", nats_url)
         assert "cli-wf-1" in listing.stdout
-        again = run("submit", str(prodigy_examples / "test-mapreduce.yml"), "--nats", nats_url,
-                    "--id", "cli-wf-1")
+        again = run(
+            "submit",
+            str(prodigy_examples / "test-mapreduce.yml"),
+            "--nats",
+            nats_url,
+            "--id",
+            "cli-wf-1",
+        )
         assert again.returncode == 0 and again.stdout.strip() == "cli-wf-1"
     finally:
         services.send_signal(signal.SIGTERM)

@@ -70,8 +70,9 @@ async def test_planner_rejects_with_every_problem_and_keeps_running(
     bad = "name: x\nmode: mapreduce\nmap:\n  max_parallel: abc\n  agent_template:\n    - nope: 1\n"
     async with context(nats_url, prefix) as ctx, running(Planner(ctx)):
         with pytest.raises(SubmitRejected) as info:
-            await submit(ctx.nc, ctx.subjects, bad, ev.SubmitOptions(), workflow_id="bad-1",
-                         source="bad.yml")
+            await submit(
+                ctx.nc, ctx.subjects, bad, ev.SubmitOptions(), workflow_id="bad-1", source="bad.yml"
+            )
         problems = info.value.reply.problems
         paths = {p.path for p in problems}
         assert {"map.input", "map.max_parallel"} <= paths, problems
@@ -82,19 +83,27 @@ async def test_planner_rejects_with_every_problem_and_keeps_running(
         await ctx.js.publish(ctx.subjects.submit, b"{not json", headers={REPLY_HEADER: inbox})
         reply = msgspec.json.decode((await sub.next_msg(timeout=10)).data, type=ev.SubmitReply)
         assert not reply.accepted and "malformed" in reply.problems[0].message
-        ok = await submit(ctx.nc, ctx.subjects, WORKFLOW, ev.SubmitOptions(),
-                          workflow_id="good-1", source="t")
+        ok = await submit(
+            ctx.nc, ctx.subjects, WORKFLOW, ev.SubmitOptions(), workflow_id="good-1", source="t"
+        )
         assert ok.accepted
-        rejected = await ctx.js.get_last_msg(ctx.subjects.events_stream,
-                                             ctx.subjects.workflow("rejected", "bad-1"))
+        rejected = await ctx.js.get_last_msg(
+            ctx.subjects.events_stream, ctx.subjects.workflow("rejected", "bad-1")
+        )
         assert isinstance(ev.decode(rejected.data), ev.WorkflowRejected)
 
 
 async def test_resubmit_and_replanning_enqueue_each_item_once(nats_url: str, prefix: str) -> None:
     async with context(nats_url, prefix) as ctx, running(Planner(ctx)):
         for _ in range(2):  # the same id twice: one record, one accepted event
-            reply = await submit(ctx.nc, ctx.subjects, WORKFLOW, ev.SubmitOptions(),
-                                 workflow_id="wf-idem", source="t")
+            reply = await submit(
+                ctx.nc,
+                ctx.subjects,
+                WORKFLOW,
+                ev.SubmitOptions(),
+                workflow_id="wf-idem",
+                source="t",
+            )
             assert reply.accepted
         store = await ctx.js.object_store(ctx.subjects.objects_bucket)
         await store.put("input/wf-idem", b"[1, 2, 3, 4, 5]")
@@ -135,20 +144,36 @@ async def test_aggregator_completes_once_despite_duplicate_results(
         spec = StoredSpec(workflow=parse_workflow(WORKFLOW).workflow, options=ev.SubmitOptions())
         await state.put_spec(wf, spec)
         now = time.time()
-        await state.create(WorkflowRecord(workflow_id=wf, name="agg", phase=Phase.MAPPING,
-                                          created_ts=now, updated_ts=now, total=3))
+        await state.create(
+            WorkflowRecord(
+                workflow_id=wf,
+                name="agg",
+                phase=Phase.MAPPING,
+                created_ts=now,
+                updated_ts=now,
+                total=3,
+            )
+        )
 
         async def result(index: int) -> None:
-            done = ev.ItemDone(workflow_id=wf, index=index, item_id=f"item_{index}",
-                               output="", exit_code=0, duration_s=0.0, attempts=1)
+            done = ev.ItemDone(
+                workflow_id=wf,
+                index=index,
+                item_id=f"item_{index}",
+                output="",
+                exit_code=0,
+                duration_s=0.0,
+                attempts=1,
+            )
             # A plain publish, bypassing the create-only guard: the worst a buggy or
             # replayed agent could do. The count must still be per item.
             await ctx.js.publish(ctx.subjects.item_done(wf, index), ev.encode(done))
 
         async with running(Aggregator(ctx)):
-            await ctx.js.publish(ctx.subjects.workflow("planned", wf),
-                                 ev.encode(ev.WorkflowPlanned(workflow_id=wf, total=3,
-                                                              max_parallel=1)))
+            await ctx.js.publish(
+                ctx.subjects.workflow("planned", wf),
+                ev.encode(ev.WorkflowPlanned(workflow_id=wf, total=3, max_parallel=1)),
+            )
             for index in (0, 0, 1, 1, 1):
                 await result(index)
             progress = ctx.subjects.progress(wf)
@@ -166,8 +191,12 @@ async def test_aggregator_completes_once_despite_duplicate_results(
             assert await count_stored(ctx, ctx.subjects.events_stream, complete) == 0
             await result(2)
             await result(2)
-            await wait_for(lambda: count_stored(ctx, ctx.subjects.events_stream,
-                                                ctx.subjects.workflow("completed", wf)), 10)
+            await wait_for(
+                lambda: count_stored(
+                    ctx, ctx.subjects.events_stream, ctx.subjects.workflow("completed", wf)
+                ),
+                10,
+            )
         assert await count_stored(ctx, ctx.subjects.events_stream, complete) == 1
         msg = await ctx.js.get_last_msg(ctx.subjects.events_stream, complete)
         event = ev.decode(msg.data)
@@ -177,8 +206,9 @@ async def test_aggregator_completes_once_despite_duplicate_results(
 
         # A restarted aggregator sees the same stream and does not complete again.
         async with running(Aggregator(ctx)):
-            await ctx.js.publish(ctx.subjects.workflow("planned", wf),
-                                 ev.encode(ev.WorkflowPlanned(workflow_id=wf, total=3,
-                                                              max_parallel=1)))
+            await ctx.js.publish(
+                ctx.subjects.workflow("planned", wf),
+                ev.encode(ev.WorkflowPlanned(workflow_id=wf, total=3, max_parallel=1)),
+            )
             await wait_for(_consumer_acked_all(ctx, "aggregator"), 10)
         assert await count_stored(ctx, ctx.subjects.events_stream, complete) == 1

@@ -27,8 +27,14 @@ def test_every_event_type_is_in_the_schema() -> None:
 
 def test_events_round_trip_with_type_and_version() -> None:
     event = ev.ItemFailed(
-        workflow_id="wf-1", index=3, item_id="item_3", attempt=2, error="boom",
-        exit_code=1, stderr_tail="", retry_in_s=2.0,
+        workflow_id="wf-1",
+        index=3,
+        item_id="item_3",
+        attempt=2,
+        error="boom",
+        exit_code=1,
+        stderr_tail="",
+        retry_in_s=2.0,
     )
     data = ev.encode(event)
     assert b'"type":"item.failed"' in data and b'"v":1' in data and b'"ts":' in data

@@ -1,0 +1,52 @@
+"""Fixtures for the Kubernetes path: the API emulator (kmock_plus) on a loopback port and an
+official-client ``ApiClient`` pointed at it.
+
+kmock registers a pytest plugin that imports ``pytest_asyncio``; the ``test`` extra installs
+``pytest-asyncio`` for that reason (its strict mode leaves our ``anyio`` tests alone)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kmock_plus import EmulatorThread
+from kubernetes import client as k8s
+
+
+@pytest.fixture
+def emulator() -> Iterator[EmulatorThread]:
+    with EmulatorThread() as emu:
+        yield emu
+
+
+@pytest.fixture
+def api_client(emulator: EmulatorThread) -> Iterator[k8s.ApiClient]:
+    api = k8s.ApiClient(k8s.Configuration(host=emulator.url))
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"jr-{secrets.token_hex(3)}"
+
+
+async def wait_for(predicate: Any, timeout_s: float = 10.0, every_s: float = 0.05) -> Any:
+    """Poll a sync or async predicate until truthy; fail after ``timeout_s``. (The same as
+    ``tests/conftest.py``'s, which this directory's ``conftest`` module name shadows.)"""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(every_s)

@@ -1,0 +1,255 @@
+"""kmock 0.8's ``KubernetesEmulator`` plus the few API-server behaviours our client relies on.
+
+kmock is an in-memory object store over HTTP that the official ``kubernetes`` client can talk
+to. Out of the box it ignores label selectors, has no ``deletecollection``, never ends a watch,
+and fills no server-side metadata (research/k8s-testing.md §1.2). ``Cluster`` adds, and only
+adds:
+
+1. label selectors (``=``, ``==``, ``!=``, ``in``, ``notin``, ``key``, ``!key``) on LIST, WATCH
+   and DELETE-collection;
+2. DELETE on a collection (``deletecollection``), answering a ``List`` of what went;
+3. ``timeoutSeconds`` on WATCH (the stream ends cleanly, as the real server's does);
+4. server-filled metadata on create: ``namespace`` from the URL, ``uid``, ``resourceVersion``
+   (bumped on every patch), ``creationTimestamp``, ``generation``;
+5. background garbage collection through ``ownerReferences``: deleting an object deletes,
+   transitively, every object that names its uid as an owner (the real GC does this
+   asynchronously; here it is immediate).
+
+Still not real (do not test these here): admission and defaulting, status/spec separation,
+strategic-merge list merging, resourceVersion resume and 410, RBAC, TTL-after-finished.
+
+It subclasses kmock internals (``_handle``, ``_serve_list``, ``_serve_watch``, ``_objects``,
+``_lock``, ``_buses``), hence the ``kmock==0.8`` pin. :class:`EmulatorThread` hosts it on a
+loopback port in a thread of its own, so blocking clients (ours runs in worker threads) and
+the test's event loop never wait on each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import gzip
+import importlib.resources
+import itertools
+import re
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, TypeVar
+
+import aiohttp.web
+import kmock
+from kmock._internal import apps, enums, rendering
+
+T = TypeVar("T")
+
+_SPLIT = re.compile(r",(?![^()]*\))")
+_SET = re.compile(r"^\s*([^\s!=]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
+
+
+def parse_selector(text: str) -> Callable[[Mapping[str, str]], bool]:
+    """A predicate on labels for a Kubernetes label selector string."""
+    checks: list[Callable[[Mapping[str, str]], bool]] = []
+    for raw in filter(None, (p.strip() for p in _SPLIT.split(text or ""))):
+        if m := _SET.match(raw):
+            key, op, values = m[1], m[2], {v.strip() for v in m[3].split(",")}
+            if op == "in":
+                checks.append(lambda lb, k=key, vs=values: lb.get(k) in vs)
+            else:
+                checks.append(lambda lb, k=key, vs=values: lb.get(k) not in vs)
+        elif "!=" in raw:
+            key, value = (s.strip() for s in raw.split("!=", 1))
+            checks.append(lambda lb, k=key, v=value: lb.get(k) != v)
+        elif "=" in raw:
+            key, value = (s.strip() for s in raw.replace("==", "=").split("=", 1))
+            checks.append(lambda lb, k=key, v=value: lb.get(k) == v)
+        elif raw.startswith("!"):
+            absent = raw[1:].strip()
+            checks.append(lambda lb, k=absent: k not in lb)
+        else:
+            checks.append(lambda lb, k=raw: k in lb)
+    return lambda labels: all(check(labels) for check in checks)
+
+
+def _labels(obj: Mapping[str, Any] | None) -> Mapping[str, str]:
+    return ((obj or {}).get("metadata") or {}).get("labels") or {}
+
+
+class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
+    """The emulator with label selectors, deletecollection, watch timeouts, server metadata
+    and ownerReference GC (see the module docstring)."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        # Discovery of the built-in kinds (else LIST of a kind with no objects yet is 404);
+        # load_bundled() itself uses a deprecated importlib.resources call.
+        data = importlib.resources.files("kmock._internal").joinpath("resources.json.gz")
+        self.resources.load_data(gzip.decompress(data.read_bytes()))
+        self._versions = itertools.count(1)
+
+    # -- requests -------------------------------------------------------------------------
+    async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        if request.resource is not None and isinstance(request.data, dict):
+            meta = request.data.setdefault("metadata", {})
+            if request.action == enums.action.CREATE:
+                meta.setdefault("namespace", request.namespace)
+                meta["uid"] = str(uuid.uuid4())
+                meta["creationTimestamp"] = _now()
+                meta["generation"] = 1
+                meta["resourceVersion"] = str(next(self._versions))
+            elif request.action == enums.action.UPDATE:
+                meta["resourceVersion"] = str(next(self._versions))
+        if (
+            request.resource is not None
+            and request.method == enums.method.DELETE
+            and request.name is None
+        ):
+            return await self._delete_collection(request)
+        response = await super()._handle(request)
+        if request.action == enums.action.DELETE and response.status < 300:
+            async with self._lock:
+                key = (request.resource, request.namespace, request.name)
+                obj = self._objects[key] if key in self._objects else None  # noqa: SIM401 (no .get)
+                uid = obj.last.raw.get("metadata", {}).get("uid") if obj is not None else None
+                if uid and obj is not None and obj.deleted:
+                    await self._collect_garbage({uid})
+        return response
+
+    async def _delete_collection(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        match = parse_selector(request.params.get("labelSelector", ""))
+        gone: list[dict[str, Any]] = []
+        async with self._lock:
+            for (resource, namespace, _name), obj in list(self._objects.items()):
+                if resource != request.resource or obj.deleted:
+                    continue
+                if request.namespace is not None and namespace != request.namespace:
+                    continue
+                if match(_labels(obj.raw)):
+                    gone.append(await self._delete_locked(resource, obj))
+            await self._collect_garbage({o["metadata"].get("uid") for o in gone} - {None})
+        return aiohttp.web.json_response(
+            {"kind": "List", "apiVersion": "v1", "metadata": {}, "items": gone}
+        )
+
+    async def _delete_locked(self, resource: Any, obj: Any) -> dict[str, Any]:
+        raw: dict[str, Any] = obj.raw
+        obj.delete()
+        await self._buses[resource].put({"type": "DELETED", "object": raw})
+        return raw
+
+    async def _collect_garbage(self, uids: set[str]) -> None:
+        """Delete every live object owned (transitively) by one of ``uids``. Lock held."""
+        while uids:
+            owned: set[str] = set()
+            for (resource, _ns, _name), obj in list(self._objects.items()):
+                if obj.deleted:
+                    continue
+                refs = obj.raw.get("metadata", {}).get("ownerReferences") or []
+                if any(ref.get("uid") in uids for ref in refs):
+                    raw = await self._delete_locked(resource, obj)
+                    owned.add(raw["metadata"].get("uid"))
+            uids = owned - {None}
+
+    # -- reads ----------------------------------------------------------------------------
+    async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
+        listed = await super()._serve_list(request)
+        match = parse_selector(request.params.get("labelSelector", ""))
+        listed["items"] = [o for o in listed["items"] if match(_labels(o))]
+        listed["metadata"] = {"resourceVersion": str(next(self._versions))}
+        return listed
+
+    async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
+        match = parse_selector(request.params.get("labelSelector", ""))
+        timeout = float(request.params.get("timeoutSeconds") or 0) or None
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        events = super()._serve_watch(request).__aiter__()
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    return
+                try:
+                    event = await asyncio.wait_for(events.__anext__(), remaining)
+                except (TimeoutError, StopAsyncIteration):
+                    return
+                if isinstance(event, dict) and not match(_labels(event.get("object"))):
+                    continue
+                yield event
+        finally:
+            with contextlib.suppress(Exception):
+                await events.aclose()  # type: ignore[attr-defined]
+
+
+def _now() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class EmulatorThread:
+    """A :class:`Cluster` served on ``127.0.0.1:<free port>`` from a thread with its own event
+    loop. ``url`` is what the client's ``Configuration.host`` takes; :meth:`call` runs a
+    function on the emulator's loop (for consistent reads of ``cluster.objects``)."""
+
+    def __init__(self, start_timeout_s: float = 10.0) -> None:
+        self.cluster: Cluster | None = None
+        self.url = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="kmock", daemon=True)
+        self._start_timeout_s = start_timeout_s
+
+    def __enter__(self) -> EmulatorThread:
+        self._thread.start()
+        if not self._ready.wait(self._start_timeout_s):
+            raise RuntimeError("the Kubernetes emulator did not start in time")
+        if self._error is not None:
+            raise RuntimeError("the Kubernetes emulator failed to start") from self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=10)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # reported to __enter__
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with Cluster() as cluster, apps.Server(cluster) as server:
+            self.cluster = cluster
+            self.url = str(server.url).rstrip("/")
+            self._ready.set()
+            await self._stop.wait()
+
+    def call(self, fn: Callable[[Cluster], T], timeout_s: float = 10.0) -> T:
+        """``fn(cluster)`` on the emulator's loop, so it never races a request."""
+        assert self._loop is not None and self.cluster is not None
+        cluster = self.cluster
+
+        async def run() -> T:
+            async with cluster._lock:
+                return fn(cluster)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout_s)
+
+    def live(self, resource: str, namespace: str) -> list[dict[str, Any]]:
+        """Every live object of ``resource`` (``"batch/v1/jobs"``, ``"v1/configmaps"``…)."""
+
+        def collect(cluster: Cluster) -> list[dict[str, Any]]:
+            want = kmock.resource(resource)
+            return [
+                obj.raw
+                for (res, ns, _name), obj in cluster.objects.items()
+                if res == want and ns == namespace and not obj.deleted
+            ]
+
+        return self.call(collect)

@@ -1,0 +1,403 @@
+"""A test-side "process kubelet": the Job controller, the kubelet and the pod garbage collector
+for Indexed Jobs, with every pod a local process.
+
+It talks to the API server (the emulator) over HTTP with the official client, like the real
+controllers do: it lists Jobs, creates a Pod object per attempt (labels, completion-index
+annotation, ownerReference to the Job), resolves the container's env the way the kubelet
+would (``value``, ``fieldRef`` on annotations, ``secretKeyRef`` read from the Secret), runs the
+container's ``command`` as a subprocess (``jetreduce …`` → ``python -m jetreduce …``), and
+writes pod and Job status back (``active``/``succeeded``/``failed``, ``completedIndexes``,
+``failedIndexes``, ``Complete``/``Failed`` conditions).
+
+Job semantics kept: ``parallelism``, ``completions``, ``backoffLimitPerIndex``,
+``maxFailedIndexes``, ``backoffLimit``, ``activeDeadlineSeconds``, and a ``podFailurePolicy``
+``Ignore`` rule on ``DisruptionTarget`` (an :meth:`ProcessKubelet.evict` is a disruption, a
+:meth:`ProcessKubelet.kill` is a crash). A Job that disappears has its processes terminated
+(SIGTERM, then SIGKILL after the pod's grace period, capped at 10 s).
+Not modelled: scheduling, images, volumes (emptyDirs become temp dirs), probes, TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+
+INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+_FIELD_ANNOTATION = re.compile(r"^metadata\.annotations\['([^']+)'\]$")
+
+
+def default_command(argv: list[str]) -> list[str]:
+    """The image's ``jetreduce`` is this interpreter's ``python -m jetreduce``."""
+    if argv and argv[0] == "jetreduce":
+        return [sys.executable, "-m", "jetreduce", *argv[1:]]
+    return argv
+
+
+@dataclass
+class _Attempt:
+    index: int
+    pod: str
+    proc: asyncio.subprocess.Process | None = None
+    disrupted: bool = False
+
+
+@dataclass
+class _JobRun:
+    name: str
+    uid: str
+    body: dict[str, Any]
+    task: asyncio.Task[None] | None = None
+    attempts: dict[int, _Attempt] = field(default_factory=dict)
+    succeeded: set[int] = field(default_factory=set)
+    failed_indexes: set[int] = field(default_factory=set)
+    failures: dict[int, int] = field(default_factory=dict)
+    failed_pods: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    started: list[tuple[int, int]] = field(default_factory=list)
+    """(index, pid) of every process started, in order."""
+
+
+class ProcessKubelet:
+    def __init__(
+        self,
+        api: k8s.ApiClient,
+        namespace: str,
+        scratch: Path,
+        *,
+        command: Callable[[list[str]], list[str]] = default_command,
+        poll_s: float = 0.1,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.batch = k8s.BatchV1Api(api)
+        self.core = k8s.CoreV1Api(api)
+        self.namespace = namespace
+        self.scratch = scratch
+        self.command = command
+        self.poll_s = poll_s
+        self.log_dir = log_dir
+        self.jobs: dict[str, _JobRun] = {}
+        self.finished: dict[str, _JobRun] = {}
+        self.errors: list[BaseException | None] = []
+        """Exceptions of Job runs: a test asserts it stays empty."""
+
+    # -- API (blocking client, off the loop) ------------------------------------------------
+    async def _api(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        def call() -> Any:
+            r = fn(*args, _preload_content=False, _request_timeout=10, **kw)
+            return json.loads(r.data) if r.data else {}
+
+        return await asyncio.to_thread(call)
+
+    # -- controller loop --------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                listed = await self._api(self.batch.list_namespaced_job, self.namespace)
+                present = {}
+                for job in listed.get("items", []):
+                    meta = job["metadata"]
+                    present[meta["uid"]] = job
+                    if meta["uid"] not in {r.uid for r in self.jobs.values()}:
+                        if meta["uid"] in {r.uid for r in self.finished.values()}:
+                            continue
+                        run = _JobRun(meta["name"], meta["uid"], job)
+                        self.jobs[run.name] = run
+                        run.task = asyncio.create_task(self._run_job(run), name=f"job {run.name}")
+                for name, run in list(self.jobs.items()):
+                    if run.uid not in present:  # deleted: the GC takes its pods
+                        await self._terminate(run, grace_s=5)
+                        self.jobs.pop(name, None)
+                        self.finished[name] = run
+                    elif run.task is not None and run.task.done():
+                        self.jobs.pop(name, None)
+                        self.finished[name] = run
+                        if not run.task.cancelled() and run.task.exception() is not None:
+                            self.errors.append(run.task.exception())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.poll_s)
+        finally:
+            for run in list(self.jobs.values()):
+                await self._terminate(run, grace_s=5)
+
+    async def _terminate(self, run: _JobRun, grace_s: float) -> None:
+        if run.task is not None:
+            run.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await run.task
+        procs = [a.proc for a in run.attempts.values() if a.proc and a.proc.returncode is None]
+        for p in procs:
+            _signal(p, signal.SIGTERM)
+        for p in procs:
+            try:
+                await asyncio.wait_for(p.wait(), grace_s)
+            except TimeoutError:
+                _signal(p, signal.SIGKILL)
+                await asyncio.wait_for(p.wait(), 10)
+
+    # -- one Job ----------------------------------------------------------------------------
+    async def _run_job(self, run: _JobRun) -> None:
+        spec = run.body["spec"]
+        completions = int(spec.get("completions") or 1)
+        parallelism = int(spec.get("parallelism") or 1)
+        per_index = spec.get("backoffLimitPerIndex")
+        max_failed = spec.get("maxFailedIndexes")
+        backoff_limit = int(spec.get("backoffLimit", 6))
+        deadline = spec.get("activeDeadlineSeconds")
+        pending = list(range(completions))
+        slots = asyncio.Semaphore(parallelism)
+        reason: str | None = None
+        tasks: set[asyncio.Task[int]] = set()
+        loop = asyncio.get_running_loop()
+        ends_at = None if deadline is None else loop.time() + float(deadline)
+
+        async def attempt(index: int) -> int:
+            async with slots:
+                return await self._run_pod(run, index)
+
+        while pending or tasks:
+            while pending:
+                index = pending.pop(0)
+                tasks.add(asyncio.create_task(attempt(index), name=f"{run.name}-{index}"))
+            await self._write_job_status(run, active=len(tasks))
+            timeout = None if ends_at is None else max(0.0, ends_at - loop.time())
+            done, _ = await asyncio.wait(tasks, timeout=timeout, return_when="FIRST_COMPLETED")
+            if not done:
+                reason = "DeadlineExceeded"
+                break
+            for task in done:
+                tasks.discard(task)
+                index = task.result()
+                attempt_ = run.attempts[index]
+                code = attempt_.proc.returncode if attempt_.proc else -1
+                if code == 0:
+                    run.succeeded.add(index)
+                    continue
+                if attempt_.disrupted:  # podFailurePolicy: Ignore on DisruptionTarget
+                    pending.append(index)
+                    continue
+                run.failed_pods += 1
+                run.failures[index] = run.failures.get(index, 0) + 1
+                if per_index is not None and run.failures[index] > int(per_index):
+                    run.failed_indexes.add(index)
+                else:
+                    pending.append(index)
+            if max_failed is not None and len(run.failed_indexes) > int(max_failed):
+                reason = "MaxFailedIndexesExceeded"
+                break
+            if per_index is None and run.failed_pods > backoff_limit:
+                reason = "BackoffLimitExceeded"
+                break
+        if reason is None and run.failed_indexes:
+            reason = "FailedIndexes"
+        if tasks:  # the Job failed: stop what still runs
+            for a in run.attempts.values():
+                if a.proc and a.proc.returncode is None:
+                    _signal(a.proc, signal.SIGKILL)
+            await asyncio.wait(tasks, timeout=10)
+        condition = "Complete" if reason is None else "Failed"
+        await self._write_job_status(run, active=0, condition=condition, reason=reason)
+
+    async def _write_job_status(
+        self, run: _JobRun, *, active: int, condition: str | None = None, reason: str | None = None
+    ) -> None:
+        async with run.lock:
+            status: dict[str, Any] = {
+                "active": active,
+                "succeeded": len(run.succeeded),
+                "failed": run.failed_pods,
+                "completedIndexes": _compress(run.succeeded),
+            }
+            if run.failed_indexes:
+                status["failedIndexes"] = _compress(run.failed_indexes)
+            if condition is not None:
+                status["conditions"] = [
+                    {"type": condition, "status": "True", "reason": reason or "Completed"}
+                ]
+            with contextlib.suppress(ApiException):  # deleted meanwhile
+                await self._api(
+                    self.batch.patch_namespaced_job_status,
+                    run.name,
+                    self.namespace,
+                    {"status": status},
+                )
+
+    async def _run_pod(self, run: _JobRun, index: int) -> int:
+        template = run.body["spec"]["template"]
+        name = f"{run.name}-{index}-{secrets.token_hex(3)[:5]}"
+        labels = dict(template.get("metadata", {}).get("labels") or {})
+        labels.update(
+            {
+                "batch.kubernetes.io/job-name": run.name,
+                "job-name": run.name,
+                "batch.kubernetes.io/controller-uid": run.uid,
+                INDEX_ANNOTATION: str(index),
+            }
+        )
+        annotations = dict(template.get("metadata", {}).get("annotations") or {})
+        annotations[INDEX_ANNOTATION] = str(index)
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": self.namespace,
+                "labels": labels,
+                "annotations": annotations,
+                "ownerReferences": [
+                    {"apiVersion": "batch/v1", "kind": "Job", "name": run.name, "uid": run.uid}
+                ],
+            },
+            "spec": template["spec"],
+        }
+        attempt = _Attempt(index, name)
+        run.attempts[index] = attempt
+        await self._api(self.core.create_namespaced_pod, self.namespace, pod)
+        container = template["spec"]["containers"][0]
+        env = await self._resolve_env(container.get("env") or [], pod)
+        root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.scratch))
+        for mount in container.get("volumeMounts") or []:  # emptyDirs as temp dirs
+            (root / mount["name"]).mkdir(exist_ok=True)
+        env["TMPDIR"] = str(root / "tmp")
+        argv = self.command(
+            list(container.get("command") or []) + list(container.get("args") or [])
+        )
+        out: Any = asyncio.subprocess.DEVNULL
+        handle = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            handle = (self.log_dir / f"{name}.log").open("ab")
+            out = handle
+        try:
+            attempt.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                env=env,
+                cwd=root / "work" if (root / "work").is_dir() else root,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        finally:
+            if handle is not None:
+                handle.close()
+        run.started.append((index, attempt.proc.pid))
+        await self._patch_pod(name, {"phase": "Running"})
+        try:
+            code = await attempt.proc.wait()
+        except asyncio.CancelledError:
+            _signal(attempt.proc, signal.SIGKILL)
+            raise
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        status: dict[str, Any] = {
+            "phase": "Succeeded" if code == 0 else "Failed",
+            "containerStatuses": [
+                {
+                    "name": container["name"],
+                    "state": {"terminated": {"exitCode": code if code >= 0 else 128 - code}},
+                }
+            ],
+        }
+        if attempt.disrupted:
+            status["conditions"] = [
+                {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}
+            ]
+        await self._patch_pod(name, status)
+        return index
+
+    async def _patch_pod(self, name: str, status: dict[str, Any]) -> None:
+        with contextlib.suppress(ApiException):  # the GC may have taken it with its Job
+            await self._api(
+                self.core.patch_namespaced_pod_status, name, self.namespace, {"status": status}
+            )
+
+    async def _resolve_env(
+        self, entries: list[dict[str, Any]], pod: dict[str, Any]
+    ) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JETREDUCE_")}
+        env.pop("JOB_COMPLETION_INDEX", None)
+        for entry in entries:
+            if "value" in entry:
+                env[entry["name"]] = entry["value"]
+                continue
+            source = entry.get("valueFrom") or {}
+            if "fieldRef" in source:
+                m = _FIELD_ANNOTATION.match(source["fieldRef"]["fieldPath"])
+                if not m:
+                    raise ValueError(f"unsupported fieldRef {source['fieldRef']}")
+                env[entry["name"]] = pod["metadata"]["annotations"][m[1]]
+            elif "secretKeyRef" in source:
+                ref = source["secretKeyRef"]
+                secret = await self._api(
+                    self.core.read_namespaced_secret, ref["name"], self.namespace
+                )
+                if "data" in secret and ref["key"] in secret["data"]:
+                    env[entry["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+                else:
+                    env[entry["name"]] = secret["stringData"][ref["key"]]
+            else:
+                raise ValueError(f"unsupported env source {entry}")
+        return env
+
+    # -- fault injection --------------------------------------------------------------------
+    def attempt(self, job: str, index: int) -> _Attempt | None:
+        run = self.jobs.get(job) or self.finished.get(job)
+        return None if run is None else run.attempts.get(index)
+
+    def kill(self, job: str, index: int, sig: int = signal.SIGKILL) -> int:
+        """Crash the running process of ``index`` (counts against the index's backoff)."""
+        attempt = self.attempt(job, index)
+        assert attempt is not None and attempt.proc is not None, f"{job}/{index} not running"
+        pid = attempt.proc.pid
+        _signal(attempt.proc, sig)
+        return pid
+
+    def evict(self, job: str, index: int) -> int:
+        """A disruption: SIGTERM and a ``DisruptionTarget`` condition (does not count)."""
+        attempt = self.attempt(job, index)
+        assert attempt is not None and attempt.proc is not None, f"{job}/{index} not running"
+        attempt.disrupted = True
+        _signal(attempt.proc, signal.SIGTERM)
+        return attempt.proc.pid
+
+    def processes_alive(self) -> int:
+        runs = list(self.jobs.values()) + list(self.finished.values())
+        return sum(
+            1
+            for r in runs
+            for a in r.attempts.values()
+            if a.proc is not None and a.proc.returncode is None
+        )
+
+
+def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+
+def _compress(indexes: set[int]) -> str:
+    """``{0, 1, 2, 5}`` → ``"0-2,5"`` (the Job status format)."""
+    runs: list[list[int]] = []
+    for i in sorted(indexes):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)

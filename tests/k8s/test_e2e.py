@@ -1,0 +1,203 @@
+"""End to end through the Kubernetes backend: the real planner, launcher (with
+``KubernetesBackend``), aggregator and janitor on the session nats-server; the API emulator;
+and the process kubelet running every Job index as a local ``python -m jetreduce worker``
+with the env the pod would get (completion index from the annotation, NATS password from
+the Secret). One agent pod is killed (a crash: the Job re-runs its index) and one is evicted
+(a disruption: ignored by the podFailurePolicy); no item is lost and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kmock_plus import EmulatorThread
+from kubelet import ProcessKubelet
+from kubernetes import client as k8s
+
+from conftest import wait_for
+from jetreduce.aggregator.service import Aggregator
+from jetreduce.cli.submit import submit
+from jetreduce.cli.watch import Watcher
+from jetreduce.contract import events as ev
+from jetreduce.contract.events import SubmitOptions
+from jetreduce.contract.subjects import Subjects
+from jetreduce.contract.topology import declare
+from jetreduce.janitor.service import Janitor
+from jetreduce.launcher.k8s_settings import KubernetesSettings
+from jetreduce.launcher.kubernetes import KubernetesBackend, job_name
+from jetreduce.launcher.service import Launcher
+from jetreduce.planner.service import Planner
+from jetreduce.runtime.connection import connect
+from jetreduce.runtime.service import ServiceContext
+from jetreduce.runtime.settings import NatsSettings
+from jetreduce.runtime.state import StateStore
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+ITEMS = 300
+PARALLEL = 50
+WORKFLOW = f"""
+name: k8s-e2e
+mode: mapreduce
+map:
+  input: items.json
+  json_path: "$.items[*]"
+  max_parallel: {PARALLEL}
+  agent_template:
+    - shell: "sleep 2; echo $(( ${{item.n}} * 3 ))"
+reduce:
+  - shell: "echo ${{map.successful}}/${{map.total}}"
+"""
+
+
+@contextlib.asynccontextmanager
+async def _orchestrator(
+    settings: NatsSettings, backend: KubernetesBackend
+) -> AsyncIterator[ServiceContext]:
+    nc = await connect(settings, name="k8s-e2e-services")
+    subjects = Subjects(settings.prefix)
+    await declare(nc.jetstream(), subjects, None)
+    ctx = ServiceContext(nc=nc, js=nc.jetstream(), subjects=subjects)
+    stop = asyncio.Event()
+    services: list[Any] = [Planner(ctx), Launcher(ctx, backend), Aggregator(ctx), Janitor(ctx)]
+    tasks = [asyncio.create_task(s.run(stop), name=type(s).__name__) for s in services]
+    try:
+        yield ctx
+    finally:
+        stop.set()
+        _, pending = await asyncio.wait(tasks, timeout=20)
+        for t in pending:
+            t.cancel()
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+        await nc.drain()
+
+
+async def test_workflow_runs_through_indexed_jobs_with_pod_failures(
+    nats_url: str,
+    prefix: str,
+    tmp_path: Path,
+    workdir: Path,
+    emulator: EmulatorThread,
+    api_client: k8s.ApiClient,
+    namespace: str,
+) -> None:
+    (workdir / "items.json").write_text(json.dumps({"items": [{"n": i} for i in range(ITEMS)]}))
+    # A password the server does not need: it only proves the Secret → env path works.
+    settings = NatsSettings(url=nats_url, prefix=prefix)
+    k8s_settings = KubernetesSettings(
+        namespace=namespace, image="jetreduce:test", poll_interval_s=0.2
+    )
+    backend = KubernetesBackend(settings, k8s_settings, api_client=api_client)
+    kubelet = ProcessKubelet(
+        api_client, namespace, tmp_path / "pods", log_dir=tmp_path / "pod-logs"
+    )
+    (tmp_path / "pods").mkdir()
+    wf = f"k8s-{secrets.token_hex(3)}"
+    map_job = job_name(wf, "map")
+    kubelet_stop = asyncio.Event()
+    kubelet_task = asyncio.create_task(kubelet.run(kubelet_stop), name="kubelet")
+    try:
+        async with _orchestrator(settings, backend) as ctx:
+            nc = ctx.nc
+            watcher = Watcher(nc, ctx.subjects, wf, show_events=False, tty=False)
+            await watcher.start()
+            try:
+                await submit(
+                    nc,
+                    ctx.subjects,
+                    WORKFLOW,
+                    SubmitOptions(workdir=str(workdir)),
+                    workflow_id=wf,
+                    source="test",
+                )
+                state = StateStore(ctx.js, ctx.subjects)
+
+                async def progressed() -> bool:
+                    record = await state.get(wf)
+                    return record is not None and record.done >= 50
+
+                await wait_for(
+                    lambda: (
+                        kubelet.attempt(map_job, 7) is not None
+                        and kubelet.attempt(map_job, 11) is not None
+                    ),
+                    timeout_s=60,
+                )
+                await wait_for(progressed, timeout_s=90)
+                killed = kubelet.kill(map_job, 7, signal.SIGKILL)
+                evicted_attempt = kubelet.attempt(map_job, 11)
+                evicted = kubelet.evict(map_job, 11)
+                # ~10 s of work remain: the Job controller re-runs index 7 well before.
+                await _wait_rerun(kubelet, map_job, 7)
+                assert evicted_attempt is not None and evicted_attempt.proc is not None
+                evicted_proc = evicted_attempt.proc
+                await wait_for(lambda: evicted_proc.returncode is not None, timeout_s=60)
+                if evicted_proc.returncode != 0:  # not complete: the Job re-runs the index
+                    await _wait_rerun(kubelet, map_job, 11)
+                done = await watcher.until_done(240)
+            finally:
+                await watcher.stop()
+
+            logs = "\n".join(p.read_text() for p in sorted((tmp_path / "pod-logs").glob("*")))
+            assert isinstance(done, ev.WorkflowCompleted), logs[-5000:]
+            assert (done.total, done.done, done.dead) == (ITEMS, ITEMS, 0)
+            assert done.reduce_output.strip() == f"{ITEMS}/{ITEMS}"
+
+            run = kubelet.finished.get(map_job) or kubelet.jobs[map_job]
+            pids = {i: _pids(kubelet, map_job, i) for i in (7, 11)}
+            assert killed in pids[7] and len(pids[7]) >= 2, pids  # the crashed index re-ran
+            assert evicted in pids[11], pids
+            assert run.failures.get(7) == 1 and 11 not in run.failures  # eviction not counted
+            # An evicted agent hands its items back and exits; with exit 0 (today's agent)
+            # the pod Succeeds and, as with the real Job controller, its index counts as
+            # complete; with a non-zero exit the index is re-run outside the backoff budget.
+            if evicted_proc.returncode == 0:
+                assert 11 in run.succeeded and len(pids[11]) == 1, pids
+            else:
+                assert len(pids[11]) >= 2, pids
+            assert run.body["spec"]["parallelism"] == PARALLEL
+
+            # The launcher's stop on the terminal event removes every object of the workflow.
+            def nothing_left() -> bool:
+                return not any(
+                    emulator.live(r, namespace)
+                    for r in ("batch/v1/jobs", "v1/configmaps", "v1/secrets", "v1/pods")
+                )
+
+            await wait_for(nothing_left, timeout_s=30)
+            await wait_for(lambda: kubelet.processes_alive() == 0, timeout_s=30)
+            assert kubelet.errors == []
+    finally:
+        kubelet_stop.set()
+        await asyncio.wait_for(kubelet_task, 30)
+        await backend.stop_all()
+    assert kubelet.processes_alive() == 0
+
+
+def _pids(kubelet: ProcessKubelet, job: str, index: int) -> list[int]:
+    """Every process the kubelet started for ``index`` of ``job``, in order."""
+    run = kubelet.jobs.get(job) or kubelet.finished.get(job)
+    return [] if run is None else [pid for i, pid in run.started if i == index]
+
+
+async def _wait_rerun(kubelet: ProcessKubelet, job: str, index: int) -> None:
+    """Until a second process ran for ``index``; on timeout, say what the Job run saw."""
+    try:
+        await wait_for(lambda: len(_pids(kubelet, job, index)) >= 2, timeout_s=60)
+    except AssertionError:
+        run = kubelet.jobs.get(job) or kubelet.finished.get(job)
+        task = None if run is None else run.task
+        raise AssertionError(
+            f"index {index} not re-run; kubelet errors {kubelet.errors}; job task {task}; "
+            f"failures {None if run is None else run.failures}"
+        ) from None

