@@ -27,6 +27,7 @@ from jetreduce.contract.events import (
     encode,
 )
 from jetreduce.contract.records import Phase, WorkflowRecord
+from jetreduce.contract.workflow.model import ErrorPolicy
 from jetreduce.runtime.publish import publish_once, publish_retrying
 from jetreduce.runtime.service import EventConsumer, ServiceContext
 from jetreduce.runtime.state import StateStore
@@ -38,11 +39,13 @@ log = logging.getLogger(__name__)
 TICK_S = 0.25
 """How often active workflows are counted (one cheap STREAM.INFO each)."""
 PROGRESS_EVERY_S = 1.0
+THRESHOLD_MIN_ITEMS = 10
 
 
 @dataclass
 class _Tracked:
     total: int
+    policy: ErrorPolicy | None = None
     started: float = field(default_factory=time.monotonic)
     history: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=40))
     last_progress: float = 0.0
@@ -59,7 +62,7 @@ class Aggregator:
     async def run(self, stop: asyncio.Event) -> None:
         for record in await self.state.list():
             if record.phase == Phase.MAPPING and record.total is not None:
-                self.active[record.workflow_id] = _Tracked(total=record.total)
+                await self.track(record.workflow_id, record.total)
         consumer = EventConsumer(
             self.ctx,
             stream=self.s.events_stream,
@@ -99,6 +102,11 @@ class Aggregator:
             raise RuntimeError(f"stream info: {body['error']}")
         return int(body.get("total", 0))
 
+    async def track(self, wf: str, total: int) -> None:
+        spec = await self.state.get_spec(wf)
+        policy = spec.workflow.error_policy if spec is not None else None
+        self.active[wf] = _Tracked(total=total, policy=policy)
+
     async def check(self, wf: str) -> None:
         tracked = self.active.get(wf)
         if tracked is None:
@@ -107,6 +115,11 @@ class Aggregator:
         done = await self.count(self.s.done_of(wf))
         now = time.monotonic()
         tracked.history.append((now, terminal))
+        verdict = policy_verdict(tracked.policy, terminal, terminal - done)
+        if verdict is not None:
+            await self.publish_progress(wf, tracked, done, terminal - done, "stopped")
+            await self.finish_failed(wf, verdict)
+            return
         if terminal >= tracked.total:
             await self.complete_map(wf, tracked.total, done, terminal - done)
             return
@@ -163,7 +176,7 @@ class Aggregator:
         if isinstance(event, WorkflowPlanned):
             record = await self.state.get(wf)
             if record is not None and not record.phase.terminal and wf not in self.active:
-                self.active[wf] = _Tracked(total=event.total)
+                await self.track(wf, event.total)
                 await self.check(wf)
         elif isinstance(event, SetupFailed):
             await self.finish_failed(wf, f"setup failed: {event.error}")
@@ -223,6 +236,29 @@ class Aggregator:
             self.s.workflow("failed", wf),
             encode(WorkflowFailed(workflow_id=wf, reason=reason)),
         )
+
+
+def policy_verdict(policy: ErrorPolicy | None, terminal: int, dead: int) -> str | None:
+    """Why the error policy stops the workflow now, or None to go on (Prodigy's documented
+    semantics: ``stop`` / ``continue_on_failure: false`` stop at the first dead item,
+    ``max_failures`` at that many, ``failure_threshold`` once the rate exceeds it after at
+    least ``THRESHOLD_MIN_ITEMS`` items)."""
+    if policy is None or dead == 0:
+        return None
+    if policy.on_item_failure == "stop" or not policy.continue_on_failure:
+        return f"error policy: stopped at the first failed item ({dead} failed)"
+    if policy.max_failures is not None and dead >= policy.max_failures:
+        return f"error policy: {dead} items failed (max_failures {policy.max_failures})"
+    if (
+        policy.failure_threshold is not None
+        and terminal >= THRESHOLD_MIN_ITEMS
+        and dead / terminal > policy.failure_threshold
+    ):
+        return (
+            f"error policy: failure rate {dead / terminal:.0%} over {terminal} items exceeds "
+            f"failure_threshold {policy.failure_threshold:.0%}"
+        )
+    return None
 
 
 def _set_counts(record: WorkflowRecord, done: int, dead: int) -> WorkflowRecord | None:

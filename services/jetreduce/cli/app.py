@@ -165,9 +165,15 @@ def run(
     ] = None,
     workflow_id: Annotated[str | None, typer.Option("--id", help="Workflow id.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="With --id: continue that workflow if it exists."),
+    ] = False,
 ) -> None:
     """Run a workflow here: embedded nats-server, the services in this process, agents as
     child processes. Prints the reduce output and a summary; Ctrl-C cancels cleanly."""
+    if resume and workflow_id is None:
+        raise _fail("--resume needs --id ID (the workflow to continue)", exit_codes.USAGE)
     text, result, used = _load(workflow)
     for warning in result.warnings:
         typer.echo(f"warning: {warning.render(str(workflow))}", err=True)
@@ -181,20 +187,39 @@ def run(
         max_parallel=max_parallel,
         vars=used,
         max_attempts=max_attempts,
+        timeout_s=timeout,
     )
-    code = asyncio.run(_run(text, str(workflow), wf, options, nats, data_dir, timeout, quiet))
+    code = asyncio.run(_run(text, str(workflow), wf, options, nats, data_dir, quiet, resume=resume))
+    raise typer.Exit(code)
+
+
+@app.command("resume")
+def resume_cmd(
+    workflow_id: Annotated[str, typer.Argument(help="Workflow id.")],
+    nats: Nats = None,
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", help="The data dir of the interrupted run.")
+    ] = Path(DEFAULT_DATA_DIR),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Continue a workflow whose `jetreduce run` was killed: from JetStream state, running
+    only items that are not terminal yet."""
+    code = asyncio.run(
+        _run(None, "", workflow_id, SubmitOptions(), nats, data_dir, quiet, resume=True)
+    )
     raise typer.Exit(code)
 
 
 async def _run(
-    text: str,
+    text: str | None,
     source: str,
     wf: str,
     options: SubmitOptions,
     nats: str | None,
     data_dir: Path,
-    timeout: float | None,
     quiet: bool,
+    *,
+    resume: bool = False,
 ) -> int:
     from jetreduce.embedded import EmbeddedServer
 
@@ -222,25 +247,27 @@ async def _run(
                 subjects = Subjects(settings.prefix)
                 watcher = Watcher(nc, subjects, wf, show_events=not quiet)
                 await watcher.start()
-                try:
-                    await submit(nc, subjects, text, options, workflow_id=wf, source=source)
-                except SubmitRejected as exc:
-                    typer.echo(format_problems(exc), err=True)
-                    return exit_codes.USAGE
-                typer.echo(f"workflow {wf} submitted", err=True)
-                follow = asyncio.create_task(watcher.until_done(timeout))
+                known = resume and await StateStore(nc.jetstream(), subjects).get(wf) is not None
+                if known:
+                    typer.echo(f"workflow {wf}: resuming", err=True)
+                elif text is None:
+                    typer.echo(f"no workflow {wf} in {data_dir}", err=True)
+                    return exit_codes.FAILED
+                else:
+                    try:
+                        await submit(nc, subjects, text, options, workflow_id=wf, source=source)
+                    except SubmitRejected as exc:
+                        typer.echo(format_problems(exc), err=True)
+                        return exit_codes.USAGE
+                    typer.echo(f"workflow {wf} submitted", err=True)
+                follow = asyncio.create_task(watcher.until_done())
                 stop = asyncio.create_task(interrupted.wait())
                 failed = asyncio.create_task(host.stop.wait())
                 await asyncio.wait({follow, stop, failed}, return_when=asyncio.FIRST_COMPLETED)
                 if follow.done():
                     stop.cancel()
                     failed.cancel()
-                    try:
-                        event = follow.result()
-                    except TimeoutError:
-                        await _cancel(nc, subjects, wf, f"timed out after {timeout}s")
-                        typer.echo(f"workflow {wf}: timed out after {timeout}s", err=True)
-                        return exit_codes.FAILED
+                    event = follow.result()
                     _print_outcome(event)
                     return _terminal_code(event)
                 follow.cancel()

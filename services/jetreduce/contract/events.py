@@ -18,6 +18,7 @@ __all__ = [
     "AgentExited",
     "AgentLaunched",
     "BadEvent",
+    "CircuitChanged",
     "Event",
     "ItemDead",
     "ItemDone",
@@ -76,6 +77,10 @@ class SubmitOptions(msgspec.Struct, kw_only=True, omit_defaults=True):
     vars: dict[str, str] = msgspec.field(default_factory=dict)
     """Values of ``$VAR`` references the submitter resolved from its own environment."""
     max_attempts: int | None = None
+    timeout_s: float | None = None
+    """The whole workflow's time budget; past it the workflow ends as timed out."""
+    lease_s: float | None = None
+    """How long an item stays leased without a heartbeat (agents beat at a third of it)."""
     queue: str | None = None
     """Item queue URL (``jetstream``, ``redis://…``, ``sqs://…``); None: the installation's."""
 
@@ -149,6 +154,15 @@ class AgentExited(_Base, tag="agent.exited", kw_only=True):
     """Agents of this phase still running (or to be restarted) after this exit."""
 
 
+class CircuitChanged(_Base, tag="agent.circuit", kw_only=True):
+    """An agent's circuit breaker changed state: ``open`` (dispatch paused), ``half_open``
+    (probing), ``closed`` (flowing)."""
+
+    state: str
+    agent: str
+    consecutive_failures: int
+
+
 class MapComplete(_Base, tag="map.complete", kw_only=True):
     total: int
     done: int
@@ -216,12 +230,16 @@ class ItemDead(_Base, tag="item.dead", kw_only=True):
     index: int
     item_id: str
     error: str
+    error_type: str = "CommandFailed"
+    """``CommandFailed``, ``Timeout``, ``AgentCrashed`` or ``Unknown``."""
     exit_code: int | None
     stderr_tail: str
     attempts: int
     duration_s: float = 0.0
     agent: str = ""
     item: Any = None
+    log_object: str | None = None
+    """Object-store name of the failed attempt's output (stdout and stderr tails)."""
 
 
 class ItemFailed(_Base, tag="item.failed", kw_only=True):
@@ -254,6 +272,7 @@ Event = (
     | WorkflowPlanned
     | AgentLaunched
     | AgentExited
+    | CircuitChanged
     | MapComplete
     | ReduceStarted
     | ReduceCompleted

@@ -80,6 +80,16 @@ class Subjects:
         return self._name("DLQ")
 
     @property
+    def advisories_stream(self) -> str:
+        return self._name("ADVISORIES")
+
+    @property
+    def max_deliveries_advisories(self) -> str:
+        """Server advisories for work items delivered ``max_deliver`` times (an agent kept
+        dying on them). Captured in a stream: core advisories are lost if nobody listens."""
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.work_stream}.*"
+
+    @property
     def workflows_bucket(self) -> str:
         return self._name("WORKFLOWS")
 

@@ -102,6 +102,13 @@ def stream_configs(subjects: Subjects, settings: TopologySettings) -> list[Strea
             **common,
         ),
         StreamConfig(
+            name=subjects.advisories_stream,
+            subjects=[subjects.max_deliveries_advisories],
+            retention=RetentionPolicy.LIMITS,
+            max_age=max_age,
+            **common,
+        ),
+        StreamConfig(
             name=subjects.dlq_stream,
             subjects=subjects.dlq_subjects,
             retention=RetentionPolicy.LIMITS,

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 
-from jetreduce.contract.events import WorkflowCancelled, WorkflowCancelRequested, decode, encode
+from jetreduce.contract.events import (
+    BadEvent,
+    ItemDead,
+    WorkflowCancelled,
+    WorkflowCancelRequested,
+    WorkflowTimedOut,
+    WorkItem,
+    decode,
+    decode_as,
+    encode,
+)
 from jetreduce.contract.records import Phase
 from jetreduce.queues.base import ItemQueue
 from jetreduce.queues.factory import open_queue
@@ -21,6 +34,7 @@ __all__ = ["Janitor"]
 log = logging.getLogger(__name__)
 
 _TERMINAL = ("completed", "failed", "cancelled", "timed_out")
+TIMEOUT_SWEEP_S = 1.0
 
 
 class Janitor:
@@ -37,7 +51,85 @@ class Janitor:
             filters=[self.s.workflow("cancel", "*"), *[self.s.workflow(e, "*") for e in _TERMINAL]],
             handler=self.on_event,
         )
-        await consumer.run(stop)
+        advisories = EventConsumer(
+            self.ctx,
+            stream=self.s.advisories_stream,
+            durable="janitor-advisories",
+            filters=[self.s.max_deliveries_advisories],
+            handler=self.on_max_deliveries,
+        )
+        await asyncio.gather(consumer.run(stop), advisories.run(stop), self._timeouts(stop))
+
+    async def _timeouts(self, stop: asyncio.Event) -> None:
+        """End workflows that outlived their ``timeout_s`` (checked every second)."""
+        while not stop.is_set():
+            try:
+                for record in await self.state.list():
+                    if record.phase.terminal:
+                        continue
+                    spec = await self.state.get_spec(record.workflow_id)
+                    limit = spec.options.timeout_s if spec else None
+                    if limit is not None and time.time() - record.created_ts > limit:
+                        await self.time_out(record.workflow_id, limit)
+            except Exception:
+                log.exception("janitor: timeout sweep failed")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), TIMEOUT_SWEEP_S)
+
+    async def time_out(self, wf: str, limit: float) -> None:
+        record = await self.state.transition(
+            wf, Phase.TIMED_OUT, reason=f"timed out after {limit:g}s"
+        )
+        if record is None:
+            return
+        await publish_once(
+            self.ctx.js,
+            self.s.workflow("timed_out", wf),
+            encode(WorkflowTimedOut(workflow_id=wf, timeout_s=limit)),
+        )
+        log.info("workflow %s timed out after %gs", wf, limit)
+
+    async def on_max_deliveries(self, msg: Msg) -> None:
+        """An item whose agents kept dying on it: dead-letter it instead of leaving it
+        invisible in the work stream forever (research/jetstream.md §6)."""
+        try:
+            advisory = json.loads(msg.data)
+            seq = int(advisory["stream_seq"])
+            deliveries = int(advisory.get("deliveries", 0))
+        except (ValueError, KeyError, TypeError):
+            log.error("janitor: unreadable max-deliveries advisory dropped")
+            return
+        try:
+            raw = await self.ctx.js.get_msg(self.s.work_stream, seq)
+        except NotFoundError:
+            return  # already handled (a redelivered advisory) or purged
+        try:
+            work = decode_as(raw.data or b"", WorkItem)
+        except BadEvent:
+            await self.ctx.js.delete_msg(self.s.work_stream, seq)
+            return
+        wf, index = work.workflow_id, work.index
+        dead = ItemDead(
+            workflow_id=wf,
+            index=index,
+            item_id=f"item_{index}",
+            error=f"agent died {deliveries} times while running this item",
+            error_type="AgentCrashed",
+            exit_code=None,
+            stderr_tail="",
+            attempts=deliveries,
+        )
+        stored = await publish_once(
+            self.ctx.js,
+            self.s.item_dead(wf, index),
+            encode(dead),
+            guard=self.s.item_terminal(wf, index),
+        )
+        if stored:
+            dead.item = work.item
+            await publish_once(self.ctx.js, self.s.dlq(wf, index), encode(dead))
+        with contextlib.suppress(NotFoundError):
+            await self.ctx.js.delete_msg(self.s.work_stream, seq)
 
     async def on_event(self, msg: Msg) -> None:
         event = decode(msg.data)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 
 from jetreduce.contract.events import (
     AgentExited,
@@ -26,6 +28,7 @@ __all__ = ["Launcher"]
 log = logging.getLogger(__name__)
 
 _TERMINAL = ("completed", "failed", "cancelled", "timed_out")
+RECONCILE_EVERY_S = 15.0
 
 
 class Launcher:
@@ -51,9 +54,47 @@ class Launcher:
             handler=self.on_event,
         )
         try:
-            await consumer.run(stop)
+            await asyncio.gather(consumer.run(stop), self._reconciler(stop))
         finally:
             await self.backend.stop_all()
+
+    async def _reconciler(self, stop: asyncio.Event) -> None:
+        """Re-drive on start and periodically: a launcher that restarted (or a ``run`` that
+        is resumed) has no agents, so every unfinished phase gets its agents back. Launching
+        is idempotent, so racing the event handlers is harmless."""
+        while not stop.is_set():
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("launcher: reconcile failed")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), RECONCILE_EVERY_S)
+
+    async def reconcile(self) -> None:
+        for record in await self.state.list():
+            if record.phase.terminal:
+                continue
+            wf = record.workflow_id
+            spec = await self.state.get_spec(wf)
+            if spec is None:
+                continue
+            if record.phase in (Phase.ACCEPTED, Phase.SETUP):
+                if not await self._stored(self.s.setup("completed", wf)):
+                    await self._launch(wf, "setup", [1], spec)
+            elif record.phase == Phase.MAPPING and record.total:
+                if not await self._stored(self.s.map("complete", wf)):
+                    await self._launch(wf, "map", self.backend.plan(record.max_parallel), spec)
+            elif record.phase == Phase.REDUCING and not await self._stored(
+                self.s.reduce("completed", wf)
+            ):
+                await self._launch(wf, "reduce", [1], spec)
+
+    async def _stored(self, subject: str) -> bool:
+        try:
+            await self.ctx.js.get_last_msg(self.s.events_stream, subject)
+        except NotFoundError:
+            return False
+        return True
 
     async def on_event(self, msg: Msg) -> None:
         kind = ".".join(msg.subject.split(".")[-3:-1])

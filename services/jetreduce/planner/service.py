@@ -140,6 +140,10 @@ class Planner:
         queue_problem = validate_queue_url(opts.queue)
         if queue_problem is not None:
             problems.append(Problem(path="options.queue", message=queue_problem))
+        for name in ("timeout_s", "lease_s"):
+            value = getattr(opts, name)
+            if value is not None and value <= 0:
+                problems.append(Problem(path=f"options.{name}", message="must be positive"))
         if opts.max_attempts is not None and opts.max_attempts < 1:
             problems.append(Problem(path="options.max_attempts", message="must be at least 1"))
         if problems:
@@ -190,7 +194,11 @@ class Planner:
         await self.state.transition(wf, Phase.MAPPING, total=total, max_parallel=parallel)
         attempts = spec.options.max_attempts or spec.workflow.error_policy.retry.max_attempts
         queue = open_queue(self.ctx, wf, spec.options.queue)
-        await queue.prepare(visibility_s=VISIBILITY_S, max_attempts=attempts, parallel=parallel)
+        await queue.prepare(
+            visibility_s=spec.options.lease_s or VISIBILITY_S,
+            max_attempts=attempts,
+            parallel=parallel,
+        )
         await publish_once(
             self.ctx.js,
             self.s.workflow("planned", wf),

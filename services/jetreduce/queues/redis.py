@@ -211,8 +211,13 @@ class RedisQueue:
         self.k_cursor = f"{base}:cursor"
         self.k_config = f"{base}:config"
         self._keys = [
-            self.k_stream, self.k_delayed, self.k_queued, self.k_items,
-            self.k_attempts, self.k_cursor, self.k_config,
+            self.k_stream,
+            self.k_delayed,
+            self.k_queued,
+            self.k_items,
+            self.k_attempts,
+            self.k_cursor,
+            self.k_config,
         ]
         # A consumer name of its own per queue object: the PEL then tells whose lease it is.
         self._consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -264,9 +269,7 @@ class RedisQueue:
     async def _visibility(self) -> int:
         if self._visibility_ms is None:
             raw = await self._r.hget(self.k_config, "visibility_ms")
-            self._visibility_ms = (
-                int(raw) if raw is not None else int(DEFAULT_VISIBILITY_S * 1000)
-            )
+            self._visibility_ms = int(raw) if raw is not None else int(DEFAULT_VISIBILITY_S * 1000)
         return self._visibility_ms
 
     async def _lease_once(self, max_n: int) -> tuple[list[Lease], str, int]:

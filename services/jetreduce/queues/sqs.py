@@ -201,8 +201,10 @@ class SqsQueue:
             url = await self._queue_url()
             sqs = await self._sqs()
             reply = await self._call(
-                "get_queue_attributes", sqs.get_queue_attributes,
-                QueueUrl=url, AttributeNames=["VisibilityTimeout"],
+                "get_queue_attributes",
+                sqs.get_queue_attributes,
+                QueueUrl=url,
+                AttributeNames=["VisibilityTimeout"],
             )
             raw = reply.get("Attributes", {}).get("VisibilityTimeout")
             self._visibility_s = int(raw) if raw is not None else DEFAULT_VISIBILITY_S
@@ -269,8 +271,10 @@ class SqsQueue:
                 raise QueueError(f"sqs create_queue failed: {exc}") from exc
             url = await self._queue_url()
             await self._call(
-                "set_queue_attributes", sqs.set_queue_attributes,
-                QueueUrl=url, Attributes=attributes,
+                "set_queue_attributes",
+                sqs.set_queue_attributes,
+                QueueUrl=url,
+                Attributes=attributes,
             )
         except BotoCoreError as exc:
             raise QueueError(f"sqs create_queue failed: {exc}") from exc
@@ -309,8 +313,10 @@ class SqsQueue:
             async with limiter:
                 try:
                     reply = await self._call(
-                        "send_message_batch", sqs.send_message_batch,
-                        QueueUrl=url, Entries=entries,
+                        "send_message_batch",
+                        sqs.send_message_batch,
+                        QueueUrl=url,
+                        Entries=entries,
                     )
                 except QueueError as exc:
                     errors.append(str(exc))
@@ -358,7 +364,8 @@ class SqsQueue:
             remaining = deadline - loop.time()
             wait = 0 if leases else int(min(MAX_WAIT_S, max(0.0, remaining)))
             reply = await self._call(
-                "receive_message", sqs.receive_message,
+                "receive_message",
+                sqs.receive_message,
                 QueueUrl=url,
                 MaxNumberOfMessages=min(SEND_BATCH, max_n - len(leases)),
                 WaitTimeSeconds=wait,
@@ -385,8 +392,10 @@ class SqsQueue:
         except (msgspec.DecodeError, msgspec.ValidationError):
             log.warning("dropping undecodable message in %s", self.name)
             await self._call(
-                "delete_message", sqs.delete_message,
-                QueueUrl=url, ReceiptHandle=msg["ReceiptHandle"],
+                "delete_message",
+                sqs.delete_message,
+                QueueUrl=url,
+                ReceiptHandle=msg["ReceiptHandle"],
             )
             return None
         attempt = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
@@ -396,8 +405,11 @@ class SqsQueue:
         url = await self._queue_url()
         sqs = await self._sqs()
         await self._call(
-            what, sqs.change_message_visibility,
-            QueueUrl=url, ReceiptHandle=lease.token, VisibilityTimeout=seconds,
+            what,
+            sqs.change_message_visibility,
+            QueueUrl=url,
+            ReceiptHandle=lease.token,
+            VisibilityTimeout=seconds,
         )
 
     async def heartbeat(self, lease: Lease) -> None:
@@ -418,9 +430,7 @@ class SqsQueue:
     async def _delete(self, lease: Lease, what: str) -> None:
         url = await self._queue_url()
         sqs = await self._sqs()
-        await self._call(
-            what, sqs.delete_message, QueueUrl=url, ReceiptHandle=lease.token
-        )
+        await self._call(what, sqs.delete_message, QueueUrl=url, ReceiptHandle=lease.token)
         await self._forget(lease.item.index)
 
     async def depth(self) -> QueueDepth:
@@ -431,7 +441,8 @@ class SqsQueue:
             return QueueDepth(pending=0, in_flight=0)
         sqs = await self._sqs()
         reply = await self._call(
-            "get_queue_attributes", sqs.get_queue_attributes,
+            "get_queue_attributes",
+            sqs.get_queue_attributes,
             QueueUrl=url,
             AttributeNames=[
                 "ApproximateNumberOfMessages",

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from jetreduce.contract.events import (
+    CircuitChanged,
     ItemDead,
     ItemDone,
     ItemFailed,
@@ -48,6 +49,7 @@ from jetreduce.runtime.publish import publish_once, publish_retrying
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
+from jetreduce.worker.breaker import CircuitBreaker
 from jetreduce.worker.interpolate import Variables, render_shell, render_text
 from jetreduce.worker.results import ResultsSpool
 from jetreduce.worker.steps import StepOutcome, base_env, run_process, run_step
@@ -57,7 +59,8 @@ __all__ = ["AgentConfig", "run_agent"]
 log = logging.getLogger(__name__)
 
 INPUT_COMMAND_TIMEOUT_S = 300.0
-HEARTBEAT_EVERY_S = 10.0
+DEFAULT_LEASE_S = 30.0
+"""Lease of a work item unless the submission set ``lease_s``; heartbeats at a third."""
 ERROR_TAIL = 2048
 EVENT_TEXT_LIMIT = 64 * 1024
 RESULTS_REF = re.compile(r"map\.results(?!_file)")
@@ -291,6 +294,11 @@ class Agent:
         self.retry: RetryConfig = policy.retry
         self.max_attempts = self.spec.options.max_attempts or self.retry.max_attempts
         self.inflight: dict[asyncio.Task[None], Lease] = {}
+        self.on_failure = policy.on_item_failure
+        if self.on_failure == "skip":
+            self.max_attempts = 1  # a skipped item is not retried and not dead-lettered
+        self.breaker = CircuitBreaker.from_config(policy.extra.get("circuit_breaker"))
+        self.heartbeat_every = (self.spec.options.lease_s or DEFAULT_LEASE_S) / 3
         beats = asyncio.create_task(self._heartbeats())
         draining = False
         try:
@@ -299,7 +307,15 @@ class Agent:
                 if free <= 0:
                     await asyncio.wait(list(self.inflight), return_when=asyncio.FIRST_COMPLETED)
                     continue
+                if self.breaker is not None:
+                    free = self.breaker.allowance(free)
+                    if free <= 0:  # open (or probes used up): dispatch pauses
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(self.stop.wait(), 0.2)
+                        continue
                 leases = await self.queue.lease(free, wait_s=1.0)
+                if self.breaker is not None:
+                    self.breaker.started(len(leases))
                 if self.stop.is_set():
                     for lease in leases:  # raced the stop: give them back at once
                         await self.queue.retry(lease, 0.001)
@@ -352,7 +368,7 @@ class Agent:
 
     async def _heartbeats(self) -> None:
         while True:
-            await asyncio.sleep(HEARTBEAT_EVERY_S)
+            await asyncio.sleep(self.heartbeat_every)
             for lease in list(self.inflight.values()):
                 with contextlib.suppress(Exception):
                     await self.queue.heartbeat(lease)
@@ -375,6 +391,7 @@ class Agent:
         deadline = start + m.agent_timeout_s if m.agent_timeout_s else None
         outcomes, failed = await self._steps(m.agent_template, variables, deadline=deadline)
         duration = time.monotonic() - start
+        await self._breaker_record(failed is None)
         if failed is None:
             output = "\n".join(o.stdout.rstrip("\n") for o in outcomes if o.stdout)
             done = ItemDone(
@@ -418,11 +435,14 @@ class Agent:
         if delay is not None:
             await self.queue.retry(lease, delay)
             return
+        log_object = await self._store_log(index, lease.attempt, outcomes, failed)
         dead = ItemDead(
             workflow_id=self.wf,
             index=index,
             item_id=item_id,
             error=error,
+            error_type="Timeout" if failed.timed_out else "CommandFailed",
+            log_object=log_object,
             exit_code=failed.exit_code,
             stderr_tail=tail,
             attempts=lease.attempt,
@@ -435,10 +455,48 @@ class Agent:
             encode(dead),
             guard=self.s.item_terminal(self.wf, index),
         )
-        if stored:
+        if stored and self.on_failure != "skip":
             dead.item = work.item
             await publish_once(self.ctx.js, self.s.dlq(self.wf, index), encode(dead))
         await self.queue.dead(lease, error)
+
+    async def _breaker_record(self, ok: bool) -> None:
+        if self.breaker is None:
+            return
+        changed = self.breaker.record(ok)
+        if changed is not None:
+            log.warning("agent %s: circuit %s", self.name, changed)
+            with contextlib.suppress(Exception):
+                await publish_retrying(
+                    self.ctx.js,
+                    self.s.agent("circuit", self.wf),
+                    encode(
+                        CircuitChanged(
+                            workflow_id=self.wf,
+                            state=changed,
+                            agent=self.name,
+                            consecutive_failures=self.breaker.failures,
+                        )
+                    ),
+                )
+
+    async def _store_log(
+        self, index: int, attempt: int, outcomes: list[StepOutcome], failed: StepOutcome
+    ) -> str | None:
+        """Keep the failed attempt's output (bounded tails) for `jetreduce dlq show`."""
+        name = f"logs/{self.wf}/{index}"
+        parts = []
+        for number, o in enumerate(outcomes, 1):
+            parts.append(f"--- step {number}: exit {o.exit_code}{' (timed out)' * o.timed_out}")
+            parts.append(f"stdout:\n{o.stdout}\nstderr:\n{o.stderr}")
+        body = f"attempt {attempt}\n" + "\n".join(parts)
+        try:
+            store = await self.ctx.js.object_store(self.s.objects_bucket)
+            await store.put(name, body.encode())
+        except Exception:
+            log.warning("agent: could not store the log of item %d", index)
+            return None
+        return name
 
     def _backoff(self, attempt: int) -> float:
         r = self.retry
