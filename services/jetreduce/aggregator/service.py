@@ -23,6 +23,7 @@ from jetreduce.contract.events import (
     WorkflowCompleted,
     WorkflowFailed,
     WorkflowPlanned,
+    WorkflowReopened,
     decode,
     encode,
 )
@@ -69,6 +70,7 @@ class Aggregator:
             durable="aggregator",
             filters=[
                 self.s.workflow("planned", "*"),
+                self.s.workflow("reopened", "*"),
                 self.s.setup("failed", "*"),
                 self.s.map("complete", "*"),
                 self.s.reduce("completed", "*"),
@@ -178,6 +180,11 @@ class Aggregator:
             if record is not None and not record.phase.terminal and wf not in self.active:
                 await self.track(wf, event.total)
                 await self.check(wf)
+        elif isinstance(event, WorkflowReopened):
+            record = await self.state.get(wf)
+            if record is not None and record.total is not None:
+                self.active.pop(wf, None)
+                await self.track(wf, record.total)
         elif isinstance(event, SetupFailed):
             await self.finish_failed(wf, f"setup failed: {event.error}")
         elif isinstance(event, MapComplete):

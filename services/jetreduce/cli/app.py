@@ -20,6 +20,7 @@ import msgspec
 import typer
 
 from jetreduce.cli import exit_codes
+from jetreduce.cli.dlq import build as build_dlq
 from jetreduce.cli.host import SERVICE_NAMES, ServiceHost
 from jetreduce.cli.logs import configure
 from jetreduce.cli.options import (
@@ -550,6 +551,9 @@ def server(
         pass
     finally:
         srv.stop()
+
+
+app.add_typer(build_dlq(_settings), name="dlq")
 
 
 def main() -> None:

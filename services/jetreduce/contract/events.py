@@ -41,6 +41,8 @@ __all__ = [
     "WorkflowFailed",
     "WorkflowPlanned",
     "WorkflowRejected",
+    "WorkflowReopened",
+    "WorkflowRetryRequested",
     "WorkflowSubmit",
     "WorkflowTimedOut",
     "decode",
@@ -200,6 +202,17 @@ class WorkflowCancelRequested(_Base, tag="workflow.cancel", kw_only=True):
     reason: str = "cancelled by user"
 
 
+class WorkflowRetryRequested(_Base, tag="workflow.retry", kw_only=True):
+    """``jetreduce dlq retry``: give these dead items another run (re-opening the workflow if
+    it had ended; reduce then runs again once they are terminal)."""
+
+    indices: list[int]
+
+
+class WorkflowReopened(_Base, tag="workflow.reopened", kw_only=True):
+    retried: int
+
+
 class WorkflowCancelled(_Base, tag="workflow.cancelled", kw_only=True):
     reason: str
 
@@ -280,6 +293,8 @@ Event = (
     | WorkflowCompleted
     | WorkflowFailed
     | WorkflowCancelRequested
+    | WorkflowRetryRequested
+    | WorkflowReopened
     | WorkflowCancelled
     | WorkflowTimedOut
     | WorkItem

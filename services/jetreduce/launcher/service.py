@@ -43,6 +43,7 @@ class Launcher:
         filters = [
             self.s.workflow("accepted", "*"),
             self.s.workflow("planned", "*"),
+            self.s.workflow("reopened", "*"),
             self.s.map("complete", "*"),
             *[self.s.workflow(e, "*") for e in _TERMINAL],
         ]
@@ -117,6 +118,9 @@ class Launcher:
             if planned.total == 0 or record.phase.order > Phase.MAPPING.order:
                 return
             await self._launch(wf, "map", self.backend.plan(planned.max_parallel), spec)
+        elif kind == "workflow.reopened":
+            if record.phase == Phase.MAPPING and record.total:
+                await self._launch(wf, "map", self.backend.plan(record.max_parallel), spec)
         elif kind == "map.complete":
             await self.backend.stop(wf, "map")
             complete = decode(msg.data)

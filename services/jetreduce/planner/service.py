@@ -11,9 +11,11 @@ from typing import Any
 
 import yaml
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 
 from jetreduce.contract.events import (
     BadEvent,
+    ItemDead,
     Problem,
     SetupCompleted,
     SubmitReply,
@@ -21,6 +23,8 @@ from jetreduce.contract.events import (
     WorkflowFailed,
     WorkflowPlanned,
     WorkflowRejected,
+    WorkflowReopened,
+    WorkflowRetryRequested,
     WorkflowSubmit,
     WorkItem,
     decode_as,
@@ -66,11 +70,63 @@ class Planner:
             self.ctx,
             stream=self.s.events_stream,
             durable="planner-setup",
-            filters=[self.s.setup("completed", "*")],
-            handler=self.on_setup_completed,
+            filters=[self.s.setup("completed", "*"), self.s.workflow("retry", "*")],
+            handler=self.on_phase_event,
             ack_wait_s=60,
         )
         await asyncio.gather(submits.run(stop), setups.run(stop))
+
+    async def on_phase_event(self, msg: Msg) -> None:
+        if msg.subject.startswith(self.s.workflow("retry", "")):
+            await self.on_retry(msg)
+        else:
+            await self.on_setup_completed(msg)
+
+    async def on_retry(self, msg: Msg) -> None:
+        """Re-run dead items: forget their terminal record and DLQ entry, re-open the workflow
+        if it had ended (its completion events are removed so they can happen again), and
+        enqueue them. Safe to repeat: every step is idempotent."""
+        event = decode_as(msg.data, WorkflowRetryRequested)
+        wf = event.workflow_id
+        record = await self.state.get(wf)
+        spec = await self.state.get_spec(wf)
+        if record is None or spec is None:
+            return
+        js = self.ctx.js
+        items: list[WorkItem] = []
+        for index in sorted(set(event.indices)):
+            try:
+                raw = await js.get_last_msg(self.s.dlq_stream, self.s.dlq(wf, index))
+            except NotFoundError:
+                continue  # not dead-lettered (or already retried)
+            dead = decode_as(raw.data or b"", ItemDead)
+            items.append(WorkItem(workflow_id=wf, index=index, item=dead.item))
+        if not items:
+            return
+        if record.phase.terminal or record.phase == Phase.REDUCING:
+            for subject in (
+                self.s.map("complete", wf),
+                self.s.reduce("*", wf),
+                *(self.s.workflow(e, wf) for e in ("completed", "failed", "timed_out")),
+            ):
+                await js.purge_stream(self.s.events_stream, subject=subject)
+        for work in items:
+            await js.purge_stream(self.s.results_stream, subject=self.s.item_dead(wf, work.index))
+            await js.purge_stream(self.s.dlq_stream, subject=self.s.dlq(wf, work.index))
+        await self.state.reopen(wf)
+        attempts = spec.options.max_attempts or spec.workflow.error_policy.retry.max_attempts
+        queue = open_queue(self.ctx, wf, spec.options.queue)
+        await queue.prepare(
+            visibility_s=spec.options.lease_s or VISIBILITY_S,
+            max_attempts=attempts,
+            parallel=record.max_parallel,
+        )
+        await queue.enqueue(items, lane=PRIORITY_LANES[spec.options.priority])
+        await js.publish(
+            self.s.workflow("reopened", wf),
+            encode(WorkflowReopened(workflow_id=wf, retried=len(items))),
+        )
+        log.info("workflow %s: %d dead item(s) re-enqueued", wf, len(items))
 
     # -- submissions ----------------------------------------------------------------------
     async def on_submit(self, msg: Msg) -> None:

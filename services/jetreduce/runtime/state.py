@@ -109,6 +109,19 @@ class StateStore:
 
         return await self.update(wf, change)
 
+    async def reopen(self, wf: str) -> WorkflowRecord | None:
+        """Back to mapping from any phase (a DLQ retry): the one transition that may leave a
+        terminal phase, so it is kept apart from :meth:`transition`."""
+
+        def change(rec: WorkflowRecord) -> WorkflowRecord | None:
+            if rec.phase == Phase.MAPPING:
+                return None
+            return msgspec.structs.replace(
+                rec, phase=Phase.MAPPING, reason="", reduce_output="", finished_ts=None
+            )
+
+        return await self.update(wf, change)
+
     async def list(self) -> list[WorkflowRecord]:
         kv = await self._rec_kv()
         try:

@@ -1,0 +1,177 @@
+"""``jetreduce dlq``: list, show, retry and purge dead-lettered items."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Any
+
+import msgspec
+import typer
+from nats.js.errors import NotFoundError
+
+from jetreduce.cli import exit_codes
+from jetreduce.cli.options import Nats
+from jetreduce.contract import events as ev
+from jetreduce.contract.subjects import Subjects
+from jetreduce.planner.pipeline import PipelineError, compile_filter
+from jetreduce.runtime.connection import ConnectFailed, connect
+from jetreduce.runtime.settings import NatsSettings
+
+__all__ = ["build"]
+
+
+def _index(item: str) -> int:
+    """``item_7`` or ``7`` → 7."""
+    text = item.removeprefix("item_")
+    if not text.isdigit():
+        raise typer.BadParameter(f"{item!r} is not an item id (item_N or N)")
+    return int(text)
+
+
+async def _entries(nc: Any, subjects: Subjects, wf: str | None) -> list[ev.ItemDead]:
+    js = nc.jetstream()
+    subject = subjects.dlq_of(wf) if wf else subjects.dlq_of("*")
+    try:
+        sub = await js.subscribe(subject, stream=subjects.dlq_stream, ordered_consumer=True)
+    except NotFoundError:
+        return []
+    out: list[ev.ItemDead] = []
+    try:
+        info = await js.stream_info(subjects.dlq_stream, subjects_filter=subject)
+        expected = sum((info.state.subjects or {}).values())
+        while len(out) < expected:
+            try:
+                msg = await sub.next_msg(timeout=5)
+            except TimeoutError:
+                break
+            event = ev.decode(msg.data)
+            if isinstance(event, ev.ItemDead):
+                out.append(event)
+    finally:
+        await sub.unsubscribe()
+    return sorted(out, key=lambda e: (e.workflow_id, e.index))
+
+
+def build(settings_of: Any) -> typer.Typer:
+    """The ``dlq`` sub-app; ``settings_of(nats)`` gives the connection settings."""
+    app = typer.Typer(help="Dead-lettered items: list, show, retry, purge.", no_args_is_help=True)
+
+    def run(coro_fn: Any, nats: str | None) -> None:
+        async def go() -> int:
+            settings: NatsSettings = settings_of(nats)
+            try:
+                nc = await connect(settings, name="jetreduce-cli", forever=False)
+            except ConnectFailed as exc:
+                typer.echo(str(exc), err=True)
+                return exit_codes.UNREACHABLE
+            try:
+                result: int = await coro_fn(nc, Subjects(settings.prefix))
+                return result
+            finally:
+                await nc.close()
+
+        raise typer.Exit(asyncio.run(go()))
+
+    @app.command("list")
+    def list_cmd(
+        workflow_id: Annotated[
+            str | None, typer.Argument(help="Workflow id (all if omitted).")
+        ] = None,
+        nats: Nats = None,
+    ) -> None:
+        """One line per dead item: workflow, item, error type, attempts, error."""
+
+        async def go(nc: Any, s: Subjects) -> int:
+            for e in await _entries(nc, s, workflow_id):
+                typer.echo(
+                    f"{e.workflow_id}  {e.item_id}  {e.error_type}  attempts={e.attempts}  "
+                    f"{e.error}"
+                )
+            return exit_codes.OK
+
+        run(go, nats)
+
+    @app.command("show")
+    def show_cmd(
+        workflow_id: Annotated[str, typer.Argument(help="Workflow id.")],
+        item: Annotated[str, typer.Argument(help="Item id (item_N or N).")],
+        nats: Nats = None,
+    ) -> None:
+        """Everything about one dead item: its data, error, attempts and log."""
+        index = _index(item)
+
+        async def go(nc: Any, s: Subjects) -> int:
+            js = nc.jetstream()
+            try:
+                msg = await js.get_last_msg(s.dlq_stream, s.dlq(workflow_id, index))
+            except NotFoundError:
+                typer.echo(f"no dead item {item} in {workflow_id}", err=True)
+                return exit_codes.FAILED
+            event = ev.decode(msg.data)
+            typer.echo(json.dumps(msgspec.to_builtins(event), indent=2))
+            if isinstance(event, ev.ItemDead) and event.log_object:
+                try:
+                    store = await js.object_store(s.objects_bucket)
+                    log = await store.get(event.log_object)
+                    typer.echo(f"--- log ({event.log_object})")
+                    typer.echo((log.data or b"").decode(errors="replace"))
+                except Exception as exc:
+                    typer.echo(f"(log unavailable: {exc})", err=True)
+            return exit_codes.OK
+
+        run(go, nats)
+
+    @app.command("retry")
+    def retry_cmd(
+        workflow_id: Annotated[str, typer.Argument(help="Workflow id.")],
+        item: Annotated[
+            list[str] | None, typer.Option("--item", help="Only these items (repeatable).")
+        ] = None,
+        filter_expr: Annotated[
+            str | None,
+            typer.Option("--filter", help="Only items whose data matches (map.filter syntax)."),
+        ] = None,
+        nats: Nats = None,
+    ) -> None:
+        """Run dead items again. A finished workflow re-opens: its reduce runs again once the
+        retried items are terminal."""
+        wanted = {_index(i) for i in item} if item else None
+        try:
+            matches = compile_filter(filter_expr) if filter_expr else None
+        except PipelineError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--filter") from None
+
+        async def go(nc: Any, s: Subjects) -> int:
+            entries = [
+                e
+                for e in await _entries(nc, s, workflow_id)
+                if (wanted is None or e.index in wanted) and (matches is None or matches(e.item))
+            ]
+            if not entries:
+                typer.echo("no matching dead items", err=True)
+                return exit_codes.FAILED
+            request = ev.WorkflowRetryRequested(
+                workflow_id=workflow_id, indices=[e.index for e in entries]
+            )
+            await nc.jetstream().publish(s.workflow("retry", workflow_id), ev.encode(request))
+            typer.echo(f"{len(entries)} item(s) of {workflow_id} queued for retry")
+            return exit_codes.OK
+
+        run(go, nats)
+
+    @app.command("purge")
+    def purge_cmd(
+        workflow_id: Annotated[str, typer.Argument(help="Workflow id.")],
+        nats: Nats = None,
+    ) -> None:
+        """Forget a workflow's dead-lettered items (their results stay recorded as dead)."""
+
+        async def go(nc: Any, s: Subjects) -> int:
+            await nc.jetstream().purge_stream(s.dlq_stream, subject=s.dlq_of(workflow_id))
+            typer.echo(f"dead-letter queue of {workflow_id} purged")
+            return exit_codes.OK
+
+        run(go, nats)
+
+    return app
