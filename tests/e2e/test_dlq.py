@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import Harness, services
 
 from conftest import env_without_jetreduce
+from helpers import Harness, services
 from jetreduce.cli.watch import Watcher
 from jetreduce.contract import events as ev
 
