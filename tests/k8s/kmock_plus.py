@@ -107,6 +107,8 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
         ):
             return await self._delete_collection(request)
         response = await super()._handle(request)
+        if request.action == enums.action.CREATE and response.status < 300:
+            await self._collect_orphan(request)
         if request.action == enums.action.DELETE and response.status < 300:
             async with self._lock:
                 key = (request.resource, request.namespace, request.name)
@@ -115,6 +117,25 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
                 if uid and obj is not None and obj.deleted:
                     await self._collect_garbage({uid})
         return response
+
+    async def _collect_orphan(self, request: rendering.Request) -> None:
+        """A new object whose owners are all gone is garbage at once (as the real GC would
+        find it): e.g. a pod created by a controller racing its Job's deletion."""
+        refs = (request.data.get("metadata") or {}).get("ownerReferences") or []
+        if not refs:
+            return
+        async with self._lock:
+            live = {
+                o.raw.get("metadata", {}).get("uid")
+                for o in self._objects.values()
+                if not o.deleted
+            }
+            if any(ref.get("uid") in live for ref in refs):
+                return
+            meta = request.data["metadata"]
+            key = (request.resource, meta.get("namespace"), meta.get("name"))
+            if key in self._objects and not self._objects[key].deleted:
+                await self._delete_locked(request.resource, self._objects[key])
 
     async def _delete_collection(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         match = parse_selector(request.params.get("labelSelector", ""))

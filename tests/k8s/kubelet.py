@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -69,6 +70,7 @@ class _JobRun:
     failures: dict[int, int] = field(default_factory=dict)
     failed_pods: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_status: dict[str, Any] | None = None
     started: list[tuple[int, int]] = field(default_factory=list)
     """(index, pid) of every process started, in order."""
 
@@ -93,16 +95,25 @@ class ProcessKubelet:
         self.log_dir = log_dir
         self.jobs: dict[str, _JobRun] = {}
         self.finished: dict[str, _JobRun] = {}
+        self.slowest_api_s = 0.0
+        # Its own threads: 50 pods' API calls must not queue behind (or starve) the
+        # launcher's calls in the loop's small default executor.
+        self._pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="kubelet")
         self.errors: list[BaseException | None] = []
         """Exceptions of Job runs: a test asserts it stays empty."""
 
     # -- API (blocking client, off the loop) ------------------------------------------------
     async def _api(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         def call() -> Any:
-            r = fn(*args, _preload_content=False, _request_timeout=10, **kw)
+            r = fn(*args, _preload_content=False, _request_timeout=30, **kw)
             return json.loads(r.data) if r.data else {}
 
-        return await asyncio.to_thread(call)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            return await loop.run_in_executor(self._pool, call)
+        finally:
+            self.slowest_api_s = max(self.slowest_api_s, asyncio.get_running_loop().time() - t0)
 
     # -- controller loop --------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -134,6 +145,7 @@ class ProcessKubelet:
         finally:
             for run in list(self.jobs.values()):
                 await self._terminate(run, grace_s=5)
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _terminate(self, run: _JobRun, grace_s: float) -> None:
         if run.task is not None:
@@ -229,6 +241,9 @@ class ProcessKubelet:
                 status["conditions"] = [
                     {"type": condition, "status": "True", "reason": reason or "Completed"}
                 ]
+            if status == run.last_status:
+                return  # unchanged: spare the API server
+            run.last_status = status
             with contextlib.suppress(ApiException):  # deleted meanwhile
                 await self._api(
                     self.batch.patch_namespaced_job_status,

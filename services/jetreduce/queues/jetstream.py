@@ -20,12 +20,17 @@ from nats.js.errors import NotFoundError
 from jetreduce.contract.events import WorkItem, encode
 from jetreduce.contract.subjects import Subjects
 from jetreduce.queues.base import EnqueueResult, Lease, QueueDepth, QueueError
-from jetreduce.runtime.publish import Pipeline
+from jetreduce.runtime.publish import AckPipeline
 from jetreduce.runtime.service import ServiceContext
 
 __all__ = ["JetStreamQueue"]
 
 _item_dec = msgspec.json.Decoder(WorkItem)
+
+ENQUEUE_WINDOW = 512
+"""Unacknowledged enqueue publishes at once. Measured here (100k items, file storage): a few
+hundred in flight keeps the server busy; thousands only queue up in the client and slow it
+(256: ~31k/s, 1000: ~24k/s, 16000: ~18k/s)."""
 
 
 class JetStreamQueue:
@@ -56,11 +61,12 @@ class JetStreamQueue:
             await self.ctx.js.add_consumer(self.subjects.work_stream, config)
 
     async def enqueue(self, items: Iterable[WorkItem], *, lane: str = "p1") -> EnqueueResult:
-        pipe = Pipeline(self.ctx.js)
-        for item in items:
-            await pipe.publish(self.subjects.work(lane, self.workflow_id, item.index), encode(item))
         try:
-            await pipe.flush()
+            async with AckPipeline(self.ctx.nc, window=ENQUEUE_WINDOW) as pipe:
+                for item in items:
+                    subject = self.subjects.work(lane, self.workflow_id, item.index)
+                    await pipe.publish(subject, encode(item))
+                await pipe.flush()
         except RuntimeError as exc:
             raise QueueError(str(exc)) from exc
         return EnqueueResult(added=pipe.published, duplicates=pipe.rejected)

@@ -10,14 +10,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError
 
-__all__ = ["ALREADY_EXISTS_CODES", "Pipeline", "publish_once", "publish_retrying"]
+__all__ = [
+    "ALREADY_EXISTS_CODES",
+    "AckPipeline",
+    "Pipeline",
+    "publish_once",
+    "publish_retrying",
+]
 
 ALREADY_EXISTS_CODES = {10071, 10077}
 """Wrong last sequence (create-only guard) / per-subject limit: the message already exists."""
@@ -129,3 +139,111 @@ class Pipeline:
             count = len(self._errors)
             self._errors.clear()
             raise RuntimeError(f"{count} publish(es) failed; first: {first}") from first
+
+
+class AckPipeline:
+    """Pipelined JetStream publishing for bulk paths (enqueueing thousands of items).
+
+    Messages go out as core publishes with a reply subject under one wildcard inbox; a single
+    subscription matches the server's acknowledgements to what is in flight. Compared with one
+    ``js.publish`` per message this skips a future, a request mux round and a PubAck object per
+    message, and — unlike nats-py's ``publish_async`` — error acknowledgements are seen (a
+    refused duplicate is counted, not left as a future that never resolves, nats.py#985).
+
+    At most ``window`` messages are unacknowledged at once; a message not acknowledged within
+    ``timeout_s`` (or answered "no responders" while a stream leader is elected) is published
+    again, which is safe for the idempotent subjects this is used for.
+    """
+
+    def __init__(self, nc: Any, *, window: int = 4000, timeout_s: float = PUBLISH_TIMEOUT_S):
+        self._nc = nc
+        self._window = asyncio.Semaphore(window)
+        self._timeout_s = timeout_s
+        self._pending: dict[str, tuple[str, bytes, dict[str, str] | None, float]] = {}
+        self._next = 0
+        self._prefix = ""
+        self._sub: Any = None
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._resend: list[str] = []
+        self.errors: list[str] = []
+        self.published = 0
+        self.rejected = 0
+
+    async def __aenter__(self) -> AckPipeline:
+        self._prefix = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_ack)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def publish(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None = None
+    ) -> None:
+        await self._window.acquire()
+        token = str(self._next)
+        self._next += 1
+        self._pending[token] = (subject, payload, headers, time.monotonic())
+        self._drained.clear()
+        await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}", headers=headers)
+
+    async def _on_ack(self, msg: Any) -> None:
+        token = msg.subject.rsplit(".", 1)[-1]
+        entry = self._pending.get(token)
+        if entry is None:
+            return  # an ack for a message already re-sent and counted
+        status = (msg.headers or {}).get("Status")
+        if status == "503":  # no responders: the stream is not ready; try again shortly
+            self._resend.append(token)
+            return
+        del self._pending[token]
+        self._window.release()
+        data = msg.data or b""
+        if b'"error"' in data:
+            try:
+                code = int(json.loads(data)["error"].get("err_code", 0))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                code = 0
+            if code in ALREADY_EXISTS_CODES:
+                self.rejected += 1
+            else:
+                self.errors.append(f"{entry[0]}: {data[:200]!r}")
+        else:
+            self.published += 1
+        if not self._pending:
+            self._drained.set()
+
+    async def _resend_due(self) -> None:
+        now = time.monotonic()
+        due = [t for t, e in self._pending.items() if now - e[3] > self._timeout_s]
+        due += self._resend
+        self._resend = []
+        for token in dict.fromkeys(due):
+            entry = self._pending.get(token)
+            if entry is None:
+                continue
+            subject, payload, headers, _ = entry
+            self._pending[token] = (subject, payload, headers, now)
+            await self._nc.publish(
+                subject, payload, reply=f"{self._prefix}.{token}", headers=headers
+            )
+
+    async def flush(self, max_wait_s: float = 300.0) -> None:
+        """Wait until every message is acknowledged (re-sending stragglers); raise if some
+        were refused for a reason other than "already exists"."""
+        deadline = time.monotonic() + max_wait_s
+        while not self._drained.is_set():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(self._pending)} publish(es) never acknowledged")
+            await self._nc.flush()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), 0.25)
+            await self._resend_due()
+        if self.errors:
+            first, count = self.errors[0], len(self.errors)
+            self.errors = []
+            raise RuntimeError(f"{count} publish(es) failed; first: {first}")
