@@ -41,6 +41,9 @@ TICK_S = 0.25
 """How often active workflows are counted (one cheap STREAM.INFO each)."""
 PROGRESS_EVERY_S = 1.0
 THRESHOLD_MIN_ITEMS = 10
+EXACT_EVERY_MIN_S = 2.0
+EXACT_COST_FACTOR = 20.0
+"""An exact count that took c seconds is repeated at most every 20·c seconds (≤ 5 % load)."""
 
 
 @dataclass
@@ -51,6 +54,9 @@ class _Tracked:
     history: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=40))
     last_progress: float = 0.0
     last_terminal: int = -1
+    exact: int = 0
+    """The last exact count of terminal items."""
+    next_exact: float = 0.0
 
 
 class Aggregator:
@@ -110,28 +116,56 @@ class Aggregator:
         self.active[wf] = _Tracked(total=total, policy=policy)
 
     async def check(self, wf: str) -> None:
+        """One tick for one workflow. The queue's depth (O(1) to ask) estimates progress; the
+        exact distinct-subject count (O(items) on the server) runs only when the estimate
+        says the map may be done, or every ``exact_every_s``, which grows with its cost."""
         tracked = self.active.get(wf)
         if tracked is None:
             return
-        terminal = await self.count(self.s.terminal_of(wf))
-        done = await self.count(self.s.done_of(wf))
         now = time.monotonic()
+        depth = await self._depth(wf)
+        dead = await self.count(self.s.dead_of(wf))
+        estimate = None if depth is None else tracked.total - depth[0] - depth[1]
+        if estimate is None or estimate >= tracked.total or now >= tracked.next_exact:
+            started = time.monotonic()
+            terminal = await self.count(self.s.terminal_of(wf))
+            cost = time.monotonic() - started
+            tracked.next_exact = now + max(EXACT_EVERY_MIN_S, cost * EXACT_COST_FACTOR)
+            tracked.exact = terminal
+        else:
+            terminal = max(tracked.exact, min(estimate, tracked.total - 1))
         tracked.history.append((now, terminal))
-        verdict = policy_verdict(tracked.policy, terminal, terminal - done)
+        done = terminal - dead
+        verdict = policy_verdict(tracked.policy, terminal, dead)
         if verdict is not None:
-            await self.publish_progress(wf, tracked, done, terminal - done, "stopped")
+            await self.publish_progress(wf, tracked, done, dead, "stopped", depth)
             await self.finish_failed(wf, verdict)
             return
-        if terminal >= tracked.total:
-            await self.complete_map(wf, tracked.total, done, terminal - done)
+        if terminal >= tracked.total and tracked.exact >= tracked.total:
+            await self.complete_map(wf, tracked.total, tracked.total - dead, dead)
             return
         if terminal != tracked.last_terminal or now - tracked.last_progress >= PROGRESS_EVERY_S:
             tracked.last_terminal = terminal
             tracked.last_progress = now
-            await self.publish_progress(wf, tracked, done, terminal - done, "mapping")
+            await self.publish_progress(wf, tracked, done, dead, "mapping", depth)
+
+    async def _depth(self, wf: str) -> tuple[int, int] | None:
+        """(pending, in flight) of the workflow's JetStream work consumer; None when there is
+        none (not created yet, or the items travel on Redis/SQS)."""
+        try:
+            info = await self.ctx.js.consumer_info(self.s.work_stream, self.s.work_consumer(wf))
+        except NotFoundError:
+            return None
+        return info.num_pending or 0, info.num_ack_pending or 0
 
     async def publish_progress(
-        self, wf: str, tracked: _Tracked, done: int, dead: int, phase: str
+        self,
+        wf: str,
+        tracked: _Tracked,
+        done: int,
+        dead: int,
+        phase: str,
+        depth: tuple[int, int] | None = None,
     ) -> None:
         terminal = done + dead
         rate = 0.0
@@ -141,10 +175,7 @@ class Aggregator:
                 rate = (n1 - n0) / (t1 - t0)
         left = tracked.total - terminal
         eta = (left / rate) if rate > 0 else None
-        in_flight = pending = 0
-        with contextlib.suppress(NotFoundError, Exception):
-            info = await self.ctx.js.consumer_info(self.s.work_stream, self.s.work_consumer(wf))
-            in_flight, pending = info.num_ack_pending or 0, info.num_pending or 0
+        pending, in_flight = depth or (0, 0)
         progress = Progress(
             workflow_id=wf,
             phase=phase,

@@ -15,6 +15,8 @@ from jetreduce.aggregator.service import Aggregator
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import TopologySettings, declare
 from jetreduce.janitor.service import Janitor
+from jetreduce.launcher.backend import AgentBackend
+from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.local import LocalBackend
 from jetreduce.launcher.service import Launcher
 from jetreduce.planner.service import Planner
@@ -22,11 +24,12 @@ from jetreduce.runtime.connection import connect
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
 
-__all__ = ["SERVICE_NAMES", "ServiceHost"]
+__all__ = ["BACKENDS", "SERVICE_NAMES", "ServiceHost"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = ("planner", "launcher", "aggregator", "janitor")
+BACKENDS = ("local", "kubernetes")
 
 
 class _Service(Protocol):
@@ -42,7 +45,13 @@ class ServiceHost:
         log_dir: Path | None = None,
         max_processes: int | None = None,
         topology: TopologySettings | None = None,
+        backend: str = "local",
+        k8s: KubernetesSettings | None = None,
     ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
+        self.backend = backend
+        self.k8s = k8s
         unknown = set(names) - set(SERVICE_NAMES)
         if unknown:
             raise ValueError(f"unknown service(s): {', '.join(sorted(unknown))}")
@@ -60,15 +69,20 @@ class ServiceHost:
             if name == "planner":
                 built[name] = Planner(ctx)
             elif name == "launcher":
-                backend = LocalBackend(
-                    self.settings, log_dir=self.log_dir, max_processes=self.max_processes
-                )
-                built[name] = Launcher(ctx, backend)
+                built[name] = Launcher(ctx, self._backend())
             elif name == "aggregator":
                 built[name] = Aggregator(ctx)
             elif name == "janitor":
                 built[name] = Janitor(ctx)
         return built
+
+    def _backend(self) -> AgentBackend:
+        if self.backend == "kubernetes":
+            # Imported here: only installations that use it pay for the kubernetes client.
+            from jetreduce.launcher.kubernetes import KubernetesBackend
+
+            return KubernetesBackend(self.settings, self.k8s or KubernetesSettings())
+        return LocalBackend(self.settings, log_dir=self.log_dir, max_processes=self.max_processes)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[ServiceHost]:

@@ -124,7 +124,7 @@ class Watcher:
             with contextlib.suppress(ev.BadEvent):
                 self.queue.put_nowait(ev.decode(msg.data))
 
-        for subject in self.s.all_of(self.wf):
+        for subject in self.s.all_of(self.wf, done_items=self.show_items):
             self._subs.append(await self.nc.subscribe(subject, cb=on_msg))
 
     async def stop(self) -> None:

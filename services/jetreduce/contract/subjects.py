@@ -128,13 +128,19 @@ class Subjects:
     def any_workflow(self, event: str = "*") -> str:
         return self._s("workflow", event, "*")
 
-    def all_of(self, wf: str) -> list[str]:
-        """Subjects a watcher of one workflow subscribes to (events, progress, terminal items)."""
-        return [
+    def all_of(self, wf: str, *, done_items: bool = True) -> list[str]:
+        """Subjects a watcher of one workflow subscribes to: events, progress, failed and
+        dead items, and (``done_items``) every successful item, which is one message per
+        item — leave it out when nobody shows them."""
+        subjects = [
             self._s("*", "*", wf),
-            self._s("item", "*", wf, "*"),
+            self._s("item", "failed", wf, "*"),
+            self._s("item", "dead", wf, "*"),
             self._s("progress", wf),
         ]
+        if done_items:
+            subjects.append(self._s("item", "done", wf, "*"))
+        return subjects
 
     @property
     def events_subjects(self) -> list[str]:
@@ -171,6 +177,9 @@ class Subjects:
     def item_terminal(self, wf: str, item: int | str) -> str:
         """Both terminal subjects of one item: the create-only guard spans done and dead."""
         return self._s("item", "*", wf, str(item))
+
+    def dead_of(self, wf: str) -> str:
+        return self._s("item", "dead", wf, "*")
 
     def done_of(self, wf: str) -> str:
         return self._s("item", "done", wf, "*")

@@ -189,7 +189,7 @@ class Planner:
             problems.append(
                 Problem(path="options.priority", message="must be one of high, normal, low")
             )
-        if opts.backend not in ("local",):
+        if opts.backend not in ("local", "kubernetes"):
             problems.append(
                 Problem(path="options.backend", message=f"unknown backend {opts.backend!r}")
             )
