@@ -2,7 +2,7 @@
 
 Exit codes: 0 success · 1 workflow failed / cancelled / timed out · 2 invalid arguments or
 workflow file · 3 completed but some items failed permanently (see ``jetreduce dlq``) ·
-4 NATS unreachable · 130 interrupted.
+4 NATS unreachable · 130 interrupted (SIGINT) · 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
+import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -145,6 +147,120 @@ def _print_outcome(event: Any) -> None:
 
 
 # -- run ----------------------------------------------------------------------------------------
+TERMINATED = 143
+"""Exit code after SIGTERM (128 + 15), as Prodigy and shells report it."""
+DRY_RUN_INPUT_TIMEOUT_S = 60.0
+DRY_RUN_SHOWN_ITEMS = 5
+
+ArgsOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--args",
+        help="Positional argument for the workflow ($1, ${ARG_1}, env ARG_1); repeat it.",
+    ),
+]
+ProfileOption = Annotated[
+    str | None, typer.Option("--profile", help="Activate the workflow's profiles.NAME.")
+]
+WorktreesOption = Annotated[
+    bool,
+    typer.Option(
+        "--worktrees",
+        help="Run each item in its own git worktree; merge successful items' branches.",
+    ),
+]
+
+
+def _check_profile(workflow: Any, profile: str | None) -> None:
+    """Refuse an unknown ``--profile`` before anything is submitted (agents would fail)."""
+    if profile is None:
+        return
+    profiles = workflow.extra.get("profiles") or {}
+    if profile not in profiles:
+        names = ", ".join(sorted(profiles)) or "none"
+        raise _fail(f"profile {profile!r} is not defined (defined: {names})", exit_codes.USAGE)
+
+
+def _dry_run(
+    workflow: Any, path: Path, workdir: Path, max_parallel: int | None, args: list[str]
+) -> int:
+    """Print what a run would do. Runs no step; only the map input is resolved (the file
+    read, or the input command run in the workflow directory) to count the items."""
+    from jetreduce.planner.pipeline import PipelineError, parse_input_document, run_pipeline
+
+    m = workflow.map
+    setup_steps = len(workflow.setup.steps) if workflow.setup else 0
+    reduce_steps = len(workflow.reduce.steps) if workflow.reduce else 0
+    typer.echo(f"[DRY RUN] MapReduce workflow {workflow.name!r} ({path})")
+    typer.echo(f"  workflow directory: {workdir}")
+    typer.echo(f"  setup:  {setup_steps} step(s)" if setup_steps else "  setup:  none")
+    typer.echo(f"  map:    {len(m.agent_template)} step(s) per item, input {m.input!r}")
+    typer.echo(f"  reduce: {reduce_steps} step(s)" if reduce_steps else "  reduce: none")
+    wanted = max_parallel or m.max_parallel
+    items: list[Any] | None = None
+    try:
+        data, is_command = _dry_run_input(workflow, workdir, args)
+        if data is not None:
+            doc = parse_input_document(data, lenient_lines=is_command)
+            items = run_pipeline(
+                doc,
+                json_path=m.json_path,
+                filter=m.filter,
+                sort_by=m.sort_by,
+                distinct=m.distinct,
+                offset=m.offset,
+                max_items=m.max_items,
+            )
+    except (PipelineError, OSError, subprocess.SubprocessError, ValueError) as exc:
+        typer.echo(f"  items:  unknown ({exc})")
+    if items is None:
+        typer.echo(f"  parallelism: up to {wanted}")
+    else:
+        typer.echo(f"  items:  {len(items)} items")
+        for n, item in enumerate(items[:DRY_RUN_SHOWN_ITEMS]):
+            shown = json.dumps(item, separators=(",", ":"))
+            typer.echo(f"    item_{n}: {shown[:200]}")
+        if len(items) > DRY_RUN_SHOWN_ITEMS:
+            typer.echo(f"    … and {len(items) - DRY_RUN_SHOWN_ITEMS} more")
+        typer.echo(f"  parallelism: {min(wanted, len(items))} (max_parallel {wanted})")
+    typer.echo("[DRY RUN] nothing was executed")
+    return exit_codes.OK
+
+
+def _dry_run_input(workflow: Any, workdir: Path, args: list[str]) -> tuple[bytes | None, bool]:
+    """The map input's bytes: the file, or the input command's stdout. None (with a note
+    printed) when setup has to create it first."""
+    from jetreduce.worker.interpolate import Variables, render_shell, render_text
+    from jetreduce.worker.secrets import positional_args
+
+    arg_env, arg_vars = positional_args(args)
+    scope = Variables({**workflow.env, **arg_vars})
+    source = workflow.map.input
+    path = workdir / render_text(source, scope)
+    if path.is_file():
+        return path.read_bytes(), False
+    if workflow.setup and workflow.setup.steps:
+        typer.echo("  items:  counted after setup runs (setup may create the input)")
+        return None, False
+    cmd = render_shell(source, scope)
+    env = {**os.environ, **workflow.env, **arg_env, **cmd.env}
+    out = subprocess.run(
+        ["sh", "-c", cmd.script],
+        cwd=workdir,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=DRY_RUN_INPUT_TIMEOUT_S,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise ValueError(
+            f"map.input command exited with code {out.returncode}: "
+            f"{out.stderr.decode(errors='replace').strip()[-300:]}"
+        )
+    return out.stdout, True
+
+
 @app.command()
 def run(
     workflow: Annotated[Path, typer.Argument(help="Workflow YAML file (Prodigy MapReduce).")],
@@ -170,6 +286,13 @@ def run(
         bool,
         typer.Option("--resume", help="With --id: continue that workflow if it exists."),
     ] = False,
+    args: ArgsOption = None,
+    profile: ProfileOption = None,
+    worktrees: WorktreesOption = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the plan (phases, items, parallelism); run no step."),
+    ] = False,
 ) -> None:
     """Run a workflow here: embedded nats-server, the services in this process, agents as
     child processes. Prints the reduce output and a summary; Ctrl-C cancels cleanly."""
@@ -178,6 +301,10 @@ def run(
     text, result, used = _load(workflow)
     for warning in result.warnings:
         typer.echo(f"warning: {warning.render(str(workflow))}", err=True)
+    _check_profile(result.workflow, profile)
+    if dry_run:
+        where = (workdir or Path.cwd()).resolve()
+        raise typer.Exit(_dry_run(result.workflow, workflow, where, max_parallel, args or []))
     wf = workflow_id or new_workflow_id(result.workflow.name)
     try:
         check_token(wf)
@@ -189,6 +316,9 @@ def run(
         vars=used,
         max_attempts=max_attempts,
         timeout_s=timeout,
+        args=args or [],
+        profile=profile,
+        worktrees=worktrees,
     )
     code = asyncio.run(_run(text, str(workflow), wf, options, nats, data_dir, quiet, resume=resume))
     raise typer.Exit(code)
@@ -238,8 +368,14 @@ async def _run(
         settings = replace(settings, url=server.url)
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        received.append(sig)
+        interrupted.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, interrupted.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         host = ServiceHost(settings, log_dir=data_dir.resolve() / "logs")
         async with host.running():
@@ -273,12 +409,14 @@ async def _run(
                     return _terminal_code(event)
                 follow.cancel()
                 if stop.done():
-                    typer.echo(f"\ninterrupted: cancelling workflow {wf}", err=True)
+                    terminated = signal.SIGTERM in received
+                    why = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+                    typer.echo(f"\n{why}: cancelling workflow {wf}", err=True)
                     with contextlib.suppress(Exception):
-                        await _cancel(nc, subjects, wf, "interrupted (Ctrl-C)")
+                        await _cancel(nc, subjects, wf, why)
                         # Agents stop their steps on workflow.cancelled: wait for it, briefly.
                         await watcher.until_done(timeout_s=5)
-                    return exit_codes.INTERRUPTED
+                    return TERMINATED if terminated else exit_codes.INTERRUPTED
                 await host.wait()
                 return exit_codes.FAILED
             finally:
@@ -309,11 +447,15 @@ def submit_cmd(
     max_attempts: Annotated[int | None, typer.Option("--max-attempts", min=1)] = None,
     workflow_id: Annotated[str | None, typer.Option("--id", help="Workflow id.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow it until it ends.")] = False,
+    args: ArgsOption = None,
+    profile: ProfileOption = None,
+    worktrees: WorktreesOption = False,
 ) -> None:
     """Submit a workflow to running services; prints its id (stdout)."""
     text, result, used = _load(workflow)
     for warning in result.warnings:
         typer.echo(f"warning: {warning.render(str(workflow))}", err=True)
+    _check_profile(result.workflow, profile)
     wf = workflow_id or new_workflow_id(result.workflow.name)
     options = SubmitOptions(
         workdir=str((workdir or Path.cwd()).resolve()),
@@ -321,6 +463,9 @@ def submit_cmd(
         priority=priority,
         vars=used,
         max_attempts=max_attempts,
+        args=args or [],
+        profile=profile,
+        worktrees=worktrees,
     )
 
     async def go() -> int:
@@ -480,10 +625,63 @@ def validate(workflow: Annotated[Path, typer.Argument(help="Workflow YAML file."
 
 
 # -- services, agents, server -------------------------------------------------------------------
-def _serve(names: tuple[str, ...], nats: str | None, log_dir: Path | None) -> int:
+Backend = Annotated[
+    str,
+    typer.Option(
+        "--backend", envvar="JETREDUCE_BACKEND", help="Where agents run: local or kubernetes."
+    ),
+]
+Namespace = Annotated[
+    str | None,
+    typer.Option("--namespace", envvar="JETREDUCE_K8S_NAMESPACE", help="Namespace of agent Jobs."),
+]
+Image = Annotated[
+    str | None,
+    typer.Option("--image", envvar="JETREDUCE_K8S_IMAGE", help="Agent image (kubernetes)."),
+]
+StreamReplicas = Annotated[
+    int,
+    typer.Option(
+        "--stream-replicas",
+        envvar="JETREDUCE_STREAM_REPLICAS",
+        min=1,
+        help="Replicas of streams and buckets (3 on a production cluster).",
+    ),
+]
+
+
+def _serve(
+    names: tuple[str, ...],
+    nats: str | None,
+    log_dir: Path | None,
+    backend: str = "local",
+    namespace: str | None = None,
+    image: str | None = None,
+    replicas: int = 1,
+) -> int:
+    from jetreduce.contract.topology import TopologySettings
+    from jetreduce.launcher.k8s_settings import KubernetesSettings
+
+    k8s = KubernetesSettings()
+    if namespace:
+        k8s = replace(k8s, namespace=namespace)
+    if image:
+        k8s = replace(k8s, image=image)
+
     async def go() -> int:
         settings = _settings(nats)
-        host = ServiceHost(settings, names, log_dir=log_dir)
+        try:
+            host = ServiceHost(
+                settings,
+                names,
+                log_dir=log_dir,
+                backend=backend,
+                k8s=k8s,
+                topology=TopologySettings(replicas=replicas),
+            )
+        except ValueError as exc:
+            typer.echo(str(exc), err=True)
+            return exit_codes.USAGE
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, host.stop.set)
@@ -506,22 +704,32 @@ def service(
     name: Annotated[str, typer.Argument(help="planner, launcher, aggregator or janitor.")],
     nats: Nats = None,
     log_dir: Annotated[Path | None, typer.Option(help="Local agents' logs.")] = None,
+    backend: Backend = "local",
+    namespace: Namespace = None,
+    image: Image = None,
+    stream_replicas: StreamReplicas = 1,
 ) -> None:
     """Run one service (what a Kubernetes Deployment runs)."""
     if name not in SERVICE_NAMES:
         raise _fail(
             f"unknown service {name!r}: choose from {', '.join(SERVICE_NAMES)}", exit_codes.USAGE
         )
-    raise typer.Exit(_serve((name,), nats, log_dir))
+    raise typer.Exit(_serve((name,), nats, log_dir, backend, namespace, image, stream_replicas))
 
 
 @services_app.command("up")
 def services_up(
     nats: Nats = None,
     log_dir: Annotated[Path | None, typer.Option(help="Local agents' logs.")] = None,
+    backend: Backend = "local",
+    namespace: Namespace = None,
+    image: Image = None,
+    stream_replicas: StreamReplicas = 1,
 ) -> None:
     """Run planner, launcher, aggregator and janitor in one process."""
-    raise typer.Exit(_serve(SERVICE_NAMES, nats, log_dir))
+    raise typer.Exit(
+        _serve(SERVICE_NAMES, nats, log_dir, backend, namespace, image, stream_replicas)
+    )
 
 
 @app.command()
