@@ -1,0 +1,1 @@
+"""Chaos suite: real nats-server, services and agents as processes, SIGKILL everywhere."""
