@@ -22,6 +22,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from jetreduce.runtime.orphans import die_with_parent
+
 __all__ = ["EmbeddedServer", "ServerNotFound", "find_nats_server"]
 
 
@@ -101,6 +103,7 @@ class EmbeddedServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         deadline = time.monotonic() + self.startup_timeout_s
         try:

@@ -601,11 +601,6 @@ async def test_sigterm_hands_the_in_flight_item_back_at_once(
     assert elapsed < 30, f"item came back after {elapsed:.1f}s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: JETREDUCE_GRACE_S never reaches local agents: launcher/local.py "
-    "LocalBackend._spawn drops every JETREDUCE_* variable of its environment",
-)
 async def test_grace_period_setting_reaches_local_agents(
     nats_url: str,
     prefix: str,
@@ -773,13 +768,6 @@ reduce:
         assert runs == 1, f"item {r.index} was terminal before the kill but ran {runs} times"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after kill -9 of `jetreduce run` alone, its nats-server and agents live on "
-    "(embedded.py and launcher/local.py start them with start_new_session, no parent-death "
-    "signal); `resume` starts a second nats-server on the same store dir (cli/app.py _run), "
-    "the two corrupt JR_RESULTS ('indexCacheBuf corrupt record state') and resume hangs",
-)
 async def test_resume_after_only_the_run_process_is_sigkilled(tmp_path: Path) -> None:
     """``kill -9`` of the run alone leaves its nats-server and agents orphaned (they have
     sessions of their own); resume must still finish the workflow correctly."""

@@ -14,7 +14,7 @@ ALLOWED = {
     "runtime": {"contract", "runtime"},
     "queues": {"contract", "runtime", "queues"},
     **{s: {"contract", "runtime", "queues", s} for s in SERVICES},
-    "embedded": set(),
+    "embedded": {"runtime"},
 }
 CLIENT_LIBS = {
     "redis": {"queues/redis.py"},

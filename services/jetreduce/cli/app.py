@@ -360,7 +360,7 @@ async def _run(
         data_dir.mkdir(parents=True, exist_ok=True)
         server = EmbeddedServer(data_dir / "nats")
         try:
-            await asyncio.to_thread(server.start)
+            server.start()  # from this thread: the server dies with it (runtime/orphans.py)
         except Exception as exc:
             raise _fail(
                 f"cannot start the embedded nats-server: {exc}", exit_codes.FAILED

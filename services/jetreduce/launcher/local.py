@@ -18,11 +18,21 @@ from pathlib import Path
 
 from jetreduce.contract.records import StoredSpec
 from jetreduce.launcher.backend import ExitCallback
+from jetreduce.runtime.orphans import die_with_parent
 from jetreduce.runtime.settings import NatsSettings
 
 __all__ = ["AgentSpec", "LocalBackend"]
 
 log = logging.getLogger(__name__)
+
+_NOT_INHERITED = (
+    "JETREDUCE_NATS_",
+    "JETREDUCE_PREFIX",
+    "JETREDUCE_WORKFLOW_ID",
+    "JETREDUCE_PHASE",
+    "JETREDUCE_AGENT_INDEX",
+    "JETREDUCE_SLOTS",
+)
 
 
 @dataclass
@@ -85,7 +95,9 @@ class LocalBackend:
 
     async def _spawn(self, run: _Running) -> asyncio.subprocess.Process:
         spec = run.spec
-        env = {k: v for k, v in os.environ.items() if not k.startswith("JETREDUCE_")}
+        # The launcher's environment passes through (agent settings such as
+        # JETREDUCE_GRACE_S included), except its own connection and identity variables.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_INHERITED)}
         env.update(self.settings.to_env())
         env.update(
             JETREDUCE_WORKFLOW_ID=spec.workflow_id,
@@ -113,6 +125,7 @@ class LocalBackend:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         finally:
             if handle is not None:
