@@ -85,6 +85,13 @@ class SubmitOptions(msgspec.Struct, kw_only=True, omit_defaults=True):
     """How long an item stays leased without a heartbeat (agents beat at a third of it)."""
     queue: str | None = None
     """Item queue URL (``jetstream``, ``redis://…``, ``sqs://…``); None: the installation's."""
+    args: list[str] = msgspec.field(default_factory=list)
+    """Positional arguments (``--args``): ``$1`` / ``${ARG_1}`` and env ``ARG_1`` in steps."""
+    profile: str | None = None
+    """The workflow ``profiles:`` entry whose variables apply (``--profile``)."""
+    worktrees: bool = False
+    """Each map item runs in its own git worktree, merged into the workflow branch on
+    success (``--worktrees``; the workflow directory must be a git checkout on a branch)."""
 
 
 class WorkflowSubmit(_Base, tag="workflow.submit", kw_only=True):
@@ -244,7 +251,9 @@ class ItemDead(_Base, tag="item.dead", kw_only=True):
     item_id: str
     error: str
     error_type: str = "CommandFailed"
-    """``CommandFailed``, ``Timeout``, ``AgentCrashed`` or ``Unknown``."""
+    """``CommandFailed``, ``Timeout``, ``CommitValidationFailed`` (a ``commit_required`` step
+    made no commit), ``MergeConflict`` (the item's branch did not merge), ``WorktreeError``,
+    ``AgentCrashed`` or ``Unknown``."""
     exit_code: int | None
     stderr_tail: str
     attempts: int

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -52,7 +53,16 @@ from jetreduce.runtime.state import StateStore
 from jetreduce.worker.breaker import CircuitBreaker
 from jetreduce.worker.interpolate import Variables, render_shell, render_text
 from jetreduce.worker.results import ResultsSpool
+from jetreduce.worker.secrets import (
+    EnvironmentProblem,
+    Masker,
+    MaskingFilter,
+    WorkflowEnvironment,
+    resolve_environment,
+)
+from jetreduce.worker.stepflow import StepsResult, run_steps
 from jetreduce.worker.steps import StepOutcome, base_env, run_process, run_step
+from jetreduce.worker.workspace import WorkspaceError, Workspaces, head
 
 __all__ = ["AgentConfig", "run_agent"]
 
@@ -64,6 +74,8 @@ DEFAULT_LEASE_S = 30.0
 ERROR_TAIL = 2048
 EVENT_TEXT_LIMIT = 64 * 1024
 RESULTS_REF = re.compile(r"map\.results(?!_file)")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+"""Captures whose names can be environment variables (``x.exit_code`` stays a variable)."""
 
 
 @dataclass(frozen=True)
@@ -114,9 +126,28 @@ class Agent:
         self.abort = asyncio.Event()
         """The workflow ended (cancelled, failed…): in-flight steps are killed at once."""
         self.scratch = Path(tempfile.mkdtemp(prefix=f"jetreduce-{self.wf}-"))
-        wf_env = {**spec.workflow.env, **spec.captures}
-        self.env = {**base_env(), **wf_env}
-        self.vars_base: dict[str, Any] = dict(wf_env)
+        self.env_problem: str | None = None
+        """Why the workflow environment (secrets, env_files, profile) could not be built; the
+        phase then fails with this message instead of running steps without it."""
+        try:
+            resolved = resolve_environment(
+                spec.workflow,
+                args=spec.options.args,
+                profile=spec.options.profile,
+                base_dir=self.workdir,
+            )
+        except EnvironmentProblem as exc:
+            self.env_problem = str(exc)
+            resolved = WorkflowEnvironment(env=dict(spec.workflow.env))
+        for warning in resolved.warnings:
+            log.warning("agent: %s", warning)
+        self.masker: Masker = resolved.masker
+        captures_env = {k: v for k, v in spec.captures.items() if _ENV_NAME.fullmatch(k)}
+        self.env = {**base_env(), **resolved.env, **captures_env}
+        self.vars_base: dict[str, Any] = {**resolved.variables, **spec.captures}
+        self.workspaces = Workspaces(
+            self.workdir, self.wf, worktrees=spec.options.worktrees, scratch=self.scratch
+        )
 
     # -- shared ---------------------------------------------------------------------------
     async def _steps(
@@ -126,58 +157,86 @@ class Agent:
         *,
         deadline: float | None,
         captures: dict[str, str] | None = None,
-    ) -> tuple[list[StepOutcome], StepOutcome | None]:
-        """Run steps in order; returns the outcomes and the failing one (None if all ok)."""
-        outcomes: list[StepOutcome] = []
-        for step in steps:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if remaining is not None and remaining <= 0:
-                failed = StepOutcome(124, "", "timed out", 0.0, timed_out=True)
-                return outcomes, failed
-            outcome = await run_step(
-                step,
-                Variables(variables),
-                env=self.env,
-                cwd=self.workdir,
-                timeout_s=remaining,
-                spill_dir=self.scratch,
+        cwd: str | None = None,
+    ) -> StepsResult:
+        """Run steps in order with their modifiers (`worker.stepflow`), in ``cwd`` (default:
+        the workflow directory)."""
+        where = cwd or self.workdir
+
+        async def run_one(
+            step: Step, scope: dict[str, Any], timeout_s: float | None
+        ) -> StepOutcome:
+            return await self._run_one(step, scope, timeout_s, where)
+
+        return await run_steps(
+            steps, variables, run_one=run_one, deadline=deadline, captures=captures
+        )
+
+    async def _run_one(
+        self, step: Step, variables: dict[str, Any], timeout_s: float | None, cwd: str
+    ) -> StepOutcome:
+        """One command; its output is masked before anyone (captures included) sees it, and a
+        ``commit_required`` step must have moved HEAD."""
+        commit_required = bool(step.extra.get("commit_required"))
+        before = await head(cwd) if commit_required else None
+        outcome = await run_step(
+            step,
+            Variables(variables),
+            env=self.env,
+            cwd=cwd,
+            timeout_s=timeout_s,
+            spill_dir=self.scratch,
+        )
+        if commit_required and outcome.ok:
+            after = await head(cwd)
+            if after is None:
+                problem = f"commit required, but {cwd} is not a git repository"
+                outcome = dataclasses.replace(outcome, exit_code=1, error=problem)
+            elif after == before:
+                problem = f"commit required: the {step.kind} step made no commit"
+                outcome = dataclasses.replace(outcome, error=problem)
+        if self.masker:
+            outcome = dataclasses.replace(
+                outcome,
+                stdout=self.masker.mask(outcome.stdout),
+                stderr=self.masker.mask(outcome.stderr),
+                error=self.masker.mask(outcome.error),
             )
-            outcomes.append(outcome)
-            self._capture(step, outcome, variables, captures)
-            if not outcome.ok:
-                return outcomes, outcome
-        return outcomes, None
+        return outcome
 
     @staticmethod
-    def _capture(
-        step: Step,
-        outcome: StepOutcome,
-        variables: dict[str, Any],
-        captures: dict[str, str] | None,
-    ) -> None:
-        value = outcome.stdout.rstrip("\n")
-        variables[f"{step.kind}.output"] = value
-        variables["last.output"] = value
-        variables["last.exit_code"] = outcome.exit_code
-        names = []
-        if isinstance(step.capture_output, str) and step.capture_output:
-            names.append(step.capture_output)
-        if step.capture:
-            names.append(step.capture)
-        for name in names:
-            variables[name] = value
-            if captures is not None:
-                captures[name] = value
-
-    @staticmethod
-    def _describe(index: int, steps: list[Step], failed: StepOutcome, done: int) -> str:
-        step = steps[done - 1] if done else None
+    def _describe(steps: list[Step], result: StepsResult) -> str:
+        failed = result.failed
+        assert failed is not None
+        done = result.failed_step or 0
+        if not done:  # outside any step: workspace, merge, environment
+            return failed.error or f"failed with exit code {failed.exit_code}"
+        step = steps[done - 1] if 0 < done <= len(steps) else None
         kind = step.kind if step else "step"
+        label = f"step {done} ({kind})"
         if failed.timed_out:
-            return f"step {done} ({kind}) timed out"
-        if failed.error:
-            return f"step {done} ({kind}) failed: {failed.error}"
-        return f"step {done} ({kind}) exited with code {failed.exit_code}"
+            text = f"{label} timed out"
+        elif failed.error:
+            text = f"{label} failed: {failed.error}"
+        else:
+            text = f"{label} exited with code {failed.exit_code}"
+        return f"{text} ({result.reason})" if result.reason else text
+
+    @staticmethod
+    def _error_type(result: StepsResult) -> str:
+        """Prodigy's DLQ classification of the failure (research §3.2)."""
+        failed = result.failed
+        if failed is None:
+            return "Unknown"
+        if failed.timed_out:
+            return "Timeout"
+        if failed.error.startswith("commit required"):
+            return "CommitValidationFailed"
+        if failed.error.startswith("merge conflict"):
+            return "MergeConflict"
+        if failed.error.startswith("worktree:"):
+            return "WorktreeError"
+        return "CommandFailed"
 
     async def _watch_end(self, also_map_complete: bool) -> None:
         """Set ``stop`` when the workflow ends (or its map phase does)."""
@@ -204,12 +263,22 @@ class Agent:
         setup = self.spec.workflow.setup
         steps = setup.steps if setup else []
         deadline = (time.monotonic() + setup.timeout_s) if setup and setup.timeout_s else None
+        if self.env_problem is not None:
+            await self._setup_failed(f"setup: {self.env_problem}", None)
+            return 0
+        try:
+            await self.workspaces.prepare()  # --worktrees without a usable repo fails here
+        except WorkspaceError as exc:
+            await self._setup_failed(f"setup: {exc}", None)
+            return 0
         before = set(os.listdir(self.workdir))
         variables = dict(self.vars_base)
         captures: dict[str, str] = {}
-        outcomes, failed = await self._steps(steps, variables, deadline=deadline, captures=captures)
+        result = await self._steps(steps, variables, deadline=deadline, captures=captures)
+        outcomes = result.outcomes
+        failed = result.failed
         if failed is not None:
-            error = self._describe(0, steps, failed, len(outcomes))
+            error = self._describe(steps, result)
             detail = (failed.stderr or failed.stdout).strip()[-ERROR_TAIL:]
             await self._setup_failed(
                 f"setup {error}: {detail}" if detail else f"setup {error}", failed.exit_code
@@ -221,7 +290,7 @@ class Agent:
                 if isinstance(index, int) and 0 <= index < len(outcomes):
                     captures[name] = outcomes[index].stdout.strip()
         variables.update(captures)
-        self.env.update(captures)
+        self.env.update({k: v for k, v in captures.items() if _ENV_NAME.fullmatch(k)})
         path, is_command, problem = await self._resolve_input(before, variables)
         if problem is not None:
             await self._setup_failed(problem, None)
@@ -271,8 +340,17 @@ class Agent:
         )
         if not out.ok:
             why = "timed out" if out.timed_out else f"exited with code {out.exit_code}"
-            detail = out.stderr.strip()[-ERROR_TAIL:]
+            detail = self.masker.mask(out.stderr).strip()[-ERROR_TAIL:]
             return spooled, True, f"map.input command {why}: {detail}"
+        if self.masker:  # items are published: no secret may ride in them
+            masked = self.scratch / "map-input.masked"
+            with (
+                open(spooled, encoding="utf-8", errors="surrogateescape") as src,
+                open(masked, "w", encoding="utf-8", errors="surrogateescape") as dst,
+            ):
+                for line in src:
+                    dst.write(self.masker.mask(line))
+            masked.replace(spooled)
         return spooled, True, None
 
     async def _setup_failed(self, error: str, code: int | None) -> None:
@@ -389,7 +467,8 @@ class Agent:
         m = self.spec.workflow.map
         start = time.monotonic()
         deadline = start + m.agent_timeout_s if m.agent_timeout_s else None
-        outcomes, failed = await self._steps(m.agent_template, variables, deadline=deadline)
+        result = await self._item_steps(index, m.agent_template, variables, deadline)
+        outcomes, failed = result.outcomes, result.failed
         duration = time.monotonic() - start
         await self._breaker_record(failed is None)
         if failed is None:
@@ -412,7 +491,7 @@ class Agent:
             )
             await self.queue.ack(lease)
             return
-        error = self._describe(index, m.agent_template, failed, len(outcomes))
+        error = self._describe(m.agent_template, result)
         tail = _clip((failed.stderr or failed.stdout)[-ERROR_TAIL:], ERROR_TAIL)
         last = lease.attempt >= self.max_attempts
         delay = None if last else self._backoff(lease.attempt)
@@ -435,13 +514,15 @@ class Agent:
         if delay is not None:
             await self.queue.retry(lease, delay)
             return
-        log_object = await self._store_log(index, lease.attempt, outcomes, failed)
+        log_object = await self._store_log(
+            index, lease.attempt, [r.outcome for r in result.records] or outcomes, failed
+        )
         dead = ItemDead(
             workflow_id=self.wf,
             index=index,
             item_id=item_id,
             error=error,
-            error_type="Timeout" if failed.timed_out else "CommandFailed",
+            error_type=self._error_type(result),
             log_object=log_object,
             exit_code=failed.exit_code,
             stderr_tail=tail,
@@ -459,6 +540,41 @@ class Agent:
             dead.item = work.item
             await publish_once(self.ctx.js, self.s.dlq(self.wf, index), encode(dead))
         await self.queue.dead(lease, error)
+
+    async def _item_steps(
+        self,
+        index: int,
+        steps: list[Step],
+        variables: dict[str, Any],
+        deadline: float | None,
+    ) -> StepsResult:
+        """An item's steps in its workspace; with worktrees, a successful item's branch is
+        merged into the workflow branch before the item counts as done, and the worktree is
+        removed whatever happened."""
+        if self.env_problem is not None:
+            return _failure(self.env_problem)
+        try:
+            if self.workspaces.worktrees and self.workspaces.top is None:
+                await self.workspaces.prepare()
+            ws = await self.workspaces.acquire(index)
+        except WorkspaceError as exc:
+            return _failure(f"worktree: {exc}")
+        merged = False
+        try:
+            result = await self._steps(steps, variables, deadline=deadline, cwd=ws.path)
+            if result.ok and ws.root is not None:
+                try:
+                    await self.workspaces.merge(ws)
+                    merged = True
+                except WorkspaceError as exc:
+                    text = str(exc)
+                    if not text.startswith("merge conflict"):  # the prefix classifies it
+                        text = f"merge conflict: {text}"
+                    merge_failed = _failure(self.masker.mask(text))
+                    result.failed, result.reason = merge_failed.failed, ""
+            return result
+        finally:
+            await asyncio.shield(self.workspaces.release(ws, merged=merged))
 
     async def _breaker_record(self, ok: bool) -> None:
         if self.breaker is None:
@@ -541,10 +657,14 @@ class Agent:
         finally:
             spool.close()
         start = time.monotonic()
-        outcomes, failed = await self._steps(steps, variables, deadline=None)
+        if self.env_problem is not None:
+            result = _failure(self.env_problem)
+        else:
+            result = await self._steps(steps, variables, deadline=None)
+        outcomes, failed = result.outcomes, result.failed
         output = "\n".join(o.stdout.rstrip("\n") for o in outcomes if o.stdout)
         if failed is not None:
-            error = self._describe(0, steps, failed, len(outcomes))
+            error = self._describe(steps, result)
             detail = (failed.stderr or failed.stdout).strip()[-ERROR_TAIL:]
             await publish_once(
                 self.ctx.js,
@@ -571,6 +691,11 @@ class Agent:
         return 0
 
 
+def _failure(message: str) -> StepsResult:
+    """A failed result for a problem outside the steps (no step index)."""
+    return StepsResult(failed=StepOutcome(1, "", message, 0.0, error=message))
+
+
 def _step_text(step: Step) -> str:
     parts = [step.shell or "", step.claude or ""]
     if step.write_file is not None:
@@ -591,6 +716,10 @@ async def run_agent(settings: NatsSettings, config: AgentConfig) -> int:
             log.error("agent: unknown workflow %s", config.workflow_id)
             return 2
         agent = Agent(ctx, config, spec)
+        if agent.masker:  # secrets never reach the agent's log either
+            masking = MaskingFilter(agent.masker)
+            for handler in logging.getLogger().handlers:
+                handler.addFilter(masking)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stop.set)
