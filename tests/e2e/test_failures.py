@@ -501,12 +501,6 @@ async def test_cancel_command_cancels_within_five_seconds_purges_and_stops_agent
     await _cancel_scenario(nats_url, prefix, tmp_path, workdir, agents_gone_within_s=20)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a map agent whose slots are all busy ignores workflow.cancelled: "
-    "worker/agent.py Agent.run_map awaits asyncio.wait(inflight) without stop/abort, so "
-    "steps run on until the launcher's SIGKILL after its 10 s stop grace",
-)
 async def test_cancel_stops_agents_and_steps_within_five_seconds(
     nats_url: str, prefix: str, tmp_path: Path, workdir: Path
 ) -> None:
@@ -570,12 +564,6 @@ def _agent_running(wf: str, step_pid: int) -> int:
     return session
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SIGTERM to a map agent whose slots are all busy is ignored until its item "
-    "ends: worker/agent.py Agent.run_map blocks in asyncio.wait(inflight) without watching "
-    "stop, so _drain (grace, hand-back) never starts",
-)
 async def test_sigterm_hands_the_in_flight_item_back_at_once(
     nats_url: str, prefix: str, tmp_path: Path, workdir: Path
 ) -> None:

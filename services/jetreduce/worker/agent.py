@@ -69,6 +69,9 @@ __all__ = ["AgentConfig", "run_agent"]
 log = logging.getLogger(__name__)
 
 INPUT_COMMAND_TIMEOUT_S = 300.0
+BATCH_WAIT_S = 0.005
+"""With nearly every slot busy, wait this long for more to free up before pulling."""
+EXIT_SIGTERM = 143
 DEFAULT_LEASE_S = 30.0
 """Lease of a work item unless the submission set ``lease_s``; heartbeats at a third."""
 ERROR_TAIL = 2048
@@ -123,6 +126,9 @@ class Agent:
         self.workdir = spec.options.workdir or os.getcwd()
         self.stop = asyncio.Event()
         """Stop taking items; in-flight ones finish within the grace period (SIGTERM)."""
+        self.phase_over = asyncio.Event()
+        """The map phase or the workflow ended: the agent's job is done."""
+        self.signalled = False
         self.abort = asyncio.Event()
         """The workflow ended (cancelled, failed…): in-flight steps are killed at once."""
         self.scratch = Path(tempfile.mkdtemp(prefix=f"jetreduce-{self.wf}-"))
@@ -242,10 +248,12 @@ class Agent:
         """Set ``stop`` when the workflow ends (or its map phase does)."""
 
         async def on_end(_msg: Any) -> None:
+            self.phase_over.set()
             self.abort.set()
             self.stop.set()
 
         async def on_map_complete(_msg: Any) -> None:
+            self.phase_over.set()
             self.stop.set()
 
         subs = [
@@ -379,12 +387,22 @@ class Agent:
         self.heartbeat_every = (self.spec.options.lease_s or DEFAULT_LEASE_S) / 3
         beats = asyncio.create_task(self._heartbeats())
         draining = False
+        batched = False
         try:
             while not self.stop.is_set():
                 free = self.config.slots - len(self.inflight)
                 if free <= 0:
-                    await asyncio.wait(list(self.inflight), return_when=asyncio.FIRST_COMPLETED)
+                    # Every slot busy: wait for one to free up — or for a stop signal, which
+                    # must not wait for a long item to end.
+                    await self._wait_inflight(None)
                     continue
+                if self.inflight and free < self.config.slots // 4 and not batched:
+                    # Nearly full: a moment's wait lets several slots free up, so one pull
+                    # serves them all instead of one pull per finished item.
+                    batched = True
+                    await self._wait_inflight(BATCH_WAIT_S)
+                    continue
+                batched = False
                 if self.breaker is not None:
                     free = self.breaker.allowance(free)
                     if free <= 0:  # open (or probes used up): dispatch pauses
@@ -410,7 +428,18 @@ class Agent:
                 for task in list(self.inflight):
                     task.cancel()
             await self.queue.close()
-        return 0
+        # Stopped by a signal before the phase ended (an eviction): not a success, so the Job
+        # controller (or the local launcher) starts another agent in its place.
+        return EXIT_SIGTERM if self.signalled and not self.phase_over.is_set() else 0
+
+    async def _wait_inflight(self, timeout_s: float | None) -> None:
+        stopping = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait(
+                [*self.inflight, stopping], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stopping.cancel()
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self.inflight.pop(task, None)
@@ -721,8 +750,13 @@ async def run_agent(settings: NatsSettings, config: AgentConfig) -> int:
             for handler in logging.getLogger().handlers:
                 handler.addFilter(masking)
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            agent.signalled = True
+            agent.stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, agent.stop.set)
+            loop.add_signal_handler(sig, on_signal)
         runner = {"setup": agent.run_setup, "map": agent.run_map, "reduce": agent.run_reduce}
         if config.phase not in runner:
             log.error("agent: unknown phase %r", config.phase)
