@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from jetreduce.contract.events import (
     CircuitChanged,
     ItemDead,
@@ -659,10 +661,16 @@ class Agent:
             self.s.reduce("started", self.wf),
             encode(ReduceStarted(workflow_id=self.wf)),
         )
+        # Reading every result back costs seconds per 100k items: only when a step (or one of
+        # its handlers) refers to them. The counts come from map.complete either way.
+        text = msgspec.json.encode(steps).decode()
+        wants_results = "map.results" in text or "MAP_RESULTS_FILE" in text
         spool = ResultsSpool(self.scratch)
+        spool.done, spool.dead = complete.done, complete.dead
         try:
-            await spool.fill(self.ctx.js, self.s, self.wf, complete.done + complete.dead)
             results_file = self.scratch / "map-results.jsonl"
+            if wants_results:
+                await spool.fill(self.ctx.js, self.s, self.wf, complete.done + complete.dead)
             spool.write_jsonl(results_file)
             variables = dict(self.vars_base)
             variables.update(
