@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import env_without_jetreduce
-from helpers import Harness, services
+from helpers import Harness, services, stored_events
 from jetreduce.cli.watch import Watcher
 from jetreduce.contract import events as ev
 
@@ -98,3 +98,36 @@ async def test_purge_forgets_dead_items(
         assert (await dlq(h, "list", "flaky-2")).stdout == ""
         missing = await dlq(h, "show", "flaky-2", "item_1")
         assert missing.returncode == 1
+
+
+async def test_circuit_breaker_pauses_dispatch_and_announces_each_transition(
+    nats_url: str, prefix: str, tmp_path: Path, workdir: Path
+) -> None:
+    text = """
+name: breaker
+map:
+  input: "seq 0 7"
+  max_parallel: 1
+  agent_template:
+    - shell: "test ${item} -ge 4"
+error_policy:
+  circuit_breaker:
+    failure_threshold: 3
+    success_threshold: 1
+    timeout: 1s
+    half_open_requests: 1
+"""
+    async with services(nats_url, prefix, tmp_path) as h:
+        done = await h.run(text, workdir, max_attempts=1, workflow_id="breaker-1")
+        assert isinstance(done, ev.WorkflowCompleted), h.agent_logs()
+        assert (done.done, done.dead) == (4, 4)
+        changes = [
+            e
+            for e in await stored_events(h.nc, h.subjects, h.subjects.agent("circuit", "breaker-1"))
+            if isinstance(e, ev.CircuitChanged)
+        ]
+    # Items 0-2 fail: open. After 1 s a probe (item 3) fails: open again. The next probe
+    # (item 4) succeeds: closed.
+    assert [c.state for c in changes] == ["open", "half_open", "open", "half_open", "closed"]
+    assert changes[1].ts - changes[0].ts >= 0.9
+    assert changes[3].ts - changes[2].ts >= 0.9

@@ -406,7 +406,10 @@ class Agent:
                     continue
                 batched = False
                 if self.breaker is not None:
+                    before = self.breaker.state
                     free = self.breaker.allowance(free)
+                    if self.breaker.state != before:  # open → half_open after its timeout
+                        await self._announce_circuit(self.breaker.state)
                     if free <= 0:  # open (or probes used up): dispatch pauses
                         with contextlib.suppress(asyncio.TimeoutError):
                             await asyncio.wait_for(self.stop.wait(), 0.2)
@@ -612,20 +615,24 @@ class Agent:
             return
         changed = self.breaker.record(ok)
         if changed is not None:
-            log.warning("agent %s: circuit %s", self.name, changed)
-            with contextlib.suppress(Exception):
-                await publish_retrying(
-                    self.ctx.js,
-                    self.s.agent("circuit", self.wf),
-                    encode(
-                        CircuitChanged(
-                            workflow_id=self.wf,
-                            state=changed,
-                            agent=self.name,
-                            consecutive_failures=self.breaker.failures,
-                        )
-                    ),
-                )
+            await self._announce_circuit(changed)
+
+    async def _announce_circuit(self, changed: str) -> None:
+        assert self.breaker is not None
+        log.warning("agent %s: circuit %s", self.name, changed)
+        with contextlib.suppress(Exception):
+            await publish_retrying(
+                self.ctx.js,
+                self.s.agent("circuit", self.wf),
+                encode(
+                    CircuitChanged(
+                        workflow_id=self.wf,
+                        state=changed,
+                        agent=self.name,
+                        consecutive_failures=self.breaker.failures,
+                    )
+                ),
+            )
 
     async def _store_log(
         self, index: int, attempt: int, outcomes: list[StepOutcome], failed: StepOutcome
