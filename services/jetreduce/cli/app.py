@@ -40,6 +40,7 @@ from jetreduce.cli.options import (
 from jetreduce.cli.options import (
     settings as make_settings,
 )
+from jetreduce.cli.session import run_connected
 from jetreduce.cli.submit import (
     SubmitRejected,
     format_problems,
@@ -468,32 +469,26 @@ def submit_cmd(
         worktrees=worktrees,
     )
 
-    async def go() -> int:
-        settings = _settings(nats)
-        nc = await _connect(settings)
+    async def go(nc: Any, subjects: Subjects) -> int:
+        watcher = Watcher(nc, subjects, wf)
+        if wait:
+            await watcher.start()
         try:
-            subjects = Subjects(settings.prefix)
-            watcher = Watcher(nc, subjects, wf)
-            if wait:
-                await watcher.start()
-            try:
-                await submit(nc, subjects, text, options, workflow_id=wf, source=str(workflow))
-            except SubmitRejected as exc:
-                typer.echo(format_problems(exc), err=True)
-                return exit_codes.USAGE
-            except TimeoutError as exc:
-                typer.echo(str(exc), err=True)
-                return exit_codes.FAILED
-            typer.echo(wf)
-            if not wait:
-                return exit_codes.OK
-            event = await watcher.until_done()
-            _print_outcome(event)
-            return _terminal_code(event)
-        finally:
-            await nc.close()
+            await submit(nc, subjects, text, options, workflow_id=wf, source=str(workflow))
+        except SubmitRejected as exc:
+            typer.echo(format_problems(exc), err=True)
+            return exit_codes.USAGE
+        except TimeoutError as exc:
+            typer.echo(str(exc), err=True)
+            return exit_codes.FAILED
+        typer.echo(wf)
+        if not wait:
+            return exit_codes.OK
+        event = await watcher.until_done()
+        _print_outcome(event)
+        return _terminal_code(event)
 
-    raise typer.Exit(asyncio.run(go()))
+    run_connected(_settings(nats), go)
 
 
 @app.command()
@@ -504,18 +499,13 @@ def watch(
 ) -> None:
     """Follow a workflow's events and progress until it ends."""
 
-    async def go() -> int:
-        settings = _settings(nats)
-        nc = await _connect(settings)
-        try:
-            watcher = Watcher(nc, Subjects(settings.prefix), workflow_id, show_items=items)
-            event = await watcher.until_done()
-            _print_outcome(event)
-            return _terminal_code(event)
-        finally:
-            await nc.close()
+    async def go(nc: Any, subjects: Subjects) -> int:
+        watcher = Watcher(nc, subjects, workflow_id, show_items=items)
+        event = await watcher.until_done()
+        _print_outcome(event)
+        return _terminal_code(event)
 
-    raise typer.Exit(asyncio.run(go()))
+    run_connected(_settings(nats), go)
 
 
 @app.command()
@@ -526,47 +516,41 @@ def status(
 ) -> None:
     """Show a workflow's phase and counts (or every workflow's)."""
 
-    async def go() -> int:
-        settings = _settings(nats)
-        nc = await _connect(settings)
-        try:
-            js = nc.jetstream()
-            subjects = Subjects(settings.prefix)
-            await declare(js, subjects)
-            state = StateStore(js, subjects)
-            if workflow_id is None:
-                records = await state.list()
+    async def go(nc: Any, subjects: Subjects) -> int:
+        js = nc.jetstream()
+        await declare(js, subjects)
+        state = StateStore(js, subjects)
+        if workflow_id is None:
+            records = await state.list()
+        else:
+            record = await state.get(workflow_id)
+            if record is None:
+                typer.echo(f"no workflow {workflow_id}", err=True)
+                return exit_codes.FAILED
+            records = [record]
+        for rec in records:
+            progress = await _last_progress(js, subjects, rec.workflow_id)
+            if as_json:
+                body = msgspec.to_builtins(rec)
+                body.pop("reduce_output", None)
+                if progress is not None:
+                    body["progress"] = msgspec.to_builtins(progress)
+                typer.echo(json.dumps(body))
             else:
-                record = await state.get(workflow_id)
-                if record is None:
-                    typer.echo(f"no workflow {workflow_id}", err=True)
-                    return exit_codes.FAILED
-                records = [record]
-            for rec in records:
-                progress = await _last_progress(js, subjects, rec.workflow_id)
-                if as_json:
-                    body = msgspec.to_builtins(rec)
-                    body.pop("reduce_output", None)
-                    if progress is not None:
-                        body["progress"] = msgspec.to_builtins(progress)
-                    typer.echo(json.dumps(body))
-                else:
-                    line = (
-                        f"{rec.workflow_id}  {rec.phase.value:<10} {rec.name}  "
-                        f"total={rec.total if rec.total is not None else '?'}"
-                    )
-                    if progress is not None:
-                        line += f"  {describe(progress)}"
-                    elif rec.total is not None:
-                        line += f"  done={rec.done} failed={rec.dead}"
-                    if rec.reason:
-                        line += f"  reason: {rec.reason}"
-                    typer.echo(line)
-            return exit_codes.OK
-        finally:
-            await nc.close()
+                line = (
+                    f"{rec.workflow_id}  {rec.phase.value:<10} {rec.name}  "
+                    f"total={rec.total if rec.total is not None else '?'}"
+                )
+                if progress is not None:
+                    line += f"  {describe(progress)}"
+                elif rec.total is not None:
+                    line += f"  done={rec.done} failed={rec.dead}"
+                if rec.reason:
+                    line += f"  reason: {rec.reason}"
+                typer.echo(line)
+        return exit_codes.OK
 
-    raise typer.Exit(asyncio.run(go()))
+    run_connected(_settings(nats), go)
 
 
 async def _last_progress(js: Any, subjects: Subjects, wf: str) -> ev.Progress | None:
@@ -594,25 +578,19 @@ def cancel(
 ) -> None:
     """Cancel a workflow: dispatch stops, agents stop, queued items are purged."""
 
-    async def go() -> int:
-        settings = _settings(nats)
-        nc = await _connect(settings)
+    async def go(nc: Any, subjects: Subjects) -> int:
+        watcher = Watcher(nc, subjects, workflow_id, show_events=False)
+        await watcher.start()
+        await _cancel(nc, subjects, workflow_id, reason)
         try:
-            subjects = Subjects(settings.prefix)
-            watcher = Watcher(nc, subjects, workflow_id, show_events=False)
-            await watcher.start()
-            await _cancel(nc, subjects, workflow_id, reason)
-            try:
-                event = await watcher.until_done(timeout_s=10)
-            except TimeoutError:
-                typer.echo(f"no confirmation within 10s for {workflow_id}", err=True)
-                return exit_codes.FAILED
-            _print_outcome(event)
-            return exit_codes.OK
-        finally:
-            await nc.close()
+            event = await watcher.until_done(timeout_s=10)
+        except TimeoutError:
+            typer.echo(f"no confirmation within 10s for {workflow_id}", err=True)
+            return exit_codes.FAILED
+        _print_outcome(event)
+        return exit_codes.OK
 
-    raise typer.Exit(asyncio.run(go()))
+    run_connected(_settings(nats), go)
 
 
 @app.command()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Annotated, Any
 
@@ -12,11 +11,10 @@ from nats.js.errors import NotFoundError
 
 from jetreduce.cli import exit_codes
 from jetreduce.cli.options import Nats
+from jetreduce.cli.session import Body, run_connected
 from jetreduce.contract import events as ev
 from jetreduce.contract.subjects import Subjects
 from jetreduce.planner.pipeline import PipelineError, compile_filter
-from jetreduce.runtime.connection import ConnectFailed, connect
-from jetreduce.runtime.settings import NatsSettings
 
 __all__ = ["build"]
 
@@ -57,21 +55,8 @@ def build(settings_of: Any) -> typer.Typer:
     """The ``dlq`` sub-app; ``settings_of(nats)`` gives the connection settings."""
     app = typer.Typer(help="Dead-lettered items: list, show, retry, purge.", no_args_is_help=True)
 
-    def run(coro_fn: Any, nats: str | None) -> None:
-        async def go() -> int:
-            settings: NatsSettings = settings_of(nats)
-            try:
-                nc = await connect(settings, name="jetreduce-cli", forever=False)
-            except ConnectFailed as exc:
-                typer.echo(str(exc), err=True)
-                return exit_codes.UNREACHABLE
-            try:
-                result: int = await coro_fn(nc, Subjects(settings.prefix))
-                return result
-            finally:
-                await nc.close()
-
-        raise typer.Exit(asyncio.run(go()))
+    def run(body: Body, nats: str | None) -> None:
+        run_connected(settings_of(nats), body)
 
     @app.command("list")
     def list_cmd(
