@@ -74,18 +74,25 @@ async def services(nats_url: str, prefix: str, tmp_path: Path) -> AsyncIterator[
             await nc.close()
 
 
-async def stored_events(nc: Any, subjects: Subjects, subject: str) -> list[ev.Event]:
-    """Every message stored on ``subject`` in the events stream, decoded."""
-    js = nc.jetstream()
+async def read_stream(
+    js: Any, stream: str, subject: str, *, quiet_s: float = 0.5
+) -> list[ev.Event]:
+    """Every message stored on ``subject`` in ``stream``, decoded, in stream order (read
+    until nothing arrives for ``quiet_s``)."""
     out: list[ev.Event] = []
-    sub = await js.subscribe(subject, stream=subjects.events_stream, ordered_consumer=True)
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
     try:
         while True:
             try:
-                msg = await sub.next_msg(timeout=0.5)
+                msg = await sub.next_msg(timeout=quiet_s)
             except TimeoutError:
                 break
             out.append(ev.decode(msg.data))
     finally:
         await sub.unsubscribe()
     return out
+
+
+async def stored_events(nc: Any, subjects: Subjects, subject: str) -> list[ev.Event]:
+    """Every message stored on ``subject`` in the events stream, decoded."""
+    return await read_stream(nc.jetstream(), subjects.events_stream, subject)

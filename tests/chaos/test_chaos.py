@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from conftest import env_without_jetreduce
+from helpers import read_stream
 from jetreduce.cli.submit import submit
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import SubmitOptions
@@ -246,18 +247,7 @@ class Cluster:
 
 # -- reading the store --------------------------------------------------------------------------
 async def read_all(js: Any, stream: str, subject: str) -> list[Any]:
-    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
-    out: list[Any] = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1.0)
-            except TimeoutError:
-                break
-            out.append(ev.decode(msg.data))
-    finally:
-        await sub.unsubscribe()
-    return out
+    return await read_stream(js, stream, subject, quiet_s=1.0)
 
 
 async def count_terminal(nc: Any, s: Subjects, wf: str) -> int:

@@ -22,6 +22,7 @@ import pytest
 
 from conftest import env_without_jetreduce, wait_for
 from helpers import Harness, services, stored_events
+from helpers import read_stream as read_js_stream
 from jetreduce.cli.submit import submit
 from jetreduce.cli.watch import Watcher
 from jetreduce.contract import events as ev
@@ -67,19 +68,7 @@ async def run(
 
 async def read_stream(h: Harness, stream: str, subject: str) -> list[Any]:
     """Every message stored on ``subject`` in ``stream``, decoded, in stream order."""
-    js = h.nc.jetstream()
-    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
-    out: list[Any] = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=0.5)
-            except TimeoutError:
-                break
-            out.append(ev.decode(msg.data))
-    finally:
-        await sub.unsubscribe()
-    return out
+    return await read_js_stream(h.nc.jetstream(), stream, subject)
 
 
 async def terminal(h: Harness, wf: str) -> list[ev.ItemDone | ev.ItemDead]:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from conftest import env_without_jetreduce
-from helpers import Harness, services
+from helpers import Harness, read_stream, services
 from jetreduce.contract import events as ev
 
 pytestmark = pytest.mark.anyio
@@ -25,19 +25,7 @@ SECRET = "s3cr3t-VALUE-9f2b7"
 
 
 async def stored(h: Harness, stream: str, subject: str) -> list[ev.Event]:
-    js = h.nc.jetstream()
-    out: list[ev.Event] = []
-    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=0.5)
-            except TimeoutError:
-                break
-            out.append(ev.decode(msg.data))
-    finally:
-        await sub.unsubscribe()
-    return out
+    return await read_stream(h.nc.jetstream(), stream, subject)
 
 
 async def item_results(h: Harness, wf: str) -> dict[int, Any]:
