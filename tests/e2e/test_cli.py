@@ -220,3 +220,28 @@ def test_services_submit_status_watch_as_separate_processes(
             services.kill()
             pytest.fail("services did not stop on SIGTERM")
     assert services.returncode == 0, services.stderr.read() if services.stderr else ""
+
+
+def test_run_against_an_existing_server(
+    tmp_path: Path, nats_url: str, prefix: str, prodigy_examples: Path
+) -> None:
+    """``--nats URL`` uses that server: no embedded one is started."""
+    out = subprocess.run(
+        [
+            *JETREDUCE,
+            "run",
+            str(prodigy_examples / "test-mapreduce.yml"),
+            "--nats",
+            nats_url,
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env_without_jetreduce() | {"JETREDUCE_PREFIX": prefix},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "Processed 3 items"
+    assert not (tmp_path / "data" / "nats").exists()
