@@ -48,7 +48,7 @@ from jetreduce.contract.workflow.model import RetryConfig, Step
 from jetreduce.queues.base import Lease
 from jetreduce.queues.factory import open_queue
 from jetreduce.runtime.connection import connect
-from jetreduce.runtime.publish import publish_once, publish_retrying
+from jetreduce.runtime.publish import AckMux, publish_once, publish_retrying
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
@@ -387,6 +387,7 @@ class Agent:
             self.max_attempts = 1  # a skipped item is not retried and not dead-lettered
         self.breaker = CircuitBreaker.from_config(policy.extra.get("circuit_breaker"))
         self.heartbeat_every = (self.spec.options.lease_s or DEFAULT_LEASE_S) / 3
+        self.acks = await AckMux(self.ctx.nc).start()
         beats = asyncio.create_task(self._heartbeats())
         draining = False
         batched = False
@@ -433,6 +434,7 @@ class Agent:
                 for task in list(self.inflight):
                     task.cancel()
             await self.queue.close()
+            await self.acks.close()
         # Stopped by a signal before the phase ended (an eviction): not a success, so the Job
         # controller (or the local launcher) starts another agent in its place.
         return EXIT_SIGTERM if self.signalled and not self.phase_over.is_set() else 0
@@ -517,8 +519,7 @@ class Agent:
                 attempts=lease.attempt,
                 agent=self.name,
             )
-            await publish_once(
-                self.ctx.js,
+            await self.acks.publish_once(
                 self.s.item_done(self.wf, index),
                 encode(done),
                 guard=self.s.item_terminal(self.wf, index),
@@ -564,8 +565,7 @@ class Agent:
             duration_s=duration,
             agent=self.name,
         )
-        stored = await publish_once(
-            self.ctx.js,
+        stored = await self.acks.publish_once(
             self.s.item_dead(self.wf, index),
             encode(dead),
             guard=self.s.item_terminal(self.wf, index),
