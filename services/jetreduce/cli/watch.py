@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import sys
 import time
 from typing import IO, Any
@@ -93,7 +94,12 @@ def describe(event: ev.Event) -> str:
         return f"cancelled: {event.reason}"
     if isinstance(event, ev.WorkflowRejected):
         return "rejected: " + "; ".join(p.message for p in event.problems)
-    return kind.replace("Workflow", "workflow ").lower()
+    if isinstance(event, ev.CircuitChanged):
+        return f"agent {event.agent}: circuit {event.state.replace('_', '-')}"
+    if isinstance(event, ev.WorkflowReopened):
+        return f"reopened: {event.retried} dead item(s) retried"
+    # ReduceStarted → "reduce started", WorkflowAccepted → "workflow accepted"…
+    return re.sub(r"(?<!^)(?=[A-Z])", " ", kind).lower()
 
 
 class Watcher:

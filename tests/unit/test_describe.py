@@ -1,0 +1,23 @@
+"""Event lines as `jetreduce watch` and `run` print them: readable for every event type."""
+
+from __future__ import annotations
+
+import re
+
+from jetreduce.cli.watch import describe
+from jetreduce.contract import events as ev
+
+
+def test_every_event_type_reads_as_words() -> None:
+    samples = [
+        ev.ReduceStarted(workflow_id="w"),
+        ev.WorkflowAccepted(workflow_id="w", name="n"),
+        ev.WorkflowReopened(workflow_id="w", retried=2),
+        ev.CircuitChanged(workflow_id="w", state="half_open", agent="a", consecutive_failures=3),
+        ev.MapComplete(workflow_id="w", total=3, done=2, dead=1),
+    ]
+    lines = [describe(e) for e in samples]
+    assert lines[:3] == ["reduce started", "workflow accepted", "reopened: 2 dead item(s) retried"]
+    assert lines[3] == "agent a: circuit half-open"
+    assert lines[4] == "map complete: 2 done, 1 failed of 3"
+    assert all(not re.search(r"[a-z][A-Z]", line) for line in lines)
