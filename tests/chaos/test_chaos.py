@@ -80,7 +80,9 @@ error_policy:
         initial: 0.1s
         multiplier: 2
 reduce:
-  - shell: "sleep 2"
+  # Long enough that the disruption loop (which may itself be busy restarting a service
+  # when the map ends) always finds the reduce agent running.
+  - shell: "sleep 5"
   - shell: "{python} {work}/reduce.py ${{map.results_file}}"
 """
 
