@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from jetreduce.runtime.settings import NatsSettings
 __all__ = ["AgentSpec", "LocalBackend"]
 
 log = logging.getLogger(__name__)
+
+HEALTHY_RUN_S = 5.0
+"""An agent that ran this long before dying was healthy: its restart count starts over."""
 
 _NOT_INHERITED = (
     "JETREDUCE_NATS_",
@@ -134,12 +138,17 @@ class LocalBackend:
     async def _supervise(self, run: _Running) -> None:
         spec = run.spec
         while True:
+            started = time.monotonic()
             run.proc = await self._spawn(run)
             code = await run.proc.wait()
             # Steps an agent left behind (it was killed mid-item) die with it.
             _kill_session(run.proc.pid)
             if code == 0 or run.stopping:
                 return
+            if time.monotonic() - started >= HEALTHY_RUN_S:
+                # It had been working: killed from outside (OOM, eviction, chaos), not an
+                # agent that cannot start. Only crash loops use up the restart budget.
+                run.restarts = 0
             restart = run.restarts < self.max_restarts
             log.warning(
                 "agent %s/%s-%d exited with %d%s",
