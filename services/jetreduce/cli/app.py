@@ -117,13 +117,30 @@ async def _connect(settings: NatsSettings) -> Any:
 
 def _load(path: Path) -> tuple[str, Any, dict[str, str]]:
     try:
-        return load_workflow(path)
+        text, result, used = load_workflow(path)
     except OSError as exc:
         raise _fail(f"cannot read {path}: {exc.strerror or exc}", exit_codes.USAGE) from None
     except WorkflowInvalid as exc:
-        for warning in exc.warnings:
-            typer.echo(f"warning: {warning.render(str(path))}", err=True)
+        _warn(path, exc.warnings)
         raise _fail(str(exc), exit_codes.USAGE) from None
+    _warn(path, result.warnings)
+    return text, result, used
+
+
+def _warn(path: Path, warnings: Any) -> None:
+    for warning in warnings:
+        typer.echo(f"warning: {warning.render(str(path))}", err=True)
+
+
+def _workflow_id(result: Any, given: str | None) -> str:
+    """The id to submit under: ``--id`` (checked here, before any server is involved) or a
+    fresh one made from the workflow's name."""
+    wf = given or new_workflow_id(result.workflow.name)
+    try:
+        check_token(wf)
+    except InvalidToken as exc:
+        raise _fail(str(exc), exit_codes.USAGE) from None
+    return wf
 
 
 def _terminal_code(event: Any) -> int:
@@ -300,17 +317,11 @@ def run(
     if resume and workflow_id is None:
         raise _fail("--resume needs --id ID (the workflow to continue)", exit_codes.USAGE)
     text, result, used = _load(workflow)
-    for warning in result.warnings:
-        typer.echo(f"warning: {warning.render(str(workflow))}", err=True)
     _check_profile(result.workflow, profile)
     if dry_run:
         where = (workdir or Path.cwd()).resolve()
         raise typer.Exit(_dry_run(result.workflow, workflow, where, max_parallel, args or []))
-    wf = workflow_id or new_workflow_id(result.workflow.name)
-    try:
-        check_token(wf)
-    except InvalidToken as exc:
-        raise _fail(str(exc), exit_codes.USAGE) from None
+    wf = _workflow_id(result, workflow_id)
     options = SubmitOptions(
         workdir=str((workdir or Path.cwd()).resolve()),
         max_parallel=max_parallel,
@@ -454,10 +465,8 @@ def submit_cmd(
 ) -> None:
     """Submit a workflow to running services; prints its id (stdout)."""
     text, result, used = _load(workflow)
-    for warning in result.warnings:
-        typer.echo(f"warning: {warning.render(str(workflow))}", err=True)
     _check_profile(result.workflow, profile)
-    wf = workflow_id or new_workflow_id(result.workflow.name)
+    wf = _workflow_id(result, workflow_id)
     options = SubmitOptions(
         workdir=str((workdir or Path.cwd()).resolve()),
         max_parallel=max_parallel,
@@ -597,8 +606,6 @@ def cancel(
 def validate(workflow: Annotated[Path, typer.Argument(help="Workflow YAML file.")]) -> None:
     """Check a workflow file; prints every problem with its line and column."""
     _, result, _ = _load(workflow)
-    for warning in result.warnings:
-        typer.echo(f"warning: {warning.render(str(workflow))}", err=True)
     typer.echo(f"{workflow}: ok ({result.workflow.name})")
 
 
