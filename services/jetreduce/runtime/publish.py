@@ -26,6 +26,7 @@ __all__ = [
     "ALREADY_EXISTS_CODES",
     "AckMux",
     "AckPipeline",
+    "create_only_headers",
     "publish_once",
     "publish_retrying",
 ]
@@ -56,6 +57,15 @@ async def publish_retrying(
             await asyncio.sleep(0.25 * (attempt + 1))
 
 
+def create_only_headers(subject: str, guard: str | None = None) -> dict[str, str]:
+    """Headers that make the server store a message only if nothing is stored yet on
+    ``guard`` (a subject or wildcard; default ``subject``)."""
+    headers = {"Nats-Expected-Last-Subject-Sequence": "0"}
+    if guard is not None and guard != subject:
+        headers["Nats-Expected-Last-Subject-Sequence-Subject"] = guard
+    return headers
+
+
 async def publish_once(
     js: JetStreamContext,
     subject: str,
@@ -66,10 +76,7 @@ async def publish_once(
 ) -> bool:
     """Store ``payload`` on ``subject`` unless a message exists on ``guard`` (a subject or a
     wildcard; defaults to ``subject``). True if this call stored it."""
-    hdrs = dict(headers or {})
-    hdrs["Nats-Expected-Last-Subject-Sequence"] = "0"
-    if guard is not None and guard != subject:
-        hdrs["Nats-Expected-Last-Subject-Sequence-Subject"] = guard
+    hdrs = {**(headers or {}), **create_only_headers(subject, guard)}
     try:
         await publish_retrying(js, subject, payload, hdrs)
     except APIError as exc:
@@ -236,9 +243,7 @@ class AckMux:
 
     async def publish_once(self, subject: str, payload: bytes, *, guard: str | None = None) -> bool:
         """As :func:`publish_once`: True if stored, False if something already was."""
-        headers = {"Nats-Expected-Last-Subject-Sequence": "0"}
-        if guard is not None and guard != subject:
-            headers["Nats-Expected-Last-Subject-Sequence-Subject"] = guard
+        headers = create_only_headers(subject, guard)
         for attempt in range(self._attempts):
             token = str(self._next)
             self._next += 1
