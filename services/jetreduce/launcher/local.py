@@ -1,7 +1,13 @@
 """Local backend: agents are child processes (``python -m jetreduce worker``).
 
-A crashed agent (non-zero exit or killed by a signal) is restarted with a growing delay, up to
-``max_restarts``; an agent that exits 0 has finished its phase. Every child is killed when
+An agent that exits 0 has finished its phase. One that was killed from outside (a signal, or
+143 after handing its items back on SIGTERM: OOM killer, operator, chaos) is restarted after
+a short pause and never uses up its budget, as Kubernetes does not count disruptions: the
+kill says nothing about whether the agent can run, and an item that keeps killing its agent
+is dead-lettered by the work consumer's max deliveries instead. An agent that fails by
+itself is restarted with a growing delay, up to ``max_restarts`` failures in a row; one that
+had run ``HEALTHY_RUN_S`` before failing starts its count over, so only crash loops (an agent
+that cannot start) exhaust it. Every child is killed when
 the workflow ends or the launcher stops, so nothing is left running.
 """
 
@@ -28,6 +34,14 @@ log = logging.getLogger(__name__)
 
 HEALTHY_RUN_S = 5.0
 """An agent that ran this long before dying was healthy: its restart count starts over."""
+
+KILLED_RESTART_S = 0.5
+"""Pause before replacing an agent killed from outside."""
+
+HANDED_BACK = 143
+"""The agent's exit code after SIGTERM (it stops taking items and hands its leases back)."""
+
+AGENT_COMMAND = (sys.executable, "-m", "jetreduce", "worker")
 
 _NOT_INHERITED = (
     "JETREDUCE_NATS_",
@@ -69,12 +83,14 @@ class LocalBackend:
         max_processes: int | None = None,
         max_restarts: int = 10,
         on_exit: ExitCallback | None = None,
+        command: tuple[str, ...] = AGENT_COMMAND,
     ) -> None:
         self.settings = settings
         self.log_dir = log_dir
         self.max_processes = max_processes or max(2, os.cpu_count() or 2)
         self.max_restarts = max_restarts
         self.on_exit = on_exit
+        self.command = command
         self._agents: dict[tuple[str, str], list[_Running]] = {}
 
     def plan(self, parallel: int) -> list[int]:
@@ -119,10 +135,7 @@ class LocalBackend:
             out = handle.fileno()
         try:
             return await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "jetreduce",
-                "worker",
+                *self.command,
                 env=env,
                 cwd=spec.workdir if os.path.isdir(spec.workdir) else None,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -145,9 +158,8 @@ class LocalBackend:
             _kill_session(run.proc.pid)
             if code == 0 or run.stopping:
                 return
-            if time.monotonic() - started >= HEALTHY_RUN_S:
-                # It had been working: killed from outside (OOM, eviction, chaos), not an
-                # agent that cannot start. Only crash loops use up the restart budget.
+            killed = code < 0 or code == HANDED_BACK
+            if killed or time.monotonic() - started >= HEALTHY_RUN_S:
                 run.restarts = 0
             restart = run.restarts < self.max_restarts
             log.warning(
@@ -175,8 +187,11 @@ class LocalBackend:
                     )
             if not restart:
                 return
-            run.restarts += 1
-            await asyncio.sleep(min(10.0, 0.5 * 2 ** (run.restarts - 1)))
+            if killed:
+                await asyncio.sleep(KILLED_RESTART_S)
+            else:
+                run.restarts += 1
+                await asyncio.sleep(min(10.0, 0.5 * 2 ** (run.restarts - 1)))
             if run.stopping:
                 return
 

@@ -13,7 +13,6 @@ import contextlib
 from collections.abc import Iterable
 
 import msgspec
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
@@ -83,7 +82,9 @@ class JetStreamQueue:
         sub = await self._subscription()
         try:
             msgs = await sub.fetch(max_n, timeout=max(wait_s, 0.01))  # type: ignore[attr-defined]
-        except NatsTimeout:
+        except TimeoutError:
+            # nats-py raises its own TimeoutError, or a bare ``asyncio.TimeoutError`` (the
+            # builtin since 3.11) when the deadline runs out between its two pull requests.
             return []
         except Exception as exc:
             raise QueueError(f"lease failed: {exc}") from exc

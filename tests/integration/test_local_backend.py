@@ -1,0 +1,87 @@
+"""The local backend's restart rules (launcher/local.py): an agent killed from outside is
+always replaced and never uses up its budget; an agent that fails by itself, quickly, again
+and again, is given up after ``max_restarts``.
+
+The agents here are plain shell processes (the backend's ``command``): what is under test is
+the supervision of real child processes, not the worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_for
+from jetreduce.contract.events import SubmitOptions
+from jetreduce.contract.records import StoredSpec
+from jetreduce.contract.workflow.parse import parse_workflow
+from jetreduce.launcher.local import LocalBackend
+from jetreduce.runtime.settings import NatsSettings
+
+pytestmark = pytest.mark.anyio
+
+Exit = tuple[int, int, bool, int]
+"""(agent index, exit code, restarted, remaining) as reported to the launcher."""
+
+
+def spec(workdir: Path) -> StoredSpec:
+    parsed = parse_workflow(
+        "name: t\nmap:\n  input: x.json\n  agent_template:\n    - shell: 'true'\n"
+    )
+    return StoredSpec(workflow=parsed.workflow, options=SubmitOptions(workdir=str(workdir)))
+
+
+def backend(command: tuple[str, ...], exits: list[Exit], max_restarts: int) -> LocalBackend:
+    async def on_exit(wf: str, phase: str, index: int, code: int, restart: bool, left: int) -> None:
+        exits.append((index, code, restart, left))
+
+    return LocalBackend(
+        NatsSettings(url="nats://127.0.0.1:1"),
+        max_processes=1,
+        max_restarts=max_restarts,
+        on_exit=on_exit,
+        command=command,
+    )
+
+
+def agent_pid(b: LocalBackend) -> int | None:
+    (run,) = b._agents[("wf", "map")]
+    proc = run.proc
+    return proc.pid if proc is not None and proc.returncode is None else None
+
+
+async def test_killed_agents_are_replaced_past_the_budget(tmp_path: Path) -> None:
+    exits: list[Exit] = []
+    b = backend(("sleep", "60"), exits, max_restarts=1)
+    try:
+        assert await b.launch("wf", "map", [1], spec(tmp_path)) == 1
+        for kill in range(4):  # four quick kills, against a budget of one restart
+            pid = await wait_for(lambda: agent_pid(b), timeout_s=10)
+            os.kill(pid, signal.SIGKILL if kill % 2 else signal.SIGTERM)
+            await wait_for(lambda n=kill: len(exits) > n, timeout_s=10)
+        assert exits == [
+            (0, -signal.SIGTERM, True, 1),
+            (0, -signal.SIGKILL, True, 1),
+            (0, -signal.SIGTERM, True, 1),
+            (0, -signal.SIGKILL, True, 1),
+        ]
+        assert await wait_for(lambda: agent_pid(b), timeout_s=10)
+        assert b.running("wf", "map")
+    finally:
+        await b.stop_all(grace_s=5)
+    assert not b.running("wf", "map")
+
+
+async def test_an_agent_that_cannot_start_is_given_up(tmp_path: Path) -> None:
+    exits: list[Exit] = []
+    b = backend(("sh", "-c", "exit 3"), exits, max_restarts=2)
+    try:
+        await b.launch("wf", "map", [1], spec(tmp_path))
+        # restarts after 0.5 s and 1 s, then the third failure in a row is the last
+        await wait_for(lambda: len(exits) == 3, timeout_s=15)
+        await wait_for(lambda: not b.running("wf", "map"), timeout_s=5)
+        assert exits == [(0, 3, True, 1), (0, 3, True, 1), (0, 3, False, 0)]
+    finally:
+        await b.stop_all(grace_s=5)
