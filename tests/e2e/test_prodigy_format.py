@@ -181,6 +181,46 @@ map:
     assert not (workdir / "never.txt").exists()
 
 
+async def test_fail_workflow_in_a_map_step_fails_the_workflow(
+    nats_url: str, prefix: str, tmp_path: Path, workdir: Path
+) -> None:
+    """``on_failure: {…, fail_workflow: true}`` in map: the handler runs once, the item is
+    dead without item retries, ``map.failed`` is published, the workflow fails and stops
+    (later items never run, reduce never runs)."""
+    text = """
+name: fatal
+mode: mapreduce
+map:
+  input: "seq 0 39"
+  max_parallel: 2
+  agent_template:
+    - shell: "test ${item} -ne 3 && sleep 0.3"
+      on_failure:
+        shell: "echo handled ${item} >> handled.txt"
+        fail_workflow: true
+reduce:
+  - shell: "touch reduced.txt"
+"""
+    async with services(nats_url, prefix, tmp_path) as h:
+        end = await h.run(text, workdir, max_attempts=3)
+        assert isinstance(end, ev.WorkflowFailed), h.agent_logs()
+        wf = end.workflow_id
+        results = await item_results(h, wf)
+        failed = await stored(h, h.subjects.events_stream, h.subjects.item_failed(wf, 3))
+        events = await stored(h, h.subjects.events_stream, h.subjects.map("failed", wf))
+    assert "item_3" in end.reason and "fail_workflow" in end.reason
+    assert isinstance(results[3], ev.ItemDead) and results[3].attempts == 1
+    assert [(e.attempt, e.retry_in_s) for e in failed if isinstance(e, ev.ItemFailed)] == [
+        (1, None)
+    ]
+    assert [(e.index, e.item_id) for e in events if isinstance(e, ev.MapFailed)] == [
+        (3, "item_3")
+    ]
+    assert (workdir / "handled.txt").read_text() == "handled 3\n"
+    assert len(results) < 40, "the workflow went on after the fatal item"
+    assert not (workdir / "reduced.txt").exists()
+
+
 async def test_secret_never_appears_in_events_or_logs(
     nats_url: str, prefix: str, tmp_path: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,6 +16,7 @@ from nats.js.errors import NotFoundError
 from jetreduce.contract.events import (
     AgentExited,
     MapComplete,
+    MapFailed,
     Progress,
     ReduceCompleted,
     ReduceFailed,
@@ -79,6 +80,7 @@ class Aggregator:
                 self.s.workflow("reopened", "*"),
                 self.s.setup("failed", "*"),
                 self.s.map("complete", "*"),
+                self.s.map("failed", "*"),
                 self.s.reduce("completed", "*"),
                 self.s.reduce("failed", "*"),
                 self.s.agent("exited", "*"),
@@ -218,6 +220,11 @@ class Aggregator:
                 await self.track(wf, record.total)
         elif isinstance(event, SetupFailed):
             await self.finish_failed(wf, f"setup failed: {event.error}")
+        elif isinstance(event, MapFailed):
+            record = await self.state.get(wf)
+            if record is not None and not record.phase.terminal:
+                reason = f"{event.item_id} failed and its on_failure sets fail_workflow"
+                await self.finish_failed(wf, f"{reason}: {event.error}")
         elif isinstance(event, MapComplete):
             spec = await self.state.get_spec(wf)
             if spec is not None and (

@@ -77,6 +77,8 @@ def describe(event: ev.Event) -> str:
         return f"item {event.item_id} dead after {event.attempts} attempt(s): {event.error}"
     if isinstance(event, ev.MapComplete):
         return f"map complete: {event.done} done, {event.dead} failed of {event.total}"
+    if isinstance(event, ev.MapFailed):
+        return f"map failed: {event.item_id} failed and its on_failure sets fail_workflow"
     if isinstance(event, ev.SetupCompleted):
         return f"setup completed ({event.input_bytes} bytes of input)"
     if isinstance(event, ev.SetupFailed):

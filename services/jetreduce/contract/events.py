@@ -178,6 +178,15 @@ class MapComplete(_Base, tag="map.complete", kw_only=True):
     dead: int
 
 
+class MapFailed(_Base, tag="map.failed", kw_only=True):
+    """An item's step failed and its ``on_failure`` said ``fail_workflow: true``: the map
+    phase ends there and the workflow fails (the item itself is dead, without retries)."""
+
+    index: int
+    item_id: str
+    error: str
+
+
 class ReduceStarted(_Base, tag="reduce.started", kw_only=True):
     pass
 
@@ -296,6 +305,7 @@ Event = (
     | AgentExited
     | CircuitChanged
     | MapComplete
+    | MapFailed
     | ReduceStarted
     | ReduceCompleted
     | ReduceFailed

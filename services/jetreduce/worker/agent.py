@@ -33,6 +33,7 @@ from jetreduce.contract.events import (
     ItemDone,
     ItemFailed,
     MapComplete,
+    MapFailed,
     ReduceCompleted,
     ReduceFailed,
     ReduceStarted,
@@ -528,7 +529,8 @@ class Agent:
             return
         error = self._describe(m.agent_template, result)
         tail = _clip((failed.stderr or failed.stdout)[-ERROR_TAIL:], ERROR_TAIL)
-        last = lease.attempt >= self.max_attempts
+        # fail_workflow: the author declared this failure fatal, so no item retries either.
+        last = lease.attempt >= self.max_attempts or result.fail_workflow
         delay = None if last else self._backoff(lease.attempt)
         await publish_retrying(
             self.ctx.js,
@@ -573,6 +575,9 @@ class Agent:
         if stored and self.on_failure != "skip":
             dead.item = work.item
             await publish_once(self.ctx.js, self.s.dlq(self.wf, index), encode(dead))
+        if stored and result.fail_workflow:
+            failed_map = MapFailed(workflow_id=self.wf, index=index, item_id=item_id, error=error)
+            await publish_retrying(self.ctx.js, self.s.map("failed", self.wf), encode(failed_map))
         await self.queue.dead(lease, error)
 
     async def _item_steps(
