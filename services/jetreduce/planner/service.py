@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -33,7 +35,7 @@ from jetreduce.contract.events import (
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import PRIORITY_LANES, InvalidToken, check_token
 from jetreduce.contract.workflow import WorkflowInvalid, parse_workflow
-from jetreduce.planner.pipeline import PipelineError, parse_input_document, run_pipeline
+from jetreduce.planner.pipeline import InputItems, ItemPipeline, PipelineError
 from jetreduce.queues.factory import open_queue, validate_queue_url
 from jetreduce.runtime.publish import publish_once
 from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
@@ -242,10 +244,21 @@ class Planner:
             return
         spec.captures = dict(event.captures)
         await self.state.put_spec(wf, spec)
-        items = await self._expand(wf, spec, event)
-        if items is None:
+        with tempfile.TemporaryDirectory(prefix="jetreduce-plan-") as spool:
+            items = await self._expand(wf, spec, event, Path(spool) / "input")
+            if items is None:
+                return
+            await self._plan(msg, wf, spec, items)
+
+    async def _plan(self, msg: Msg, wf: str, spec: StoredSpec, items: InputItems) -> None:
+        beat = asyncio.create_task(_keep_in_progress(msg))
+        try:
+            total = await asyncio.to_thread(items.count)
+        except PipelineError as exc:
+            await self._fail(wf, f"map input: {exc}")
             return
-        total = len(items)
+        finally:
+            beat.cancel()
         parallel = max(1, min(spec.options.max_parallel or spec.workflow.map.max_parallel, total))
         await self.state.transition(wf, Phase.MAPPING, total=total, max_parallel=parallel)
         attempts = spec.options.max_attempts or spec.workflow.error_policy.retry.max_attempts
@@ -268,24 +281,29 @@ class Planner:
             beat.cancel()
         log.info("workflow %s planned: %d items (%d already queued)", wf, total, result.duplicates)
 
-    async def _expand(self, wf: str, spec: StoredSpec, event: SetupCompleted) -> list[Any] | None:
+    async def _expand(
+        self, wf: str, spec: StoredSpec, event: SetupCompleted, spool: Path
+    ) -> InputItems | None:
+        """The workflow's items, from its input object spooled to ``spool`` (never held in
+        memory whole: see ``pipeline/source.py``)."""
         try:
             store = await self.ctx.js.object_store(self.s.objects_bucket)
-            obj = await store.get(event.input_object)
+            with open(spool, "wb") as out:
+                await store.get(event.input_object, writeinto=out)
         except Exception as exc:
             raise Retry(f"input object {event.input_object} unreadable: {exc}") from exc
-        data = obj.data or b""
         m = spec.workflow.map
         try:
-            doc = parse_input_document(data, lenient_lines=event.input_is_command)
-            return run_pipeline(
-                doc,
+            pipeline = ItemPipeline(
                 json_path=m.json_path,
                 filter=m.filter,
                 sort_by=m.sort_by,
                 distinct=m.distinct,
                 offset=m.offset,
                 max_items=m.max_items,
+            )
+            return await asyncio.to_thread(
+                InputItems, spool, lenient_lines=event.input_is_command, pipeline=pipeline
             )
         except PipelineError as exc:
             await self._fail(wf, f"map input: {exc}")
@@ -300,7 +318,7 @@ class Planner:
         )
 
 
-def _work_items(wf: str, items: list[Any]) -> Iterator[WorkItem]:
+def _work_items(wf: str, items: Iterable[Any]) -> Iterator[WorkItem]:
     for index, item in enumerate(items):
         yield WorkItem(workflow_id=wf, index=index, item=item)
 

@@ -23,7 +23,7 @@ import msgspec
 
 from jetreduce.planner.pipeline.jsonpath import PipelineError
 
-__all__ = ["parse_input_document", "parse_input_output"]
+__all__ = ["line_item", "parse_input_document", "parse_input_output"]
 
 _BOM = "\ufeff"
 
@@ -62,14 +62,17 @@ def parse_input_document(data: bytes, *, lenient_lines: bool = True) -> Any:
     ok, value = _try_json(stripped)
     if ok:
         return value
-    items: list[Any] = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line:
-            continue
-        ok, value = _try_json(line)
-        items.append(value if ok else {"item": line})
-    return items
+    return [item for item in map(line_item, text.splitlines()) if item is not None]
+
+
+def line_item(raw: str) -> Any | None:
+    """One line of command output as an item: its JSON value if it parses, else
+    ``{"item": "<trimmed line>"}``; None for a blank line."""
+    line = raw.strip()
+    if not line:
+        return None
+    ok, value = _try_json(line)
+    return value if ok else {"item": line}
 
 
 def parse_input_output(data: bytes, *, lenient_lines: bool = True) -> list[Any]:

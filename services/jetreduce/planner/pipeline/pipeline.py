@@ -7,7 +7,8 @@ workflow that sets them gets fewer items here than under Prodigy (see research Â
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import msgspec
@@ -53,6 +54,7 @@ class ItemPipeline:
             if number is not None and number < 0:
                 raise PipelineError(f"{name} must be >= 0, got {number}")
         self._select = compile_json_path(json_path)
+        self._select_path = json_path.strip() != ""
         self._filter: Callable[[Any], bool] | None = (
             compile_filter(filter) if filter is not None else None
         )
@@ -61,27 +63,37 @@ class ItemPipeline:
         self._offset = offset
         self._max_items = max_items
 
+    @property
+    def selects(self) -> bool:
+        """Whether a ``json_path`` is set (it needs the whole document)."""
+        return self._select_path
+
     def __call__(self, doc: Any) -> list[Any]:
-        items = self._select(doc)
+        return list(self.run(self._select(doc)))
+
+    def run(self, items: Iterable[Any]) -> Iterator[Any]:
+        """Every stage after ``json_path``, lazily: only ``sort_by`` holds the items (it must
+        see them all); ``distinct`` holds one key per distinct value."""
         if self._filter is not None:
-            keep = self._filter
-            items = [item for item in items if keep(item)]
+            items = filter(self._filter, items)
         if self._sort is not None:
-            items = self._sort(items)
+            items = self._sort(list(items))
         if self._distinct is not None:
-            seen: set[bytes] = set()
-            unique: list[Any] = []
-            for item in items:
-                key = _distinct_key(lookup(item, self._distinct))
-                if key not in seen:
-                    seen.add(key)
-                    unique.append(item)
-            items = unique
-        if self._offset:
-            items = items[self._offset :]
-        if self._max_items is not None:
-            items = items[: self._max_items]
-        return items
+            items = self._unique(items, self._distinct)
+        if self._offset or self._max_items is not None:
+            start = self._offset or 0
+            stop = None if self._max_items is None else start + self._max_items
+            items = itertools.islice(items, start, stop)
+        return iter(items)
+
+    @staticmethod
+    def _unique(items: Iterable[Any], path: Any) -> Iterator[Any]:
+        seen: set[bytes] = set()
+        for item in items:
+            key = _distinct_key(lookup(item, path))
+            if key not in seen:
+                seen.add(key)
+                yield item
 
 
 def run_pipeline(
