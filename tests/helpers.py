@@ -62,10 +62,13 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def services(nats_url: str, prefix: str, tmp_path: Path) -> AsyncIterator[Harness]:
+async def services(
+    nats_url: str, prefix: str, tmp_path: Path, **host_options: Any
+) -> AsyncIterator[Harness]:
+    """The four services in this process (agents as child processes), plus a client."""
     settings = NatsSettings(url=nats_url, prefix=prefix)
     log_dir = tmp_path / "agent-logs"
-    host = ServiceHost(settings, log_dir=log_dir)
+    host = ServiceHost(settings, log_dir=log_dir, **host_options)
     async with host.running():
         nc = await connect(settings, forever=False)
         try:

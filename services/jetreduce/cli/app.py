@@ -633,6 +633,17 @@ StreamReplicas = Annotated[
         help="Replicas of streams and buckets (3 on a production cluster).",
     ),
 ]
+MaxSlots = Annotated[
+    int | None,
+    typer.Option(
+        "--max-slots",
+        envvar="JETREDUCE_MAX_SLOTS",
+        min=1,
+        help="Map agent slots of all workflows together (launcher). Workflows beyond it wait "
+        "and start by --priority (high, normal, low; FIFO within one; a long wait lifts a "
+        "workflow a lane). Default: no limit.",
+    ),
+]
 
 
 def _serve(
@@ -643,6 +654,8 @@ def _serve(
     namespace: str | None = None,
     image: str | None = None,
     replicas: int = 1,
+    *,
+    max_slots: int | None = None,
 ) -> int:
     from jetreduce.contract.topology import TopologySettings
     from jetreduce.launcher.k8s_settings import KubernetesSettings
@@ -663,6 +676,7 @@ def _serve(
                 backend=backend,
                 k8s=k8s,
                 topology=TopologySettings(replicas=replicas),
+                max_slots=max_slots,
             )
         except ValueError as exc:
             typer.echo(str(exc), err=True)
@@ -693,13 +707,25 @@ def service(
     namespace: Namespace = None,
     image: Image = None,
     stream_replicas: StreamReplicas = 1,
+    max_slots: MaxSlots = None,
 ) -> None:
     """Run one service (what a Kubernetes Deployment runs)."""
     if name not in SERVICE_NAMES:
         raise _fail(
             f"unknown service {name!r}: choose from {', '.join(SERVICE_NAMES)}", exit_codes.USAGE
         )
-    raise typer.Exit(_serve((name,), nats, log_dir, backend, namespace, image, stream_replicas))
+    raise typer.Exit(
+        _serve(
+            (name,),
+            nats,
+            log_dir,
+            backend,
+            namespace,
+            image,
+            stream_replicas,
+            max_slots=max_slots,
+        )
+    )
 
 
 @services_app.command("up")
@@ -710,10 +736,20 @@ def services_up(
     namespace: Namespace = None,
     image: Image = None,
     stream_replicas: StreamReplicas = 1,
+    max_slots: MaxSlots = None,
 ) -> None:
     """Run planner, launcher, aggregator and janitor in one process."""
     raise typer.Exit(
-        _serve(SERVICE_NAMES, nats, log_dir, backend, namespace, image, stream_replicas)
+        _serve(
+            SERVICE_NAMES,
+            nats,
+            log_dir,
+            backend,
+            namespace,
+            image,
+            stream_replicas,
+            max_slots=max_slots,
+        )
     )
 
 

@@ -18,7 +18,7 @@ from jetreduce.janitor.service import Janitor
 from jetreduce.launcher.backend import AgentBackend
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.local import LocalBackend
-from jetreduce.launcher.service import Launcher
+from jetreduce.launcher.service import AGING_S, Launcher
 from jetreduce.planner.service import Planner
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.service import ServiceContext
@@ -47,6 +47,8 @@ class ServiceHost:
         topology: TopologySettings | None = None,
         backend: str = "local",
         k8s: KubernetesSettings | None = None,
+        max_slots: int | None = None,
+        aging_s: float = AGING_S,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
@@ -59,6 +61,8 @@ class ServiceHost:
         self.names = names
         self.log_dir = log_dir
         self.max_processes = max_processes
+        self.max_slots = max_slots
+        self.aging_s = aging_s
         self.topology = topology
         self.stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -69,7 +73,12 @@ class ServiceHost:
             if name == "planner":
                 built[name] = Planner(ctx)
             elif name == "launcher":
-                built[name] = Launcher(ctx, self._backend())
+                built[name] = Launcher(
+                    ctx,
+                    self._backend(),
+                    max_slots=self.max_slots,
+                    aging_s=self.aging_s,
+                )
             elif name == "aggregator":
                 built[name] = Aggregator(ctx)
             elif name == "janitor":

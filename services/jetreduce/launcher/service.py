@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
@@ -13,11 +14,11 @@ from jetreduce.contract.events import (
     AgentExited,
     AgentLaunched,
     MapComplete,
-    WorkflowPlanned,
     decode,
     encode,
 )
 from jetreduce.contract.records import Phase, StoredSpec
+from jetreduce.launcher.admission import Candidate, admit
 from jetreduce.launcher.backend import AgentBackend
 from jetreduce.runtime.publish import publish_retrying
 from jetreduce.runtime.service import EventConsumer, ServiceContext
@@ -29,14 +30,31 @@ log = logging.getLogger(__name__)
 
 _TERMINAL = ("completed", "failed", "cancelled", "timed_out")
 RECONCILE_EVERY_S = 15.0
+AGING_S = 300.0
+"""Waiting this long lifts a workflow one priority lane (launcher/admission.py)."""
 
 
 class Launcher:
-    def __init__(self, ctx: ServiceContext, backend: AgentBackend) -> None:
+    """Starts each phase's agents. ``max_slots`` caps the map agent slots of all workflows
+    together (None: no cap); waiting workflows are admitted by priority (admission.py)."""
+
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        backend: AgentBackend,
+        *,
+        max_slots: int | None = None,
+        aging_s: float = AGING_S,
+    ) -> None:
+        if max_slots is not None and max_slots < 1:
+            raise ValueError(f"max_slots must be at least 1, got {max_slots}")
         self.ctx = ctx
         self.s = ctx.subjects
         self.backend = backend
         self.state = StateStore(ctx.js, ctx.subjects)
+        self.max_slots = max_slots
+        self.aging_s = aging_s
+        self._admitting = asyncio.Lock()
         backend.on_exit = self._on_agent_exit
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -82,13 +100,51 @@ class Launcher:
             if record.phase in (Phase.ACCEPTED, Phase.SETUP):
                 if not await self._stored(self.s.setup("completed", wf)):
                     await self._launch(wf, "setup", [1], spec)
-            elif record.phase == Phase.MAPPING and record.total:
-                if not await self._stored(self.s.map("complete", wf)):
-                    await self._launch(wf, "map", self.backend.plan(record.max_parallel), spec)
             elif record.phase == Phase.REDUCING and not await self._stored(
                 self.s.reduce("completed", wf)
             ):
                 await self._launch(wf, "reduce", [1], spec)
+        await self.admit_maps()
+
+    async def admit_maps(self, changed: str | None = None) -> None:
+        """Start the map agents of every mapping workflow that may have them now: all of
+        them without a slot cap, else by priority while slots are free. ``changed`` names
+        the workflow an event was about: without a cap, it is the only one to look at."""
+        if self.max_slots is None and changed is not None:
+            record = await self.state.get(changed)
+            records = [record] if record is not None else []
+        else:
+            records = await self.state.list()
+        async with self._admitting:
+            used = 0
+            waiting: list[Candidate] = []
+            specs: dict[str, StoredSpec] = {}
+            for record in records:
+                if record.phase != Phase.MAPPING or not record.total:
+                    continue
+                wf = record.workflow_id
+                slots = min(record.max_parallel, self.max_slots or record.max_parallel)
+                if self.backend.running(wf, "map"):
+                    used += slots
+                    continue
+                spec = await self.state.get_spec(wf)
+                if spec is None or await self._stored(self.s.map("complete", wf)):
+                    continue
+                specs[wf] = spec
+                waiting.append(Candidate(wf, spec.options.priority, record.created_ts, slots))
+            free = None if self.max_slots is None else max(0, self.max_slots - used)
+            admitted = admit(waiting, free, time.time(), self.aging_s)
+            for c in admitted:
+                await self._launch(
+                    c.workflow_id, "map", self.backend.plan(c.slots), specs[c.workflow_id]
+                )
+            if len(admitted) < len(waiting):
+                log.info(
+                    "%d workflow(s) wait for agent slots (%d of %s in use)",
+                    len(waiting) - len(admitted),
+                    used + sum(c.slots for c in admitted),
+                    self.max_slots,
+                )
 
     async def _stored(self, subject: str) -> bool:
         try:
@@ -102,6 +158,8 @@ class Launcher:
         wf = msg.subject.rsplit(".", 1)[-1]
         if kind.startswith("workflow.") and kind.split(".")[1] in _TERMINAL:
             await self.backend.stop(wf)
+            if self.max_slots is not None:
+                await self.admit_maps()  # its slots are free
             return
         record = await self.state.get(wf)
         spec = await self.state.get_spec(wf)
@@ -112,17 +170,12 @@ class Launcher:
                 return
             await self.state.transition(wf, Phase.SETUP)
             await self._launch(wf, "setup", [1], spec)
-        elif kind == "workflow.planned":
-            planned = decode(msg.data)
-            assert isinstance(planned, WorkflowPlanned)
-            if planned.total == 0 or record.phase.order > Phase.MAPPING.order:
-                return
-            await self._launch(wf, "map", self.backend.plan(planned.max_parallel), spec)
-        elif kind == "workflow.reopened":
-            if record.phase == Phase.MAPPING and record.total:
-                await self._launch(wf, "map", self.backend.plan(record.max_parallel), spec)
+        elif kind in ("workflow.planned", "workflow.reopened"):
+            await self.admit_maps(wf)
         elif kind == "map.complete":
             await self.backend.stop(wf, "map")
+            if self.max_slots is not None:
+                await self.admit_maps()
             complete = decode(msg.data)
             assert isinstance(complete, MapComplete)
             reduce = spec.workflow.reduce
