@@ -18,6 +18,7 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "services"))
 
+from backends import aws_env, redis_server, sqs_server  # noqa: E402, F401 - fixtures
 from jetreduce.embedded import EmbeddedServer  # noqa: E402
 
 

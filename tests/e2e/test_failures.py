@@ -317,7 +317,12 @@ def _stopping_items(workdir: Path, fail_when: str) -> Path:
 async def _assert_stopped(h: Harness, wf: str, pids: Path, total: int) -> None:
     await wait_for(lambda: not agent_pids(wf), timeout_s=20)
     await wait_for(lambda: not [p for p in pids_in(pids) if alive(p)], timeout_s=10)
-    assert await queued(h, wf) == 0, "remaining items were not purged"
+
+    async def purged() -> bool:
+        return await queued(h, wf) == 0
+
+    # The janitor purges on the terminal event; it may still be on its way (CI: 28 left).
+    await wait_for(purged, timeout_s=15)
     assert len(await terminal(h, wf)) < total
 
 

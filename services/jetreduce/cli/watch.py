@@ -96,6 +96,10 @@ def describe(event: ev.Event) -> str:
         return f"cancelled: {event.reason}"
     if isinstance(event, ev.WorkflowRejected):
         return "rejected: " + "; ".join(p.message for p in event.problems)
+    if isinstance(event, ev.QueueStatus):
+        if event.state == "available":
+            return f"agent {event.agent}: {event.queue} queue available again"
+        return f"agent {event.agent}: {event.queue} queue unavailable ({event.error}); backing off"
     if isinstance(event, ev.CircuitChanged):
         return f"agent {event.agent}: circuit {event.state.replace('_', '-')}"
     if isinstance(event, ev.WorkflowReopened):

@@ -24,8 +24,10 @@ __all__ = [
     "ItemDone",
     "ItemFailed",
     "MapComplete",
+    "MapFailed",
     "Problem",
     "Progress",
+    "QueueStatus",
     "ReduceCompleted",
     "ReduceFailed",
     "ReduceStarted",
@@ -178,6 +180,18 @@ class MapComplete(_Base, tag="map.complete", kw_only=True):
     dead: int
 
 
+class QueueStatus(_Base, tag="agent.queue", kw_only=True):
+    """An agent lost (``unavailable``, with the error) or regained (``available``) its item
+    queue's backend (Redis, SQS). In between it backs off and retries; nothing is lost."""
+
+    state: str
+    agent: str
+    queue: str
+    """The backend's kind: ``jetstream``, ``redis`` or ``sqs`` (never its URL: it may hold
+    credentials)."""
+    error: str = ""
+
+
 class MapFailed(_Base, tag="map.failed", kw_only=True):
     """An item's step failed and its ``on_failure`` said ``fail_workflow: true``: the map
     phase ends there and the workflow fails (the item itself is dead, without retries)."""
@@ -304,6 +318,7 @@ Event = (
     | AgentLaunched
     | AgentExited
     | CircuitChanged
+    | QueueStatus
     | MapComplete
     | MapFailed
     | ReduceStarted

@@ -34,6 +34,7 @@ from jetreduce.contract.events import (
     ItemFailed,
     MapComplete,
     MapFailed,
+    QueueStatus,
     ReduceCompleted,
     ReduceFailed,
     ReduceStarted,
@@ -48,6 +49,7 @@ from jetreduce.contract.topology import declare
 from jetreduce.contract.workflow.model import RetryConfig, Step
 from jetreduce.queues.base import Lease
 from jetreduce.queues.factory import open_queue
+from jetreduce.queues.resilient import ResilientQueue
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.publish import AckMux, publish_once, publish_retrying
 from jetreduce.runtime.service import ServiceContext
@@ -378,7 +380,11 @@ class Agent:
         if record is None or record.phase.order > Phase.MAPPING.order:
             return 0
         self.total = record.total or 0
-        self.queue = open_queue(self.ctx, self.wf, self.spec.options.queue)
+        self.queue = ResilientQueue(
+            open_queue(self.ctx, self.wf, self.spec.options.queue),
+            self.stop,
+            self._announce_queue,
+        )
         policy = self.spec.workflow.error_policy
         self.retry: RetryConfig = policy.retry
         self.max_attempts = self.spec.options.max_attempts or self.retry.max_attempts
@@ -621,6 +627,17 @@ class Agent:
         changed = self.breaker.record(ok)
         if changed is not None:
             await self._announce_circuit(changed)
+
+    async def _announce_queue(self, state: str, error: str) -> None:
+        url = self.spec.options.queue or "jetstream"
+        status = QueueStatus(
+            workflow_id=self.wf,
+            state=state,
+            agent=self.name,
+            queue=url.split(":", 1)[0],
+            error=_clip(error, ERROR_TAIL),
+        )
+        await publish_retrying(self.ctx.js, self.s.agent("queue", self.wf), encode(status))
 
     async def _announce_circuit(self, changed: str) -> None:
         assert self.breaker is not None
