@@ -245,3 +245,26 @@ def test_run_against_an_existing_server(
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "Processed 3 items"
     assert not (tmp_path / "data" / "nats").exists()
+
+
+def test_bad_queue_urls_are_usage_errors_before_anything_runs(tmp_path: Path) -> None:
+    """A queue URL is checked where it is typed: a password in it (it would travel in the
+    stored workflow) or an unknown scheme is exit 2 with the reason, and nothing connects
+    (no server is running here)."""
+    wf = tmp_path / "wf.yml"
+    wf.write_text(
+        "name: q\nmap:\n  input: \"echo '[1]'\"\n  agent_template:\n    - shell: 'true'\n"
+    )
+    nowhere = "nats://127.0.0.1:9"
+    cases = [
+        (
+            ["submit", str(wf), "--nats", nowhere, "--queue", "redis://:pw@127.0.0.1:6379/0"],
+            "password",
+        ),
+        (["run", str(wf), "--nats", nowhere, "--queue", "kafka://broker"], "unsupported queue"),
+        (["services", "up", "--nats", nowhere, "--queue", "redis://h/x"], "database number"),
+    ]
+    for args, reason in cases:
+        done = cli(*args, cwd=tmp_path, timeout=60)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert reason in done.stderr, (args, done.stderr)

@@ -134,3 +134,23 @@ map:
     states = [s.state for s in statuses]
     assert "unavailable" in states and "available" in states, states
     assert all(s.queue == "redis" and "127.0.0.1" not in s.queue for s in statuses)
+
+
+async def test_the_installation_default_queue_is_recorded_with_the_workflow(
+    nats_url: str, prefix: str, tmp_path: Path, workdir: Path, redis_server: Any
+) -> None:
+    """``services up --queue URL``: a workflow that names no queue gets the installation's,
+    written into its stored options so that agents and the janitor use the same one."""
+    from jetreduce.runtime.state import StateStore
+
+    text = 'name: dq\nmap:\n  input: "seq 1 20"\n  agent_template:\n    - shell: "echo ${item}"\n'
+    async with services(nats_url, prefix, tmp_path, default_queue=redis_server.url) as h:
+        done = await h.run(text, workdir)
+        assert isinstance(done, ev.WorkflowCompleted), h.agent_logs()
+        spec = await StateStore(h.nc.jetstream(), h.subjects).get_spec(done.workflow_id)
+        named = await h.run(text, workdir, queue="jetstream")
+        assert isinstance(named, ev.WorkflowCompleted), h.agent_logs()
+        named_spec = await StateStore(h.nc.jetstream(), h.subjects).get_spec(named.workflow_id)
+    assert done.done == 20 and named.done == 20
+    assert spec is not None and spec.options.queue == redis_server.url
+    assert named_spec is not None and named_spec.options.queue == "jetstream"

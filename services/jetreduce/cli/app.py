@@ -187,6 +187,23 @@ WorktreesOption = Annotated[
         help="Run each item in its own git worktree; merge successful items' branches.",
     ),
 ]
+QueueOption = Annotated[
+    str | None,
+    typer.Option(
+        "--queue",
+        help="Where the items travel: jetstream, redis://host:port/db or "
+        "sqs://QUEUE?region=R&endpoint=URL (default: the installation's, else jetstream). "
+        "No password in the URL: give it through JETREDUCE_REDIS_PASSWORD or the AWS chain.",
+    ),
+]
+
+
+def _check_queue(url: str | None) -> None:
+    from jetreduce.queues.factory import validate_queue_url
+
+    problem = validate_queue_url(url)
+    if problem is not None:
+        raise _fail(problem, exit_codes.USAGE)
 
 
 def _check_profile(workflow: Any, profile: str | None) -> None:
@@ -307,6 +324,8 @@ def run(
     args: ArgsOption = None,
     profile: ProfileOption = None,
     worktrees: WorktreesOption = False,
+    queue: QueueOption = None,
+    priority: Annotated[str, typer.Option(help="high, normal or low.")] = "normal",
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print the plan (phases, items, parallelism); run no step."),
@@ -321,16 +340,19 @@ def run(
     if dry_run:
         where = (workdir or Path.cwd()).resolve()
         raise typer.Exit(_dry_run(result.workflow, workflow, where, max_parallel, args or []))
+    _check_queue(queue)
     wf = _workflow_id(result, workflow_id)
     options = SubmitOptions(
         workdir=str((workdir or Path.cwd()).resolve()),
         max_parallel=max_parallel,
+        priority=priority,
         vars=used,
         max_attempts=max_attempts,
         timeout_s=timeout,
         args=args or [],
         profile=profile,
         worktrees=worktrees,
+        queue=queue,
     )
     code = asyncio.run(_run(text, str(workflow), wf, options, nats, data_dir, quiet, resume=resume))
     raise typer.Exit(code)
@@ -462,10 +484,12 @@ def submit_cmd(
     args: ArgsOption = None,
     profile: ProfileOption = None,
     worktrees: WorktreesOption = False,
+    queue: QueueOption = None,
 ) -> None:
     """Submit a workflow to running services; prints its id (stdout)."""
     text, result, used = _load(workflow)
     _check_profile(result.workflow, profile)
+    _check_queue(queue)
     wf = _workflow_id(result, workflow_id)
     options = SubmitOptions(
         workdir=str((workdir or Path.cwd()).resolve()),
@@ -476,6 +500,7 @@ def submit_cmd(
         args=args or [],
         profile=profile,
         worktrees=worktrees,
+        queue=queue,
     )
 
     async def go(nc: Any, subjects: Subjects) -> int:
@@ -633,6 +658,15 @@ StreamReplicas = Annotated[
         help="Replicas of streams and buckets (3 on a production cluster).",
     ),
 ]
+DefaultQueue = Annotated[
+    str | None,
+    typer.Option(
+        "--queue",
+        envvar="JETREDUCE_QUEUE",
+        help="The installation's item queue for workflows that name none (planner): "
+        "jetstream, redis://host:port/db or sqs://QUEUE?region=R&endpoint=URL.",
+    ),
+]
 MaxSlots = Annotated[
     int | None,
     typer.Option(
@@ -656,6 +690,7 @@ def _serve(
     replicas: int = 1,
     *,
     max_slots: int | None = None,
+    default_queue: str | None = None,
 ) -> int:
     from jetreduce.contract.topology import TopologySettings
     from jetreduce.launcher.k8s_settings import KubernetesSettings
@@ -677,6 +712,7 @@ def _serve(
                 k8s=k8s,
                 topology=TopologySettings(replicas=replicas),
                 max_slots=max_slots,
+                default_queue=default_queue,
             )
         except ValueError as exc:
             typer.echo(str(exc), err=True)
@@ -708,8 +744,10 @@ def service(
     image: Image = None,
     stream_replicas: StreamReplicas = 1,
     max_slots: MaxSlots = None,
+    queue: DefaultQueue = None,
 ) -> None:
     """Run one service (what a Kubernetes Deployment runs)."""
+    _check_queue(queue)
     if name not in SERVICE_NAMES:
         raise _fail(
             f"unknown service {name!r}: choose from {', '.join(SERVICE_NAMES)}", exit_codes.USAGE
@@ -724,6 +762,7 @@ def service(
             image,
             stream_replicas,
             max_slots=max_slots,
+            default_queue=queue,
         )
     )
 
@@ -737,8 +776,10 @@ def services_up(
     image: Image = None,
     stream_replicas: StreamReplicas = 1,
     max_slots: MaxSlots = None,
+    queue: DefaultQueue = None,
 ) -> None:
     """Run planner, launcher, aggregator and janitor in one process."""
+    _check_queue(queue)
     raise typer.Exit(
         _serve(
             SERVICE_NAMES,
@@ -749,6 +790,7 @@ def services_up(
             image,
             stream_replicas,
             max_slots=max_slots,
+            default_queue=queue,
         )
     )
 

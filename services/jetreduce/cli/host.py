@@ -49,6 +49,7 @@ class ServiceHost:
         k8s: KubernetesSettings | None = None,
         max_slots: int | None = None,
         aging_s: float = AGING_S,
+        default_queue: str | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
@@ -62,6 +63,7 @@ class ServiceHost:
         self.log_dir = log_dir
         self.max_processes = max_processes
         self.max_slots = max_slots
+        self.default_queue = default_queue
         self.aging_s = aging_s
         self.topology = topology
         self.stop = asyncio.Event()
@@ -71,7 +73,7 @@ class ServiceHost:
         built: dict[str, _Service] = {}
         for name in self.names:
             if name == "planner":
-                built[name] = Planner(ctx)
+                built[name] = Planner(ctx, default_queue=self.default_queue)
             elif name == "launcher":
                 built[name] = Launcher(
                     ctx,

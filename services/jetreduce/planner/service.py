@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import yaml
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
@@ -54,10 +55,18 @@ VISIBILITY_S = 30.0
 
 
 class Planner:
-    def __init__(self, ctx: ServiceContext) -> None:
+    """``default_queue``: the installation's item queue for workflows that name none. It is
+    written into the accepted workflow's stored options, so every service and agent uses the
+    same queue whatever their own settings (the URL carries no password: validated)."""
+
+    def __init__(self, ctx: ServiceContext, *, default_queue: str | None = None) -> None:
+        problem = validate_queue_url(default_queue)
+        if problem is not None:
+            raise ValueError(f"default queue: {problem}")
         self.ctx = ctx
         self.s = ctx.subjects
         self.state = StateStore(ctx.js, ctx.subjects)
+        self.default_queue = default_queue
 
     async def run(self, stop: asyncio.Event) -> None:
         submits = EventConsumer(
@@ -206,6 +215,8 @@ class Planner:
             problems.append(Problem(path="options.max_attempts", message="must be at least 1"))
         if problems:
             return problems, [], None
+        if opts.queue is None and self.default_queue is not None:
+            opts = msgspec.structs.replace(opts, queue=self.default_queue)
         spec = StoredSpec(workflow=result.workflow, options=opts)
         return [], [_problem(p) for p in result.warnings], spec
 
