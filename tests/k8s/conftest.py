@@ -1,5 +1,7 @@
-"""Fixtures for the Kubernetes path: the API emulator (kmock_plus) on a loopback port and an
-official-client ``ApiClient`` pointed at it.
+"""Fixtures for the Kubernetes path: the API emulator (kmock_plus) on a loopback port, in a
+thread (``emulator``: its request log can be inspected) or in a process of its own
+(``emulator_process``: for runs with many agents, see kmock_plus), and an official-client
+``ApiClient`` pointed at each.
 
 kmock registers a pytest plugin that imports ``pytest_asyncio``; the ``test`` extra installs
 ``pytest-asyncio`` for that reason (its strict mode leaves our ``anyio`` tests alone)."""
@@ -12,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kmock_plus import EmulatorThread
+from kmock_plus import EmulatorProcess, EmulatorThread
 from kubernetes import client as k8s
 
 
@@ -23,8 +25,31 @@ def emulator() -> Iterator[EmulatorThread]:
 
 
 @pytest.fixture
+def emulator_process() -> Iterator[EmulatorProcess]:
+    with EmulatorProcess() as emu:
+        yield emu
+
+
+def _api(url: str) -> k8s.ApiClient:
+    config = k8s.Configuration(host=url)
+    # The process kubelet calls from 32 threads; a smaller pool would open and discard a
+    # connection per call beyond it.
+    config.connection_pool_maxsize = 64
+    return k8s.ApiClient(config)
+
+
+@pytest.fixture
 def api_client(emulator: EmulatorThread) -> Iterator[k8s.ApiClient]:
-    api = k8s.ApiClient(k8s.Configuration(host=emulator.url))
+    api = _api(emulator.url)
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+@pytest.fixture
+def process_api_client(emulator_process: EmulatorProcess) -> Iterator[k8s.ApiClient]:
+    api = _api(emulator_process.url)
     try:
         yield api
     finally:

@@ -15,13 +15,21 @@ adds:
    transitively, every object that names its uid as an owner (the real GC does this
    asynchronously; here it is immediate).
 
+And one change for long runs: ``Cluster.keep_request_log = False`` keeps only the requests in
+flight in kmock's request log. kmock matches each new request to a reaction by scanning that
+whole log (``request in filter``, oldest first), so with the log kept every request costs
+O(requests served): the end-to-end run (thousands of polls) slowed to seconds per call.
+
 Still not real (do not test these here): admission and defaulting, status/spec separation,
 strategic-merge list merging, resourceVersion resume and 410, RBAC, TTL-after-finished.
 
 It subclasses kmock internals (``_handle``, ``_serve_list``, ``_serve_watch``, ``_objects``,
 ``_lock``, ``_buses``), hence the ``kmock==0.8`` pin. :class:`EmulatorThread` hosts it on a
 loopback port in a thread of its own, so blocking clients (ours runs in worker threads) and
-the test's event loop never wait on each other.
+the test's event loop never wait on each other. :class:`EmulatorProcess` hosts it in a process
+of its own (``python kmock_plus.py``, request log off): for the end-to-end test, where the
+process kubelet's threads and the services share the test's process, and an emulator thread
+among them competed for the GIL (the API server is a process of its own in a real cluster).
 """
 
 from __future__ import annotations
@@ -32,10 +40,18 @@ import datetime
 import gzip
 import importlib.resources
 import itertools
+import json
+import os
 import re
+import select
+import signal
+import subprocess
+import sys
 import threading
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp.web
@@ -80,8 +96,13 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
     """The emulator with label selectors, deletecollection, watch timeouts, server metadata
     and ownerReference GC (see the module docstring)."""
 
+    keep_request_log = True
+    """False: kmock's request log holds only requests in flight (see the module docstring);
+    the log can then not be inspected."""
+
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        self._inflight: set[int] = set()
         # Discovery of the built-in kinds (else LIST of a kind with no objects yet is 404);
         # load_bundled() itself uses a deprecated importlib.resources call.
         data = importlib.resources.files("kmock._internal").joinpath("resources.json.gz")
@@ -90,6 +111,16 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
 
     # -- requests -------------------------------------------------------------------------
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        if self.keep_request_log:
+            return await self._serve(request)
+        self._inflight.add(id(request))
+        self._requests[:] = [r for r in self._requests if id(r) in self._inflight]
+        try:
+            return await self._serve(request)
+        finally:
+            self._inflight.discard(id(request))
+
+    async def _serve(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         if request.resource is not None and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if request.action == enums.action.CREATE:
@@ -274,3 +305,82 @@ class EmulatorThread:
             ]
 
         return self.call(collect)
+
+
+def _collection_path(resource: str, namespace: str) -> str:
+    """``"batch/v1/jobs"`` → ``/apis/batch/v1/namespaces/NS/jobs``; ``"v1/pods"`` → ``/api/…``."""
+    parts = resource.split("/")
+    root = "/api/" if len(parts) == 2 else "/apis/"
+    return f"{root}{'/'.join(parts[:-1])}/namespaces/{namespace}/{parts[-1]}"
+
+
+class EmulatorProcess:
+    """A :class:`Cluster` served by a child process (this file run as a script) on
+    ``127.0.0.1:<free port>``. The child prints its URL on its first stdout line, dies with
+    its parent (``PR_SET_PDEATHSIG``) and stops on SIGTERM. Offers ``url`` and :meth:`live`
+    like :class:`EmulatorThread`; its request log is out of reach (use the thread for that)."""
+
+    def __init__(self, start_timeout_s: float = 20.0) -> None:
+        self.url = ""
+        self._start_timeout_s = start_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> EmulatorProcess:
+        from jetreduce.runtime.orphans import die_with_parent
+
+        self._proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve())],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            preexec_fn=die_with_parent,
+        )
+        assert self._proc.stdout is not None
+        ready, _, _ = select.select([self._proc.stdout], [], [], self._start_timeout_s)
+        line = self._proc.stdout.readline().decode().strip() if ready else ""
+        if not line.startswith("http://"):
+            self.__exit__()
+            raise RuntimeError(f"the Kubernetes emulator process did not start: {line!r}")
+        self.url = line
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    def live(self, resource: str, namespace: str) -> list[dict[str, Any]]:
+        """Every live object of ``resource`` (``"batch/v1/jobs"``, ``"v1/configmaps"``…),
+        read with a plain LIST."""
+        url = self.url + _collection_path(resource, namespace)
+        with urllib.request.urlopen(url, timeout=10) as response:
+            items: list[dict[str, Any]] = json.loads(response.read())["items"]
+        return items
+
+
+async def _serve_until_terminated() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Cluster() as cluster, apps.Server(cluster) as server:
+        cluster.keep_request_log = False
+        print(str(server.url).rstrip("/"), flush=True)
+        # stdout is the parent's pipe, read for that one line only: nothing may block on it.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        await stop.wait()
+
+
+if __name__ == "__main__":
+    # kmock keeps every request it served (its log for assertions): fine for a test's life.
+    asyncio.run(_serve_until_terminated())

@@ -14,6 +14,11 @@ Job semantics kept: ``parallelism``, ``completions``, ``backoffLimitPerIndex``,
 ``Ignore`` rule on ``DisruptionTarget`` (an :meth:`ProcessKubelet.evict` is a disruption, a
 :meth:`ProcessKubelet.kill` is a crash). A Job that disappears has its processes terminated
 (SIGTERM, then SIGKILL after the pod's grace period, capped at 10 s).
+:attr:`ProcessKubelet.crash` makes every pod of a named Job exit at once with a given code
+(an image whose entrypoint cannot start), to drive a Job into failure as a whole.
+Pods run at a lower CPU priority (``nice``, 10 by default) than the test process and the API
+emulator: on a cluster the control plane does not share CPUs with the pods, while here 50
+agents starting at once on 2 cores would otherwise starve both.
 Not modelled: scheduling, images, volumes (emptyDirs become temp dirs), probes, TTL.
 """
 
@@ -85,6 +90,7 @@ class ProcessKubelet:
         command: Callable[[list[str]], list[str]] = default_command,
         poll_s: float = 0.1,
         log_dir: Path | None = None,
+        nice: int = 10,
     ) -> None:
         self.batch = k8s.BatchV1Api(api)
         self.core = k8s.CoreV1Api(api)
@@ -93,6 +99,7 @@ class ProcessKubelet:
         self.command = command
         self.poll_s = poll_s
         self.log_dir = log_dir
+        self.nice = nice
         self.jobs: dict[str, _JobRun] = {}
         self.finished: dict[str, _JobRun] = {}
         self.slowest_api_s = 0.0
@@ -101,6 +108,9 @@ class ProcessKubelet:
         self._pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="kubelet")
         self.errors: list[BaseException | None] = []
         """Exceptions of Job runs: a test asserts it stays empty."""
+        self.crash: dict[str, int] = {}
+        """Job name → exit code every pod of that Job ends with at once (set before the Job
+        starts): a crash loop, which uses up the Job's per-index backoff."""
 
     # -- API (blocking client, off the loop) ------------------------------------------------
     async def _api(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
@@ -292,6 +302,12 @@ class ProcessKubelet:
         argv = self.command(
             list(container.get("command") or []) + list(container.get("args") or [])
         )
+        if run.name in self.crash:
+            argv = ["sh", "-c", f"exit {self.crash[run.name]}"]
+        if self.nice:
+            # Through nice(1), not a preexec_fn: that would make Python fork this whole
+            # process (threads and all) on the event loop instead of vfork-and-exec.
+            argv = ["nice", "-n", str(self.nice), *argv]
         out: Any = asyncio.subprocess.DEVNULL
         handle = None
         if self.log_dir is not None:

@@ -41,9 +41,16 @@ def _spec() -> StoredSpec:
     )
 
 
-def _backend(api: k8s.ApiClient, namespace: str, **kw: Any) -> KubernetesBackend:
+def _backend(
+    api: k8s.ApiClient, namespace: str, max_relaunches: int = 2, **kw: Any
+) -> KubernetesBackend:
     nats = NatsSettings(url="nats://127.0.0.1:4222", prefix="tp", user="u", password="s3cret")
-    settings = KubernetesSettings(namespace=namespace, image="jetreduce:test", poll_interval_s=0.05)
+    settings = KubernetesSettings(
+        namespace=namespace,
+        image="jetreduce:test",
+        poll_interval_s=0.05,
+        max_relaunches=max_relaunches,
+    )
     return KubernetesBackend(nats, settings, api_client=api, **kw)
 
 
@@ -156,7 +163,8 @@ async def test_failed_pods_are_reported_with_exit_code_and_restart_flag(
     ) -> None:
         exits.append((wf, phase, index, code, restart, remaining))
 
-    backend = _backend(api_client, namespace, on_exit=on_exit)
+    # No relaunch budget: a failed Job is final (test_relaunch.py covers relaunches).
+    backend = _backend(api_client, namespace, max_relaunches=0, on_exit=on_exit)
     batch, core = k8s.BatchV1Api(api_client), k8s.CoreV1Api(api_client)
     try:
         await backend.launch("wf-a", "map", [1, 1], _spec())

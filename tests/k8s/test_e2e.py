@@ -4,52 +4,40 @@ and the process kubelet running every Job index as a local ``python -m jetreduce
 with the env the pod would get (completion index from the annotation, NATS password from
 the Secret). One agent pod is killed (a crash: the Job re-runs its index) and one is evicted
 (a disruption: ignored by the podFailurePolicy); no item is lost and nothing is left behind.
+
+Once flaky (the faults could land after the last item): API calls took up to ~13 s, because
+kmock scanned its whole request log on every request and its thread shared this process's GIL
+with the services, the kubelet's threads and 50 agent starts. Now the emulator runs in a
+process of its own with the log off (``emulator_process``), pods run under ``nice``, and the
+faults are injected once 20 items are done, with an assertion that the re-run came while
+items remained.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import secrets
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kmock_plus import EmulatorThread
+from harness import orchestrator
+from kmock_plus import EmulatorProcess
 from kubelet import ProcessKubelet
 from kubernetes import client as k8s
 
 from conftest import wait_for
-from jetreduce.aggregator.service import Aggregator
 from jetreduce.cli.submit import submit
 from jetreduce.cli.watch import Watcher
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import SubmitOptions
-from jetreduce.contract.subjects import Subjects
-from jetreduce.contract.topology import declare
-from jetreduce.janitor.service import Janitor
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.kubernetes import KubernetesBackend, job_name
-from jetreduce.launcher.service import Launcher
-from jetreduce.planner.service import Planner
-from jetreduce.runtime.connection import connect
-from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
-from jetreduce.runtime.state import StateStore
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.slow,
-    # Passed end to end (300/300, kill + eviction, nothing left), but not reliably: with 50
-    # agent processes starting on 2 cores, calls to the in-process emulator took up to
-    # ~13 s (ProcessKubelet.slowest_api_s), and the map phase can finish before the
-    # killed index is re-run. The fix is to host the emulator in its own process (no shared
-    # GIL). Not strict, so an XPASS shows in the -ra summary instead of failing CI.
-    pytest.mark.xfail(strict=False, reason="emulator latency under 50 local agents; see above"),
-]
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 ITEMS = 300
 PARALLEL = 50
@@ -67,42 +55,20 @@ reduce:
 """
 
 
-@contextlib.asynccontextmanager
-async def _orchestrator(
-    settings: NatsSettings, backend: KubernetesBackend
-) -> AsyncIterator[ServiceContext]:
-    nc = await connect(settings, name="k8s-e2e-services")
-    subjects = Subjects(settings.prefix)
-    await declare(nc.jetstream(), subjects, None)
-    ctx = ServiceContext(nc=nc, js=nc.jetstream(), subjects=subjects)
-    stop = asyncio.Event()
-    services: list[Any] = [Planner(ctx), Launcher(ctx, backend), Aggregator(ctx), Janitor(ctx)]
-    tasks = [asyncio.create_task(s.run(stop), name=type(s).__name__) for s in services]
-    try:
-        yield ctx
-    finally:
-        stop.set()
-        _, pending = await asyncio.wait(tasks, timeout=20)
-        for t in pending:
-            t.cancel()
-        for t in tasks:
-            if t.done() and not t.cancelled() and t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
-        await nc.drain()
-
-
 async def test_workflow_runs_through_indexed_jobs_with_pod_failures(
     nats_url: str,
     prefix: str,
     tmp_path: Path,
     workdir: Path,
-    emulator: EmulatorThread,
-    api_client: k8s.ApiClient,
+    emulator_process: EmulatorProcess,
+    process_api_client: k8s.ApiClient,
     namespace: str,
 ) -> None:
+    emulator, api_client = emulator_process, process_api_client
     (workdir / "items.json").write_text(json.dumps({"items": [{"n": i} for i in range(ITEMS)]}))
-    # A password the server does not need: it only proves the Secret → env path works.
-    settings = NatsSettings(url=nats_url, prefix=prefix)
+    # Credentials the server does not check (it has no auth): they prove the Secret → env
+    # path, and that the Secret is cleaned up too.
+    settings = NatsSettings(url=nats_url, prefix=prefix, user="jr", password="not-checked")
     k8s_settings = KubernetesSettings(
         namespace=namespace, image="jetreduce:test", poll_interval_s=0.2
     )
@@ -116,7 +82,7 @@ async def test_workflow_runs_through_indexed_jobs_with_pod_failures(
     kubelet_stop = asyncio.Event()
     kubelet_task = asyncio.create_task(kubelet.run(kubelet_stop), name="kubelet")
     try:
-        async with _orchestrator(settings, backend) as ctx:
+        async with orchestrator(settings, backend, sweep_every_s=2) as ctx:
             nc = ctx.nc
             watcher = Watcher(nc, ctx.subjects, wf, show_events=False, tty=False)
             await watcher.start()
@@ -125,15 +91,19 @@ async def test_workflow_runs_through_indexed_jobs_with_pod_failures(
                     nc,
                     ctx.subjects,
                     WORKFLOW,
-                    SubmitOptions(workdir=str(workdir)),
+                    # A killed agent's item comes back after its lease: 10 s, not 30.
+                    SubmitOptions(workdir=str(workdir), lease_s=10),
                     workflow_id=wf,
                     source="test",
                 )
-                state = StateStore(ctx.js, ctx.subjects)
+                # Items done so far, live (the workflow record's count is only written at
+                # the end of the phase): every result as it is published.
+                finished: set[str] = set()
 
-                async def progressed() -> bool:
-                    record = await state.get(wf)
-                    return record is not None and record.done >= 50
+                async def on_done(msg: Any) -> None:
+                    finished.add(msg.subject)
+
+                results = await nc.subscribe(ctx.subjects.done_of(wf), cb=on_done)
 
                 await wait_for(
                     lambda: (
@@ -142,12 +112,15 @@ async def test_workflow_runs_through_indexed_jobs_with_pod_failures(
                     ),
                     timeout_s=60,
                 )
-                await wait_for(progressed, timeout_s=90)
+                # Early in the map phase (agents are taking items), so the faults hit a run
+                # in flight: ~10 s of work remain when they do.
+                await wait_for(lambda: len(finished) >= 20, timeout_s=90)
                 killed = kubelet.kill(map_job, 7, signal.SIGKILL)
                 evicted_attempt = kubelet.attempt(map_job, 11)
                 evicted = kubelet.evict(map_job, 11)
-                # ~10 s of work remain: the Job controller re-runs index 7 well before.
+                done_at_faults = len(finished)
                 await _wait_rerun(kubelet, map_job, 7)
+                rerun_done = len(finished)
                 assert evicted_attempt is not None and evicted_attempt.proc is not None
                 evicted_proc = evicted_attempt.proc
                 await wait_for(lambda: evicted_proc.returncode is not None, timeout_s=60)
@@ -156,9 +129,15 @@ async def test_workflow_runs_through_indexed_jobs_with_pod_failures(
                 done = await watcher.until_done(240)
             finally:
                 await watcher.stop()
+                await results.unsubscribe()
 
             logs = "\n".join(p.read_text() for p in sorted((tmp_path / "pod-logs").glob("*")))
             assert isinstance(done, ev.WorkflowCompleted), logs[-5000:]
+            # The faults and the re-run happened while items remained (not after the fact).
+            assert done_at_faults < ITEMS - PARALLEL and rerun_done < ITEMS, (
+                done_at_faults,
+                rerun_done,
+            )
             assert (done.total, done.done, done.dead) == (ITEMS, ITEMS, 0)
             assert done.reduce_output.strip() == f"{ITEMS}/{ITEMS}"
 
@@ -170,13 +149,10 @@ async def test_workflow_runs_through_indexed_jobs_with_pod_failures(
             # An evicted agent hands its items back and exits; with exit 0 (today's agent)
             # the pod Succeeds and, as with the real Job controller, its index counts as
             # complete; with a non-zero exit the index is re-run outside the backoff budget.
+            # (Whether the kubelet wrote the index down as succeeded before the launcher deleted
+            # the Job on map.complete is a race of the test double, so it is not asserted.)
             if evicted_proc.returncode == 0:
-                assert 11 in run.succeeded and len(pids[11]) == 1, (
-                    pids,
-                    run.task,
-                    kubelet.errors,
-                    kubelet.slowest_api_s,
-                )
+                assert len(pids[11]) == 1, pids
             else:
                 assert len(pids[11]) >= 2, pids
             assert run.body["spec"]["parallelism"] == PARALLEL

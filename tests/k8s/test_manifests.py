@@ -86,6 +86,8 @@ def _built(settings: KubernetesSettings) -> list[dict[str, Any]]:
         ),
         build_phase_job(wf, "setup", settings=settings, nats_env=env, timeout_s=60, owner=owner),
         build_phase_job(wf, "reduce", settings=settings, nats_env=env, owner=owner),
+        # The last relaunch the settings allow, of the phase with the longest name.
+        build_phase_job(wf, "reduce", settings=settings, nats_env=env, owner=owner, attempt=8),
     ]
 
 

@@ -23,6 +23,7 @@ from jetreduce.contract.events import (
     encode,
 )
 from jetreduce.contract.records import Phase
+from jetreduce.janitor.k8s_sweep import ORPHAN_SWEEP_S, OrphanSweeper, WorkflowObjects
 from jetreduce.queues.base import ItemQueue
 from jetreduce.queues.factory import open_queue
 from jetreduce.runtime.publish import publish_once
@@ -38,10 +39,21 @@ TIMEOUT_SWEEP_S = 1.0
 
 
 class Janitor:
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        *,
+        objects: WorkflowObjects | None = None,
+        sweep_every_s: float = ORPHAN_SWEEP_S,
+    ) -> None:
+        """``objects``: the cluster objects of workflows (the kubernetes backend), swept for
+        orphans on start and every ``sweep_every_s``; None with the local backend."""
         self.ctx = ctx
         self.s = ctx.subjects
         self.state = StateStore(ctx.js, ctx.subjects)
+        self.sweeper = (
+            None if objects is None else OrphanSweeper(self.state, objects, sweep_every_s)
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         consumer = EventConsumer(
@@ -58,7 +70,10 @@ class Janitor:
             filters=[self.s.max_deliveries_advisories],
             handler=self.on_max_deliveries,
         )
-        await asyncio.gather(consumer.run(stop), advisories.run(stop), self._timeouts(stop))
+        loops = [consumer.run(stop), advisories.run(stop), self._timeouts(stop)]
+        if self.sweeper is not None:
+            loops.append(self.sweeper.run(stop))
+        await asyncio.gather(*loops)
 
     async def _timeouts(self, stop: asyncio.Event) -> None:
         """End workflows that outlived their ``timeout_s`` (checked every second)."""

@@ -73,6 +73,20 @@ class KubernetesSettings:
     """``maxFailedIndexes = ceil(ratio * completions)``: beyond it the Job fails fast."""
     backoff_limit: int = 100
     """Overall pod-failure budget of a Job (the per-index limit is the real one)."""
+    max_relaunches: int = 2
+    """Times a phase's Job that failed as a whole (``backoffLimit`` or ``maxFailedIndexes``
+    exceeded) is replaced by a fresh Job before the workflow fails. A Job only fails after
+    more than half its indexes each failed ``backoff_limit_per_index + 1`` times, which is a
+    systematic fault (bad image, agents that cannot start) more often than bad luck, and no
+    number of retries heals that; what a relaunch can outlast is a cluster-wide transient
+    longer than the per-index backoff (NATS unreachable for minutes, a node pool replaced).
+    Two relaunches, each after ``relaunch_delay_s``, give such a transient a few minutes, then
+    the workflow fails with the reason instead of burning pods. At most 8 (Job names carry the
+    run number as one digit). A Job that hit its ``activeDeadlineSeconds`` is never relaunched:
+    the phase's time budget is spent."""
+    relaunch_delay_s: float = 30.0
+    """Pause before the n-th relaunch is ``n * relaunch_delay_s`` (a transient gets time to
+    pass). Counted from when this launcher saw the failure; a restarted launcher waits anew."""
     ttl_seconds_after_finished: int = 3600
     """A finished Job (and its pods, with their logs) stays this long for inspection."""
     deadline_margin_s: int = 300
@@ -95,5 +109,9 @@ class KubernetesSettings:
             raise ValueError("slots_per_pod must be >= 1")
         if not 0 < self.max_failed_indexes_ratio <= 1:
             raise ValueError("max_failed_indexes_ratio must be in (0, 1]")
+        if not 0 <= self.max_relaunches <= 8:
+            raise ValueError("max_relaunches must be in [0, 8]")
+        if self.relaunch_delay_s < 0:
+            raise ValueError("relaunch_delay_s must be >= 0")
         if self.poll_interval_s <= 0 or self.request_timeout_s <= 0:
             raise ValueError("poll_interval_s and request_timeout_s must be > 0")

@@ -7,6 +7,7 @@ Objects per workflow (all in ``KubernetesSettings.namespace``, all labelled
      ├── Secret jr-<slug>-env      NATS password/token and workflow secrets (secretKeyRef only)
      ├── Job jr-<slug>-setup       Indexed, completions 1
      ├── Job jr-<slug>-map         Indexed, completions = parallelism = number of agents
+     ├── Job jr-<slug>-map-2 …     the same, relaunched after the first failed as a whole
      └── Job jr-<slug>-reduce      Indexed, completions 1
 
 Children carry an ``ownerReference`` to the root, so deleting the root ConfigMap lets the
@@ -22,8 +23,18 @@ against the Kubernetes OpenAPI schemas without a cluster.
 Failures are found by polling, not watching: one LIST of this installation's Jobs per
 ``poll_interval_s`` (plus a LIST of a Job's pods when its failure count grows). A poll has no
 resume/410 logic to get wrong, its cost does not grow with the number of workflows, and a
-missed interval only delays an informational ``agent.exited`` event: no item depends on it,
-because items live in JetStream and are redelivered whatever happens to pods.
+missed interval only delays an ``agent.exited`` event: no item depends on it, because items
+live in JetStream and are redelivered whatever happens to pods.
+
+A Job that fails as a whole (its per-index or overall backoff is used up) leaves the phase
+with no agents while items remain. The poller then creates the phase's next Job
+(``jr-<slug>-<phase>-<n>``, annotated ``jetreduce.io/attempt``) up to
+``KubernetesSettings.max_relaunches`` times, keeping the failed ones for their pods' logs.
+Past that bound, or when the Job ran out of time (``DeadlineExceeded``), it reports a final
+``agent.exited`` with ``restarted=False, remaining=0``: the event on which the aggregator
+fails the workflow, the same one the local backend sends when it gives up on its last agent.
+Which Job is current is read from the API server (the highest attempt of a workflow phase),
+so a restarted launcher picks up where the last one stopped.
 
 This is the only module that imports the ``kubernetes`` client.
 """
@@ -53,6 +64,7 @@ from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.runtime.settings import SECRET_FIELDS, NatsSettings
 
 __all__ = [
+    "ATTEMPT_ANNOTATION",
     "COMPLETION_INDEX_ANNOTATION",
     "PHASE_LABEL",
     "WORKFLOW_ANNOTATION",
@@ -77,6 +89,8 @@ WORKFLOW_LABEL = "jetreduce.io/workflow"
 PHASE_LABEL = "jetreduce.io/phase"
 WORKFLOW_ANNOTATION = "jetreduce.io/workflow-id"
 """The exact workflow id (the label holds a slug that fits label and name rules)."""
+ATTEMPT_ANNOTATION = "jetreduce.io/attempt"
+"""On Jobs: 0 for a phase's first Job, n for its n-th relaunch."""
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 MANAGED_BY = "jetreduce-launcher"
 PART_OF = "jetreduce"
@@ -123,9 +137,12 @@ def secret_name(wf: str) -> str:
     return f"jr-{workflow_slug(wf)}-env"
 
 
-def job_name(wf: str, phase: str) -> str:
-    """At most 52 characters: pod names append ``-<index>-<5 chars>`` within 63."""
-    return f"jr-{workflow_slug(wf)}-{phase}"
+def job_name(wf: str, phase: str, attempt: int = 0) -> str:
+    """At most 52 characters: pod names append ``-<index>-<5 chars>`` within 63. A relaunch
+    (``attempt`` n ≥ 1) gets a new name, ``…-<phase>-<n+1>``, so the failed Job stays for
+    inspection and the new one never races its deletion."""
+    suffix = f"-{attempt + 1}" if attempt else ""
+    return f"jr-{workflow_slug(wf)}-{phase}{suffix}"
 
 
 def _labels(wf: str, component: str, instance: str, settings: KubernetesSettings) -> dict[str, str]:
@@ -251,15 +268,18 @@ def build_phase_job(
     secret_keys: list[str] | tuple[str, ...] = (),
     owner: Mapping[str, Any] | None = None,
     timeout_s: float | None = None,
+    attempt: int = 0,
 ) -> dict[str, Any]:
-    """An Indexed Job running ``jetreduce worker`` for ``phase`` (setup/map/reduce)."""
+    """An Indexed Job running ``jetreduce worker`` for ``phase`` (setup/map/reduce);
+    ``attempt`` n ≥ 1 builds the phase's n-th relaunch."""
     if completions < 1:
         raise ValueError("completions must be >= 1")
-    name = job_name(wf, phase)
+    name = job_name(wf, phase, attempt)
     labels = _labels(wf, phase, name, settings)
     labels[PHASE_LABEL] = phase
     meta = _metadata(wf, name, phase, settings, owner)
     meta["labels"] = labels
+    meta["annotations"][ATTEMPT_ANNOTATION] = str(attempt)
     spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": completions,
@@ -397,10 +417,17 @@ def load_api_client() -> k8s.ApiClient:
 class _JobSeen:
     wf: str
     phase: str
+    attempt: int = 0
     failed: int = 0
     reported_pods: set[str] = field(default_factory=set)
     finished: bool = False
-    failure_logged: bool = False
+    last_index: int = -1
+    last_code: int = -1
+    """Of the last failed pod reported (for the final ``agent.exited`` of a Job)."""
+    relaunch_at: float | None = None
+    """Loop time at which this failed Job is replaced; None until its failure is seen."""
+    relaunched: bool = False
+    gave_up: bool = False
 
 
 class KubernetesBackend:
@@ -448,7 +475,19 @@ class KubernetesBackend:
     async def launch(self, wf: str, phase: str, slots: list[int], spec: StoredSpec) -> int:
         """Create the root ConfigMap, the Secret and the phase's Job, each create-or-keep
         (409 means a previous attempt got there). Returns the Job's pod count, or 0 if the
-        Job already existed."""
+        phase already has a Job: any run of it, so that the launcher's reconciler never
+        starts a second first run beside a relaunch (say, after the first run's TTL)."""
+        existing = await self._call(
+            self.batch.list_namespaced_job,
+            self.settings.namespace,
+            label_selector=f"{WORKFLOW_LABEL}={workflow_slug(wf)},{PHASE_LABEL}={phase}",
+        )
+        if existing.get("items"):
+            for job in existing["items"]:
+                meta = job.get("metadata", {})
+                self._seen.setdefault(meta.get("name", ""), _JobSeen(wf, phase, _attempt(meta)))
+            self._ensure_poller()
+            return 0
         root = await self._ensure_root(wf, spec)
         owner = owner_reference(root)
         secret_values = self._nats_secret_env()
@@ -611,22 +650,27 @@ class KubernetesBackend:
 
     async def poll_once(self) -> None:
         """One look at every Job of this installation: report newly failed pods through
-        ``on_exit`` (with the container's exit code) and mark finished Jobs."""
+        ``on_exit`` (with the container's exit code), mark finished Jobs, and replace (or
+        give up on) a phase whose current Job failed as a whole."""
         listed = await self._call(
             self.batch.list_namespaced_job,
             self.settings.namespace,
             label_selector=f"app.kubernetes.io/managed-by={MANAGED_BY}",
         )
-        present: set[str] = set()
+        jobs: list[tuple[str, str, str, int, dict[str, Any]]] = []
+        current: dict[tuple[str, str], int] = {}
+        """(workflow, phase) → the highest attempt listed: that phase's current Job."""
         for job in listed.get("items", []):
             meta = job.get("metadata", {})
-            name = meta.get("name", "")
             wf = meta.get("annotations", {}).get(WORKFLOW_ANNOTATION)
             phase = meta.get("labels", {}).get(PHASE_LABEL)
             if not wf or not phase:
                 continue
-            present.add(name)
-            seen = self._seen.setdefault(name, _JobSeen(wf, phase))
+            attempt = _attempt(meta)
+            jobs.append((meta.get("name", ""), wf, phase, attempt, job))
+            current[(wf, phase)] = max(current.get((wf, phase), 0), attempt)
+        for name, wf, phase, attempt, job in jobs:
+            seen = self._seen.setdefault(name, _JobSeen(wf, phase, attempt))
             status = job.get("status") or {}
             conditions = {
                 c.get("type"): c
@@ -635,38 +679,129 @@ class KubernetesBackend:
             }
             job_failed = "Failed" in conditions
             seen.finished = job_failed or "Complete" in conditions
+            reason = str(conditions["Failed"].get("reason") or "") if job_failed else ""
+            # A failed Job's pods come back when a newer run of the phase exists or will.
+            superseded = attempt < current[(wf, phase)]
+            relaunch = superseded or (job_failed and self._may_relaunch(seen, reason))
+            reported = 0
             failed = int(status.get("failed") or 0)
             if failed > seen.failed:
                 seen.failed = failed
                 completions = int((job.get("spec") or {}).get("completions") or 1)
-                await self._report_pods(name, seen, job_failed, status, completions)
-            if job_failed and not seen.failure_logged:
-                seen.failure_logged = True
-                reason = conditions["Failed"].get("reason", "")
-                log.warning("workflow %s: %s Job failed (%s)", wf, phase, reason or "no reason")
+                reported = await self._report_pods(
+                    name, seen, job_failed, relaunch, status, completions
+                )
+            if job_failed and not superseded:
+                await self._after_job_failed(seen, job, reason, relaunch, reported)
+        present = {name for name, *_ in jobs}
         for name in set(self._seen) - present:
             del self._seen[name]  # deleted (by us, the janitor, or its TTL)
+
+    def _may_relaunch(self, seen: _JobSeen, reason: str) -> bool:
+        """Within the phase's budget: a relaunch left, and time left (a Job that hit its
+        ``activeDeadlineSeconds`` used the phase's time; another run would only extend it)."""
+        return reason != "DeadlineExceeded" and seen.attempt < self.settings.max_relaunches
+
+    async def _after_job_failed(
+        self, seen: _JobSeen, job: Mapping[str, Any], reason: str, relaunch: bool, reported: int
+    ) -> None:
+        """The phase's current Job failed: its pods are gone and will not come back. Create
+        the next run once its delay is over, or, with no budget left, send the final
+        ``agent.exited`` (``restarted=False, remaining=0``) on which the workflow fails."""
+        if seen.relaunched or seen.gave_up:
+            return
+        why = reason or "no reason given"
+        if not relaunch:
+            seen.gave_up = True
+            log.warning(
+                "workflow %s: %s Job %s failed (%s) after %d relaunch(es); giving up",
+                seen.wf,
+                seen.phase,
+                job_name(seen.wf, seen.phase, seen.attempt),
+                why,
+                seen.attempt,
+            )
+            if not reported:  # the pods' own reports (remaining=0) already said so
+                await self._notify(seen.wf, seen.phase, seen.last_index, seen.last_code, False, 0)
+            return
+        loop = asyncio.get_running_loop()
+        if seen.relaunch_at is None:
+            delay = self.settings.relaunch_delay_s * (seen.attempt + 1)
+            seen.relaunch_at = loop.time() + delay
+            log.warning(
+                "workflow %s: %s Job failed (%s); relaunch %d of %d in %gs",
+                seen.wf,
+                seen.phase,
+                why,
+                seen.attempt + 1,
+                self.settings.max_relaunches,
+                delay,
+            )
+        if loop.time() >= seen.relaunch_at:
+            await self._relaunch(seen, job)
+            seen.relaunched = True
+
+    async def _relaunch(self, seen: _JobSeen, failed: Mapping[str, Any]) -> None:
+        """Create the phase's next Job from what the failed one says about the workflow
+        (completions, slots, secret keys, owner, deadline), with this installation's current
+        pod settings; the launcher's spec is not needed, so any launcher replica can do it."""
+        meta = failed.get("metadata") or {}
+        spec = failed.get("spec") or {}
+        containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
+        container: Mapping[str, Any] = next(
+            (c for c in containers if c.get("name") == AGENT_CONTAINER), {}
+        )
+        env = container.get("env") or []
+        slots = next((e.get("value") for e in env if e.get("name") == "JETREDUCE_SLOTS"), "1")
+        secret_keys = [e["name"] for e in env if "secretKeyRef" in (e.get("valueFrom") or {})]
+        owners = meta.get("ownerReferences") or []
+        deadline = spec.get("activeDeadlineSeconds")
+        timeout_s = max(1, int(deadline) - self.settings.deadline_margin_s) if deadline else None
+        body = build_phase_job(
+            seen.wf,
+            seen.phase,
+            completions=int(spec.get("completions") or 1),
+            slots=int(slots or 1),
+            settings=self.settings,
+            nats_env=self._nats_plain_env(),
+            secret_keys=secret_keys,
+            owner=owners[0] if owners else None,
+            timeout_s=timeout_s,
+            attempt=seen.attempt + 1,
+        )
+        # 409: another launcher replica (or this one before a restart) got there first.
+        await self._create(self.batch.create_namespaced_job, body)
+        name = body["metadata"]["name"]
+        self._seen.setdefault(name, _JobSeen(seen.wf, seen.phase, seen.attempt + 1))
+        log.warning("workflow %s: relaunched the %s phase as Job %s", seen.wf, seen.phase, name)
 
     async def _report_pods(
         self,
         job: str,
         seen: _JobSeen,
         job_failed: bool,
+        relaunch: bool,
         status: Mapping[str, Any],
         completions: int,
-    ) -> None:
+    ) -> int:
+        """One ``on_exit`` per newly failed pod; returns how many. A pod is restarted if its
+        Job retries its index, or if the whole Job fails and is relaunched."""
         failed_indexes = _parse_indexes(str(status.get("failedIndexes") or ""))
-        # Indexes still running or to be retried: neither succeeded nor failed for good.
-        remaining = (
-            0
-            if job_failed
-            else max(0, completions - int(status.get("succeeded") or 0) - len(failed_indexes))
-        )
+        if job_failed:
+            remaining = completions if relaunch else 0
+        else:
+            # Indexes still running or to be retried: neither succeeded nor failed for good.
+            # At least 1 while the Job has not failed: its Failed condition, not this count,
+            # ends the phase (a relaunch may follow), and the status can show every index
+            # failed a poll before it shows the condition.
+            done = int(status.get("succeeded") or 0) + len(failed_indexes)
+            remaining = max(1, completions - done)
         pods = await self._call(
             self.core.list_namespaced_pod,
             self.settings.namespace,
             label_selector=f"batch.kubernetes.io/job-name={job}",
         )
+        reported = 0
         for pod in pods.get("items", []):
             meta = pod.get("metadata", {})
             pod_status = pod.get("status") or {}
@@ -675,7 +810,8 @@ class KubernetesBackend:
             seen.reported_pods.add(meta.get("name", ""))
             index = int(meta.get("annotations", {}).get(COMPLETION_INDEX_ANNOTATION, "-1"))
             code = _exit_code(pod_status)
-            restart = not job_failed and index not in failed_indexes
+            restart = relaunch if job_failed else index not in failed_indexes
+            seen.last_index, seen.last_code = index, code
             log.warning(
                 "workflow %s: %s pod %s (index %d) failed with %d%s",
                 seen.wf,
@@ -683,13 +819,29 @@ class KubernetesBackend:
                 meta.get("name"),
                 index,
                 code,
-                "; the Job retries it" if restart else "",
+                "; it runs again" if restart else "",
             )
-            if self.on_exit is not None:
-                try:
-                    await self.on_exit(seen.wf, seen.phase, index, code, restart, remaining)
-                except Exception:
-                    log.exception("on_exit callback failed")
+            await self._notify(seen.wf, seen.phase, index, code, restart, remaining)
+            reported += 1
+        return reported
+
+    async def _notify(
+        self, wf: str, phase: str, index: int, code: int, restart: bool, remaining: int
+    ) -> None:
+        if self.on_exit is None:
+            return
+        try:
+            await self.on_exit(wf, phase, index, code, restart, remaining)
+        except Exception:
+            log.exception("on_exit callback failed")
+
+
+def _attempt(meta: Mapping[str, Any]) -> int:
+    """A Job's run number (0 for Jobs made before relaunches existed, or by hand)."""
+    try:
+        return int((meta.get("annotations") or {}).get(ATTEMPT_ANNOTATION) or 0)
+    except ValueError:
+        return 0
 
 
 def _exit_code(pod_status: Mapping[str, Any]) -> int:

@@ -1,0 +1,68 @@
+"""The real services (planner, launcher with ``KubernetesBackend``, aggregator, janitor) on the
+session nats-server, for the tests that run workflows through the process kubelet."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from jetreduce.aggregator.service import Aggregator
+from jetreduce.contract import events as ev
+from jetreduce.contract.subjects import Subjects
+from jetreduce.contract.topology import declare
+from jetreduce.janitor.service import Janitor
+from jetreduce.launcher.kubernetes import KubernetesBackend
+from jetreduce.launcher.service import Launcher
+from jetreduce.planner.service import Planner
+from jetreduce.runtime.connection import connect
+from jetreduce.runtime.service import ServiceContext
+from jetreduce.runtime.settings import NatsSettings
+
+
+@contextlib.asynccontextmanager
+async def orchestrator(
+    settings: NatsSettings, backend: KubernetesBackend, *, sweep_every_s: float = 60.0
+) -> AsyncIterator[ServiceContext]:
+    """The four services, wired as an installation with the kubernetes backend should be:
+    the janitor sweeps the backend's objects for orphans. Re-raises a service's failure."""
+    nc = await connect(settings, name="k8s-test-services")
+    subjects = Subjects(settings.prefix)
+    await declare(nc.jetstream(), subjects, None)
+    ctx = ServiceContext(nc=nc, js=nc.jetstream(), subjects=subjects)
+    stop = asyncio.Event()
+    services: list[Any] = [
+        Planner(ctx),
+        Launcher(ctx, backend),
+        Aggregator(ctx),
+        Janitor(ctx, objects=backend, sweep_every_s=sweep_every_s),
+    ]
+    tasks = [asyncio.create_task(s.run(stop), name=type(s).__name__) for s in services]
+    try:
+        yield ctx
+    finally:
+        stop.set()
+        _, pending = await asyncio.wait(tasks, timeout=20)
+        for t in pending:
+            t.cancel()
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+        await nc.drain()
+
+
+async def stored_events(ctx: ServiceContext, subject: str, quiet_s: float = 0.5) -> list[Any]:
+    """Every event stored on ``subject``, in order (read until none arrives for ``quiet_s``)."""
+    out: list[Any] = []
+    sub = await ctx.js.subscribe(subject, stream=ctx.subjects.events_stream, ordered_consumer=True)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=quiet_s)
+            except TimeoutError:
+                break
+            out.append(ev.decode(msg.data))
+    finally:
+        await sub.unsubscribe()
+    return out
