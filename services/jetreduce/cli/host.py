@@ -14,6 +14,7 @@ from typing import Protocol
 from jetreduce.aggregator.service import Aggregator
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import TopologySettings, declare
+from jetreduce.janitor.k8s_sweep import WorkflowObjects
 from jetreduce.janitor.service import Janitor
 from jetreduce.launcher.backend import AgentBackend
 from jetreduce.launcher.k8s_settings import KubernetesSettings
@@ -84,8 +85,16 @@ class ServiceHost:
             elif name == "aggregator":
                 built[name] = Aggregator(ctx)
             elif name == "janitor":
-                built[name] = Janitor(ctx)
+                built[name] = Janitor(ctx, objects=self._cluster_objects())
         return built
+
+    def _cluster_objects(self) -> WorkflowObjects | None:
+        """On Kubernetes the janitor also sweeps objects whose workflow has ended."""
+        if self.backend != "kubernetes":
+            return None
+        from jetreduce.launcher.kubernetes import KubernetesBackend
+
+        return KubernetesBackend(self.settings, self.k8s or KubernetesSettings())
 
     def _backend(self) -> AgentBackend:
         if self.backend == "kubernetes":
