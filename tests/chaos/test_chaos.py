@@ -1,4 +1,4 @@
-"""Chaos (issue 4, DESIGN.md §4 invariants 1-3): about 2,000 short items while agents are
+"""Chaos (issue 4, DESIGN.md §4 invariants 1-3): about 1,200 short items while agents are
 SIGKILLed at random intervals, every service process is SIGKILLed and restarted at least once
 and the nats-server is restarted once. Afterwards every item is terminal exactly once with the
 right outcome, ``map.complete`` is stored once, and reduce completed once with every result.
@@ -39,7 +39,7 @@ from jetreduce.runtime.settings import NatsSettings
 pytestmark = pytest.mark.anyio
 
 SEEDS = [int(s) for s in os.environ.get("JETREDUCE_CHAOS_SEEDS", "1,2,3,4,5").split(",") if s]
-ITEMS = int(os.environ.get("JETREDUCE_CHAOS_ITEMS", "2000"))
+ITEMS = int(os.environ.get("JETREDUCE_CHAOS_ITEMS", "1200"))
 SERVICES = ("planner", "launcher", "aggregator", "janitor")
 RUN_BUDGET_S = 240.0
 """Hard bound on one seed's workflow (submit to terminal event)."""

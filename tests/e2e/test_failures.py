@@ -559,8 +559,10 @@ def _agent_running(wf: str, step_pid: int) -> int:
 
 
 async def test_sigterm_hands_the_in_flight_item_back_at_once(
-    nats_url: str, prefix: str, tmp_path: Path, workdir: Path
+    nats_url: str, prefix: str, tmp_path: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A 2 s grace (the default is 20 s) against a 60 s lease: the same property, sooner.
+    monkeypatch.setenv("JETREDUCE_GRACE_S", "2")
     starts = _first_start_hangs(workdir)
     async with services(nats_url, prefix, tmp_path) as h:
         watcher = await start(h, EVICT, workdir, f"evict-1-{TOKEN}", lease_s=60)
@@ -569,7 +571,7 @@ async def test_sigterm_hands_the_in_flight_item_back_at_once(
             agent = _agent_running(f"evict-1-{TOKEN}", int((starts / "1").read_text().split()[0]))
             t0 = time.monotonic()
             os.kill(agent, signal.SIGTERM)
-            # Default grace is 20 s; the item sleeps 120 s on this agent and the lease is 60 s.
+            # The item sleeps 120 s on this agent and the lease is 60 s.
             end = await finish(watcher, 35)
             elapsed = time.monotonic() - t0
         finally:
@@ -579,8 +581,8 @@ async def test_sigterm_hands_the_in_flight_item_back_at_once(
         results = {r.index: r for r in await terminal(h, f"evict-1-{TOKEN}")}
     assert len((starts / "1").read_text().split()) == 2
     assert results[0].attempts == 2
-    # Handed back within the default grace period (20 s), never waiting out the 60 s lease.
-    assert elapsed < 30, f"item came back after {elapsed:.1f}s"
+    # Handed back after the grace period (2 s), never waiting out the 60 s lease.
+    assert elapsed < 20, f"item came back after {elapsed:.1f}s"
 
 
 async def test_grace_period_setting_reaches_local_agents(
