@@ -4,6 +4,13 @@ Every payload is JSON with ``type``, ``workflow_id``, ``ts`` (Unix seconds) and 
 version), so ``nats sub '>'`` is readable by a person. Decoding goes through :func:`decode`,
 which turns any malformed payload into :class:`BadEvent` instead of an exception escaping a
 service loop (invariant 5: bad input yields a clear error, never a crash).
+
+"Malformed" covers more than the JSON shape: services build subjects and KV keys from a decoded
+event's ``workflow_id`` and item ``index``, so :func:`decode` also refuses a ``workflow_id`` that
+is not a subject token (``a.b``, ``*``, ``>``, spaces, unicode, empty, over 80 characters) and a
+negative or over-64-bit index. ``workflow.submit`` is the exception for the id: it may be empty
+(the planner assigns one), and the planner checks it itself so that its rejection can name the
+field.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ import time
 from typing import Any, TypeVar
 
 import msgspec
+
+from jetreduce.contract.subjects import MAX_INDEX, is_token
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -356,12 +365,38 @@ def encode(event: Any) -> bytes:
 
 
 def decode(data: bytes) -> Event:
-    """Decode any event. Raises :class:`BadEvent` (only) on a malformed payload."""
+    """Decode any event. Raises :class:`BadEvent` (only) on a malformed payload: bad JSON,
+    invalid UTF-8 in a string, nesting deeper than msgspec's recursion limit, a wrong type or
+    missing field, or an id that may not be placed in a subject (see the module docstring)."""
     try:
         event: Event = _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (
+        msgspec.DecodeError,
+        msgspec.ValidationError,
+        RecursionError,  # msgspec's depth limit, not ours: deep nesting is still bad input
+        UnicodeDecodeError,  # msgspec raises it for invalid UTF-8 inside a string
+    ) as exc:
         raise BadEvent(f"malformed event: {str(exc)[:256]}") from None
+    _check_ids(event)
     return event
+
+
+def _check_ids(event: Event) -> None:
+    if not isinstance(event, WorkflowSubmit) and not is_token(event.workflow_id):
+        shown = event.workflow_id[:100]
+        raise BadEvent(
+            f"malformed event: invalid workflow_id {shown!r} (1-80 characters of A-Z a-z 0-9 _ -)"
+        )
+    # Item indices become subject tokens (``item.done.<wf>.<index>``); an agent's index does
+    # not, so AgentExited is not checked here.
+    indices: list[int] = []
+    if isinstance(event, WorkItem | ItemDone | ItemDead | ItemFailed | MapFailed):
+        indices.append(event.index)
+    elif isinstance(event, WorkflowRetryRequested):
+        indices.extend(event.indices)
+    for index in indices:
+        if not 0 <= index <= MAX_INDEX:
+            raise BadEvent(f"malformed event: index {str(index)[:40]} is out of range")
 
 
 def decode_as(data: bytes, cls: type[T]) -> T:

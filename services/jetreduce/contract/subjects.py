@@ -5,6 +5,12 @@ prefix and every stream/bucket name with the matching upper-case tag. Nothing ou
 module writes a subject literal. Tokens that come from users (workflow ids) are validated by
 :func:`check_token` before they are placed in a subject, so a hostile id cannot widen a
 wildcard or address another workflow's subjects.
+
+The builders check again (defence in depth): a workflow token must be a valid id, ``*`` (a
+filter) or ``""`` (only to build a prefix to compare with, never a subject to publish), and
+an item token is the item's index, a non-negative int, or ``*``. Item ids (``item_<index>``)
+are derived from that index, never from item data, so no user-supplied text ever becomes an
+item token: data such as ``{"id": "a.b *>"}`` cannot change a subject.
 """
 
 from __future__ import annotations
@@ -12,20 +18,47 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["TOKEN_RE", "InvalidToken", "Subjects", "check_token"]
+__all__ = ["MAX_INDEX", "TOKEN_RE", "InvalidToken", "Subjects", "check_token", "is_token"]
 
-TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
-"""What a workflow id (and any other user-chosen subject token) may look like."""
+TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
+"""What a workflow id (and any other user-chosen subject token) may look like. Use it with
+``fullmatch`` only: with ``match`` and a ``$`` anchor, ``"wf\\n"`` would pass, and a newline
+in a subject breaks the NATS protocol line it is sent on."""
+
+MAX_INDEX = 2**63 - 1
+"""Largest item index: what a JSON reader in any language holds as an integer."""
 
 
 class InvalidToken(ValueError):
     """A value that would not be a single, literal subject token."""
 
 
+def is_token(value: object) -> bool:
+    """True if ``value`` is a string usable as one literal subject token (and KV key)."""
+    return isinstance(value, str) and TOKEN_RE.fullmatch(value) is not None
+
+
 def check_token(value: str, what: str = "workflow id") -> str:
-    if not TOKEN_RE.match(value):
-        raise InvalidToken(f"invalid {what} {value!r}: use 1-80 characters of A-Z a-z 0-9 _ -")
+    if not is_token(value):
+        shown = value[:100] + "..." if isinstance(value, str) and len(value) > 100 else value
+        raise InvalidToken(f"invalid {what} {shown!r}: use 1-80 characters of A-Z a-z 0-9 _ -")
     return value
+
+
+def _wf(wf: str) -> str:
+    """A workflow token: an id, ``*`` to match any, or ``""`` for a prefix (see module)."""
+    if wf in ("*", "") or is_token(wf):
+        return wf
+    return check_token(wf)
+
+
+def _item(item: int | str) -> str:
+    """An item token: its index (a non-negative int, never a bool) or ``*``."""
+    if isinstance(item, int) and not isinstance(item, bool) and 0 <= item <= MAX_INDEX:
+        return str(item)
+    if item == "*":
+        return item
+    raise InvalidToken(f"invalid item index {str(item)[:100]!r}: expected an int from 0")
 
 
 LANES = ("p0", "p1", "p2")
@@ -108,22 +141,22 @@ class Subjects:
 
     # -- lifecycle events (EVENTS stream) -----------------------------------------------
     def workflow(self, event: str, wf: str) -> str:
-        return self._s("workflow", event, wf)
+        return self._s("workflow", event, _wf(wf))
 
     def setup(self, event: str, wf: str) -> str:
-        return self._s("setup", event, wf)
+        return self._s("setup", event, _wf(wf))
 
     def map(self, event: str, wf: str) -> str:
-        return self._s("map", event, wf)
+        return self._s("map", event, _wf(wf))
 
     def reduce(self, event: str, wf: str) -> str:
-        return self._s("reduce", event, wf)
+        return self._s("reduce", event, _wf(wf))
 
     def agent(self, event: str, wf: str) -> str:
-        return self._s("agent", event, wf)
+        return self._s("agent", event, _wf(wf))
 
     def item_failed(self, wf: str, item: int) -> str:
-        return self._s("item", "failed", wf, str(item))
+        return self._s("item", "failed", _wf(wf), _item(item))
 
     def any_workflow(self, event: str = "*") -> str:
         return self._s("workflow", event, "*")
@@ -132,6 +165,7 @@ class Subjects:
         """Subjects a watcher of one workflow subscribes to: events, progress, failed and
         dead items, and (``done_items``) every successful item, which is one message per
         item — leave it out when nobody shows them."""
+        wf = _wf(wf)
         subjects = [
             self._s("*", "*", wf),
             self._s("item", "failed", wf, "*"),
@@ -155,13 +189,13 @@ class Subjects:
 
     # -- work items -----------------------------------------------------------------------
     def work(self, lane: str, wf: str, item: int) -> str:
-        return self._s("work", lane, wf, str(item))
+        return self._s("work", lane, _wf(wf), _item(item))
 
     def work_of(self, wf: str) -> str:
-        return self._s("work", "*", wf, "*")
+        return self._s("work", "*", _wf(wf), "*")
 
     def work_consumer(self, wf: str) -> str:
-        return f"work-{wf}"
+        return f"work-{check_token(wf)}"
 
     @property
     def work_subjects(self) -> list[str]:
@@ -169,23 +203,23 @@ class Subjects:
 
     # -- results --------------------------------------------------------------------------
     def item_done(self, wf: str, item: int) -> str:
-        return self._s("item", "done", wf, str(item))
+        return self._s("item", "done", _wf(wf), _item(item))
 
     def item_dead(self, wf: str, item: int) -> str:
-        return self._s("item", "dead", wf, str(item))
+        return self._s("item", "dead", _wf(wf), _item(item))
 
     def item_terminal(self, wf: str, item: int | str) -> str:
         """Both terminal subjects of one item: the create-only guard spans done and dead."""
-        return self._s("item", "*", wf, str(item))
+        return self._s("item", "*", _wf(wf), _item(item))
 
     def dead_of(self, wf: str) -> str:
-        return self._s("item", "dead", wf, "*")
+        return self._s("item", "dead", _wf(wf), "*")
 
     def done_of(self, wf: str) -> str:
-        return self._s("item", "done", wf, "*")
+        return self._s("item", "done", _wf(wf), "*")
 
     def terminal_of(self, wf: str) -> str:
-        return self._s("item", "*", wf, "*")
+        return self._s("item", "*", _wf(wf), "*")
 
     @property
     def results_subjects(self) -> list[str]:
@@ -193,17 +227,17 @@ class Subjects:
 
     # -- progress, dlq --------------------------------------------------------------------
     def progress(self, wf: str) -> str:
-        return self._s("progress", wf)
+        return self._s("progress", _wf(wf))
 
     @property
     def progress_subjects(self) -> list[str]:
         return [self._s("progress", "*")]
 
     def dlq(self, wf: str, item: int) -> str:
-        return self._s("dlq", wf, str(item))
+        return self._s("dlq", _wf(wf), _item(item))
 
     def dlq_of(self, wf: str) -> str:
-        return self._s("dlq", wf, "*")
+        return self._s("dlq", _wf(wf), "*")
 
     @property
     def dlq_subjects(self) -> list[str]:

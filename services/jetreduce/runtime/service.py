@@ -4,6 +4,12 @@ Delivery is at-least-once, so every handler must be safe to run twice. A handler
 :class:`Retry` (or any unexpected exception) gets the event redelivered after a delay — never
 a hot loop; a malformed event is terminated at once with its reason logged, so one bad message
 cannot wedge a service (invariant 5).
+
+A poison message that is well formed but makes the handler fail every time is retried until
+its last allowed delivery (``max_deliver``) and then terminated with an error log, rather than
+left to the server's silent give-up: the log line is what tells an operator which event was
+dropped. Acknowledging is best effort: if the connection is gone the server redelivers after
+``ack_wait``, and the loop must not die of it.
 """
 
 from __future__ import annotations
@@ -113,20 +119,53 @@ class EventConsumer:
 
     async def _handle(self, msg: Msg) -> None:
         try:
+            await self._dispatch(msg)
+        except Exception as exc:  # ack/nak/term on a lost connection: redelivered later
+            log.warning("%s: could not settle %s (%r)", self.durable, msg.subject, exc)
+
+    async def _dispatch(self, msg: Msg) -> None:
+        try:
             await self.handler(msg)
         except BadEvent as exc:
             log.error("%s: dropping malformed event on %s: %s", self.durable, msg.subject, exc)
             await msg.term()
             return
         except Retry as exc:
+            if self._last_delivery(msg):
+                log.error(
+                    "%s: giving up on %s after %d deliveries: %s",
+                    self.durable,
+                    msg.subject,
+                    self.max_deliver,
+                    exc,
+                )
+                await msg.term()
+                return
             log.info("%s: will retry %s in %.1fs: %s", self.durable, msg.subject, exc.delay_s, exc)
             await msg.nak(delay=exc.delay_s)
             return
         except Exception:
+            if self._last_delivery(msg):
+                log.exception(
+                    "%s: handler failed on %s for the %dth time; dropping it",
+                    self.durable,
+                    msg.subject,
+                    self.max_deliver,
+                )
+                await msg.term()
+                return
             log.exception("%s: handler failed on %s; redelivering", self.durable, msg.subject)
             await msg.nak(delay=2.0)
             return
         await msg.ack()
+
+    def _last_delivery(self, msg: Msg) -> bool:
+        """True when the server will not deliver ``msg`` again after this attempt."""
+        try:
+            delivered = msg.metadata.num_delivered
+        except Exception:  # not a JetStream message: nothing will redeliver it either
+            return True
+        return self.max_deliver > 0 and delivered is not None and delivered >= self.max_deliver
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

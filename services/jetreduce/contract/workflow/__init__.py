@@ -18,7 +18,7 @@ from jetreduce.contract.workflow.model import (
     Workflow,
     WriteFile,
 )
-from jetreduce.contract.workflow.parse import ParseResult, parse_workflow
+from jetreduce.contract.workflow.parse import ParseResult, parse_workflow, workflow_text
 
 __all__ = [
     "CaptureFormat",
@@ -35,4 +35,5 @@ __all__ = [
     "WriteFile",
     "parse_duration",
     "parse_workflow",
+    "workflow_text",
 ]

@@ -8,14 +8,25 @@ can keep going and report all errors in one run.
 Scalars are read from their source text where the field is a string (``mode: 0644`` stays
 ``"0644"``, ``MAX: 5`` stays ``"5"``), which is how Prodigy's serde_yaml treats a plain scalar
 given to a string field, and through PyYAML's resolver where a typed value is wanted.
+
+The file may be hostile (it arrives over ``workflow.submit`` from anyone allowed to publish
+there), so every walk here is bounded: `BoundedLoader` refuses nesting deeper than
+`MAX_DEPTH` while composing (PyYAML's composer recurses once per level and would otherwise die
+of `RecursionError`), `Reader.plain` stops after `MAX_PLAIN_VALUES` values (aliases let a few
+lines expand exponentially: the "billion laughs"), numbers are only converted from short text
+(`MAX_NUMBER_CHARS`; sexagesimal ints such as ``1:00:00:…`` cost quadratic time) and must fit in
+64 bits, and problem messages are cut to `MAX_MESSAGE_CHARS` so a rejection stays small enough
+to publish.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from yaml.composer import ComposerError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from jetreduce.contract.workflow.errors import ERROR, WARNING, Problem
@@ -27,9 +38,48 @@ INT_TAG = _TAG + "int"
 FLOAT_TAG = _TAG + "float"
 BOOL_TAG = _TAG + "bool"
 
+MAX_DEPTH = 64
+"""Deepest nesting of collections a workflow may use. Real files need fewer than ten levels;
+the bound keeps PyYAML's recursive composer (and every walk over the tree) far from Python's
+recursion limit."""
+
+MAX_PLAIN_VALUES = 100_000
+"""Most values one verbatim copy (`Reader.plain`) may produce once aliases are expanded."""
+
+MAX_NUMBER_CHARS = 100
+"""Longest scalar text converted to a number: anything longer is not a number a workflow
+means, and converting it may cost seconds (sexagesimal ints) or exceed Python's int limit."""
+
+MAX_INT = 2**63 - 1
+"""Largest integer accepted: what every JSON reader of the spec (and msgspec) can hold."""
+
+MAX_MESSAGE_CHARS = 500
+"""Longest problem message or path; user text quoted in one (a 1 MB key) is cut here."""
+
 # Values that are JSON scalars; anything else a YAML constructor yields (dates, bytes, sets)
 # is kept as its source text, so `extra` dicts stay JSON-serialisable.
 _JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with a depth bound: composing a node deeper than `MAX_DEPTH`
+    raises a `ComposerError` at that node, which the parser reports like any syntax error."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        if self._depth >= MAX_DEPTH:
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise ComposerError(
+                None, None, f"nesting deeper than {MAX_DEPTH} levels is not supported", mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def join(path: str, key: str) -> str:
@@ -207,6 +257,8 @@ class Reader:
         return self.check_minimum(value, path, node, minimum)
 
     def number(self, node: Node, path: str) -> float | None:
+        """A finite number: ``.nan`` and ``.inf`` are refused because every comparison with
+        them is false, so a bound check (``multiplier >= 1``) would let them through."""
         value = self.scalar(node)
         if (
             not isinstance(node, ScalarNode)
@@ -216,17 +268,30 @@ class Reader:
         ):
             self.expected(path, "a number", node)
             return None
+        if isinstance(value, int) and abs(value) > MAX_INT:
+            self.error(path, f"must be at most {MAX_INT}", node)
+            return None
+        if not math.isfinite(value):
+            self.expected(path, "a finite number", node)
+            return None
         return float(value)
 
     def check_minimum(self, value: int, path: str, node: Node, minimum: int | None) -> int | None:
         if minimum is not None and value < minimum:
             self.error(path, f"must be at least {minimum}, got {value}", node)
             return None
+        if value > MAX_INT:
+            self.error(path, f"must be at most {MAX_INT}", node)
+            return None
         return value
 
     def scalar(self, node: Node) -> Any:
-        """The resolved Python value of a scalar node (None for non-scalars or bad text)."""
+        """The resolved Python value of a scalar node (None for non-scalars or bad text).
+
+        Numbers written with more than `MAX_NUMBER_CHARS` characters are not converted."""
         if not isinstance(node, ScalarNode):
+            return None
+        if node.tag in (INT_TAG, FLOAT_TAG) and len(str(node.value)) > MAX_NUMBER_CHARS:
             return None
         try:
             return self._loader.construct_object(node, deep=True)
@@ -238,14 +303,30 @@ class Reader:
     def plain(self, node: Node, path: str) -> Any:
         """A JSON-friendly Python value for a subtree kept verbatim (``extra`` dicts).
 
-        Mapping keys become strings; scalars that are not JSON types (timestamps, binary)
-        keep their source text. A self-referencing alias is reported instead of recursing.
+        Mapping keys become strings; scalars that are not JSON types (timestamps, binary) or
+        that no JSON reader could hold (integers beyond 64 bits) keep their source text. A
+        self-referencing alias is reported instead of recursing; a subtree that expands to
+        more than `MAX_PLAIN_VALUES` values (an alias bomb) is reported and dropped.
         """
-        return self._plain(node, path, set())
+        budget = [MAX_PLAIN_VALUES]
+        try:
+            return self._plain(node, path, set(), budget)
+        except _TooLarge:
+            self.error(
+                path,
+                f"too large: more than {MAX_PLAIN_VALUES} values once YAML aliases are expanded",
+                node,
+            )
+            return None
 
-    def _plain(self, node: Node, path: str, active: set[int]) -> Any:
+    def _plain(self, node: Node, path: str, active: set[int], budget: list[int]) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _TooLarge
         if isinstance(node, ScalarNode):
             value = self.scalar(node)
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+                return str(node.value)
             return value if isinstance(value, _JSON_SCALARS) else str(node.value)
         if id(node) in active:
             self.error(path, "recursive YAML alias", node)
@@ -254,20 +335,33 @@ class Reader:
         try:
             if isinstance(node, SequenceNode):
                 return [
-                    self._plain(child, index(path, i), active) for i, child in enumerate(node.value)
+                    self._plain(child, index(path, i), active, budget)
+                    for i, child in enumerate(node.value)
                 ]
             fields = self.mapping(node, path)
             if fields is None:
                 return None
             return {
-                entry.key: self._plain(entry.value, join(path, entry.key), active)
+                entry.key: self._plain(entry.value, join(path, entry.key), active, budget)
                 for entry in fields.rest()
             }
         finally:
             active.discard(id(node))
 
 
+class _TooLarge(Exception):
+    """`Reader.plain` ran out of its value budget (unwinds the walk in one step)."""
+
+
+def _clip(text: str) -> str:
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    suffix = f"... ({len(text)} chars)"
+    return text[: MAX_MESSAGE_CHARS - len(suffix)] + suffix
+
+
 def _problem(path: str, message: str, node: Node | None, severity: str) -> Problem:
+    path, message = _clip(path), _clip(message)
     if node is None:
         return Problem(path=path, message=message, severity=severity)
     mark = node.start_mark

@@ -10,6 +10,7 @@ Units follow humantime, which is case sensitive: ``m`` is minutes, ``M`` is mont
 
 from __future__ import annotations
 
+import math
 import re
 
 __all__ = ["parse_duration"]
@@ -44,13 +45,14 @@ def parse_duration(text: str) -> float:
     sequence such as ``"1m30s"`` / ``"2 hours 5 min"``. Fractions (``"1.5s"``) are accepted
     although humantime itself rejects them: being stricter than needed would only annoy.
 
-    Raises ValueError with a message naming the bad part.
+    Raises ValueError with a message naming the bad part, and for a duration too large to be
+    a float (``"1" * 400 + "s"`` would otherwise be ``inf``, which no timer accepts).
     """
     stripped = text.strip()
     if not stripped:
         raise ValueError("empty duration")
     if _NUMBER.fullmatch(stripped):
-        return float(stripped)
+        return _finite(float(stripped), text)
     total = 0.0
     position = 0
     while position < len(stripped):
@@ -69,4 +71,10 @@ def parse_duration(text: str) -> float:
             )
         total += float(number) * factor
         position = match.end()
-    return total
+    return _finite(total, text)
+
+
+def _finite(seconds: float, text: str) -> float:
+    if not math.isfinite(seconds):
+        raise ValueError(f"invalid duration {text[:60]!r}: too large")
+    return seconds

@@ -17,11 +17,20 @@ the message: duplicate keys, a bare string as a step, a step with two command ki
 
 The parser works on YAML nodes (not constructed values) so each `Problem` carries the line and
 column of the offending key or value.
+
+Hostile input (invariant 5): whatever the text, `parse_workflow` returns a `ParseResult` or
+raises `WorkflowInvalid` with at least one problem; never another exception, and never a run
+time that grows faster than the text. Texts over `MAX_WORKFLOW_CHARS` are refused unread,
+nesting, alias expansion and number sizes are bounded in `_yaml_nodes`, durations must be
+finite and at most `MAX_DURATION_S`, and at most `MAX_PROBLEMS` errors (and as many warnings)
+are reported, so the rejection always fits in one NATS message.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -34,8 +43,10 @@ from jetreduce.contract.workflow._yaml_nodes import (
     BOOL_TAG,
     FLOAT_TAG,
     INT_TAG,
+    MAX_DEPTH,
     NULL_TAG,
     STR_TAG,
+    BoundedLoader,
     Fields,
     Reader,
     describe,
@@ -44,7 +55,7 @@ from jetreduce.contract.workflow._yaml_nodes import (
     join,
 )
 from jetreduce.contract.workflow.durations import parse_duration
-from jetreduce.contract.workflow.errors import ERROR, Problem, WorkflowInvalid
+from jetreduce.contract.workflow.errors import ERROR, WARNING, Problem, WorkflowInvalid
 from jetreduce.contract.workflow.model import (
     ErrorPolicy,
     MapPhase,
@@ -56,7 +67,7 @@ from jetreduce.contract.workflow.model import (
     WriteFile,
 )
 
-__all__ = ["ParseResult", "parse_workflow"]
+__all__ = ["ParseResult", "parse_workflow", "workflow_text"]
 
 SUPPORTED_MODE = "mapreduce"
 
@@ -148,7 +159,22 @@ _MISPLACED_HINTS: dict[str, str] = {
 
 _VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 _OCTAL_MODE = re.compile(r"[0-7]{3,4}")
-_BATCHED = re.compile(r"batched\s*:\s*(\d+)")
+# ASCII digits only: `\d` also matches digits `int()` refuses ('²') or reads as another
+# number ('١٢'), and the length bound keeps `int()` under Python's 4300-digit limit.
+_DECIMAL = re.compile(r"[0-9]{1,19}")
+_BATCHED = re.compile(r"batched\s*:\s*([0-9]{1,19})")
+
+MAX_WORKFLOW_CHARS = 4 * 1024 * 1024
+"""Longest workflow text read at all. Real files are a few kilobytes; the YAML parser is pure
+Python (about a second per megabyte), so the bound keeps a hostile submit from holding the
+planner for long."""
+
+MAX_DURATION_S = 1e9
+"""Longest duration accepted (about 31 years): below ``threading.TIMEOUT_MAX``, so any timeout
+we accept can be handed to a wait without an OverflowError."""
+
+MAX_PROBLEMS = 100
+"""Most errors (and, separately, warnings) reported; the rest are counted in one last line."""
 
 _DURATION_EXPECTED = "a number of seconds, a duration such as '30s', or $VAR"
 
@@ -174,11 +200,16 @@ def parse_workflow(
     ``source`` only labels positions in messages (usually the file path).
 
     Raises `WorkflowInvalid` carrying every error found (YAML syntax errors stop at the first,
-    since nothing after one can be trusted). Warnings are returned in the result, or attached to
-    the exception.
+    since nothing after one can be trusted; past `MAX_PROBLEMS` the rest are only counted).
+    Warnings are returned in the result, or attached to the exception.
     """
+    if len(text) > MAX_WORKFLOW_CHARS:
+        message = (
+            f"the workflow is too large: {len(text)} characters (at most {MAX_WORKFLOW_CHARS})"
+        )
+        raise WorkflowInvalid([Problem("", message)], source=source)
     try:
-        loader = yaml.SafeLoader(text)
+        loader = BoundedLoader(text)
     except yaml.YAMLError as exc:  # non-printable characters are refused before parsing
         raise WorkflowInvalid([_yaml_problem(exc)], source=source) from None
     try:
@@ -188,18 +219,69 @@ def parse_workflow(
             raise WorkflowInvalid([_yaml_problem(exc)], source=source) from None
         reader = Reader(loader)
         workflow = _WorkflowParser(reader, env).parse(root)
+    except RecursionError:
+        # Defensive: the depth bound should make this unreachable, but a crash of the
+        # planner's handler would leave the submitter without an answer.
+        message = "the workflow is nested too deeply to be read"
+        raise WorkflowInvalid([Problem("", message)], source=source) from None
     finally:
         loader.dispose()
     # Shape checks and verbatim copies may visit one node twice: report each finding once.
     unique = dict.fromkeys(reader.problems)
     problems = sorted(unique, key=lambda p: (p.line or 0, p.column or 0))
-    errors = [p for p in problems if p.severity == ERROR]
-    warnings = [p for p in problems if p.severity != ERROR]
+    errors = _at_most(MAX_PROBLEMS, [p for p in problems if p.severity == ERROR], ERROR)
+    warnings = _at_most(MAX_PROBLEMS, [p for p in problems if p.severity != ERROR], WARNING)
     if workflow is None and not errors:  # defensive: every None path records an error
         errors.append(Problem("", "the workflow could not be read"))
     if errors or workflow is None:
         raise WorkflowInvalid(errors, warnings=warnings, source=source)
     return ParseResult(workflow=workflow, warnings=warnings)
+
+
+def workflow_text(workflow: str | Mapping[str, Any], *, source: str = "<workflow>") -> str:
+    """The text to parse for a submitted workflow: YAML text as is, or a JSON object (the other
+    form ``workflow.submit`` accepts) rendered as indented JSON, which is YAML too.
+
+    Use this instead of ``yaml.safe_dump``: the object is hostile input, and dumping one nested
+    a few hundred levels deep dies of RecursionError. Raises `WorkflowInvalid` for an object
+    nested deeper than the parser accepts (or one that cannot be rendered as JSON).
+    """
+    if isinstance(workflow, str):
+        return workflow
+    if _depth_exceeds(workflow, MAX_DEPTH):
+        message = f"invalid YAML: nesting deeper than {MAX_DEPTH} levels is not supported"
+        raise WorkflowInvalid([Problem("", message)], source=source)
+    try:
+        return json.dumps(workflow, indent=2, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise WorkflowInvalid([Problem("", f"not a JSON object: {exc}")], source=source) from None
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """True if containers in ``value`` nest deeper than ``limit`` (checked without recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, Mapping):
+            children: Iterable[Any] = node.values()
+        elif isinstance(node, list | tuple):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _at_most(limit: int, problems: list[Problem], severity: str) -> list[Problem]:
+    """The first ``limit`` problems, plus one that counts the rest (a file of 100k unknown
+    keys must not produce a rejection too large to publish)."""
+    if len(problems) <= limit:
+        return problems
+    more = len(problems) - limit
+    noun = "errors" if severity == ERROR else "warnings"
+    return [*problems[:limit], Problem("", f"... and {more} more {noun}", severity=severity)]
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> Problem:
@@ -1014,18 +1096,16 @@ class _WorkflowParser:
             raw = self.lookup(name, path, node)
             if raw is None:
                 return None
-            try:
-                value = int(raw.strip())
-            except ValueError:
+            if not _DECIMAL.fullmatch(raw.strip()):
                 self.r.error(path, f"variable {name} = {raw!r} is not an integer", node)
                 return None
-            return self.r.check_minimum(value, path, node, minimum)
+            return self.r.check_minimum(int(raw.strip()), path, node, minimum)
         if (
             isinstance(node, ScalarNode)
             and node.tag == STR_TAG
-            and str(node.value).strip().isdigit()
+            and _DECIMAL.fullmatch(str(node.value).strip())
         ):
-            return self.r.check_minimum(int(str(node.value)), path, node, minimum)
+            return self.r.check_minimum(int(str(node.value).strip()), path, node, minimum)
         if isinstance(node, ScalarNode) and node.tag == INT_TAG:
             return self.r.integer(node, path, minimum=minimum)
         self.r.expected(path, "an integer or $VAR", node)
@@ -1036,6 +1116,9 @@ class _WorkflowParser:
         either of the first two. ``positive`` rejects 0, which as a timeout would kill every
         command before it starts."""
         seconds = self._duration(node, path)
+        if seconds is not None and not (math.isfinite(seconds) and seconds <= MAX_DURATION_S):
+            self.r.error(path, f"must be at most {MAX_DURATION_S:.0f} seconds", node)
+            return None
         if seconds is not None and positive and seconds <= 0:
             self.r.error(path, f"must be greater than 0, got {seconds:g}", node)
             return None
