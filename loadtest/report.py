@@ -35,6 +35,7 @@ ORDER = [
     "memory",
     "backends",
     "peer",
+    "durability",
 ]
 
 

@@ -348,10 +348,11 @@ def _dispatch_once(
     queue: str | None = None,
     extra_env: dict[str, str] | None = None,
     sampler: bool = False,
+    sync_always: bool = False,
 ) -> dict[str, Any]:
     """One no-op workflow end to end on a fresh server and services process."""
     with (
-        nats_server() as server,
+        nats_server(sync_always=sync_always) as server,
         services_process(server.url, max_processes=max_processes, extra_env=extra_env) as svc,
         profiled(svc.pid, run.profile(profile) if profile else None),
     ):
@@ -804,6 +805,35 @@ def peer(run: Run) -> Result:
     )
 
 
+# -- 10. durability -----------------------------------------------------------------------------
+def durability(run: Run) -> Result:
+    """The dispatch scenario under the embedded server's default lazy fsync and under
+    ``sync_interval: always`` (what the prod overlay sets: DESIGN.md's durability note), in
+    the same run; the ratio is what fsync on every write costs here."""
+    n = run.size(50_000, 5_000)
+    start = time.monotonic()
+    lazy = _dispatch_once(run, n, DISPATCH_PARALLEL)
+    always = _dispatch_once(run, n, DISPATCH_PARALLEL, sync_always=True, profile="durability")
+    lazy_rate, always_rate = lazy["e2e_per_s"] or 0.0, always["e2e_per_s"] or 0.0
+    outcomes = [lazy["outcome"], always["outcome"]]
+    return Result(
+        name="durability",
+        figure=always_rate,
+        unit="items/s",
+        ceiling=lazy_rate,
+        ceiling_what="default lazy fsync, same size",
+        ratio=round(always_rate / lazy_rate, 3) if lazy_rate else None,
+        target="both complete (measured trade-off)",
+        passed=all(o.endswith("completed") for o in outcomes),
+        wall_s=round(time.monotonic() - start, 1),
+        params={"items": n},
+        details={"lazy": lazy, "sync_always": always},
+        summary=f"sync_interval always {always_rate:,.0f} vs lazy {lazy_rate:,.0f} items/s "
+        f"e2e ({n:,} no-op items)",
+        quick=run.quick,
+    )
+
+
 SCENARIOS: dict[str, Callable[[Run], Result]] = {
     "enqueue": enqueue,
     "dispatch": dispatch,
@@ -814,4 +844,5 @@ SCENARIOS: dict[str, Callable[[Run], Result]] = {
     "memory": memory,
     "backends": backends,
     "peer": peer,
+    "durability": durability,
 }

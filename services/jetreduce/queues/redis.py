@@ -42,18 +42,16 @@ import socket
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, cast
 
-import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from jetreduce.contract.events import WorkItem, encode
+from jetreduce.contract.events import BadEvent, WorkItem, decode_as, encode
 from jetreduce.queues.base import EnqueueResult, Lease, QueueDepth, QueueError
 
 __all__ = ["RedisQueue"]
 
 log = logging.getLogger(__name__)
 
-_item_dec = msgspec.json.Decoder(WorkItem)
 
 GROUP = "jetreduce"
 """The one consumer group of a workflow's stream (the stream itself is per workflow)."""
@@ -287,8 +285,8 @@ class RedisQueue:
         leases: list[Lease] = []
         for entry_id, payload, attempt in entries:
             try:
-                item = _item_dec.decode(payload)
-            except (msgspec.DecodeError, msgspec.ValidationError):
+                item = decode_as(payload, WorkItem)
+            except BadEvent:
                 # not ours to run: never redeliver garbage
                 log.warning("dropping undecodable item in %s", self.k_stream)
                 await self._r.xack(self.k_stream, GROUP, entry_id)
