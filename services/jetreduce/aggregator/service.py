@@ -15,6 +15,7 @@ from nats.js.errors import NotFoundError
 
 from jetreduce.contract.events import (
     AgentExited,
+    Event,
     MapComplete,
     MapFailed,
     Progress,
@@ -33,6 +34,14 @@ from jetreduce.contract.workflow.model import ErrorPolicy
 from jetreduce.runtime.publish import publish_once, publish_retrying
 from jetreduce.runtime.service import EventConsumer, ServiceContext
 from jetreduce.runtime.state import StateStore
+from jetreduce.runtime.telemetry import (
+    bound,
+    messaging,
+    span,
+    stored_trace,
+    trace_headers,
+    tracing_enabled,
+)
 
 __all__ = ["Aggregator"]
 
@@ -196,17 +205,48 @@ class Aggregator:
         if tracked is not None:
             await self.publish_progress(wf, tracked, done, dead, "map complete")
         await self.state.update(wf, lambda r: _set_counts(r, done, dead))
-        stored = await publish_once(
-            self.ctx.js,
-            self.s.map("complete", wf),
-            encode(MapComplete(workflow_id=wf, total=total, done=done, dead=dead)),
+        subject = self.s.map("complete", wf)
+        trace: dict[str, str] = {}
+        if tracing_enabled():  # traced under the plan; the reduce agent continues this span
+            planned = self.s.workflow("planned", wf)
+            trace = await stored_trace(self.ctx.js, self.s.events_stream, planned)
+        attributes = {
+            **messaging(subject, "send"),
+            "jetreduce.items.done": done,
+            "jetreduce.items.dead": dead,
+        }
+        traced = span(
+            "map complete", parent=trace, kind="producer", attributes=attributes, join_only=True
         )
+        with traced:
+            stored = await publish_once(
+                self.ctx.js,
+                subject,
+                encode(MapComplete(workflow_id=wf, total=total, done=done, dead=dead)),
+                headers=trace_headers(),
+            )
         if stored:
             log.info("workflow %s: map complete (%d done, %d dead)", wf, done, dead)
 
     # -- events ---------------------------------------------------------------------------
     async def on_event(self, msg: Msg) -> None:
+        """Traced (joining the event's ``traceparent``) and logged with the workflow id."""
         event = decode(msg.data)
+        attributes = messaging(msg.subject, "process")
+        parent = msg.headers or {}
+        with (
+            bound(workflow_id=event.workflow_id),
+            span(
+                str(event.__struct_config__.tag),
+                parent=parent,
+                kind="consumer",
+                attributes=attributes,
+                join_only=True,
+            ),
+        ):
+            await self._on_event(event)
+
+    async def _on_event(self, event: Event) -> None:
         wf = event.workflow_id
         if isinstance(event, WorkflowPlanned):
             record = await self.state.get(wf)
@@ -271,6 +311,7 @@ class Aggregator:
                     reduce_output=reduce_output,
                 )
             ),
+            headers=trace_headers(),
         )
 
     async def finish_failed(self, wf: str, reason: str) -> None:
@@ -280,6 +321,7 @@ class Aggregator:
             self.ctx.js,
             self.s.workflow("failed", wf),
             encode(WorkflowFailed(workflow_id=wf, reason=reason)),
+            headers=trace_headers(),
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from jetreduce.cli.logs import configure
+from jetreduce.runtime import telemetry
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.worker.agent import AgentConfig, run_agent
 
@@ -14,4 +15,8 @@ def main() -> int:
     configure()
     settings = NatsSettings.from_env()
     config = AgentConfig.from_env()
-    return asyncio.run(run_agent(settings, config))
+    telemetry.configure(f"jetreduce-agent-{config.phase}")
+    try:
+        return asyncio.run(run_agent(settings, config))
+    finally:
+        telemetry.shutdown()  # flush the last spans before the process ends

@@ -8,6 +8,7 @@ workflow file · 3 completed but some items failed permanently (see ``jetreduce 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import os
@@ -24,6 +25,7 @@ import typer
 from jetreduce.cli import exit_codes
 from jetreduce.cli.dlq import build as build_dlq
 from jetreduce.cli.host import SERVICE_NAMES, ServiceHost
+from jetreduce.cli.item_logs import register as register_logs
 from jetreduce.cli.logs import configure
 from jetreduce.cli.options import (
     Creds,
@@ -54,6 +56,7 @@ from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.subjects import InvalidToken, Subjects, check_token
 from jetreduce.contract.topology import declare
 from jetreduce.contract.workflow import WorkflowInvalid
+from jetreduce.runtime import telemetry
 from jetreduce.runtime.connection import ConnectFailed, connect
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
@@ -95,9 +98,24 @@ def _root(
     log_level: Annotated[
         str | None, typer.Option("--log-level", envvar="JETREDUCE_LOG_LEVEL")
     ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            "--log-format",
+            envvar="JETREDUCE_LOG_FORMAT",
+            help="text, or json: one object per line with workflow and item ids.",
+        ),
+    ] = None,
 ) -> None:
     """Connection options given here apply to every command; `--nats` on a command wins."""
-    configure(log_level)
+    try:
+        configure(log_level, log_format)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--log-format") from None
+    # Tracing/metrics as the OTEL_* variables say (nothing without them); `service` and
+    # `worker` configure again under their own service name. Spans are flushed at exit.
+    telemetry.configure("jetreduce-cli")
+    atexit.register(telemetry.shutdown)
     _Global.settings = make_settings(
         nats, creds, nkey, user, password, token, tls_ca, tls_cert, tls_key, prefix
     )
@@ -678,6 +696,17 @@ MaxSlots = Annotated[
         "workflow a lane). Default: no limit.",
     ),
 ]
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        envvar="JETREDUCE_METRICS_PORT",
+        min=0,
+        max=65535,
+        help="Serve Prometheus /metrics on this port (all interfaces; 9464 by convention). "
+        "Default: off.",
+    ),
+]
 
 
 def _serve(
@@ -691,8 +720,14 @@ def _serve(
     *,
     max_slots: int | None = None,
     default_queue: str | None = None,
+    metrics_port: int | None = None,
 ) -> int:
     from jetreduce.contract.topology import TopologySettings
+
+    service_name = f"jetreduce-{names[0]}" if len(names) == 1 else "jetreduce-services"
+    config = telemetry.configure(service_name, prometheus=metrics_port is not None)
+    if metrics_port is None:
+        metrics_port = config.prometheus_port  # OTEL_METRICS_EXPORTER=prometheus
     from jetreduce.launcher.k8s_settings import KubernetesSettings
 
     k8s = KubernetesSettings()
@@ -713,6 +748,7 @@ def _serve(
                 topology=TopologySettings(replicas=replicas),
                 max_slots=max_slots,
                 default_queue=default_queue,
+                metrics_port=metrics_port,
             )
         except ValueError as exc:
             typer.echo(str(exc), err=True)
@@ -745,6 +781,7 @@ def service(
     stream_replicas: StreamReplicas = 1,
     max_slots: MaxSlots = None,
     queue: DefaultQueue = None,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Run one service (what a Kubernetes Deployment runs)."""
     _check_queue(queue)
@@ -763,6 +800,7 @@ def service(
             stream_replicas,
             max_slots=max_slots,
             default_queue=queue,
+            metrics_port=metrics_port,
         )
     )
 
@@ -777,6 +815,7 @@ def services_up(
     stream_replicas: StreamReplicas = 1,
     max_slots: MaxSlots = None,
     queue: DefaultQueue = None,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Run planner, launcher, aggregator and janitor in one process."""
     _check_queue(queue)
@@ -791,6 +830,7 @@ def services_up(
             stream_replicas,
             max_slots=max_slots,
             default_queue=queue,
+            metrics_port=metrics_port,
         )
     )
 
@@ -838,6 +878,7 @@ def server(
 
 
 app.add_typer(build_dlq(_settings), name="dlq")
+register_logs(app, _settings)
 
 
 def main() -> None:

@@ -24,6 +24,13 @@ from jetreduce.planner.service import Planner
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
+from jetreduce.runtime.state import StateStore
+from jetreduce.runtime.telemetry import (
+    EventMetrics,
+    MetricsServer,
+    ensure_prometheus_reader,
+)
+from jetreduce.runtime.telemetry import meter as current_meter
 
 __all__ = ["BACKENDS", "SERVICE_NAMES", "ServiceHost"]
 
@@ -51,7 +58,12 @@ class ServiceHost:
         max_slots: int | None = None,
         aging_s: float = AGING_S,
         default_queue: str | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "0.0.0.0",
     ) -> None:
+        """``metrics_port``: serve Prometheus ``/metrics`` there (0 picks a free port, see
+        :attr:`metrics_port`); None serves nothing. The process hosting the aggregator also
+        derives the orchestrator's metrics from its events (``runtime/telemetry``)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
         self.backend = backend
@@ -67,6 +79,8 @@ class ServiceHost:
         self.default_queue = default_queue
         self.aging_s = aging_s
         self.topology = topology
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
         self.stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -112,9 +126,19 @@ class ServiceHost:
         subjects = Subjects(self.settings.prefix)
         await declare(js, subjects, self.topology)
         ctx = ServiceContext(nc=nc, js=js, subjects=subjects)
-        for name, service in self._build(ctx).items():
-            self._tasks.append(asyncio.create_task(self._guard(name, service), name=name))
+        server: MetricsServer | None = None
+        observer: EventMetrics | None = None
         try:
+            if self.metrics_port is not None:
+                reader = ensure_prometheus_reader()
+                server = MetricsServer(reader, host=self.metrics_host, port=self.metrics_port)
+                await server.start()
+                self.metrics_port = server.port
+                self._declare_services()
+            if current_meter() is not None and "aggregator" in self.names:
+                observer = await EventMetrics(nc, subjects, StateStore(js, subjects)).start()
+            for name, service in self._build(ctx).items():
+                self._tasks.append(asyncio.create_task(self._guard(name, service), name=name))
             yield self
         finally:
             self.stop.set()
@@ -122,8 +146,26 @@ class ServiceHost:
                 _, pending = await asyncio.wait(self._tasks, timeout=20)
                 for task in pending:
                     task.cancel()
+            if observer is not None:
+                await observer.stop()
+            if server is not None:
+                await server.close()
             with contextlib.suppress(Exception):
                 await nc.drain()
+
+    def _declare_services(self) -> None:
+        """``jetreduce_services{service=…} 1`` for each service hosted here: every
+        endpoint answers something, and a scrape shows what runs where."""
+        from opentelemetry.metrics import Observation
+
+        meter = current_meter()
+        if meter is not None:
+            observations = [Observation(1, {"service": name}) for name in self.names]
+            meter.create_observable_gauge(
+                "jetreduce.services",
+                callbacks=[lambda _o: observations],
+                description="Services hosted by this process",
+            )
 
     async def _guard(self, name: str, service: _Service) -> None:
         try:

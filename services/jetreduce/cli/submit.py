@@ -28,6 +28,7 @@ from jetreduce.contract.events import (
 )
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.workflow import ParseResult, WorkflowInvalid, parse_workflow
+from jetreduce.runtime.telemetry import messaging, span, trace_headers
 
 __all__ = [
     "RecordingEnv",
@@ -90,7 +91,27 @@ async def submit(
     source: str,
     timeout_s: float = 30.0,
 ) -> SubmitReply:
-    """Publish ``workflow.submit`` (stored, de-duplicated by id) and wait for the verdict."""
+    """Publish ``workflow.submit`` (stored, de-duplicated by id) and wait for the verdict.
+
+    With tracing on this is the root span of the workflow's trace; its ``traceparent``
+    travels in the submit message's headers."""
+    attributes = {
+        **messaging(subjects.submit, "send", workflow_id),
+        "jetreduce.workflow.id": workflow_id,
+    }
+    with span("workflow submit", kind="producer", attributes=attributes):
+        return await _submit(nc, subjects, text, options, workflow_id, source, timeout_s)
+
+
+async def _submit(
+    nc: Client,
+    subjects: Subjects,
+    text: str,
+    options: SubmitOptions,
+    workflow_id: str,
+    source: str,
+    timeout_s: float,
+) -> SubmitReply:
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, max_msgs=1)
     js = nc.jetstream()
@@ -102,7 +123,7 @@ async def submit(
             js,
             subjects.submit,
             encode(payload),
-            {"Nats-Msg-Id": workflow_id, REPLY_HEADER: inbox},
+            trace_headers({"Nats-Msg-Id": workflow_id, REPLY_HEADER: inbox}),
             timeout_s,
         )
         if ack.duplicate:

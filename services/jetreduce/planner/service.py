@@ -41,6 +41,14 @@ from jetreduce.queues.factory import open_queue, validate_queue_url
 from jetreduce.runtime.publish import publish_once
 from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
 from jetreduce.runtime.state import StateStore
+from jetreduce.runtime.telemetry import (
+    bound,
+    continue_headers,
+    messaging,
+    span,
+    stored_trace,
+    tracing_enabled,
+)
 
 __all__ = ["REPLY_HEADER", "Planner"]
 
@@ -141,6 +149,14 @@ class Planner:
 
     # -- submissions ----------------------------------------------------------------------
     async def on_submit(self, msg: Msg) -> None:
+        """Continues the submitter's trace (``accept`` span); the context is stored with
+        ``workflow.accepted`` for every later phase (see ``runtime/telemetry``)."""
+        attributes = messaging(msg.subject, "process", (msg.headers or {}).get("Nats-Msg-Id"))
+        parent = msg.headers or {}
+        with span("workflow accept", parent=parent, kind="consumer", attributes=attributes):
+            await self._on_submit(msg)
+
+    async def _on_submit(self, msg: Msg) -> None:
         reply_to = (msg.headers or {}).get(REPLY_HEADER)
         try:
             submit = decode_as(msg.data, WorkflowSubmit)
@@ -156,11 +172,18 @@ class Planner:
                 _fallback_id(msg), [Problem(path="workflow_id", message=str(exc))], reply_to
             )
             return
+        with bound(workflow_id=wf):
+            await self._accept(msg, wf, submit, reply_to)
+
+    async def _accept(
+        self, msg: Msg, wf: str, submit: WorkflowSubmit, reply_to: str | None
+    ) -> None:
+        trace = continue_headers(msg.headers)
         existing = await self.state.get(wf)
         if existing is not None:
             # A resubmit of the same id (client retry, redelivery): answer as before.
             await self._reply(reply_to, SubmitReply(workflow_id=wf, accepted=True))
-            await self._announce_accepted(wf, existing.name, [])
+            await self._announce_accepted(wf, existing.name, [], trace)
             return
         problems, warnings, spec = self.validate(submit)
         if spec is None:
@@ -177,7 +200,7 @@ class Planner:
         )
         await self.state.put_spec(wf, spec)
         await self.state.create(record)
-        await self._announce_accepted(wf, spec.workflow.name, warnings)
+        await self._announce_accepted(wf, spec.workflow.name, warnings, trace)
         await self._reply(reply_to, SubmitReply(workflow_id=wf, accepted=True, problems=warnings))
         log.info("workflow %s accepted (%s)", wf, spec.workflow.name)
 
@@ -220,11 +243,15 @@ class Planner:
         spec = StoredSpec(workflow=result.workflow, options=opts)
         return [], [_problem(p) for p in result.warnings], spec
 
-    async def _announce_accepted(self, wf: str, name: str, warnings: list[Problem]) -> None:
+    async def _announce_accepted(
+        self, wf: str, name: str, warnings: list[Problem], trace: dict[str, str]
+    ) -> None:
+        """``trace``: the workflow's trace headers, stored with the event for later phases."""
         await publish_once(
             self.ctx.js,
             self.s.workflow("accepted", wf),
             encode(WorkflowAccepted(workflow_id=wf, name=name, warnings=warnings)),
+            headers=trace,
         )
 
     async def _reject(self, wf: str, problems: list[Problem], reply_to: str | None) -> None:
@@ -253,15 +280,28 @@ class Planner:
             return
         if record.phase.terminal:
             return
-        spec.captures = dict(event.captures)
-        await self.state.put_spec(wf, spec)
-        with tempfile.TemporaryDirectory(prefix="jetreduce-plan-") as spool:
-            items = await self._expand(wf, spec, event, Path(spool) / "input")
-            if items is None:
-                return
-            await self._plan(msg, wf, spec, items)
+        parent: dict[str, str] = dict(msg.headers or {})
+        if "traceparent" not in parent and tracing_enabled():  # an untraced setup agent
+            accepted = self.s.workflow("accepted", wf)
+            parent = await stored_trace(self.ctx.js, self.s.events_stream, accepted)
+        attributes = messaging(msg.subject, "process")
+        with (
+            bound(workflow_id=wf),
+            span("plan", parent=parent, kind="consumer", attributes=attributes),
+        ):
+            spec.captures = dict(event.captures)
+            await self.state.put_spec(wf, spec)
+            with tempfile.TemporaryDirectory(prefix="jetreduce-plan-") as spool:
+                items = await self._expand(wf, spec, event, Path(spool) / "input")
+                if items is None:
+                    return
+                await self._plan(msg, wf, spec, items, continue_headers(parent))
 
-    async def _plan(self, msg: Msg, wf: str, spec: StoredSpec, items: InputItems) -> None:
+    async def _plan(
+        self, msg: Msg, wf: str, spec: StoredSpec, items: InputItems, trace: dict[str, str]
+    ) -> None:
+        """``trace``: the plan span's headers, stored with ``workflow.planned``: agents
+        trace every item attempt under it."""
         beat = asyncio.create_task(_keep_in_progress(msg))
         try:
             total = await asyncio.to_thread(items.count)
@@ -283,11 +323,17 @@ class Planner:
             self.ctx.js,
             self.s.workflow("planned", wf),
             encode(WorkflowPlanned(workflow_id=wf, total=total, max_parallel=parallel)),
+            headers=trace,
         )
         lane = PRIORITY_LANES[spec.options.priority]
         beat = asyncio.create_task(_keep_in_progress(msg))
+        attributes = {
+            **messaging(self.s.work_of(wf), "send"),
+            "messaging.batch.message_count": total,
+        }
         try:
-            result = await queue.enqueue(_work_items(wf, items), lane=lane)
+            with span("enqueue", kind="producer", attributes=attributes):
+                result = await queue.enqueue(_work_items(wf, items), lane=lane)
         finally:
             beat.cancel()
         log.info("workflow %s planned: %d items (%d already queued)", wf, total, result.duplicates)

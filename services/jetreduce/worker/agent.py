@@ -55,6 +55,14 @@ from jetreduce.runtime.publish import AckMux, publish_once, publish_retrying
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
+from jetreduce.runtime.telemetry import (
+    bind,
+    messaging,
+    span,
+    stored_trace,
+    trace_headers,
+    tracing_enabled,
+)
 from jetreduce.worker.breaker import CircuitBreaker
 from jetreduce.worker.interpolate import Variables, render_shell, render_text
 from jetreduce.worker.results import ResultsSpool
@@ -137,6 +145,9 @@ class Agent:
         self.abort = asyncio.Event()
         """The workflow ended (cancelled, failed…): in-flight steps are killed at once."""
         self.scratch = Path(tempfile.mkdtemp(prefix=f"jetreduce-{self.wf}-"))
+        self.trace: dict[str, str] = {}
+        """Trace headers this agent's phase continues (read once from a stored event); empty
+        when tracing is off or the workflow is not traced."""
         self.env_problem: str | None = None
         """Why the workflow environment (secrets, env_files, profile) could not be built; the
         phase then fails with this message instead of running steps without it."""
@@ -190,14 +201,20 @@ class Agent:
         ``commit_required`` step must have moved HEAD."""
         commit_required = bool(step.extra.get("commit_required"))
         before = await head(cwd) if commit_required else None
-        outcome = await run_step(
-            step,
-            Variables(variables),
-            env=self.env,
-            cwd=cwd,
-            timeout_s=timeout_s,
-            spill_dir=self.scratch,
-        )
+        # Only the kind and the exit code: a step's text or output may hold item data.
+        attributes = {"jetreduce.step.kind": step.kind}
+        with span(f"step {step.kind}", attributes=attributes, join_only=True) as current:
+            outcome = await run_step(
+                step,
+                Variables(variables),
+                env=self.env,
+                cwd=cwd,
+                timeout_s=timeout_s,
+                spill_dir=self.scratch,
+            )
+            if current is not None:
+                current.set_attribute("process.exit.code", outcome.exit_code)
+                current.set_attribute("jetreduce.step.timed_out", outcome.timed_out)
         if commit_required and outcome.ok:
             after = await head(cwd)
             if after is None:
@@ -325,6 +342,7 @@ class Agent:
                     input_bytes=size,
                 )
             ),
+            headers=trace_headers(self.trace),
         )
         return 0
 
@@ -495,6 +513,32 @@ class Agent:
                     await self.queue.heartbeat(lease)
 
     async def _run_item(self, lease: Lease) -> None:
+        """One attempt, traced under the plan (``workflow.planned``'s stored context), its
+        log lines tagged with the item id (this task's context only)."""
+        item_id = f"item_{lease.item.index}"
+        bind(item_id=item_id)
+        if not self.trace:
+            await self._attempt(lease)
+            return
+        attributes = {
+            **messaging(self.s.work_of(self.wf), "process", f"{self.wf}/{lease.item.index}"),
+            "jetreduce.workflow.id": self.wf,
+            "jetreduce.item.id": item_id,
+            "jetreduce.item.attempt": lease.attempt,
+        }
+        with span(
+            f"item {item_id}",
+            parent=self.trace,
+            kind="consumer",
+            attributes=attributes,
+            join_only=True,
+        ) as current:
+            outcome = await self._attempt(lease)
+            if current is not None:
+                current.set_attribute("jetreduce.item.outcome", outcome)
+
+    async def _attempt(self, lease: Lease) -> str:
+        """Run the item once; ``done``, ``retry`` or ``dead``."""
         work = lease.item
         index = work.index
         item_id = f"item_{index}"
@@ -532,7 +576,7 @@ class Agent:
                 guard=self.s.item_terminal(self.wf, index),
             )
             await self.queue.ack(lease)
-            return
+            return "done"
         error = self._describe(m.agent_template, result)
         tail = _clip((failed.stderr or failed.stdout)[-ERROR_TAIL:], ERROR_TAIL)
         # fail_workflow: the author declared this failure fatal, so no item retries either.
@@ -555,8 +599,9 @@ class Agent:
             ),
         )
         if delay is not None:
+            log.info("attempt %d failed, retry in %.1fs: %s", lease.attempt, delay, error)
             await self.queue.retry(lease, delay)
-            return
+            return "retry"
         log_object = await self._store_log(
             index, lease.attempt, [r.outcome for r in result.records] or outcomes, failed
         )
@@ -585,6 +630,8 @@ class Agent:
             failed_map = MapFailed(workflow_id=self.wf, index=index, item_id=item_id, error=error)
             await publish_retrying(self.ctx.js, self.s.map("failed", self.wf), encode(failed_map))
         await self.queue.dead(lease, error)
+        log.warning("dead after %d attempt(s): %s", lease.attempt, error)
+        return "dead"
 
     async def _item_steps(
         self,
@@ -743,6 +790,7 @@ class Agent:
                         output=_clip(output),
                     )
                 ),
+                headers=trace_headers(self.trace),
             )
             return 0
         await publish_once(
@@ -753,8 +801,19 @@ class Agent:
                     workflow_id=self.wf, output=_clip(output), duration_s=time.monotonic() - start
                 )
             ),
+            headers=trace_headers(self.trace),
         )
         return 0
+
+
+def _traced_by(subjects: Subjects, config: AgentConfig) -> str:
+    """The stored event whose trace headers a phase continues: setup the workflow's
+    (``workflow.accepted``), map items the plan's, reduce the map completion's."""
+    if config.phase == "map":
+        return subjects.workflow("planned", config.workflow_id)
+    if config.phase == "reduce":
+        return subjects.map("complete", config.workflow_id)
+    return subjects.workflow("accepted", config.workflow_id)
 
 
 def _failure(message: str) -> StepsResult:
@@ -782,6 +841,13 @@ async def run_agent(settings: NatsSettings, config: AgentConfig) -> int:
             log.error("agent: unknown workflow %s", config.workflow_id)
             return 2
         agent = Agent(ctx, config, spec)
+        bind(workflow_id=config.workflow_id)
+        if tracing_enabled():
+            traced_by = _traced_by(subjects, config)
+            agent.trace = await stored_trace(js, subjects.events_stream, traced_by)
+            if not agent.trace:  # that event's publisher was not traced: the workflow's
+                accepted = subjects.workflow("accepted", config.workflow_id)
+                agent.trace = await stored_trace(js, subjects.events_stream, accepted)
         if agent.masker:  # secrets never reach the agent's log either
             masking = MaskingFilter(agent.masker)
             for handler in logging.getLogger().handlers:
@@ -798,7 +864,13 @@ async def run_agent(settings: NatsSettings, config: AgentConfig) -> int:
         if config.phase not in runner:
             log.error("agent: unknown phase %r", config.phase)
             return 2
-        return await runner[config.phase]()
+        if config.phase == "map":  # no phase span: each item attempt is its own
+            return await runner["map"]()
+        attributes = {"jetreduce.workflow.id": config.workflow_id, "jetreduce.agent": agent.name}
+        with span(
+            config.phase, parent=agent.trace, kind="consumer", attributes=attributes, join_only=True
+        ):
+            return await runner[config.phase]()
     finally:
         with contextlib.suppress(Exception):
             await nc.drain()

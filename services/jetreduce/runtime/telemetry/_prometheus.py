@@ -1,0 +1,141 @@
+"""A Prometheus text-format ``/metrics`` endpoint over the SDK's in-memory metric reader.
+
+OpenTelemetry's Prometheus exporter package pulls in ``prometheus_client`` and serves from a
+thread; what a scrape needs is small enough to write: collect from the reader, render the
+text exposition format (version 0.0.4), answer one HTTP GET on the service's own event loop.
+
+Names follow the Prometheus conventions the OpenTelemetry exporter uses: dots become
+underscores, a unit of seconds appends ``_seconds``, monotonic sums end in ``_total``,
+histograms give ``_bucket{le=…}``, ``_sum`` and ``_count``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+from typing import Any
+
+__all__ = ["MetricsServer", "render"]
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_INVALID = re.compile(r"[^a-zA-Z0-9_:]")
+
+
+def _name(metric: Any) -> str:
+    name = _INVALID.sub("_", metric.name)
+    if metric.unit == "s" and not name.endswith("_seconds"):
+        name += "_seconds"
+    return name
+
+
+def _labels(attributes: Any, extra: dict[str, str] | None = None) -> str:
+    pairs = {**{_INVALID.sub("_", str(k)): str(v) for k, v in (attributes or {}).items()}}
+    pairs.update(extra or {})
+    if not pairs:
+        return ""
+    body = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(pairs.items()))
+    return "{" + body + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+def render(data: Any) -> str:
+    """The text exposition of ``MetricsData`` (None renders as nothing)."""
+    from opentelemetry.sdk.metrics.export import Gauge, Histogram, Sum
+
+    lines: list[str] = []
+    seen: set[str] = set()
+    for resource in getattr(data, "resource_metrics", None) or ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                name = _name(metric)
+                points = metric.data
+                if isinstance(points, Sum) and points.is_monotonic:
+                    kind, sample = "counter", name.removesuffix("_total") + "_total"
+                elif isinstance(points, Histogram):
+                    kind, sample = "histogram", name
+                elif isinstance(points, Sum | Gauge):
+                    kind, sample = "gauge", name
+                else:
+                    continue
+                if name not in seen:
+                    seen.add(name)
+                    help_text = (metric.description or metric.name).replace("\n", " ")
+                    lines.append(f"# HELP {sample} {help_text}")
+                    lines.append(f"# TYPE {sample} {kind}")
+                for point in points.data_points:
+                    if kind == "histogram":
+                        cumulative = 0
+                        bounds = [*point.explicit_bounds, math.inf]
+                        for bound, count in zip(bounds, point.bucket_counts, strict=False):
+                            cumulative += count
+                            le = _labels(point.attributes, {"le": _number(bound)})
+                            lines.append(f"{name}_bucket{le} {cumulative}")
+                        labels = _labels(point.attributes)
+                        lines.append(f"{name}_sum{labels} {_number(point.sum)}")
+                        lines.append(f"{name}_count{labels} {point.count}")
+                    else:
+                        lines.append(f"{sample}{_labels(point.attributes)} {_number(point.value)}")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+class MetricsServer:
+    """``GET /metrics`` on ``host:port`` (port 0 picks a free one: see :attr:`port`)."""
+
+    def __init__(self, reader: Any, *, host: str = "0.0.0.0", port: int = 0) -> None:
+        self.reader = reader
+        self.host = host
+        self.requested_port = port
+        self.port = port
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> MetricsServer:
+        self._server = await asyncio.start_server(self._serve, self.host, self.requested_port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("metrics: serving http://%s:%d/metrics", self.host, self.port)
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass  # headers: nothing in them matters here
+            parts = request.decode("latin-1").split()
+            if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
+                status, body = "200 OK", render(self.reader.get_metrics_data()).encode()
+            else:
+                status, body = "404 Not Found", b"try /metrics\n"
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {CONTENT_TYPE}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except Exception as exc:  # a scraper hanging up must not bother the service
+            log.debug("metrics: request failed: %r", exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
