@@ -13,6 +13,7 @@ from jetreduce.contract import events as ev
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
 from jetreduce.janitor.service import Janitor
+from jetreduce.launcher.backend import AgentBackend
 from jetreduce.launcher.kubernetes import KubernetesBackend
 from jetreduce.launcher.service import Launcher
 from jetreduce.planner.service import Planner
@@ -23,10 +24,11 @@ from jetreduce.runtime.settings import NatsSettings
 
 @contextlib.asynccontextmanager
 async def orchestrator(
-    settings: NatsSettings, backend: KubernetesBackend, *, sweep_every_s: float = 60.0
+    settings: NatsSettings, backend: AgentBackend, *, sweep_every_s: float = 60.0
 ) -> AsyncIterator[ServiceContext]:
     """The four services, wired as an installation with the kubernetes backend should be:
-    the janitor sweeps the backend's objects for orphans. Re-raises a service's failure."""
+    the janitor sweeps the backend's objects for orphans (a local backend has none to
+    sweep). Re-raises a service's failure."""
     nc = await connect(settings, name="k8s-test-services")
     subjects = Subjects(settings.prefix)
     await declare(nc.jetstream(), subjects, None)
@@ -36,7 +38,11 @@ async def orchestrator(
         Planner(ctx),
         Launcher(ctx, backend),
         Aggregator(ctx),
-        Janitor(ctx, objects=backend, sweep_every_s=sweep_every_s),
+        Janitor(
+            ctx,
+            objects=backend if isinstance(backend, KubernetesBackend) else None,
+            sweep_every_s=sweep_every_s,
+        ),
     ]
     tasks = [asyncio.create_task(s.run(stop), name=type(s).__name__) for s in services]
     try:

@@ -61,6 +61,8 @@ class _Attempt:
     pod: str
     proc: asyncio.subprocess.Process | None = None
     disrupted: bool = False
+    kill_reason: str | None = None
+    """The container's terminated reason to report instead of ``Error`` (``OOMKilled``)."""
 
 
 @dataclass
@@ -78,6 +80,9 @@ class _JobRun:
     last_status: dict[str, Any] | None = None
     started: list[tuple[int, int]] = field(default_factory=list)
     """(index, pid) of every process started, in order."""
+    active: int = 0
+    condition: tuple[str, str] | None = None
+    """(type, reason) once the Job finished: kept by every later status write."""
 
 
 class ProcessKubelet:
@@ -196,6 +201,7 @@ class ProcessKubelet:
             while pending:
                 index = pending.pop(0)
                 tasks.add(asyncio.create_task(attempt(index), name=f"{run.name}-{index}"))
+            run.active = len(tasks)
             await self._write_job_status(run, active=len(tasks))
             timeout = None if ends_at is None else max(0.0, ends_at - loop.time())
             done, _ = await asyncio.wait(tasks, timeout=timeout, return_when="FIRST_COMPLETED")
@@ -236,21 +242,33 @@ class ProcessKubelet:
         await self._write_job_status(run, active=0, condition=condition, reason=reason)
 
     async def _write_job_status(
-        self, run: _JobRun, *, active: int, condition: str | None = None, reason: str | None = None
+        self,
+        run: _JobRun,
+        *,
+        active: int | None = None,
+        condition: str | None = None,
+        reason: str | None = None,
     ) -> None:
+        """Write the Job's status if it changed. ``ready`` (pods whose process runs), as the
+        real controller keeps it, changes when a pod is replaced, which is how a watcher of
+        Job status learns of a disruption that no ``failed`` count shows."""
         async with run.lock:
+            if condition is not None:
+                run.condition = (condition, reason or "Completed")
             status: dict[str, Any] = {
-                "active": active,
+                "active": run.active if active is None else active,
+                "ready": sum(
+                    1 for a in run.attempts.values() if a.proc and a.proc.returncode is None
+                ),
                 "succeeded": len(run.succeeded),
                 "failed": run.failed_pods,
                 "completedIndexes": _compress(run.succeeded),
             }
             if run.failed_indexes:
                 status["failedIndexes"] = _compress(run.failed_indexes)
-            if condition is not None:
-                status["conditions"] = [
-                    {"type": condition, "status": "True", "reason": reason or "Completed"}
-                ]
+            if run.condition is not None:
+                kind, why = run.condition
+                status["conditions"] = [{"type": kind, "status": "True", "reason": why}]
             if status == run.last_status:
                 return  # unchanged: spare the API server
             run.last_status = status
@@ -329,6 +347,7 @@ class ProcessKubelet:
                 handle.close()
         run.started.append((index, attempt.proc.pid))
         await self._patch_pod(name, {"phase": "Running"})
+        await self._write_job_status(run)
         try:
             code = await attempt.proc.wait()
         except asyncio.CancelledError:
@@ -336,12 +355,19 @@ class ProcessKubelet:
             raise
         finally:
             shutil.rmtree(root, ignore_errors=True)
+        exit_code = code if code >= 0 else 128 - code
         status: dict[str, Any] = {
             "phase": "Succeeded" if code == 0 else "Failed",
             "containerStatuses": [
                 {
                     "name": container["name"],
-                    "state": {"terminated": {"exitCode": code if code >= 0 else 128 - code}},
+                    "state": {
+                        "terminated": {
+                            "exitCode": exit_code,
+                            "reason": attempt.kill_reason
+                            or ("Completed" if exit_code == 0 else "Error"),
+                        }
+                    },
                 }
             ],
         }
@@ -350,6 +376,7 @@ class ProcessKubelet:
                 {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}
             ]
         await self._patch_pod(name, status)
+        await self._write_job_status(run)
         return index
 
     async def _patch_pod(self, name: str, status: dict[str, Any]) -> None:
@@ -391,10 +418,15 @@ class ProcessKubelet:
         run = self.jobs.get(job) or self.finished.get(job)
         return None if run is None else run.attempts.get(index)
 
-    def kill(self, job: str, index: int, sig: int = signal.SIGKILL) -> int:
-        """Crash the running process of ``index`` (counts against the index's backoff)."""
+    def kill(
+        self, job: str, index: int, sig: int = signal.SIGKILL, reason: str | None = None
+    ) -> int:
+        """Crash the running process of ``index`` (counts against the index's backoff);
+        ``reason`` is the container's terminated reason to report (``OOMKilled``: the
+        kernel's OOM killer sends SIGKILL too), else ``Error``."""
         attempt = self.attempt(job, index)
         assert attempt is not None and attempt.proc is not None, f"{job}/{index} not running"
+        attempt.kill_reason = reason
         pid = attempt.proc.pid
         _signal(attempt.proc, sig)
         return pid

@@ -156,12 +156,12 @@ async def test_deleting_the_root_removes_the_rest_through_owner_references(
 async def test_failed_pods_are_reported_with_exit_code_and_restart_flag(
     emulator: EmulatorThread, api_client: k8s.ApiClient, namespace: str
 ) -> None:
-    exits: list[tuple[str, str, int, int, bool, int]] = []
+    exits: list[tuple[str, str, int, int, bool, int, str]] = []
 
     async def on_exit(
-        wf: str, phase: str, index: int, code: int, restart: bool, remaining: int
+        wf: str, phase: str, index: int, code: int, restart: bool, remaining: int, reason: str = ""
     ) -> None:
-        exits.append((wf, phase, index, code, restart, remaining))
+        exits.append((wf, phase, index, code, restart, remaining, reason))
 
     # No relaunch budget: a failed Job is final (test_relaunch.py covers relaunches).
     backend = _backend(api_client, namespace, max_relaunches=0, on_exit=on_exit)
@@ -174,7 +174,7 @@ async def test_failed_pods_are_reported_with_exit_code_and_restart_flag(
             batch.patch_namespaced_job_status, name, namespace, {"status": {"failed": 1}}
         )
         await backend.poll_once()
-        assert exits == [("wf-a", "map", 1, 42, True, 2)]
+        assert exits == [("wf-a", "map", 1, 42, True, 2, "")]
         await backend.poll_once()
         assert len(exits) == 1  # reported once
 
@@ -192,7 +192,16 @@ async def test_failed_pods_are_reported_with_exit_code_and_restart_flag(
             },
         )
         await backend.poll_once()
-        assert exits[1] == ("wf-a", "map", 0, 3, False, 0)
+        # The final exit says why the phase is given up (the aggregator's failure message).
+        assert exits[1] == (
+            "wf-a",
+            "map",
+            0,
+            3,
+            False,
+            0,
+            f"kept crashing (last exit code 3): Job {name} failed with FailedIndexes",
+        )
         assert not backend.running("wf-a", "map")
     finally:
         await backend.stop_all()

@@ -2,8 +2,10 @@
 ``KubernetesBackend``), aggregator and janitor on the session nats-server; the API emulator;
 and the process kubelet running every Job index as a local ``python -m jetreduce worker``
 with the env the pod would get (completion index from the annotation, NATS password from
-the Secret). One agent pod is killed (a crash: the Job re-runs its index) and one is evicted
-(a disruption: ignored by the podFailurePolicy); no item is lost and nothing is left behind.
+the Secret). One agent pod is killed (a crash, reported as the kernel's OOM killer would:
+the Job re-runs its index) and one is evicted (a disruption: ignored by the podFailurePolicy);
+no item is lost, each fault is published with its reason (``agent.pod_failed``), the map
+Job's life as ``agent.job`` events, and nothing is left behind.
 
 Once flaky (the faults could land after the last item): API calls took up to ~13 s, because
 kmock scanned its whole request log on every request and its thread shared this process's GIL
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import orchestrator
+from harness import orchestrator, stored_events
 from kmock_plus import EmulatorProcess
 from kubelet import ProcessKubelet
 from kubernetes import client as k8s
@@ -92,7 +94,7 @@ async def test_workflow_runs_through_indexed_jobs_with_pod_failures(
                     ctx.subjects,
                     WORKFLOW,
                     # A killed agent's item comes back after its lease: 10 s, not 30.
-                    SubmitOptions(workdir=str(workdir), lease_s=10),
+                    SubmitOptions(workdir=str(workdir), lease_s=10, backend="kubernetes"),
                     workflow_id=wf,
                     source="test",
                 )
@@ -115,7 +117,7 @@ async def test_workflow_runs_through_indexed_jobs_with_pod_failures(
                 # Early in the map phase (agents are taking items), so the faults hit a run
                 # in flight: ~10 s of work remain when they do.
                 await wait_for(lambda: len(finished) >= 20, timeout_s=90)
-                killed = kubelet.kill(map_job, 7, signal.SIGKILL)
+                killed = kubelet.kill(map_job, 7, signal.SIGKILL, reason="OOMKilled")
                 evicted_attempt = kubelet.attempt(map_job, 11)
                 evicted = kubelet.evict(map_job, 11)
                 done_at_faults = len(finished)
@@ -156,6 +158,20 @@ async def test_workflow_runs_through_indexed_jobs_with_pod_failures(
             else:
                 assert len(pids[11]) >= 2, pids
             assert run.body["spec"]["parallelism"] == PARALLEL
+
+            # Job and pod status, as published by the launcher (watch shows them).
+            pods_failed = await stored_events(ctx, ctx.subjects.agent("pod_failed", wf))
+            faults = {(p.job, p.index): p for p in pods_failed}
+            oom = faults[(map_job, 7)]
+            assert (oom.reason, oom.exit_code, oom.disruption) == ("OOMKilled", 137, False)
+            evicted_event = faults[(map_job, 11)]
+            assert evicted_event.reason == "EvictionByEvictionAPI" and evicted_event.disruption
+            assert len(pods_failed) == len({p.pod for p in pods_failed})  # once per pod
+            job_events = await stored_events(ctx, ctx.subjects.agent("job", wf))
+            map_states = [j.state for j in job_events if j.job == map_job]
+            assert map_states[0] == "running", job_events
+            # Deleted on map.complete: complete if the kubelet finished it first, else stopped.
+            assert map_states[-1] in ("complete", "stopped") and len(map_states) == 2, job_events
 
             # The launcher's stop on the terminal event removes every object of the workflow.
             def nothing_left() -> bool:

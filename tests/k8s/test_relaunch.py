@@ -48,7 +48,7 @@ map:
     - shell: "echo ${item.n}"
 """
 
-Exit = tuple[str, str, int, int, bool, int]
+Exit = tuple[str, str, int, int, bool, int, str]
 
 
 def _spec() -> StoredSpec:
@@ -132,7 +132,7 @@ async def test_failed_job_is_relaunched_once_then_given_up(
         await _fail_job(api_client, namespace, first, "MaxFailedIndexesExceeded", (1, 42))
         await backend.poll_once()
         # The pod comes back (in the relaunched Job), so the workflow goes on.
-        assert exits == [("wf-a", "map", 1, 42, True, 3)]
+        assert exits == [("wf-a", "map", 1, 42, True, 3, "")]
         jobs = _jobs(emulator, namespace)
         assert set(jobs) == {first, second}
         old, new = jobs[first], jobs[second]
@@ -151,7 +151,8 @@ async def test_failed_job_is_relaunched_once_then_given_up(
         # The relaunch fails too: the budget (1) is spent, so the last exit is final.
         await _fail_job(api_client, namespace, second, "BackoffLimitExceeded", (0, 7))
         await backend.poll_once()
-        assert exits[1:] == [("wf-a", "map", 0, 7, False, 0)]
+        why = f"kept crashing (last exit code 7): Job {second} failed with BackoffLimitExceeded"
+        assert exits[1:] == [("wf-a", "map", 0, 7, False, 0, f"{why} after 1 relaunch(es)")]
         await backend.poll_once()
         assert len(exits) == 2 and set(_jobs(emulator, namespace)) == {first, second}
     finally:
@@ -169,7 +170,9 @@ async def test_job_past_its_deadline_is_not_relaunched(
         await _fail_job(api_client, namespace, job_name("wf-a", "setup"), "DeadlineExceeded", None)
         await backend.poll_once()
         await backend.poll_once()
-        assert exits == [("wf-a", "setup", -1, -1, False, 0)]
+        setup = job_name("wf-a", "setup")
+        why = f"ran out of time: Job {setup} failed with DeadlineExceeded"
+        assert exits == [("wf-a", "setup", -1, -1, False, 0, why)]
         assert set(_jobs(emulator, namespace)) == {job_name("wf-a", "setup")}
     finally:
         await backend.stop_all()
@@ -187,7 +190,7 @@ async def test_relaunch_waits_for_its_delay(
         )
         await backend.poll_once()
         await backend.poll_once()
-        assert exits == [("wf-a", "map", 0, 1, True, 2)]  # coming back, not yet relaunched
+        assert exits == [("wf-a", "map", 0, 1, True, 2, "")]  # coming back, not yet relaunched
         assert set(_jobs(emulator, namespace)) == {job_name("wf-a", "map")}
     finally:
         await backend.stop_all()
@@ -234,7 +237,7 @@ async def _run(
                     ctx.nc,
                     ctx.subjects,
                     WORKFLOW,
-                    SubmitOptions(workdir=str(workdir)),
+                    SubmitOptions(workdir=str(workdir), backend="kubernetes"),
                     workflow_id=wf,
                     source="test",
                 )
@@ -318,7 +321,10 @@ async def test_workflow_fails_with_the_reason_once_relaunches_run_out(
         max_relaunches=1,
     )
     assert isinstance(done, ev.WorkflowFailed), done
-    assert "map agents kept crashing (last exit code 3)" in done.reason
+    # The reason names the Job that gave up and why (AgentExited.reason).
+    assert done.reason.startswith("map agents kept crashing (last exit code 3): Job "), done
+    assert f"{job_name(wf, 'map', 1)} failed with" in done.reason, done
+    assert done.reason.endswith("after 1 relaunch(es)"), done
     # One relaunch, as budgeted, and no third run.
     assert _runs(kubelet, wf) == {job_name(wf, "map"), job_name(wf, "map", 1)}
     final = [e for e in exited if not e.restarted and e.remaining == 0]

@@ -287,11 +287,12 @@ class Aggregator:
             # this workflow on, so it fails with the reason instead of hanging.
             record = await self.state.get(wf)
             if record is not None and not record.phase.terminal:
-                await self.finish_failed(
-                    wf,
-                    f"{event.phase} agents kept crashing (last exit code {event.exit_code}); "
-                    "see the agent logs",
+                # The backend's reason when it has one (a Job that failed as a whole,
+                # agents it would not start); else the local backend's crash loop.
+                why = event.reason or (
+                    f"kept crashing (last exit code {event.exit_code}); see the agent logs"
                 )
+                await self.finish_failed(wf, f"{event.phase} agents {why}")
 
     async def finish_completed(
         self, wf: str, total: int, done: int, dead: int, reduce_output: str

@@ -64,8 +64,17 @@ def describe(event: ev.Event) -> str:
         return f"launched {event.agents} {event.phase} agent(s), {event.slots} slot(s)"
     if isinstance(event, ev.AgentExited):
         return f"{event.phase} agent {event.index} exited with {event.exit_code}" + (
-            " (restarting)" if event.restarted else ""
+            " (restarting)" if event.restarted else f": {event.reason}" if event.reason else ""
         )
+    if isinstance(event, ev.PodFailed):
+        code = f", exit code {event.exit_code}" if event.exit_code is not None else ""
+        note = " (disruption: retried, not counted)" if event.disruption else ""
+        where = f"{event.phase} pod {event.pod} (index {event.index})"
+        return f"{where} failed: {event.reason}{code}{note}"
+    if isinstance(event, ev.JobStatus):
+        counts = f"{event.active} active, {event.succeeded} succeeded, {event.failed} failed"
+        why = f" ({event.reason})" if event.reason else ""
+        return f"{event.phase} Job {event.job} {event.state}{why}: {counts}"
     if isinstance(event, ev.ItemFailed):
         retry = (
             f"; retry in {event.retry_in_s:.1f}s"

@@ -32,8 +32,10 @@ __all__ = [
     "ItemDead",
     "ItemDone",
     "ItemFailed",
+    "JobStatus",
     "MapComplete",
     "MapFailed",
+    "PodFailed",
     "Problem",
     "Progress",
     "QueueStatus",
@@ -59,6 +61,7 @@ __all__ = [
     "decode",
     "decode_as",
     "encode",
+    "input_upload_object",
     "now",
 ]
 
@@ -103,6 +106,21 @@ class SubmitOptions(msgspec.Struct, kw_only=True, omit_defaults=True):
     worktrees: bool = False
     """Each map item runs in its own git worktree, merged into the workflow branch on
     success (``--worktrees``; the workflow directory must be a git checkout on a branch)."""
+    namespace: str | None = None
+    """Kubernetes namespace of the workflow's Jobs; None: the installation's. The launcher
+    runs it only in a namespace its installation allows, else the workflow fails saying so."""
+    image: str | None = None
+    """Agent image of the workflow's pods (kubernetes); None: the installation's."""
+    input_upload: bool = False
+    """The submitter uploaded the ``map.input`` file as :func:`input_upload_object`: agents
+    that do not share its disk (pods) read the input from there when their working directory
+    lacks the file. A flag, not a name, so no submission can point an agent (or the janitor's
+    cleanup) at another workflow's object. Deleted with the workflow's other objects."""
+
+
+def input_upload_object(workflow_id: str) -> str:
+    """Object-store name of a workflow's uploaded map input (``SubmitOptions.input_upload``)."""
+    return f"upload/{workflow_id}"
 
 
 class WorkflowSubmit(_Base, tag="workflow.submit", kw_only=True):
@@ -172,6 +190,44 @@ class AgentExited(_Base, tag="agent.exited", kw_only=True):
     restarted: bool
     remaining: int = 0
     """Agents of this phase still running (or to be restarted) after this exit."""
+    reason: str = ""
+    """Why the backend gives up on the phase (with ``restarted=False, remaining=0``), for the
+    workflow's failure message: a Job that failed as a whole, agents it could not start.
+    Empty when it says nothing beyond the exit code."""
+
+
+class PodFailed(_Base, tag="agent.pod_failed", kw_only=True):
+    """A pod of a phase's Job ended in failure or was disrupted (kubernetes backend): the
+    pod's own reason, as Kubernetes gives it: ``Evicted``, ``OOMKilled``, ``Error`` (see
+    ``exit_code``), ``DeadlineExceeded``, a disruption such as ``EvictionByEvictionAPI``…
+    Sent at most once per pod by a launcher (a restarted launcher may repeat one)."""
+
+    phase: str
+    job: str
+    pod: str
+    index: int
+    """The pod's completion index (-1 if it has none)."""
+    reason: str
+    exit_code: int | None = None
+    """The agent container's exit code; None when it never ran or ended without one."""
+    disruption: bool = False
+    """Evicted, preempted or drained: the Job retries the index without using its budget."""
+    message: str = ""
+
+
+class JobStatus(_Base, tag="agent.job", kw_only=True):
+    """A phase's Job changed state (kubernetes backend): ``running`` (it has active pods),
+    ``complete``, ``failed`` (with the Job's ``reason``: ``BackoffLimitExceeded``,
+    ``DeadlineExceeded``…) or ``stopped`` (deleted by the launcher before it finished: its
+    phase or workflow ended). Each at most once per Job and launcher."""
+
+    phase: str
+    job: str
+    state: str
+    active: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    reason: str = ""
 
 
 class CircuitChanged(_Base, tag="agent.circuit", kw_only=True):
@@ -326,6 +382,8 @@ Event = (
     | WorkflowPlanned
     | AgentLaunched
     | AgentExited
+    | PodFailed
+    | JobStatus
     | CircuitChanged
     | QueueStatus
     | MapComplete

@@ -6,23 +6,49 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from jetreduce.contract.events import JobStatus, PodFailed
 from jetreduce.contract.records import StoredSpec
 
-__all__ = ["AgentBackend", "ExitCallback"]
+__all__ = ["AgentBackend", "ExitCallback", "StatusCallback"]
 
-ExitCallback = Callable[[str, str, int, int, bool, int], Awaitable[None]]
-"""Called when an agent fails: (workflow id, phase, agent index, exit code, will be restarted,
-agents of the phase still running or restarting). Not called for clean exits or stops."""
+
+class ExitCallback(Protocol):
+    """Called when an agent fails: (workflow id, phase, agent index, exit code, will be
+    restarted, agents of the phase still running or restarting, and ``reason``: why the
+    backend gives up, when it does and can say more than the exit code). Not called for clean
+    exits or stops."""
+
+    def __call__(
+        self,
+        wf: str,
+        phase: str,
+        index: int,
+        code: int,
+        restarted: bool,
+        remaining: int,
+        reason: str = "",
+    ) -> Awaitable[None]: ...
+
+
+StatusCallback = Callable[[JobStatus | PodFailed], Awaitable[None]]
+"""Called with what a backend that can see more than exits (Kubernetes Job and pod status)
+reports; the launcher publishes it as is. Backends without such status never call it."""
 
 
 class AgentBackend(Protocol):
     name: str
     on_exit: ExitCallback | None
+    on_status: StatusCallback | None
 
     def plan(self, parallel: int) -> list[int]:
         """How ``parallel`` agent slots are spread over processes/pods (slots per agent)."""
 
     def running(self, wf: str, phase: str) -> bool: ...
+
+    def refusal(self, spec: StoredSpec) -> str | None:
+        """Why this backend cannot run the workflow as submitted (it asks for another
+        backend, or for a namespace this installation may not use), or None. The launcher
+        then fails the workflow with this text instead of running its agents elsewhere."""
 
     async def launch(self, wf: str, phase: str, slots: list[int], spec: StoredSpec) -> int:
         """Start the phase's agents unless already running (idempotent); returns how many

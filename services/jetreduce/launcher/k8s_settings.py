@@ -1,10 +1,11 @@
 """Settings of the ``kubernetes`` launcher backend, one set per installation.
 
 Kept apart from :mod:`jetreduce.launcher.kubernetes` so the CLI can build and validate them
-without importing the ``kubernetes`` client. Per-workflow overrides (image, resources, node
-placement given at submit time) are not supported yet: every workflow of an installation
-gets the same pod settings. When they come, they belong in ``SubmitOptions`` as names and
-sizes only (never secrets), merged over these in the backend.
+without importing the ``kubernetes`` client. A workflow may override two of them at submit
+time, ``SubmitOptions.image`` and ``SubmitOptions.namespace`` (one of :attr:`namespaces`),
+merged over these in the backend; other per-workflow overrides (resources, node placement)
+are not supported yet and would belong in ``SubmitOptions`` the same way, as names and sizes
+only (never secrets).
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class KubernetesSettings:
     with the ``dev`` overlay; production sets ``image`` (a pinned tag or digest) at least."""
 
     namespace: str = "jetreduce"
+    workflow_namespaces: tuple[str, ...] = ()
+    """Namespaces besides ``namespace`` that a workflow may ask for (``--namespace`` on
+    submit). A closed list: the launcher's Role must exist in each, and the poller, ``stop``
+    and the janitor's sweep look in each (one call per namespace), since no cluster-wide
+    access is wanted. A workflow asking for any other namespace fails with the reason."""
     image: str = "jetreduce:latest"
     image_pull_policy: str = "IfNotPresent"
     command: tuple[str, ...] = ("jetreduce", "worker")
@@ -103,6 +109,11 @@ class KubernetesSettings:
     """Bound on every Kubernetes API call."""
     labels: Mapping[str, str] = field(default_factory=dict)
     """Extra labels on every object (cost attribution, team …)."""
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        """Every namespace this installation's workflows may use, its own first."""
+        return tuple(dict.fromkeys((self.namespace, *self.workflow_namespaces)))
 
     def __post_init__(self) -> None:
         if self.slots_per_pod < 1:

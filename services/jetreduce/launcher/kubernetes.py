@@ -50,7 +50,7 @@ import logging
 import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
@@ -58,14 +58,16 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
+from jetreduce.contract.events import JobStatus, PodFailed
 from jetreduce.contract.records import StoredSpec
-from jetreduce.launcher.backend import ExitCallback
+from jetreduce.launcher.backend import ExitCallback, StatusCallback
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.runtime.settings import SECRET_FIELDS, NatsSettings
 
 __all__ = [
     "ATTEMPT_ANNOTATION",
     "COMPLETION_INDEX_ANNOTATION",
+    "IMAGE_ANNOTATION",
     "PHASE_LABEL",
     "WORKFLOW_ANNOTATION",
     "WORKFLOW_LABEL",
@@ -91,6 +93,9 @@ WORKFLOW_ANNOTATION = "jetreduce.io/workflow-id"
 """The exact workflow id (the label holds a slug that fits label and name rules)."""
 ATTEMPT_ANNOTATION = "jetreduce.io/attempt"
 """On Jobs: 0 for a phase's first Job, n for its n-th relaunch."""
+IMAGE_ANNOTATION = "jetreduce.io/image"
+"""On Jobs whose workflow chose its agent image: a relaunch keeps it (otherwise a relaunch
+takes the installation's current image)."""
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 MANAGED_BY = "jetreduce-launcher"
 PART_OF = "jetreduce"
@@ -269,9 +274,11 @@ def build_phase_job(
     owner: Mapping[str, Any] | None = None,
     timeout_s: float | None = None,
     attempt: int = 0,
+    workflow_image: bool = False,
 ) -> dict[str, Any]:
     """An Indexed Job running ``jetreduce worker`` for ``phase`` (setup/map/reduce);
-    ``attempt`` n ≥ 1 builds the phase's n-th relaunch."""
+    ``attempt`` n ≥ 1 builds the phase's n-th relaunch. ``workflow_image``: the image in
+    ``settings`` is the workflow's own choice (recorded, so a relaunch keeps it)."""
     if completions < 1:
         raise ValueError("completions must be >= 1")
     name = job_name(wf, phase, attempt)
@@ -280,6 +287,8 @@ def build_phase_job(
     meta = _metadata(wf, name, phase, settings, owner)
     meta["labels"] = labels
     meta["annotations"][ATTEMPT_ANNOTATION] = str(attempt)
+    if workflow_image:
+        meta["annotations"][IMAGE_ANNOTATION] = settings.image
     spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": completions,
@@ -418,7 +427,14 @@ class _JobSeen:
     wf: str
     phase: str
     attempt: int = 0
+    namespace: str = ""
     failed: int = 0
+    version: str = ""
+    """The Job's resourceVersion and status at the last poll: a change lists its pods."""
+    announced: set[str] = field(default_factory=set)
+    """``JobStatus`` states already published for this Job."""
+    pod_events: set[str] = field(default_factory=set)
+    """Pods already reported through ``PodFailed``."""
     reported_pods: set[str] = field(default_factory=set)
     finished: bool = False
     last_index: int = -1
@@ -447,6 +463,7 @@ class KubernetesBackend:
         api_client: k8s.ApiClient | None = None,
         secret_source: SecretSource | None = None,
         on_exit: ExitCallback | None = None,
+        on_status: StatusCallback | None = None,
     ) -> None:
         self.nats = nats
         self.settings = settings or KubernetesSettings()
@@ -455,6 +472,7 @@ class KubernetesBackend:
         self.core = k8s.CoreV1Api(self.api)
         self.secret_source = secret_source
         self.on_exit = on_exit
+        self.on_status = on_status
         self._seen: dict[str, _JobSeen] = {}
         """Job name → what the poller last saw."""
         self._poller: asyncio.Task[None] | None = None
@@ -472,23 +490,55 @@ class KubernetesBackend:
         """As of the last poll (or this process's own launch)."""
         return any(s.wf == wf and s.phase == phase and not s.finished for s in self._seen.values())
 
+    def refusal(self, spec: StoredSpec) -> str | None:
+        """Only workflows that ask for pods (``backend: kubernetes``), in a namespace of this
+        installation. A ``local`` workflow is refused rather than run as pods: its
+        submitter expects its commands on the submitter's disk (``workdir``), which pods
+        do not have, so it would fail later and less clearly."""
+        opts = spec.options
+        if opts.backend != "kubernetes":
+            return (
+                f"could not start: the workflow asks for the {opts.backend} backend (the "
+                "default when none is named), but this installation runs agents as Kubernetes "
+                "pods (submit with --backend kubernetes)"
+            )
+        if opts.namespace and opts.namespace not in self.settings.namespaces:
+            return (
+                f"could not start: namespace {opts.namespace!r} is not one this installation "
+                f"may use ({', '.join(self.settings.namespaces)})"
+            )
+        return None
+
+    def _workflow_settings(self, spec: StoredSpec) -> KubernetesSettings:
+        """This installation's settings with the workflow's own namespace and image."""
+        opts = spec.options
+        return replace(
+            self.settings,
+            namespace=opts.namespace or self.settings.namespace,
+            image=opts.image or self.settings.image,
+        )
+
     async def launch(self, wf: str, phase: str, slots: list[int], spec: StoredSpec) -> int:
         """Create the root ConfigMap, the Secret and the phase's Job, each create-or-keep
         (409 means a previous attempt got there). Returns the Job's pod count, or 0 if the
         phase already has a Job: any run of it, so that the launcher's reconciler never
         starts a second first run beside a relaunch (say, after the first run's TTL)."""
+        settings = self._workflow_settings(spec)
+        ns = settings.namespace
         existing = await self._call(
             self.batch.list_namespaced_job,
-            self.settings.namespace,
+            ns,
             label_selector=f"{WORKFLOW_LABEL}={workflow_slug(wf)},{PHASE_LABEL}={phase}",
         )
         if existing.get("items"):
             for job in existing["items"]:
                 meta = job.get("metadata", {})
-                self._seen.setdefault(meta.get("name", ""), _JobSeen(wf, phase, _attempt(meta)))
+                self._seen.setdefault(
+                    meta.get("name", ""), _JobSeen(wf, phase, _attempt(meta), namespace=ns)
+                )
             self._ensure_poller()
             return 0
-        root = await self._ensure_root(wf, spec)
+        root = await self._ensure_root(wf, spec, settings)
         owner = owner_reference(root)
         secret_values = self._nats_secret_env()
         if self.secret_source is not None:
@@ -496,7 +546,7 @@ class KubernetesBackend:
         if secret_values:
             await self._create(
                 self.core.create_namespaced_secret,
-                build_secret(wf, secret_values, self.settings, owner),
+                build_secret(wf, secret_values, settings, owner),
             )
         agents = max(1, len(slots))
         job = build_phase_job(
@@ -504,15 +554,16 @@ class KubernetesBackend:
             phase,
             completions=agents,
             slots=max(slots) if slots else 1,
-            settings=self.settings,
+            settings=settings,
             nats_env=self._nats_plain_env(),
             secret_keys=sorted(secret_values),
             owner=owner,
             timeout_s=phase_timeout_s(spec, phase),
+            workflow_image=bool(spec.options.image),
         )
         created = await self._create(self.batch.create_namespaced_job, job)
         name = job["metadata"]["name"]
-        self._seen.setdefault(name, _JobSeen(wf, phase))
+        self._seen.setdefault(name, _JobSeen(wf, phase, namespace=ns))
         self._ensure_poller()
         return agents if created else 0
 
@@ -523,18 +574,23 @@ class KubernetesBackend:
         selector = f"{WORKFLOW_LABEL}={workflow_slug(wf)}"
         if phase is not None:
             selector += f",{PHASE_LABEL}={phase}"
-        await self._call(
-            self.batch.delete_collection_namespaced_job,
-            self.settings.namespace,
-            label_selector=selector,
-            propagation_policy="Background",
-        )
-        if phase is None:
-            for delete in (
-                self.core.delete_collection_namespaced_secret,
-                self.core.delete_collection_namespaced_config_map,
-            ):
-                await self._call(delete, self.settings.namespace, label_selector=selector)
+        # Every namespace a workflow may use: the workflow's own is not known here (a
+        # janitor sweep has no spec), and one call per allowed namespace is cheap.
+        for ns in self.settings.namespaces:
+            if self.on_status is not None:
+                await self._announce_stopped(ns, selector)
+            await self._call(
+                self.batch.delete_collection_namespaced_job,
+                ns,
+                label_selector=selector,
+                propagation_policy="Background",
+            )
+            if phase is None:
+                for delete in (
+                    self.core.delete_collection_namespaced_secret,
+                    self.core.delete_collection_namespaced_config_map,
+                ):
+                    await self._call(delete, ns, label_selector=selector)
         for name, seen in list(self._seen.items()):
             if seen.wf == wf and (phase is None or seen.phase == phase):
                 del self._seen[name]
@@ -555,12 +611,16 @@ class KubernetesBackend:
         """Ids of every workflow that has objects in the namespace (for orphan sweeps)."""
         found: set[str] = set()
         selector = f"app.kubernetes.io/managed-by={MANAGED_BY}"
-        for lister in (
-            self.batch.list_namespaced_job,
-            self.core.list_namespaced_config_map,
-            self.core.list_namespaced_secret,
+        for ns, lister in (
+            (ns, lister)
+            for ns in self.settings.namespaces
+            for lister in (
+                self.batch.list_namespaced_job,
+                self.core.list_namespaced_config_map,
+                self.core.list_namespaced_secret,
+            )
         ):
-            listed = await self._call(lister, self.settings.namespace, label_selector=selector)
+            listed = await self._call(lister, ns, label_selector=selector)
             for item in listed.get("items", []):
                 wf = item.get("metadata", {}).get("annotations", {}).get(WORKFLOW_ANNOTATION)
                 if wf:
@@ -584,22 +644,24 @@ class KubernetesBackend:
     def _secret_env_keys() -> list[str]:
         return [f"JETREDUCE_NATS_{name.upper()}" for name in sorted(SECRET_FIELDS)]
 
-    async def _ensure_root(self, wf: str, spec: StoredSpec) -> dict[str, Any]:
-        body = build_root_configmap(wf, spec, self.settings)
+    async def _ensure_root(
+        self, wf: str, spec: StoredSpec, settings: KubernetesSettings
+    ) -> dict[str, Any]:
+        body = build_root_configmap(wf, spec, settings)
         created: dict[str, Any] | None = await self._create(
             self.core.create_namespaced_config_map, body
         )
         if created is not None:
             return created
         existing: dict[str, Any] = await self._call(
-            self.core.read_namespaced_config_map, body["metadata"]["name"], self.settings.namespace
+            self.core.read_namespaced_config_map, body["metadata"]["name"], settings.namespace
         )
         return existing
 
     async def _create(self, create: Callable[..., Any], body: dict[str, Any]) -> Any:
-        """Create; None if it already exists (409)."""
+        """Create in the body's namespace; None if it already exists (409)."""
         try:
-            return await self._call(create, self.settings.namespace, body)
+            return await self._call(create, body["metadata"]["namespace"], body)
         except KubernetesBackendError as exc:
             if exc.status == 409:
                 return None
@@ -649,28 +711,31 @@ class KubernetesBackend:
                 await asyncio.wait_for(self._stopping.wait(), self.settings.poll_interval_s)
 
     async def poll_once(self) -> None:
-        """One look at every Job of this installation: report newly failed pods through
-        ``on_exit`` (with the container's exit code), mark finished Jobs, and replace (or
-        give up on) a phase whose current Job failed as a whole."""
-        listed = await self._call(
-            self.batch.list_namespaced_job,
-            self.settings.namespace,
-            label_selector=f"app.kubernetes.io/managed-by={MANAGED_BY}",
-        )
-        jobs: list[tuple[str, str, str, int, dict[str, Any]]] = []
+        """One look at every Job of this installation (one LIST per namespace): report newly
+        failed pods through ``on_exit`` (with the container's exit code) and ``on_status``
+        (with the pod's reason), announce Jobs that started running or finished, and
+        replace (or give up on) a phase whose current Job failed as a whole."""
+        jobs: list[tuple[str, str, str, str, int, dict[str, Any]]] = []
         current: dict[tuple[str, str], int] = {}
         """(workflow, phase) → the highest attempt listed: that phase's current Job."""
-        for job in listed.get("items", []):
-            meta = job.get("metadata", {})
-            wf = meta.get("annotations", {}).get(WORKFLOW_ANNOTATION)
-            phase = meta.get("labels", {}).get(PHASE_LABEL)
-            if not wf or not phase:
-                continue
-            attempt = _attempt(meta)
-            jobs.append((meta.get("name", ""), wf, phase, attempt, job))
-            current[(wf, phase)] = max(current.get((wf, phase), 0), attempt)
-        for name, wf, phase, attempt, job in jobs:
-            seen = self._seen.setdefault(name, _JobSeen(wf, phase, attempt))
+        for ns in self.settings.namespaces:
+            listed = await self._call(
+                self.batch.list_namespaced_job,
+                ns,
+                label_selector=f"app.kubernetes.io/managed-by={MANAGED_BY}",
+            )
+            for job in listed.get("items", []):
+                meta = job.get("metadata", {})
+                wf = meta.get("annotations", {}).get(WORKFLOW_ANNOTATION)
+                phase = meta.get("labels", {}).get(PHASE_LABEL)
+                if not wf or not phase:
+                    continue
+                attempt = _attempt(meta)
+                jobs.append((ns, meta.get("name", ""), wf, phase, attempt, job))
+                current[(wf, phase)] = max(current.get((wf, phase), 0), attempt)
+        for ns, name, wf, phase, attempt, job in jobs:
+            seen = self._seen.setdefault(name, _JobSeen(wf, phase, attempt, namespace=ns))
+            seen.namespace = ns
             status = job.get("status") or {}
             conditions = {
                 c.get("type"): c
@@ -685,15 +750,29 @@ class KubernetesBackend:
             relaunch = superseded or (job_failed and self._may_relaunch(seen, reason))
             reported = 0
             failed = int(status.get("failed") or 0)
-            if failed > seen.failed:
-                seen.failed = failed
-                completions = int((job.get("spec") or {}).get("completions") or 1)
-                reported = await self._report_pods(
-                    name, seen, job_failed, relaunch, status, completions
+            # Any change of the Job (a pod ended, was replaced, became ready) is a reason to
+            # look at its pods: a disrupted pod is replaced without counting as ``failed``.
+            version = f"{job.get('metadata', {}).get('resourceVersion', '')}:" + json.dumps(
+                status, sort_keys=True
+            )
+            changed, seen.version = version != seen.version, version
+            if failed > seen.failed or (changed and self.on_status is not None):
+                pods = await self._call(
+                    self.core.list_namespaced_pod,
+                    ns,
+                    label_selector=f"batch.kubernetes.io/job-name={name}",
                 )
+                await self._pod_events(name, seen, pods)
+                if failed > seen.failed:
+                    seen.failed = failed
+                    completions = int((job.get("spec") or {}).get("completions") or 1)
+                    reported = await self._report_pods(
+                        seen, job_failed, relaunch, status, completions, pods, reason
+                    )
+            await self._job_events(name, seen, status, conditions)
             if job_failed and not superseded:
                 await self._after_job_failed(seen, job, reason, relaunch, reported)
-        present = {name for name, *_ in jobs}
+        present = {name for _, name, *_ in jobs}
         for name in set(self._seen) - present:
             del self._seen[name]  # deleted (by us, the janitor, or its TTL)
 
@@ -701,6 +780,19 @@ class KubernetesBackend:
         """Within the phase's budget: a relaunch left, and time left (a Job that hit its
         ``activeDeadlineSeconds`` used the phase's time; another run would only extend it)."""
         return reason != "DeadlineExceeded" and seen.attempt < self.settings.max_relaunches
+
+    @staticmethod
+    def _give_up_reason(seen: _JobSeen, reason: str, code: int) -> str:
+        """The end of ``AgentExited.reason`` when the phase is given up: the aggregator
+        fails the workflow with "<phase> agents <this>"."""
+        job = job_name(seen.wf, seen.phase, seen.attempt)
+        if reason == "DeadlineExceeded":
+            return f"ran out of time: Job {job} failed with DeadlineExceeded"
+        runs = f" after {seen.attempt} relaunch(es)" if seen.attempt else ""
+        return (
+            f"kept crashing (last exit code {code}): Job {job} failed with "
+            f"{reason or 'no reason given'}{runs}"
+        )
 
     async def _after_job_failed(
         self, seen: _JobSeen, job: Mapping[str, Any], reason: str, relaunch: bool, reported: int
@@ -722,7 +814,15 @@ class KubernetesBackend:
                 seen.attempt,
             )
             if not reported:  # the pods' own reports (remaining=0) already said so
-                await self._notify(seen.wf, seen.phase, seen.last_index, seen.last_code, False, 0)
+                await self._notify(
+                    seen.wf,
+                    seen.phase,
+                    seen.last_index,
+                    seen.last_code,
+                    False,
+                    0,
+                    self._give_up_reason(seen, reason, seen.last_code),
+                )
             return
         loop = asyncio.get_running_loop()
         if seen.relaunch_at is None:
@@ -743,8 +843,9 @@ class KubernetesBackend:
 
     async def _relaunch(self, seen: _JobSeen, failed: Mapping[str, Any]) -> None:
         """Create the phase's next Job from what the failed one says about the workflow
-        (completions, slots, secret keys, owner, deadline), with this installation's current
-        pod settings; the launcher's spec is not needed, so any launcher replica can do it."""
+        (namespace, completions, slots, secret keys, owner, deadline, and the image if the
+        workflow chose it), with this installation's current pod settings otherwise; the
+        launcher's spec is not needed, so any launcher replica can do it."""
         meta = failed.get("metadata") or {}
         spec = failed.get("spec") or {}
         containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
@@ -757,35 +858,46 @@ class KubernetesBackend:
         owners = meta.get("ownerReferences") or []
         deadline = spec.get("activeDeadlineSeconds")
         timeout_s = max(1, int(deadline) - self.settings.deadline_margin_s) if deadline else None
+        image = (meta.get("annotations") or {}).get(IMAGE_ANNOTATION)
+        settings = replace(
+            self.settings,
+            namespace=meta.get("namespace") or seen.namespace or self.settings.namespace,
+            image=image or self.settings.image,
+        )
         body = build_phase_job(
             seen.wf,
             seen.phase,
             completions=int(spec.get("completions") or 1),
             slots=int(slots or 1),
-            settings=self.settings,
+            settings=settings,
             nats_env=self._nats_plain_env(),
             secret_keys=secret_keys,
             owner=owners[0] if owners else None,
             timeout_s=timeout_s,
             attempt=seen.attempt + 1,
+            workflow_image=bool(image),
         )
         # 409: another launcher replica (or this one before a restart) got there first.
         await self._create(self.batch.create_namespaced_job, body)
         name = body["metadata"]["name"]
-        self._seen.setdefault(name, _JobSeen(seen.wf, seen.phase, seen.attempt + 1))
+        self._seen.setdefault(
+            name, _JobSeen(seen.wf, seen.phase, seen.attempt + 1, namespace=settings.namespace)
+        )
         log.warning("workflow %s: relaunched the %s phase as Job %s", seen.wf, seen.phase, name)
 
     async def _report_pods(
         self,
-        job: str,
         seen: _JobSeen,
         job_failed: bool,
         relaunch: bool,
         status: Mapping[str, Any],
         completions: int,
+        pods: Mapping[str, Any],
+        job_reason: str,
     ) -> int:
         """One ``on_exit`` per newly failed pod; returns how many. A pod is restarted if its
-        Job retries its index, or if the whole Job fails and is relaunched."""
+        Job retries its index, or if the whole Job fails and is relaunched; if it is not (the
+        phase is given up), the exit says why, from the Job's ``job_reason``."""
         failed_indexes = _parse_indexes(str(status.get("failedIndexes") or ""))
         if job_failed:
             remaining = completions if relaunch else 0
@@ -796,11 +908,6 @@ class KubernetesBackend:
             # failed a poll before it shows the condition.
             done = int(status.get("succeeded") or 0) + len(failed_indexes)
             remaining = max(1, completions - done)
-        pods = await self._call(
-            self.core.list_namespaced_pod,
-            self.settings.namespace,
-            label_selector=f"batch.kubernetes.io/job-name={job}",
-        )
         reported = 0
         for pod in pods.get("items", []):
             meta = pod.get("metadata", {})
@@ -808,7 +915,7 @@ class KubernetesBackend:
             if pod_status.get("phase") != "Failed" or meta.get("name") in seen.reported_pods:
                 continue
             seen.reported_pods.add(meta.get("name", ""))
-            index = int(meta.get("annotations", {}).get(COMPLETION_INDEX_ANNOTATION, "-1"))
+            index = _pod_index(meta)
             code = _exit_code(pod_status)
             restart = relaunch if job_failed else index not in failed_indexes
             seen.last_index, seen.last_code = index, code
@@ -821,19 +928,177 @@ class KubernetesBackend:
                 code,
                 "; it runs again" if restart else "",
             )
-            await self._notify(seen.wf, seen.phase, index, code, restart, remaining)
+            final = job_failed and not restart
+            await self._notify(
+                seen.wf,
+                seen.phase,
+                index,
+                code,
+                restart,
+                remaining,
+                self._give_up_reason(seen, job_reason, code) if final else "",
+            )
             reported += 1
         return reported
 
+    async def _pod_events(self, job: str, seen: _JobSeen, pods: Mapping[str, Any]) -> None:
+        """One ``PodFailed`` per pod that failed or was disrupted (evicted, preempted,
+        drained: such a pod may even have succeeded, having handed its items back)."""
+        if self.on_status is None:
+            return
+        for pod in pods.get("items", []):
+            meta = pod.get("metadata", {})
+            name = meta.get("name", "")
+            pod_status = pod.get("status") or {}
+            disruption = _condition(pod_status, "DisruptionTarget")
+            if name in seen.pod_events or (
+                pod_status.get("phase") != "Failed" and disruption is None
+            ):
+                continue
+            seen.pod_events.add(name)
+            reason, message = _pod_reason(pod_status, disruption)
+            code = _exit_code(pod_status)
+            await self._status(
+                PodFailed(
+                    workflow_id=seen.wf,
+                    phase=seen.phase,
+                    job=job,
+                    pod=name,
+                    index=_pod_index(meta),
+                    reason=reason,
+                    exit_code=None if code == -1 else code,
+                    disruption=disruption is not None,
+                    message=message[:256],
+                )
+            )
+
+    async def _job_events(
+        self,
+        job: str,
+        seen: _JobSeen,
+        status: Mapping[str, Any],
+        conditions: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        """``JobStatus`` once per state: ``running`` when it first has active pods, then
+        ``complete`` or ``failed`` from its condition."""
+        if "Complete" in conditions:
+            state = "complete"
+        elif "Failed" in conditions:
+            state = "failed"
+        elif int(status.get("active") or 0) > 0 and not seen.announced:
+            state = "running"
+        else:
+            return
+        if state in seen.announced:
+            return
+        seen.announced.add(state)
+        reason = str(conditions.get("Failed", {}).get("reason") or "")
+        await self._status(_job_status(seen.wf, seen.phase, job, state, status, reason))
+
+    async def _announce_stopped(self, ns: str, selector: str) -> None:
+        """Before ``stop`` deletes Jobs: the last word on each this launcher has not yet
+        seen finish: ``complete``/``failed`` if it had, else ``stopped`` (deleted while its
+        pods ran, because its phase or its workflow ended)."""
+        listed = await self._call(self.batch.list_namespaced_job, ns, label_selector=selector)
+        for job in listed.get("items", []):
+            meta = job.get("metadata", {})
+            wf = meta.get("annotations", {}).get(WORKFLOW_ANNOTATION)
+            phase = meta.get("labels", {}).get(PHASE_LABEL)
+            name = meta.get("name", "")
+            if not wf or not phase:
+                continue
+            seen = self._seen.get(name) or _JobSeen(wf, phase, _attempt(meta), namespace=ns)
+            if seen.announced & {"complete", "failed", "stopped"}:
+                continue
+            status = job.get("status") or {}
+            conditions = {
+                c.get("type"): c
+                for c in status.get("conditions") or []
+                if c.get("status") == "True"
+            }
+            if conditions.keys() & {"Complete", "Failed"}:
+                await self._job_events(name, seen, status, conditions)
+                continue
+            seen.announced.add("stopped")
+            await self._status(_job_status(wf, phase, name, "stopped", status, ""))
+
+    async def _status(self, event: JobStatus | PodFailed) -> None:
+        if self.on_status is None:
+            return
+        try:
+            await self.on_status(event)
+        except Exception:
+            log.exception("on_status callback failed")
+
     async def _notify(
-        self, wf: str, phase: str, index: int, code: int, restart: bool, remaining: int
+        self,
+        wf: str,
+        phase: str,
+        index: int,
+        code: int,
+        restart: bool,
+        remaining: int,
+        reason: str = "",
     ) -> None:
         if self.on_exit is None:
             return
         try:
-            await self.on_exit(wf, phase, index, code, restart, remaining)
+            await self.on_exit(wf, phase, index, code, restart, remaining, reason)
         except Exception:
             log.exception("on_exit callback failed")
+
+
+def _job_status(
+    wf: str, phase: str, job: str, state: str, status: Mapping[str, Any], reason: str
+) -> JobStatus:
+    return JobStatus(
+        workflow_id=wf,
+        phase=phase,
+        job=job,
+        state=state,
+        active=int(status.get("active") or 0),
+        succeeded=int(status.get("succeeded") or 0),
+        failed=int(status.get("failed") or 0),
+        reason=reason,
+    )
+
+
+def _pod_index(meta: Mapping[str, Any]) -> int:
+    try:
+        return int((meta.get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION, "-1"))
+    except ValueError:
+        return -1
+
+
+def _condition(pod_status: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
+    for c in pod_status.get("conditions") or []:
+        if c.get("type") == kind and c.get("status") == "True":
+            return dict(c)
+    return None
+
+
+def _pod_reason(
+    pod_status: Mapping[str, Any], disruption: Mapping[str, Any] | None
+) -> tuple[str, str]:
+    """The most specific reason Kubernetes gives, and its message: the pod's own
+    (``Evicted``, ``DeadlineExceeded``, ``NodeLost``), then the disruption's
+    (``EvictionByEvictionAPI``, ``PreemptionByScheduler``…), then the agent container's
+    (``OOMKilled``, ``Error``, ``ContainerCannotRun``)."""
+    terminated: Mapping[str, Any] = {}
+    for cs in pod_status.get("containerStatuses") or []:
+        if cs.get("name") == AGENT_CONTAINER:
+            terminated = (cs.get("state") or {}).get("terminated") or {}
+    if pod_status.get("reason"):
+        return str(pod_status["reason"]), str(pod_status.get("message") or "")
+    if disruption is not None:
+        return str(disruption.get("reason") or "DisruptionTarget"), str(
+            disruption.get("message") or ""
+        )
+    if terminated.get("reason"):
+        return str(terminated["reason"]), str(terminated.get("message") or "")
+    if terminated.get("exitCode"):
+        return "Error", ""
+    return "Unknown", ""
 
 
 def _attempt(meta: Mapping[str, Any]) -> int:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jetreduce.contract.records import StoredSpec
-from jetreduce.launcher.backend import ExitCallback
+from jetreduce.launcher.backend import ExitCallback, StatusCallback
 from jetreduce.runtime.orphans import die_with_parent
 from jetreduce.runtime.settings import NatsSettings
 
@@ -90,6 +90,8 @@ class LocalBackend:
         self.max_processes = max_processes or max(2, os.cpu_count() or 2)
         self.max_restarts = max_restarts
         self.on_exit = on_exit
+        self.on_status: StatusCallback | None = None
+        """Unused: a child process has no status beyond its exit (``on_exit``)."""
         self.command = command
         self._agents: dict[tuple[str, str], list[_Running]] = {}
 
@@ -98,6 +100,20 @@ class LocalBackend:
         procs = max(1, min(parallel, self.max_processes))
         base, extra = divmod(parallel, procs)
         return [base + (1 if i < extra else 0) for i in range(procs)]
+
+    def refusal(self, spec: StoredSpec) -> str | None:
+        """A workflow that asks for pods (``backend: kubernetes``, a namespace or an image)
+        is not run here as processes: its submitter chose isolation or an image this host
+        does not give, and running it anyway would hide that."""
+        opts = spec.options
+        if opts.backend != "local" or opts.namespace or opts.image:
+            asked = opts.backend if opts.backend != "local" else "kubernetes (namespace/image)"
+            return (
+                f"could not start: the workflow asks for the {asked} backend, but this "
+                "installation's launcher runs agents as local processes (start the services "
+                "with --backend kubernetes, or submit without --backend kubernetes)"
+            )
+        return None
 
     def running(self, wf: str, phase: str) -> bool:
         return any(r.task and not r.task.done() for r in self._agents.get((wf, phase), []))

@@ -13,8 +13,10 @@ from nats.js.errors import NotFoundError
 from jetreduce.contract.events import (
     AgentExited,
     AgentLaunched,
+    JobStatus,
     MapComplete,
-    decode,
+    PodFailed,
+    decode_as,
     encode,
 )
 from jetreduce.contract.records import Phase, StoredSpec
@@ -56,6 +58,7 @@ class Launcher:
         self.aging_s = aging_s
         self._admitting = asyncio.Lock()
         backend.on_exit = self._on_agent_exit
+        backend.on_status = self._on_status
 
     async def run(self, stop: asyncio.Event) -> None:
         filters = [
@@ -173,11 +176,10 @@ class Launcher:
         elif kind in ("workflow.planned", "workflow.reopened"):
             await self.admit_maps(wf)
         elif kind == "map.complete":
+            complete = decode_as(msg.data, MapComplete)
             await self.backend.stop(wf, "map")
             if self.max_slots is not None:
                 await self.admit_maps()
-            complete = decode(msg.data)
-            assert isinstance(complete, MapComplete)
             reduce = spec.workflow.reduce
             if reduce is None or not reduce.steps or complete.total == 0:
                 return
@@ -185,6 +187,13 @@ class Launcher:
             await self._launch(wf, "reduce", [1], spec)
 
     async def _launch(self, wf: str, phase: str, slots: list[int], spec: StoredSpec) -> None:
+        refusal = self.backend.refusal(spec)
+        if refusal is not None:
+            # Not run elsewhere instead: the final agent.exited fails the workflow with why
+            # (repeated by the reconciler until the aggregator has done so; it acts once).
+            log.warning("workflow %s: %s agents %s", wf, phase, refusal)
+            await self._on_agent_exit(wf, phase, -1, -1, False, 0, refusal)
+            return
         started = await self.backend.launch(wf, phase, slots, spec)
         if started:
             log.info("workflow %s: launched %d %s agent(s)", wf, started, phase)
@@ -203,7 +212,14 @@ class Launcher:
             )
 
     async def _on_agent_exit(
-        self, wf: str, phase: str, index: int, code: int, restarted: bool, remaining: int
+        self,
+        wf: str,
+        phase: str,
+        index: int,
+        code: int,
+        restarted: bool,
+        remaining: int,
+        reason: str = "",
     ) -> None:
         await publish_retrying(
             self.ctx.js,
@@ -216,6 +232,13 @@ class Launcher:
                     exit_code=code,
                     restarted=restarted,
                     remaining=remaining,
+                    reason=reason,
                 )
             ),
         )
+
+    async def _on_status(self, event: JobStatus | PodFailed) -> None:
+        """Publish a backend's Job/pod status as ``agent.job.<wf>`` / ``agent.pod_failed.<wf>``
+        (the event's tag names its subject)."""
+        kind = "job" if isinstance(event, JobStatus) else "pod_failed"
+        await publish_retrying(self.ctx.js, self.s.agent(kind, event.workflow_id), encode(event))
