@@ -31,7 +31,9 @@ def test_no_variable_means_no_sdk_and_no_exporter() -> None:
 
 def test_exporter_choice() -> None:
     assert TelemetryConfig.from_env("svc", {}).active is False
-    only_endpoint = TelemetryConfig.from_env("svc", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
+    only_endpoint = TelemetryConfig.from_env(
+        "svc", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}
+    )
     assert (only_endpoint.traces, only_endpoint.metrics) == (("otlp",), ("otlp",))
     chosen = TelemetryConfig.from_env(
         "svc",

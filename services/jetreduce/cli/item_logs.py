@@ -76,9 +76,7 @@ async def item_logs(nc: Any, s: Subjects, wf: str, index: int) -> tuple[str, boo
     for failed in await _failed_attempts(js, s, wf, index):
         found = True
         retry = f", retried after {failed.retry_in_s:.1f}s" if failed.retry_in_s else ""
-        lines.append(
-            f"=== attempt {failed.attempt}: failed (exit code {failed.exit_code}{retry})"
-        )
+        lines.append(f"=== attempt {failed.attempt}: failed (exit code {failed.exit_code}{retry})")
         lines.append(failed.error)
         if failed.stderr_tail:
             lines.append("--- stderr (tail)")
