@@ -50,12 +50,14 @@ from jetreduce.cli.submit import (
     new_workflow_id,
     submit,
 )
+from jetreduce.cli.upload import delete_upload, input_file, upload_input
 from jetreduce.cli.watch import Watcher, describe
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.subjects import InvalidToken, Subjects, check_token
 from jetreduce.contract.topology import declare
 from jetreduce.contract.workflow import WorkflowInvalid
+from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.runtime import telemetry
 from jetreduce.runtime.connection import ConnectFailed, connect
 from jetreduce.runtime.settings import NatsSettings
@@ -214,6 +216,29 @@ QueueOption = Annotated[
         "No password in the URL: give it through JETREDUCE_REDIS_PASSWORD or the AWS chain.",
     ),
 ]
+Backend = Annotated[
+    str,
+    typer.Option(
+        "--backend", envvar="JETREDUCE_BACKEND", help="Where agents run: local or kubernetes."
+    ),
+]
+Namespace = Annotated[
+    str | None,
+    typer.Option("--namespace", envvar="JETREDUCE_K8S_NAMESPACE", help="Namespace of agent Jobs."),
+]
+Image = Annotated[
+    str | None,
+    typer.Option("--image", envvar="JETREDUCE_K8S_IMAGE", help="Agent image (kubernetes)."),
+]
+
+
+def _check_backend(backend: str, namespace: str | None, image: str | None) -> None:
+    """``--namespace``/``--image`` say where and how pods run: without ``--backend
+    kubernetes`` they would be silently ignored, so they are refused."""
+    if backend not in ("local", "kubernetes"):
+        raise _fail(f"unknown --backend {backend!r}: local or kubernetes", exit_codes.USAGE)
+    if backend != "kubernetes" and (namespace or image):
+        raise _fail("--namespace and --image need --backend kubernetes", exit_codes.USAGE)
 
 
 def _check_queue(url: str | None) -> None:
@@ -348,9 +373,15 @@ def run(
         bool,
         typer.Option("--dry-run", help="Print the plan (phases, items, parallelism); run no step."),
     ] = False,
+    backend: Backend = "local",
+    namespace: Namespace = None,
+    image: Image = None,
 ) -> None:
     """Run a workflow here: embedded nats-server, the services in this process, agents as
-    child processes. Prints the reduce output and a summary; Ctrl-C cancels cleanly."""
+    child processes (or, with --backend kubernetes, as Jobs in --namespace with --image; the
+    map input file is uploaded, since pods do not see this disk). Prints the reduce output
+    and a summary; Ctrl-C cancels cleanly."""
+    _check_backend(backend, namespace, image)
     if resume and workflow_id is None:
         raise _fail("--resume needs --id ID (the workflow to continue)", exit_codes.USAGE)
     text, result, used = _load(workflow)
@@ -360,8 +391,13 @@ def run(
         raise typer.Exit(_dry_run(result.workflow, workflow, where, max_parallel, args or []))
     _check_queue(queue)
     wf = _workflow_id(result, workflow_id)
+    where = (workdir or Path.cwd()).resolve()
+    pods = backend == "kubernetes"
+    # Pods share nothing with this disk: their working directory is their own, and the
+    # input file travels through the object store.
+    upload = input_file(result.workflow, where, args or []) if pods else None
     options = SubmitOptions(
-        workdir=str((workdir or Path.cwd()).resolve()),
+        workdir=None if pods else str(where),
         max_parallel=max_parallel,
         priority=priority,
         vars=used,
@@ -371,8 +407,36 @@ def run(
         profile=profile,
         worktrees=worktrees,
         queue=queue,
+        backend=backend,
+        namespace=namespace,
+        image=image,
+        input_upload=upload is not None,
     )
-    code = asyncio.run(_run(text, str(workflow), wf, options, nats, data_dir, quiet, resume=resume))
+    k8s = None
+    if pods:
+        k8s = KubernetesSettings()
+        k8s = replace(k8s, namespace=namespace or k8s.namespace, image=image or k8s.image)
+        if nats is None:
+            typer.echo(
+                "note: agent pods reach the embedded nats-server on this host's loopback "
+                "address; on a real cluster use --nats with an address pods can reach",
+                err=True,
+            )
+    code = asyncio.run(
+        _run(
+            text,
+            str(workflow),
+            wf,
+            options,
+            nats,
+            data_dir,
+            quiet,
+            resume=resume,
+            backend=backend,
+            k8s=k8s,
+            upload=upload,
+        )
+    )
     raise typer.Exit(code)
 
 
@@ -403,6 +467,9 @@ async def _run(
     quiet: bool,
     *,
     resume: bool = False,
+    backend: str = "local",
+    k8s: KubernetesSettings | None = None,
+    upload: Path | None = None,
 ) -> int:
     from jetreduce.embedded import EmbeddedServer
 
@@ -429,7 +496,7 @@ async def _run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        host = ServiceHost(settings, log_dir=data_dir.resolve() / "logs")
+        host = ServiceHost(settings, log_dir=data_dir.resolve() / "logs", backend=backend, k8s=k8s)
         async with host.running():
             nc = await _connect(settings)
             try:
@@ -444,8 +511,12 @@ async def _run(
                     return exit_codes.FAILED
                 else:
                     try:
+                        if upload is not None:
+                            await upload_input(nc.jetstream(), subjects, wf, upload)
                         await submit(nc, subjects, text, options, workflow_id=wf, source=source)
                     except SubmitRejected as exc:
+                        if upload is not None:
+                            await delete_upload(nc.jetstream(), subjects, wf)
                         typer.echo(format_problems(exc), err=True)
                         return exit_codes.USAGE
                     typer.echo(f"workflow {wf} submitted", err=True)
@@ -503,14 +574,35 @@ def submit_cmd(
     profile: ProfileOption = None,
     worktrees: WorktreesOption = False,
     queue: QueueOption = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            envvar="JETREDUCE_BACKEND",
+            help="The backend the workflow needs: local or kubernetes. The installation's "
+            "launcher fails a workflow that asks for a backend it does not run.",
+        ),
+    ] = "local",
+    namespace: Namespace = None,
+    image: Image = None,
 ) -> None:
-    """Submit a workflow to running services; prints its id (stdout)."""
+    """Submit a workflow to running services; prints its id (stdout). The map input file,
+    if it is one here, is uploaded too: agents elsewhere (pods) read it from there."""
+    _check_backend(backend, namespace, image)
     text, result, used = _load(workflow)
     _check_profile(result.workflow, profile)
     _check_queue(queue)
     wf = _workflow_id(result, workflow_id)
+    where = (workdir or Path.cwd()).resolve()
+    pods = backend == "kubernetes"
+    upload = input_file(result.workflow, where, args or [])
     options = SubmitOptions(
-        workdir=str((workdir or Path.cwd()).resolve()),
+        # A pod's working directory is its own: this one means nothing there.
+        workdir=None if pods else str(where),
+        backend=backend,
+        namespace=namespace,
+        image=image,
+        input_upload=upload is not None,
         max_parallel=max_parallel,
         priority=priority,
         vars=used,
@@ -526,8 +618,12 @@ def submit_cmd(
         if wait:
             await watcher.start()
         try:
+            if upload is not None:
+                await upload_input(nc.jetstream(), subjects, wf, upload)
             await submit(nc, subjects, text, options, workflow_id=wf, source=str(workflow))
         except SubmitRejected as exc:
+            if upload is not None:
+                await delete_upload(nc.jetstream(), subjects, wf)
             typer.echo(format_problems(exc), err=True)
             return exit_codes.USAGE
         except TimeoutError as exc:
@@ -653,20 +749,6 @@ def validate(workflow: Annotated[Path, typer.Argument(help="Workflow YAML file."
 
 
 # -- services, agents, server -------------------------------------------------------------------
-Backend = Annotated[
-    str,
-    typer.Option(
-        "--backend", envvar="JETREDUCE_BACKEND", help="Where agents run: local or kubernetes."
-    ),
-]
-Namespace = Annotated[
-    str | None,
-    typer.Option("--namespace", envvar="JETREDUCE_K8S_NAMESPACE", help="Namespace of agent Jobs."),
-]
-Image = Annotated[
-    str | None,
-    typer.Option("--image", envvar="JETREDUCE_K8S_IMAGE", help="Agent image (kubernetes)."),
-]
 StreamReplicas = Annotated[
     int,
     typer.Option(

@@ -171,7 +171,13 @@ class Janitor:
         return open_queue(self.ctx, wf, spec.options.queue if spec else None)
 
     async def clean(self, wf: str) -> None:
+        from jetreduce.contract.events import input_upload_object
+
         await (await self._queue(wf)).purge()
         with contextlib.suppress(Exception):
             store = await self.ctx.js.object_store(self.s.objects_bucket)
-            await store.delete(f"input/{wf}")
+            # The resolved input, and the submitter's upload of it if any (its name comes
+            # from the id, so it goes without reading the possibly removed record).
+            for name in (f"input/{wf}", input_upload_object(wf)):
+                with contextlib.suppress(Exception):  # absent: nothing to delete
+                    await store.delete(name)

@@ -349,8 +349,12 @@ class Agent:
     async def _resolve_input(
         self, before: set[str], variables: dict[str, Any]
     ) -> tuple[Path, bool, str | None]:
-        """The map input as a file: a setup-created ``*work-items.json``, the input path, or
-        the input command's whole stdout (spooled to disk, never truncated)."""
+        """The map input as a file: a setup-created ``*work-items.json``, the input path, the
+        copy of it the submitter uploaded (a pod does not see the submitter's disk; a file
+        that setup wrote, or that is here, wins), or the input command's whole stdout
+        (spooled to disk, never truncated)."""
+        from jetreduce.contract.events import input_upload_object
+
         new_items = sorted(
             f for f in set(os.listdir(self.workdir)) - before if f.endswith("work-items.json")
         )
@@ -360,6 +364,17 @@ class Agent:
         as_path = Path(self.workdir, render_text(source, Variables(variables)))
         if as_path.is_file():
             return as_path, False, None
+        if self.spec.options.input_upload:
+            uploaded = self.scratch / "map-input.uploaded"
+            name = input_upload_object(self.wf)
+            try:
+                store = await self.ctx.js.object_store(self.s.objects_bucket)
+                with open(uploaded, "wb") as sink:
+                    await store.get(name, writeinto=sink)
+            except Exception as exc:
+                why = f"map.input: the uploaded copy ({name}) is unreadable: {exc}"
+                return uploaded, False, why
+            return uploaded, False, None
         cmd = render_shell(source, Variables(variables), spill_dir=self.scratch)
         spooled = self.scratch / "map-input"
         out = await run_process(
