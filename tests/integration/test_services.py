@@ -93,6 +93,25 @@ async def test_planner_rejects_with_every_problem_and_keeps_running(
         assert isinstance(ev.decode(rejected.data), ev.WorkflowRejected)
 
 
+async def test_a_deeply_nested_workflow_object_is_rejected_not_crashed_on(
+    nats_url: str, prefix: str
+) -> None:
+    """The object form of ``workflow`` is hostile input too: 600 levels of nesting get a
+    rejection (it used to die of RecursionError in yaml.safe_dump: no reply at all)."""
+    deep = '{"k": ' * 600 + '"x"' + "}" * 600  # within msgspec's limit, past yaml's
+    payload = (
+        '{"type": "workflow.submit", "workflow_id": "deep-1", '
+        f'"workflow": {{"name": "d", "x": {deep}}}}}'
+    ).encode()
+    async with context(nats_url, prefix) as ctx, running(Planner(ctx)):
+        inbox = ctx.nc.new_inbox()
+        sub = await ctx.nc.subscribe(inbox, max_msgs=1)
+        await ctx.js.publish(ctx.subjects.submit, payload, headers={REPLY_HEADER: inbox})
+        reply = msgspec.json.decode((await sub.next_msg(timeout=10)).data, type=ev.SubmitReply)
+    assert not reply.accepted
+    assert any("nesting" in p.message for p in reply.problems), reply.problems
+
+
 async def test_resubmit_and_replanning_enqueue_each_item_once(nats_url: str, prefix: str) -> None:
     async with context(nats_url, prefix) as ctx, running(Planner(ctx)):
         for _ in range(2):  # the same id twice: one record, one accepted event

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import yaml
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
@@ -35,7 +34,7 @@ from jetreduce.contract.events import (
 )
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import PRIORITY_LANES, InvalidToken, check_token
-from jetreduce.contract.workflow import WorkflowInvalid, parse_workflow
+from jetreduce.contract.workflow import WorkflowInvalid, parse_workflow, workflow_text
 from jetreduce.planner.pipeline import InputItems, ItemPipeline, PipelineError
 from jetreduce.queues.factory import open_queue, validate_queue_url
 from jetreduce.runtime.publish import publish_once
@@ -208,10 +207,8 @@ class Planner:
         self, submit: WorkflowSubmit
     ) -> tuple[list[Problem], list[Problem], StoredSpec | None]:
         """All problems at once: the workflow file's, then the options'."""
-        text = submit.workflow
-        if not isinstance(text, str):
-            text = yaml.safe_dump(text, sort_keys=False)
         try:
+            text = workflow_text(submit.workflow, source=submit.source)
             result = parse_workflow(text, env=submit.options.vars, source=submit.source)
         except WorkflowInvalid as exc:
             return [_problem(p) for p in exc.problems], [], None
