@@ -16,7 +16,7 @@ RUN groupadd --system --gid 10001 jetreduce \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY services ./services
-RUN pip install . && rm -rf /src
+RUN pip install '.[otlp]' && rm -rf /src
 
 # Agents run workflow steps here (an emptyDir in the Job's pods; readOnlyRootFilesystem).
 WORKDIR /work
