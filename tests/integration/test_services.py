@@ -231,3 +231,31 @@ async def test_aggregator_completes_once_despite_duplicate_results(
             )
             await wait_for(_consumer_acked_all(ctx, "aggregator"), 10)
         assert await count_stored(ctx, ctx.subjects.events_stream, complete) == 1
+
+
+async def test_an_event_on_another_workflows_subject_is_refused(nats_url: str, prefix: str) -> None:
+    """``setup.failed.<A>`` carrying workflow B's id must not fail B: the aggregator
+    terminates it as malformed (the subject's id and the payload's must agree)."""
+    async with context(nats_url, prefix) as ctx:
+        state = StateStore(ctx.js, ctx.subjects)
+        now = time.time()
+        for wf in ("victim", "other"):
+            await state.create(
+                WorkflowRecord(
+                    workflow_id=wf, name=wf, phase=Phase.SETUP, created_ts=now, updated_ts=now
+                )
+            )
+        async with running(Aggregator(ctx)):
+            forged = ev.SetupFailed(workflow_id="victim", error="forged")
+            await ctx.js.publish(ctx.subjects.setup("failed", "other"), ev.encode(forged))
+            real = ev.SetupFailed(workflow_id="other", error="real")
+            await ctx.js.publish(ctx.subjects.setup("failed", "other"), ev.encode(real))
+
+            async def other_failed() -> bool:
+                record = await state.get("other")
+                return record is not None and record.phase == Phase.FAILED
+
+            # One consumer, in stream order: once the real one is handled, so was the forgery.
+            await wait_for(other_failed, timeout_s=10)
+        victim = await state.get("victim")
+    assert victim is not None and victim.phase == Phase.SETUP

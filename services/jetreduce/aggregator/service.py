@@ -15,6 +15,7 @@ from nats.js.errors import NotFoundError
 
 from jetreduce.contract.events import (
     AgentExited,
+    BadEvent,
     Event,
     MapComplete,
     MapFailed,
@@ -232,6 +233,10 @@ class Aggregator:
     async def on_event(self, msg: Msg) -> None:
         """Traced (joining the event's ``traceparent``) and logged with the workflow id."""
         event = decode(msg.data)
+        if msg.subject.rsplit(".", 1)[-1] != event.workflow_id:
+            # Every subject consumed here ends with its workflow's id: an event about another
+            # workflow on it is forged or misrouted, and must not fail or finish that one.
+            raise BadEvent(f"{msg.subject} carries an event of workflow {event.workflow_id!r}")
         attributes = messaging(msg.subject, "process")
         parent = msg.headers or {}
         with (
