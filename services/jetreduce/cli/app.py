@@ -17,7 +17,7 @@ import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import msgspec
 import typer
@@ -866,25 +866,13 @@ def service(
     metrics_port: MetricsPort = None,
 ) -> None:
     """Run one service (what a Kubernetes Deployment runs)."""
-    _check_queue(queue)
     if name not in SERVICE_NAMES:
         raise _fail(
             f"unknown service {name!r}: choose from {', '.join(SERVICE_NAMES)}", exit_codes.USAGE
         )
-    raise typer.Exit(
-        _serve(
-            (name,),
-            nats,
-            log_dir,
-            backend,
-            namespace,
-            image,
-            stream_replicas,
-            max_slots=max_slots,
-            default_queue=queue,
-            metrics_port=metrics_port,
-        )
-    )
+    options = locals()
+    del options["name"]
+    _serve_command((name,), **options)
 
 
 @services_app.command("up")
@@ -900,10 +888,27 @@ def services_up(
     metrics_port: MetricsPort = None,
 ) -> None:
     """Run planner, launcher, aggregator and janitor in one process."""
+    _serve_command(SERVICE_NAMES, **locals())
+
+
+def _serve_command(
+    names: tuple[str, ...],
+    *,
+    nats: str | None,
+    log_dir: Path | None,
+    backend: str,
+    namespace: str | None,
+    image: str | None,
+    stream_replicas: int,
+    max_slots: int | None,
+    queue: str | None,
+    metrics_port: int | None,
+) -> NoReturn:
+    """What ``service`` and ``services up`` share once their options are parsed."""
     _check_queue(queue)
     raise typer.Exit(
         _serve(
-            SERVICE_NAMES,
+            names,
             nats,
             log_dir,
             backend,
