@@ -59,8 +59,16 @@ def _count(emu: EmulatorThread, ns: str) -> dict[str, int]:
 
 
 async def test_map_launch_creates_indexed_job_configmap_and_secret(
-    emulator: EmulatorThread, api_client: k8s.ApiClient, namespace: str
+    emulator: EmulatorThread,
+    api_client: k8s.ApiClient,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The launcher's observability settings reach the pods (not its name, not credentials).
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer t0ken")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "jetreduce-launcher")
+    monkeypatch.setenv("JETREDUCE_LOG_FORMAT", "json")
     backend = _backend(api_client, namespace)
     try:
         started = await backend.launch("wf-a", "map", backend.plan(5), _spec())
@@ -109,6 +117,9 @@ async def test_map_launch_creates_indexed_job_configmap_and_secret(
         "key": "JETREDUCE_NATS_PASSWORD",
     }
     assert "fieldRef" in env["JOB_COMPLETION_INDEX"]["valueFrom"]
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == "http://collector:4318"
+    assert env["JETREDUCE_LOG_FORMAT"]["value"] == "json"
+    assert "OTEL_EXPORTER_OTLP_HEADERS" not in env and "OTEL_SERVICE_NAME" not in env
 
 
 async def test_stop_deletes_one_workflow_by_label_and_leaves_others(

@@ -48,6 +48,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -320,6 +321,22 @@ def build_phase_job(
     if timeout_s is not None and timeout_s > 0:
         spec["activeDeadlineSeconds"] = math.ceil(timeout_s) + settings.deadline_margin_s
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
+
+
+AGENT_PASSTHROUGH = ("OTEL_", "JETREDUCE_LOG_FORMAT")
+"""Settings in the launcher's environment that agent pods get as well (local agents inherit
+the launcher's environment anyway), so agents export traces and log as the services do."""
+
+
+def passthrough_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The observability settings to hand to pods: not ``OTEL_SERVICE_NAME`` (agents name
+    themselves), and not ``*_HEADERS`` (collector credentials belong in a Secret, never in a
+    Job's plain env)."""
+    return {
+        k: v
+        for k, v in environ.items()
+        if k.startswith(AGENT_PASSTHROUGH) and k != "OTEL_SERVICE_NAME" and "HEADERS" not in k
+    }
 
 
 def _pod_spec(
@@ -629,7 +646,7 @@ class KubernetesBackend:
 
     # -- internals ------------------------------------------------------------------------
     def _nats_plain_env(self) -> dict[str, str]:
-        env = self.nats.to_env()
+        env = {**passthrough_env(os.environ), **self.nats.to_env()}
         if self.settings.nats_url:
             env["JETREDUCE_NATS_URL"] = self.settings.nats_url
         for key in self._secret_env_keys():
