@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Annotated, Any
 
@@ -153,7 +154,15 @@ def build(settings_of: Any) -> typer.Typer:
         """Forget a workflow's dead-lettered items (their results stay recorded as dead)."""
 
         async def go(nc: Any, s: Subjects) -> int:
-            await nc.jetstream().purge_stream(s.dlq_stream, subject=s.dlq_of(workflow_id))
+            js = nc.jetstream()
+            await js.purge_stream(s.dlq_stream, subject=s.dlq_of(workflow_id))
+            # Items too large for a message stay stored while dead-lettered: not any more.
+            with contextlib.suppress(NotFoundError):
+                store = await js.object_store(s.objects_bucket)
+                prefix = ev.object_prefix(ev.item_object, workflow_id)
+                for info in await store.list(ignore_deletes=True):
+                    if info.name.startswith(prefix):
+                        await store.delete(info.name)
             typer.echo(f"dead-letter queue of {workflow_id} purged")
             return exit_codes.OK
 

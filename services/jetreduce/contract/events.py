@@ -16,6 +16,7 @@ field.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -23,6 +24,7 @@ import msgspec
 from jetreduce.contract.subjects import MAX_INDEX, is_token
 
 __all__ = [
+    "INLINE_ITEM_LIMIT",
     "SCHEMA_VERSION",
     "AgentExited",
     "AgentLaunched",
@@ -62,7 +64,10 @@ __all__ = [
     "decode_as",
     "encode",
     "input_upload_object",
+    "item_object",
     "now",
+    "object_prefix",
+    "output_object",
 ]
 
 SCHEMA_VERSION = 1
@@ -317,21 +322,50 @@ class WorkflowTimedOut(_Base, tag="workflow.timed_out", kw_only=True):
 
 
 # -- items -----------------------------------------------------------------------------------
+INLINE_ITEM_LIMIT = 256 * 1024
+"""Largest item (bytes of JSON) carried inside its work message. A bigger one is stored in
+the object store and the message names it, so no item is too large to queue (the NATS
+default ``max_payload`` is 1 MiB)."""
+
+
+def item_object(workflow_id: str, index: int) -> str:
+    """Object-store name of an item too large for its message (``WorkItem.item_stored``)."""
+    return f"items/{workflow_id}/{index}"
+
+
+def output_object(workflow_id: str, index: int) -> str:
+    """Object-store name of an item's whole output when it exceeds ``MAX_TEXT``."""
+    return f"outputs/{workflow_id}/{index}"
+
+
+def object_prefix(name_of: Callable[[str, int], str], workflow_id: str) -> str:
+    """What every name ``name_of`` gives for ``workflow_id`` starts with (to list them)."""
+    return name_of(workflow_id, 0).removesuffix("0")
+
+
 class WorkItem(_Base, tag="work.item", kw_only=True):
     """One unit of map work. ``index`` is its position after the pipeline (input order)."""
 
     index: int
     item: Any
+    item_stored: bool = False
+    """The item is larger than ``INLINE_ITEM_LIMIT``: ``item`` is null and its JSON is in
+    the object store as ``item_object(workflow_id, index)`` (a flag, not a name, so no
+    message can point an agent at another workflow's objects)."""
 
 
 class ItemDone(_Base, tag="item.done", kw_only=True):
     index: int
     item_id: str
     output: str
+    """The steps' output; its last ``MAX_TEXT`` bytes when larger (see ``output_stored``)."""
     exit_code: int
     duration_s: float
     attempts: int
     agent: str = ""
+    output_stored: bool = False
+    """The output exceeded ``MAX_TEXT``: the whole of it is in the object store as
+    ``output_object(workflow_id, index)``, and reduce reads it from there."""
 
 
 class ItemDead(_Base, tag="item.dead", kw_only=True):

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import time
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
@@ -21,6 +22,9 @@ from jetreduce.contract.events import (
     decode,
     decode_as,
     encode,
+    item_object,
+    object_prefix,
+    output_object,
 )
 from jetreduce.contract.records import Phase
 from jetreduce.janitor.k8s_sweep import ORPHAN_SWEEP_S, OrphanSweeper, WorkflowObjects
@@ -170,6 +174,27 @@ class Janitor:
         spec = await self.state.get_spec(wf)
         return open_queue(self.ctx, wf, spec.options.queue if spec else None)
 
+    async def _delete_item_objects(self, store: Any, wf: str) -> None:
+        """Items too large for their message and outputs too large for their event. An item
+        still in the dead-letter queue keeps its object: a DLQ retry runs it again (``dlq
+        purge`` deletes it)."""
+        items, outputs = object_prefix(item_object, wf), object_prefix(output_object, wf)
+        try:
+            infos = await store.list(ignore_deletes=True)
+        except NotFoundError:
+            return  # an empty bucket
+        for info in infos:
+            name = info.name
+            if name.startswith(items):
+                index = int(name.removeprefix(items))
+                with contextlib.suppress(NotFoundError):
+                    await self.ctx.js.get_last_msg(self.s.dlq_stream, self.s.dlq(wf, index))
+                    continue  # dead-lettered: kept
+            elif not name.startswith(outputs):
+                continue
+            with contextlib.suppress(Exception):
+                await store.delete(name)
+
     async def clean(self, wf: str) -> None:
         from jetreduce.contract.events import input_upload_object
 
@@ -181,3 +206,4 @@ class Janitor:
             for name in (f"input/{wf}", input_upload_object(wf)):
                 with contextlib.suppress(Exception):  # absent: nothing to delete
                     await store.delete(name)
+            await self._delete_item_objects(store, wf)

@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from jetreduce.contract.events import (
+    INLINE_ITEM_LIMIT,
     BadEvent,
     ItemDead,
     Problem,
@@ -31,6 +32,7 @@ from jetreduce.contract.events import (
     WorkItem,
     decode_as,
     encode,
+    item_object,
 )
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import PRIORITY_LANES, InvalidToken, check_token
@@ -118,7 +120,8 @@ class Planner:
             except NotFoundError:
                 continue  # not dead-lettered (or already retried)
             dead = decode_as(raw.data or b"", ItemDead)
-            items.append(WorkItem(workflow_id=wf, index=index, item=dead.item))
+            stored = dead.item is None and await self._item_is_stored(wf, index)
+            items.append(WorkItem(workflow_id=wf, index=index, item=dead.item, item_stored=stored))
         if not items:
             return
         if record.phase.terminal or record.phase == Phase.REDUCING:
@@ -301,7 +304,8 @@ class Planner:
         trace every item attempt under it."""
         beat = asyncio.create_task(_keep_in_progress(msg))
         try:
-            total = await asyncio.to_thread(items.count)
+            total, big = await asyncio.to_thread(items.scan, INLINE_ITEM_LIMIT)
+            await self._store_big_items(wf, items, big)
         except PipelineError as exc:
             await self._fail(wf, f"map input: {exc}")
             return
@@ -330,10 +334,29 @@ class Planner:
         }
         try:
             with span("enqueue", kind="producer", attributes=attributes):
-                result = await queue.enqueue(_work_items(wf, items), lane=lane)
+                result = await queue.enqueue(_work_items(wf, items, big), lane=lane)
         finally:
             beat.cancel()
         log.info("workflow %s planned: %d items (%d already queued)", wf, total, result.duplicates)
+
+    async def _item_is_stored(self, wf: str, index: int) -> bool:
+        store = await self.ctx.js.object_store(self.s.objects_bucket)
+        try:
+            await store.get_info(item_object(wf, index))
+        except NotFoundError:
+            return False
+        return True
+
+    async def _store_big_items(self, wf: str, items: InputItems, big: set[int]) -> None:
+        """Put the items too large for a message into the object store (idempotent: the same
+        name gets the same bytes on a replan)."""
+        if not big:
+            return
+        store = await self.ctx.js.object_store(self.s.objects_bucket)
+        for index, item in enumerate(items):
+            if index in big:
+                await store.put(item_object(wf, index), msgspec.json.encode(item))
+        log.info("workflow %s: %d item(s) larger than a message stored as objects", wf, len(big))
 
     async def _expand(
         self, wf: str, spec: StoredSpec, event: SetupCompleted, spool: Path
@@ -372,9 +395,12 @@ class Planner:
         )
 
 
-def _work_items(wf: str, items: Iterable[Any]) -> Iterator[WorkItem]:
+def _work_items(wf: str, items: Iterable[Any], big: set[int]) -> Iterator[WorkItem]:
     for index, item in enumerate(items):
-        yield WorkItem(workflow_id=wf, index=index, item=item)
+        if index in big:
+            yield WorkItem(workflow_id=wf, index=index, item=None, item_stored=True)
+        else:
+            yield WorkItem(workflow_id=wf, index=index, item=item)
 
 
 async def _keep_in_progress(msg: Msg) -> None:

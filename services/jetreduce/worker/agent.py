@@ -42,6 +42,8 @@ from jetreduce.contract.events import (
     SetupFailed,
     decode_as,
     encode,
+    item_object,
+    output_object,
 )
 from jetreduce.contract.records import Phase, StoredSpec
 from jetreduce.contract.subjects import Subjects
@@ -557,13 +559,21 @@ class Agent:
         work = lease.item
         index = work.index
         item_id = f"item_{index}"
+        item = work.item
+        if work.item_stored:
+            try:
+                item = await self._stored_item(index)
+            except Exception as exc:  # the store unreachable (or the object gone): later
+                log.warning("item data of %s unreadable (%s); retrying", item_id, exc)
+                await self.queue.retry(lease, self._backoff(lease.attempt))
+                return "retry"
         variables = dict(self.vars_base)
         variables.update(
-            item=work.item,
+            item=item,
             item_id=item_id,
             item_index=index,
             item_total=self.total,
-            item_json=json.dumps(work.item, separators=(",", ":")),
+            item_json=json.dumps(item, separators=(",", ":")),
             **{"map.total": self.total, "worker.id": self.name},
         )
         m = self.spec.workflow.map
@@ -584,6 +594,7 @@ class Agent:
                 duration_s=duration,
                 attempts=lease.attempt,
                 agent=self.name,
+                output_stored=await self._store_big_output(index, output),
             )
             await self.acks.publish_once(
                 self.s.item_done(self.wf, index),
@@ -639,7 +650,8 @@ class Agent:
             guard=self.s.item_terminal(self.wf, index),
         )
         if stored and self.on_failure != "skip":
-            dead.item = work.item
+            # A stored item stays in the store (the DLQ retry finds it there), not in the entry.
+            dead.item = None if work.item_stored else work.item
             await publish_once(self.ctx.js, self.s.dlq(self.wf, index), encode(dead))
         if stored and result.fail_workflow:
             failed_map = MapFailed(workflow_id=self.wf, index=index, item_id=item_id, error=error)
@@ -717,6 +729,25 @@ class Agent:
                     )
                 ),
             )
+
+    async def _stored_item(self, index: int) -> Any:
+        store = await self.ctx.js.object_store(self.s.objects_bucket)
+        obj = await store.get(item_object(self.wf, index))
+        return msgspec.json.decode(obj.data or b"null")
+
+    async def _store_big_output(self, index: int, output: str) -> bool:
+        """Keep an output too large for its event whole in the object store (the event
+        carries its tail); True if stored. A failure to store keeps just the tail."""
+        data = output.encode()
+        if len(data) <= EVENT_TEXT_LIMIT:
+            return False
+        try:
+            store = await self.ctx.js.object_store(self.s.objects_bucket)
+            await store.put(output_object(self.wf, index), data)
+        except Exception as exc:
+            log.warning("output of item %d kept as its tail only: %s", index, exc)
+            return False
+        return True
 
     async def _store_log(
         self, index: int, attempt: int, outcomes: list[StepOutcome], failed: StepOutcome

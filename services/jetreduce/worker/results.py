@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 from nats.js import JetStreamContext
 
-from jetreduce.contract.events import ItemDead, ItemDone, decode
+from jetreduce.contract.events import ItemDead, ItemDone, decode, output_object
 from jetreduce.contract.subjects import Subjects
 
 __all__ = ["ResultsSpool", "agent_result"]
@@ -76,6 +76,7 @@ class ResultsSpool:
         got = asyncio.Event()
         seen = 0
         batch: list[tuple[int, int, bytes]] = []
+        whole: list[ItemDone] = []  # outputs too large for their event: read from the store
 
         async def on_msg(msg: Any) -> None:
             nonlocal seen
@@ -85,6 +86,8 @@ class ResultsSpool:
                 return
             if not isinstance(event, ItemDone | ItemDead):
                 return
+            if isinstance(event, ItemDone) and event.output_stored:
+                whole.append(event)
             batch.append(
                 (event.index, int(isinstance(event, ItemDone)), _enc.encode(agent_result(event)))
             )
@@ -106,9 +109,24 @@ class ResultsSpool:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._flush(batch)
+        if whole:
+            await self._whole_outputs(js, subjects, whole)
         row = self.db.execute("SELECT COUNT(*), COALESCE(SUM(ok), 0) FROM r").fetchone()
         self.done = int(row[1])
         self.dead = int(row[0]) - self.done
+
+    async def _whole_outputs(
+        self, js: JetStreamContext, subjects: Subjects, events: list[ItemDone]
+    ) -> None:
+        store = await js.object_store(subjects.objects_bucket)
+        for event in events:
+            obj = await store.get(output_object(event.workflow_id, event.index))
+            event.output = (obj.data or b"").decode("utf-8", errors="replace")
+            self.db.execute(
+                "INSERT OR REPLACE INTO r VALUES (?, 1, ?)",
+                (event.index, _enc.encode(agent_result(event))),
+            )
+        self.db.commit()
 
     def _flush(self, batch: list[tuple[int, int, bytes]]) -> None:
         if batch:

@@ -23,6 +23,7 @@ from jetreduce.planner.pipeline.pipeline import ItemPipeline
 __all__ = ["InputItems", "is_line_stream"]
 
 _BOM = "\ufeff"
+_json = msgspec.json.Encoder()
 
 
 def _lines(path: Path) -> Iterator[str]:
@@ -80,3 +81,13 @@ class InputItems:
         if self._items is not None:
             return len(self._items)
         return sum(1 for _ in self)
+
+    def scan(self, inline_limit: int) -> tuple[int, set[int]]:
+        """How many items there are, and the indexes of those whose JSON is larger than
+        ``inline_limit`` bytes (they travel through the object store, not in a message)."""
+        big: set[int] = set()
+        count = 0
+        for count, item in enumerate(self, start=1):
+            if len(_json.encode(item)) > inline_limit:
+                big.add(count - 1)
+        return count, big
