@@ -4,8 +4,6 @@ waits. Nothing here fakes our infrastructure."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import secrets
 import sys
 from collections.abc import Iterator
@@ -20,6 +18,7 @@ sys.path.insert(0, str(REPO / "services"))
 
 from backends import aws_env, redis_server, sqs_server  # noqa: E402, F401 - fixtures
 from jetreduce.embedded import EmbeddedServer  # noqa: E402
+from support import env_without_jetreduce, wait_for  # noqa: E402, F401 - re-exported
 
 
 @pytest.fixture(scope="session")
@@ -56,24 +55,6 @@ def workdir(tmp_path: Path) -> Path:
     path = tmp_path / "work"
     path.mkdir()
     return path
-
-
-def env_without_jetreduce() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("JETREDUCE_")}
-
-
-async def wait_for(predicate, timeout_s: float = 10.0, every_s: float = 0.05):  # type: ignore[no-untyped-def]
-    """Poll an async or sync predicate until truthy; fail the test after ``timeout_s``."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s}s")
-        await asyncio.sleep(every_s)
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 
-from conftest import env_without_jetreduce
 from helpers import read_stream
 from jetreduce.cli.submit import submit
 from jetreduce.contract import events as ev
@@ -35,6 +34,7 @@ from jetreduce.contract.subjects import Subjects
 from jetreduce.embedded import EmbeddedServer
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.settings import NatsSettings
+from support import env_without_jetreduce
 
 pytestmark = pytest.mark.anyio
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import env_without_jetreduce
+from support import env_without_jetreduce
 
 JETREDUCE = [sys.executable, "-m", "jetreduce"]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import env_without_jetreduce
 from helpers import Harness, services, stored_events
 from jetreduce.cli.watch import Watcher
 from jetreduce.contract import events as ev
+from support import env_without_jetreduce
 
 pytestmark = pytest.mark.anyio
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from conftest import env_without_jetreduce, wait_for
 from helpers import Harness, services, stored_events
 from helpers import read_stream as read_js_stream
 from jetreduce.cli.submit import submit
@@ -28,6 +27,7 @@ from jetreduce.cli.watch import Watcher
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import SubmitOptions
 from jetreduce.embedded import EmbeddedServer
+from support import env_without_jetreduce, wait_for
 
 pytestmark = pytest.mark.anyio
 

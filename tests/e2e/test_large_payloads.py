@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from nats.js.errors import NotFoundError
 
-from conftest import wait_for
 from helpers import Harness, services
 from jetreduce.contract import events as ev
+from support import wait_for
 
 pytestmark = pytest.mark.anyio
 

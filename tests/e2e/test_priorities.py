@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from conftest import wait_for
 from helpers import Harness, read_stream, services
 from jetreduce.contract import events as ev
+from support import wait_for
 
 pytestmark = pytest.mark.anyio
 

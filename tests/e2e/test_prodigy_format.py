@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from conftest import env_without_jetreduce
 from helpers import Harness, read_stream, services
 from jetreduce.contract import events as ev
+from support import env_without_jetreduce
 
 pytestmark = pytest.mark.anyio
 

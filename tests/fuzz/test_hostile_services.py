@@ -17,7 +17,6 @@ from typing import Any
 import msgspec
 import pytest
 
-from conftest import wait_for
 from helpers import services
 from jetreduce.cli.submit import SubmitRejected, submit
 from jetreduce.contract import events as ev
@@ -27,6 +26,7 @@ from jetreduce.planner.service import REPLY_HEADER
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
 from jetreduce.runtime.settings import NatsSettings
+from support import wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
 

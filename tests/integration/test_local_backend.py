@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
 from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.records import StoredSpec
 from jetreduce.contract.workflow.parse import parse_workflow
 from jetreduce.launcher.local import LocalBackend
 from jetreduce.runtime.settings import NatsSettings
+from support import wait_for
 
 pytestmark = pytest.mark.anyio
 

@@ -19,13 +19,13 @@ from typing import Any
 import nats
 import pytest
 
-from conftest import wait_for
 from jetreduce.contract.events import WorkItem
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
 from jetreduce.queues.base import ItemQueue, Lease, QueueDepth, QueueError
 from jetreduce.queues.factory import open_queue, validate_queue_url
 from jetreduce.runtime.service import ServiceContext
+from support import wait_for
 
 pytestmark = pytest.mark.anyio
 

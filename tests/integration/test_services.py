@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 import msgspec
 import pytest
 
-from conftest import wait_for
 from jetreduce.aggregator.service import Aggregator
 from jetreduce.cli.submit import SubmitRejected, submit
 from jetreduce.contract import events as ev
@@ -23,6 +22,7 @@ from jetreduce.runtime.connection import connect
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
+from support import wait_for
 
 pytestmark = pytest.mark.anyio
 

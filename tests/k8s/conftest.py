@@ -8,10 +8,8 @@ kmock registers a pytest plugin that imports ``pytest_asyncio``; the ``test`` ex
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from kmock_plus import EmulatorProcess, EmulatorThread
@@ -59,19 +57,3 @@ def process_api_client(emulator_process: EmulatorProcess) -> Iterator[k8s.ApiCli
 @pytest.fixture
 def namespace() -> str:
     return f"jr-{secrets.token_hex(3)}"
-
-
-async def wait_for(predicate: Any, timeout_s: float = 10.0, every_s: float = 0.05) -> Any:
-    """Poll a sync or async predicate until truthy; fail after ``timeout_s``. (The same as
-    ``tests/conftest.py``'s, which this directory's ``conftest`` module name shadows.)"""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s}s")
-        await asyncio.sleep(every_s)

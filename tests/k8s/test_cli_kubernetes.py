@@ -24,7 +24,6 @@ from kubelet import ProcessKubelet
 from kubernetes import client as k8s
 from nats.js.errors import NotFoundError
 
-from conftest import wait_for
 from jetreduce.cli.submit import submit
 from jetreduce.cli.upload import upload_input
 from jetreduce.cli.watch import Watcher
@@ -37,6 +36,7 @@ from jetreduce.launcher.local import LocalBackend
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
+from support import wait_for
 
 pytestmark = pytest.mark.anyio
 

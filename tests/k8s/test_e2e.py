@@ -30,7 +30,6 @@ from kmock_plus import EmulatorProcess
 from kubelet import ProcessKubelet
 from kubernetes import client as k8s
 
-from conftest import wait_for
 from jetreduce.cli.submit import submit
 from jetreduce.cli.watch import Watcher
 from jetreduce.contract import events as ev
@@ -38,6 +37,7 @@ from jetreduce.contract.events import SubmitOptions
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.kubernetes import KubernetesBackend, job_name
 from jetreduce.runtime.settings import NatsSettings
+from support import wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

@@ -14,7 +14,6 @@ import pytest
 from kmock_plus import EmulatorThread
 from kubernetes import client as k8s
 
-from conftest import wait_for
 from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import Subjects
@@ -28,6 +27,7 @@ from jetreduce.runtime.connection import connect
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
+from support import wait_for
 
 pytestmark = pytest.mark.anyio
 

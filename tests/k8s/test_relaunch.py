@@ -18,7 +18,6 @@ from kmock_plus import EmulatorProcess, EmulatorThread
 from kubelet import ProcessKubelet
 from kubernetes import client as k8s
 
-from conftest import wait_for
 from jetreduce.cli.submit import submit
 from jetreduce.cli.watch import Watcher
 from jetreduce.contract import events as ev
@@ -32,6 +31,7 @@ from jetreduce.launcher.kubernetes import (
     job_name,
 )
 from jetreduce.runtime.settings import NatsSettings
+from support import wait_for
 
 pytestmark = pytest.mark.anyio
 

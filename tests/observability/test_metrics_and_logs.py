@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import env_without_jetreduce, wait_for
 from helpers import services
 from jetreduce.contract import events as ev
 from jetreduce.runtime import telemetry
+from support import env_without_jetreduce, wait_for
 
 pytestmark = pytest.mark.anyio
 

@@ -1,0 +1,29 @@
+"""Plain helpers for tests. Not in a ``conftest.py``: ``tests/k8s/conftest.py`` shares that
+module name, so ``from support import …`` would depend on which directory was collected
+last."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+__all__ = ["env_without_jetreduce", "wait_for"]
+
+
+def env_without_jetreduce() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("JETREDUCE_")}
+
+
+async def wait_for(predicate: Any, timeout_s: float = 10.0, every_s: float = 0.05) -> Any:
+    """Poll an async or sync predicate until truthy; fail the test after ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(every_s)
