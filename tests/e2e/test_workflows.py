@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -117,8 +118,17 @@ reduce:
 
 
 async def test_hostile_item_data_is_never_executed(
-    nats_url: str, prefix: str, tmp_path: Path, workdir: Path
+    nats_url: str, prefix: str, tmp_path: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """In every step kind: shell (quoted through the environment), claude (one argv entry,
+    never a shell line) and write_file (written as text)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "claude").write_text(
+        "#!/usr/bin/env python3\nimport sys\nprint('prompt: ' + sys.argv[-1])\n"
+    )
+    (bin_dir / "claude").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     hostile = [
         "$(touch PWNED1)",
         "`touch PWNED2`",
@@ -138,6 +148,11 @@ map:
     - shell: "printf '%s' ${item.v}"
     - shell: "echo 'single: ${item.v}'"
     - shell: 'echo "double: ${item.v}"'
+    - claude: "/check ${item.v}"
+    - write_file:
+        path: "out-${item_index}.txt"
+        content: "${item.v}"
+    - shell: "cat out-${item_index}.txt"
 reduce:
   - shell: "echo ${map.successful}"
 """
@@ -148,7 +163,9 @@ reduce:
         results = await _terminal_results(h, done.workflow_id)
     assert not list(workdir.glob("PWNED*"))
     for index, value in enumerate(hostile):
-        assert results[index].output == f"{value}\nsingle: {value}\ndouble: {value}"
+        assert results[index].output == (
+            f"{value}\nsingle: {value}\ndouble: {value}\nprompt: /check {value}\n{value}"
+        )
 
 
 async def _terminal_results(h: object, wf: str) -> dict[int, ev.ItemDone]:
