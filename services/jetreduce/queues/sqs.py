@@ -11,8 +11,13 @@ Mapping of the contract (research/jetstream.md §8):
   whole seconds, at least 1); ``ChangeMessageVisibility`` to the same value is the heartbeat
   and to ``delay_s`` the delayed retry (SQS counts the next receive as a delivery);
 * ``Lease.attempt`` is ``ApproximateReceiveCount``;
-* ack and dead delete the message; enqueue uses ``SendMessageBatch`` (10 per call, several
-  calls in parallel threads). boto3 is blocking: every call runs in a worker thread.
+* ack and dead delete the message, through ``DeleteMessageBatch``: deletes of concurrent
+  callers are coalesced (up to 10 per call, see ``queues/batching.py``), each caller still
+  waits for its own message's outcome and gets a QueueError if that entry failed; the dedup
+  record is dropped only after its message is gone. enqueue uses ``SendMessageBatch`` (10 per
+  call, several calls in parallel threads). boto3 is blocking: every call runs in a worker
+  thread, at most ``MAX_CALLS`` at once per queue object, as many as its client's connection
+  pool holds (so connections are reused, never discarded).
 
 **Idempotent enqueue.** Standard queues do not deduplicate, and a FIFO queue's deduplication
 id only lasts 5 minutes (and FIFO queues lack per-message delays and cap throughput), so the
@@ -55,6 +60,7 @@ from nats.js.kv import KeyValue
 
 from jetreduce.contract.events import WorkItem, encode
 from jetreduce.queues.base import EnqueueResult, Lease, QueueDepth, QueueError
+from jetreduce.queues.batching import Batcher
 from jetreduce.runtime.service import ServiceContext
 
 __all__ = ["SqsQueue", "SqsTarget", "parse_sqs_url"]
@@ -71,6 +77,14 @@ SEND_BATCH = 10
 """SQS's limit of entries per SendMessageBatch / messages per ReceiveMessage."""
 SEND_PARALLEL = 8
 """SendMessageBatch calls in flight at once (each in its own thread)."""
+MAX_CALLS = 24
+"""boto3 calls in flight at once per queue object, and the size of its connection pool: room
+for enqueue's ``SEND_PARALLEL`` sends, a long poll, ``DELETE_PARALLEL`` deletes and beats."""
+DELETE_PARALLEL = 4
+"""DeleteMessageBatch calls in flight at once."""
+DELETE_LINGER_S = 0.02
+"""Longest wait of a partial delete batch while another delete call is in flight (with none in
+flight a delete goes out at once)."""
 RECORD_PARALLEL = 256
 """Dedup-record writes in flight at once."""
 MAX_WAIT_S = 20
@@ -126,6 +140,12 @@ def _client_error_code(exc: BaseException) -> str:
     return ""
 
 
+def _entry_error(message: str, cause: BaseException) -> QueueError:
+    error = QueueError(message)
+    error.__cause__ = cause
+    return error
+
+
 _MISSING_QUEUE = {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"}
 
 
@@ -144,21 +164,32 @@ class SqsQueue:
         self._url: str | None = None
         self._visibility_s: int | None = None
         self._kv: KeyValue | None = None
+        self._limiter = anyio.CapacityLimiter(MAX_CALLS)
+        self._deleter: Batcher[tuple[str, str]] = Batcher(
+            self._delete_batch,
+            max_batch=SEND_BATCH,
+            linger_s=DELETE_LINGER_S,
+            max_in_flight=DELETE_PARALLEL,
+        )
 
     # -- plumbing ---------------------------------------------------------------------------
     async def _call(self, what: str, fn: Callable[..., T], /, **kwargs: Any) -> T:
         """Run one blocking boto3 call in a worker thread; its errors become QueueError."""
         try:
-            return await anyio.to_thread.run_sync(partial(fn, **kwargs))
+            return await self._thread(partial(fn, **kwargs))
         except (BotoCoreError, ClientError) as exc:
             raise QueueError(f"sqs {what} failed: {exc}") from exc
+
+    async def _thread(self, fn: Callable[[], T]) -> T:
+        """One blocking call in a worker thread, within the client's connection budget."""
+        return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
 
     async def _sqs(self) -> Any:
         async with self._client_lock:
             if self._client is None:
                 config = Config(
                     retries={"max_attempts": 5, "mode": "standard"},
-                    max_pool_connections=max(SEND_PARALLEL, 16),
+                    max_pool_connections=MAX_CALLS,
                     connect_timeout=5,
                     read_timeout=MAX_WAIT_S + 10,
                 )
@@ -184,9 +215,7 @@ class SqsQueue:
         if self._url is None:
             sqs = await self._sqs()
             try:
-                reply = await anyio.to_thread.run_sync(
-                    partial(sqs.get_queue_url, QueueName=self.name)
-                )
+                reply = await self._thread(partial(sqs.get_queue_url, QueueName=self.name))
             except ClientError as exc:
                 if _client_error_code(exc) in _MISSING_QUEUE:
                     return None
@@ -262,7 +291,7 @@ class SqsQueue:
         }
         sqs = await self._sqs()
         try:
-            reply = await anyio.to_thread.run_sync(
+            reply = await self._thread(
                 partial(sqs.create_queue, QueueName=self.name, Attributes=attributes)
             )
             self._url = str(reply["QueueUrl"])
@@ -391,12 +420,7 @@ class SqsQueue:
             item = _item_dec.decode(str(msg["Body"]).encode())
         except (msgspec.DecodeError, msgspec.ValidationError):
             log.warning("dropping undecodable message in %s", self.name)
-            await self._call(
-                "delete_message",
-                sqs.delete_message,
-                QueueUrl=url,
-                ReceiptHandle=msg["ReceiptHandle"],
-            )
+            await self._deleter.submit((str(msg["ReceiptHandle"]), "drop"))
             return None
         attempt = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
         return Lease(item=item, attempt=attempt, token=msg["ReceiptHandle"])
@@ -428,10 +452,42 @@ class SqsQueue:
         await self._delete(lease, "dead")
 
     async def _delete(self, lease: Lease, what: str) -> None:
-        url = await self._queue_url()
-        sqs = await self._sqs()
-        await self._call(what, sqs.delete_message, QueueUrl=url, ReceiptHandle=lease.token)
+        """Delete the message (batched with concurrent deletes), then its dedup record."""
+        await self._deleter.submit((str(lease.token), what))
         await self._forget(lease.item.index)
+
+    async def _delete_batch(self, entries: list[tuple[str, str]]) -> list[BaseException | None]:
+        """One DeleteMessageBatch for up to 10 (receipt handle, what) entries: the outcome of
+        each (None: deleted). A handle given twice is sent once and shares its outcome."""
+        ids: dict[str, str] = {}
+        for handle, _ in entries:
+            ids.setdefault(handle, str(len(ids)))
+        try:
+            url = await self._queue_url()
+            sqs = await self._sqs()
+            reply = await self._call(
+                "delete_message_batch",
+                sqs.delete_message_batch,
+                QueueUrl=url,
+                Entries=[{"Id": i, "ReceiptHandle": h} for h, i in ids.items()],
+            )
+        except QueueError as exc:
+            return [_entry_error(f"sqs {what}: {exc}", exc) for _, what in entries]
+        done = {str(ok["Id"]) for ok in reply.get("Successful", [])}
+        failed = {str(bad["Id"]): bad for bad in reply.get("Failed", [])}
+        outcomes: list[BaseException | None] = []
+        for handle, what in entries:
+            entry_id = ids[handle]
+            if entry_id in done:
+                outcomes.append(None)
+            elif entry_id in failed:
+                bad = failed[entry_id]
+                outcomes.append(
+                    QueueError(f"sqs {what} failed: {bad.get('Code')} {bad.get('Message', '')}")
+                )
+            else:
+                outcomes.append(QueueError(f"sqs {what} failed: no outcome for the message"))
+        return outcomes
 
     async def depth(self) -> QueueDepth:
         """SQS's approximate counts: visible + delayed are pending; invisible ones (leased or
@@ -462,7 +518,7 @@ class SqsQueue:
         if url is not None:
             sqs = await self._sqs()
             try:
-                await anyio.to_thread.run_sync(partial(sqs.delete_queue, QueueUrl=url))
+                await self._thread(partial(sqs.delete_queue, QueueUrl=url))
             except ClientError as exc:
                 if _client_error_code(exc) not in _MISSING_QUEUE:
                     raise QueueError(f"sqs delete_queue failed: {exc}") from exc
@@ -482,6 +538,8 @@ class SqsQueue:
                 raise QueueError(f"sqs dedup records not purged: {exc}") from exc
 
     async def close(self) -> None:
+        """Finish the deletes under way, then close the client."""
+        await self._deleter.drain()
         client, self._client = self._client, None
         if client is not None:
             await anyio.to_thread.run_sync(client.close)
