@@ -142,3 +142,38 @@ async def test_json_agent_logs_and_the_logs_command(
     assert code == 0 and "=== done: attempt 1, exit code 0" in out and "out 1" in out
     code, out, err = await cli("logs", wf, "item_99")
     assert code == 1 and "nothing recorded for item_99" in err
+
+
+async def test_lease_age_comes_from_the_agents_heartbeats(
+    nats_url: str, prefix: str, tmp_path: Path, workdir: Path
+) -> None:
+    """An item held for seconds shows as the lane's oldest lease (agents report at each
+    heartbeat, every third of the lease); once the workflow ends the lane is back to 0."""
+    text = """
+name: slow
+map:
+  input: "echo '[1, 2]'"
+  max_parallel: 1
+  agent_template:
+    - shell: sleep 3
+"""
+    async with services(nats_url, prefix, tmp_path, metrics_port=0) as h:
+        port = h.host.metrics_port
+        assert port
+        run = asyncio.create_task(h.run(text, workdir, lease_s=1.5))
+
+        async def held_long() -> float | None:
+            _, body = await scrape(port)
+            age = sample(body, "jetreduce_queue_lease_age_max_seconds", '{lane="p1"}')
+            return age if age is not None and age >= 1.0 else None
+
+        age = await wait_for(held_long, timeout_s=60)
+        done = await asyncio.wait_for(run, 120)
+        assert isinstance(done, ev.WorkflowCompleted), h.agent_logs()
+
+        async def released() -> bool:
+            _, body = await scrape(port)
+            return sample(body, "jetreduce_queue_lease_age_max_seconds", '{lane="p1"}') == 0
+
+        await wait_for(released, timeout_s=15)
+    assert 1.0 <= age < 10.0

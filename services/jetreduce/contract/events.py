@@ -35,6 +35,7 @@ __all__ = [
     "ItemDone",
     "ItemFailed",
     "JobStatus",
+    "LeaseAges",
     "MapComplete",
     "MapFailed",
     "PodFailed",
@@ -262,6 +263,17 @@ class QueueStatus(_Base, tag="agent.queue", kw_only=True):
     error: str = ""
 
 
+class LeaseAges(_Base, tag="agent.leases", kw_only=True):
+    """An agent's leases, reported at each heartbeat on ``telemetry.leases.<wf>`` (core NATS,
+    not stored): the metrics' lease age per lane comes from these, since no queue backend
+    says when a message it delivered was leased."""
+
+    agent: str
+    in_flight: int
+    oldest_s: float
+    """Age of the agent's oldest lease (0 with none)."""
+
+
 class MapFailed(_Base, tag="map.failed", kw_only=True):
     """An item's step failed and its ``on_failure`` said ``fail_workflow: true``: the map
     phase ends there and the workflow fails (the item itself is dead, without retries)."""
@@ -420,6 +432,7 @@ Event = (
     | JobStatus
     | CircuitChanged
     | QueueStatus
+    | LeaseAges
     | MapComplete
     | MapFailed
     | ReduceStarted

@@ -146,6 +146,10 @@ class Subjects:
     def setup(self, event: str, wf: str) -> str:
         return self._s("setup", event, _wf(wf))
 
+    def telemetry_leases(self, wf: str) -> str:
+        """Agents' lease reports (core NATS: outside every stream, so nothing is stored)."""
+        return self._s("telemetry", "leases", wf)
+
     def map(self, event: str, wf: str) -> str:
         return self._s("map", event, _wf(wf))
 

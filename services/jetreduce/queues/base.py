@@ -14,6 +14,7 @@ Guarantees each implementation gives:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -33,6 +34,8 @@ class Lease:
     attempt: int
     token: Any = field(repr=False, default=None)
     """Backend handle (a JetStream message, a Redis stream id, an SQS receipt handle)."""
+    leased_at: float = field(default_factory=time.monotonic, repr=False)
+    """When this agent got it (monotonic clock): the lease age the metrics report."""
 
 
 @dataclass

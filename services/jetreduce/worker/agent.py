@@ -32,6 +32,7 @@ from jetreduce.contract.events import (
     ItemDead,
     ItemDone,
     ItemFailed,
+    LeaseAges,
     MapComplete,
     MapFailed,
     QueueStatus,
@@ -525,9 +526,19 @@ class Agent:
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_every)
-            for lease in list(self.inflight.values()):
+            leases = list(self.inflight.values())
+            for lease in leases:
                 with contextlib.suppress(Exception):
                     await self.queue.heartbeat(lease)
+            now = time.monotonic()
+            report = LeaseAges(
+                workflow_id=self.wf,
+                agent=self.name,
+                in_flight=len(leases),
+                oldest_s=round(max((now - x.leased_at for x in leases), default=0.0), 3),
+            )
+            with contextlib.suppress(Exception):  # a metric: never worth failing for
+                await self.ctx.nc.publish(self.s.telemetry_leases(self.wf), encode(report))
 
     async def _run_item(self, lease: Lease) -> None:
         """One attempt, traced under the plan (``workflow.planned``'s stored context), its

@@ -11,14 +11,16 @@ are off, so a run without them pays nothing.
 Core subscriptions are at-most-once: a message published while this process reconnects is
 not counted. These are operating metrics, not the books — the RESULTS stream is.
 
-Not measured: the age of the oldest lease. JetStream does not expose when a pending
-message was delivered, and the Redis/SQS adapters would each need their own probe.
+Lease age per lane comes from the agents themselves: no queue backend says when it
+delivered a message, but each agent knows when it leased its items and reports its oldest
+lease at every heartbeat (``telemetry.leases.<wf>``, core NATS, not stored).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -36,6 +38,10 @@ QUEUE_GROUP = "jetreduce-metrics"
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 """Item attempts run from milliseconds (an echo) to an hour (a claude step)."""
 _TERMINAL = ("completed", "failed", "cancelled", "timed_out")
+LEASE_REPORT_STALE_S = 60.0
+"""An agent's lease report older than this is dropped (the agent is gone; agents report
+every third of their lease, 10 s by default)."""
+_lease_ages = msgspec.json.Decoder(ev.LeaseAges)
 
 
 class _Outcome(msgspec.Struct):
@@ -58,6 +64,8 @@ class EventMetrics:
         self._progress: dict[str, ev.Progress] = {}
         self._agents: dict[tuple[str, str], int] = {}
         self._circuits: dict[tuple[str, str], str] = {}
+        self._leases: dict[tuple[str, str], tuple[float, int, float]] = {}
+        """(workflow, agent) → (oldest lease age, leases held, monotonic time of the report)."""
         meter = current_meter()
         if meter is None:
             self.enabled = False
@@ -90,6 +98,12 @@ class EventMetrics:
             description="Items leased by agents, per lane",
         )
         meter.create_observable_gauge(
+            "jetreduce.queue.lease_age_max",
+            unit="s",
+            callbacks=[self._lease_age],
+            description="Age of the oldest item lease held by an agent, per lane",
+        )
+        meter.create_observable_gauge(
             "jetreduce.workflows.mapping",
             callbacks=[self._workflows],
             description="Workflows in their map phase",
@@ -114,6 +128,7 @@ class EventMetrics:
         self._subs.append(await self.nc.subscribe(items, queue=QUEUE_GROUP, cb=self._on_item))
         for subject in (*s.progress_subjects, *_state_subjects(s)):
             self._subs.append(await self.nc.subscribe(subject, cb=self._on_event))
+        self._subs.append(await self.nc.subscribe(s.telemetry_leases("*"), cb=self._on_leases))
         return self
 
     async def stop(self) -> None:
@@ -142,6 +157,14 @@ class EventMetrics:
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
         self.duration.record(seconds, {"outcome": outcome})
+
+    async def _on_leases(self, msg: Any) -> None:
+        try:
+            report = _lease_ages.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        key = (report.workflow_id, report.agent)
+        self._leases[key] = (report.oldest_s, report.in_flight, time.monotonic())
 
     # -- state from events ------------------------------------------------------------------
     async def _on_event(self, msg: Any) -> None:
@@ -180,6 +203,8 @@ class EventMetrics:
         self._lanes.pop(wf, None)
         for key in [k for k in self._circuits if k[0] == wf]:
             del self._circuits[key]
+        for lease_key in [k for k in self._leases if k[0] == wf]:
+            del self._leases[lease_key]
         if agents:
             for key in [k for k in self._agents if k[0] == wf]:
                 del self._agents[key]
@@ -203,6 +228,20 @@ class EventMetrics:
             lane = self._lanes.get(wf, PRIORITY_LANES["normal"])
             per_lane[lane] = per_lane.get(lane, 0) + int(getattr(progress, field))
         return [Observation(n, {"lane": lane}) for lane, n in per_lane.items()]
+
+    def _lease_age(self, _options: Any) -> list[Any]:
+        from opentelemetry.metrics import Observation
+
+        now = time.monotonic()
+        per_lane: dict[str, float] = dict.fromkeys(PRIORITY_LANES.values(), 0.0)
+        for (wf, agent), (oldest_s, held, at) in list(self._leases.items()):
+            if now - at > LEASE_REPORT_STALE_S:
+                self._leases.pop((wf, agent), None)
+                continue
+            if held:
+                lane = self._lanes.get(wf, PRIORITY_LANES["normal"])
+                per_lane[lane] = max(per_lane.get(lane, 0.0), oldest_s + (now - at))
+        return [Observation(round(age, 3), {"lane": lane}) for lane, age in per_lane.items()]
 
     def _workflows(self, _options: Any) -> list[Any]:
         from opentelemetry.metrics import Observation
