@@ -1,0 +1,40 @@
+"""A smoke run of the load-test harness at its quick sizes (issue 7), so it cannot rot
+unnoticed. It checks that every scenario runs to the end and reports a figure; whether the
+figures meet their targets is the harness's business (docs/performance.md), not a test's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support import env_without_jetreduce
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+SCENARIOS = ["enqueue", "dispatch", "latency", "efficiency", "shell"]
+"""The ones needing only the test extra (memory is long; backends and peer need bench)."""
+
+
+def test_quick_harness_run_reports_every_scenario(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest", *SCENARIOS, "--quick", "--no-report"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env_without_jetreduce(),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["name"] for r in results] == SCENARIOS
+    for r in results:
+        assert r["error"] is None, (r["name"], r["error"])
+        assert r["quick"] is True
+        assert isinstance(r["figure"], int | float) and r["figure"] > 0, r
+        outcome = r["details"].get("outcome")
+        assert outcome in (None, "workflow.completed"), (r["name"], outcome)
