@@ -85,3 +85,28 @@ async def test_an_agent_that_cannot_start_is_given_up(tmp_path: Path) -> None:
         assert exits == [(0, 3, True, 1), (0, 3, True, 1), (0, 3, False, 0)]
     finally:
         await b.stop_all(grace_s=5)
+
+
+async def test_an_agent_killed_at_every_start_ends_too(tmp_path: Path) -> None:
+    """Killed from outside within seconds of every start (an OOM at load): replaced
+    ``max_restarts * QUICK_KILLS_PER_RESTART`` times, then given up, not forever."""
+    exits: list[Exit] = []
+    b = backend(("sh", "-c", "kill -KILL $$"), exits, max_restarts=1)
+    try:
+        await b.launch("wf", "map", [1], spec(tmp_path))
+        await wait_for(lambda: not b.running("wf", "map"), timeout_s=30)
+    finally:
+        await b.stop_all(grace_s=5)
+    assert [e[2] for e in exits] == [True] * 4 + [False]
+    assert {e[1] for e in exits} == {-signal.SIGKILL}
+
+
+async def test_a_crash_by_its_own_signal_uses_the_crash_budget(tmp_path: Path) -> None:
+    exits: list[Exit] = []
+    b = backend(("sh", "-c", "kill -SEGV $$"), exits, max_restarts=1)
+    try:
+        await b.launch("wf", "map", [1], spec(tmp_path))
+        await wait_for(lambda: not b.running("wf", "map"), timeout_s=15)
+    finally:
+        await b.stop_all(grace_s=5)
+    assert exits == [(0, -signal.SIGSEGV, True, 1), (0, -signal.SIGSEGV, False, 0)]

@@ -9,6 +9,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
@@ -154,12 +155,26 @@ class Aggregator:
             await self.finish_failed(wf, verdict)
             return
         if terminal >= tracked.total and tracked.exact >= tracked.total:
+            if await self._map_failed(wf):
+                # The last item was a fail_workflow one: its map.failed is on its way (or
+                # was lost with its agent); the workflow fails, the map does not complete.
+                await self.finish_failed(wf, "an item whose on_failure sets fail_workflow failed")
+                return
             await self.complete_map(wf, tracked.total, tracked.total - dead, dead)
             return
         if terminal != tracked.last_terminal or now - tracked.last_progress >= PROGRESS_EVERY_S:
             tracked.last_terminal = terminal
             tracked.last_progress = now
             await self.publish_progress(wf, tracked, done, dead, "mapping", depth)
+
+    async def _map_failed(self, wf: str) -> bool:
+        """Whether a ``map.failed`` is stored (agents publish it before the item's
+        ``item.dead``, so it is there whenever that item counts as terminal)."""
+        try:
+            await self.ctx.js.get_last_msg(self.s.events_stream, self.s.map("failed", wf))
+        except NotFoundError:
+            return False
+        return True
 
     async def _depth(self, wf: str) -> tuple[int, int] | None:
         """(pending, in flight) of the workflow's JetStream work consumer; None when there is
@@ -299,11 +314,20 @@ class Aggregator:
                 )
                 await self.finish_failed(wf, f"{event.phase} agents {why}")
 
+    async def _ended_as(self, wf: str, phase: Phase, **fields: Any) -> WorkflowRecord | None:
+        """The record if the workflow ended (now, or on an earlier delivery of this event)
+        as ``phase``; None if it ended otherwise, so only one terminal event is published."""
+        await self.state.transition(wf, phase, **fields)
+        record = await self.state.get(wf)
+        return record if record is not None and record.phase == phase else None
+
     async def finish_completed(
         self, wf: str, total: int, done: int, dead: int, reduce_output: str
     ) -> None:
-        record = await self.state.transition(wf, Phase.COMPLETED, reduce_output=reduce_output)
-        created = record.created_ts if record else time.time()
+        record = await self._ended_as(wf, Phase.COMPLETED, reduce_output=reduce_output)
+        if record is None:
+            return  # it ended otherwise first (failed by map.failed, cancelled, timed out)
+        created = record.created_ts
         await publish_once(
             self.ctx.js,
             self.s.workflow("completed", wf),
@@ -322,7 +346,8 @@ class Aggregator:
 
     async def finish_failed(self, wf: str, reason: str) -> None:
         self.active.pop(wf, None)
-        await self.state.transition(wf, Phase.FAILED, reason=reason)
+        if await self._ended_as(wf, Phase.FAILED, reason=reason) is None:
+            return
         await publish_once(
             self.ctx.js,
             self.s.workflow("failed", wf),

@@ -595,7 +595,8 @@ def submit_cmd(
     wf = _workflow_id(result, workflow_id)
     where = (workdir or Path.cwd()).resolve()
     pods = backend == "kubernetes"
-    upload = input_file(result.workflow, where, args or [])
+    # Only pods lack the submitter's disk; a local installation reads the file in place.
+    upload = input_file(result.workflow, where, args or []) if pods else None
     options = SubmitOptions(
         # A pod's working directory is its own: this one means nothing there.
         workdir=None if pods else str(where),

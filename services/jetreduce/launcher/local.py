@@ -1,10 +1,12 @@
 """Local backend: agents are child processes (``python -m jetreduce worker``).
 
-An agent that exits 0 has finished its phase. One that was killed from outside (a signal, or
-143 after handing its items back on SIGTERM: OOM killer, operator, chaos) is restarted after
-a short pause and never uses up its budget, as Kubernetes does not count disruptions: the
-kill says nothing about whether the agent can run, and an item that keeps killing its agent
-is dead-lettered by the work consumer's max deliveries instead. An agent that fails by
+An agent that exits 0 has finished its phase. One that was killed from outside (SIGKILL,
+SIGTERM, SIGINT, SIGHUP, or 143 after handing its items back on SIGTERM: OOM killer,
+operator, chaos) is restarted after a short pause and does not use up the crash budget, as
+Kubernetes does not count disruptions; an item that keeps killing its agent is
+dead-lettered by the work consumer's max deliveries instead. Kills within the healthy-run
+window have their own, larger budget (``QUICK_KILLS_PER_RESTART``), so an agent killed at
+every start still ends. An agent that fails by
 itself is restarted with a growing delay, up to ``max_restarts`` failures in a row; one that
 had run ``HEALTHY_RUN_S`` before failing starts its count over, so only crash loops (an agent
 that cannot start) exhaust it. Every child is killed when
@@ -41,6 +43,17 @@ KILLED_RESTART_S = 0.5
 HANDED_BACK = 143
 """The agent's exit code after SIGTERM (it stops taking items and hands its leases back)."""
 
+KILLED_FROM_OUTSIDE = frozenset(
+    {HANDED_BACK, -signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP}
+)
+"""Exits that say nothing about the agent itself (an operator, the OOM killer, an eviction).
+A crash by its own signal (SIGSEGV, SIGABRT…) counts as a failure."""
+
+QUICK_KILLS_PER_RESTART = 5
+"""Kills from outside within ``HEALTHY_RUN_S`` of a start are allowed ``max_restarts`` times
+this many in a row: generous, since chaos or an eviction storm is no fault of the agent, but
+finite, so an agent that is OOM-killed at every start (a reduce that cannot fit) ends."""
+
 AGENT_COMMAND = (sys.executable, "-m", "jetreduce", "worker")
 
 _NOT_INHERITED = (
@@ -67,6 +80,7 @@ class _Running:
     spec: AgentSpec
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
+    quick_kills: int = 0
     task: asyncio.Task[None] | None = None
     stopping: bool = False
     extra: dict[str, str] = field(default_factory=dict)
@@ -174,10 +188,15 @@ class LocalBackend:
             _kill_session(run.proc.pid)
             if code == 0 or run.stopping:
                 return
-            killed = code < 0 or code == HANDED_BACK
-            if killed or time.monotonic() - started >= HEALTHY_RUN_S:
-                run.restarts = 0
-            restart = run.restarts < self.max_restarts
+            killed = code in KILLED_FROM_OUTSIDE
+            if time.monotonic() - started >= HEALTHY_RUN_S:
+                run.restarts = run.quick_kills = 0
+            elif killed:
+                run.quick_kills += 1
+            if killed:
+                restart = run.quick_kills < self.max_restarts * QUICK_KILLS_PER_RESTART
+            else:
+                restart = run.restarts < self.max_restarts
             log.warning(
                 "agent %s/%s-%d exited with %d%s",
                 spec.workflow_id,

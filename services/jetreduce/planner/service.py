@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import tempfile
 import time
@@ -38,6 +39,7 @@ from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import PRIORITY_LANES, InvalidToken, check_token
 from jetreduce.contract.workflow import WorkflowInvalid, parse_workflow, workflow_text
 from jetreduce.planner.pipeline import InputItems, ItemPipeline, PipelineError
+from jetreduce.queues.base import EnqueueResult, ItemQueue
 from jetreduce.queues.factory import open_queue, validate_queue_url
 from jetreduce.runtime.publish import publish_once
 from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
@@ -334,7 +336,7 @@ class Planner:
         }
         try:
             with span("enqueue", kind="producer", attributes=attributes):
-                result = await queue.enqueue(_work_items(wf, items, big), lane=lane)
+                result = await _enqueue_in_chunks(queue, _work_items(wf, items, big), lane)
         finally:
             beat.cancel()
         log.info("workflow %s planned: %d items (%d already queued)", wf, total, result.duplicates)
@@ -393,6 +395,22 @@ class Planner:
             self.s.workflow("failed", wf),
             encode(WorkflowFailed(workflow_id=wf, reason=reason)),
         )
+
+
+ENQUEUE_CHUNK = 10_000
+"""Items handed to a queue's ``enqueue`` at once: the Redis and SQS adapters build their
+batch in memory, so planning memory stays bounded on every backend."""
+
+
+async def _enqueue_in_chunks(
+    queue: ItemQueue, items: Iterator[WorkItem], lane: str
+) -> EnqueueResult:
+    total = EnqueueResult()
+    while chunk := list(itertools.islice(items, ENQUEUE_CHUNK)):
+        result = await queue.enqueue(chunk, lane=lane)
+        total.added += result.added
+        total.duplicates += result.duplicates
+    return total
 
 
 def _work_items(wf: str, items: Iterable[Any], big: set[int]) -> Iterator[WorkItem]:

@@ -50,7 +50,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import boto3
-import msgspec
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from nats.errors import Error as NatsError
@@ -58,7 +57,7 @@ from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from jetreduce.contract.events import WorkItem, encode
+from jetreduce.contract.events import BadEvent, WorkItem, decode_as, encode
 from jetreduce.queues.base import EnqueueResult, Lease, QueueDepth, QueueError
 from jetreduce.queues.batching import Batcher
 from jetreduce.runtime.service import ServiceContext
@@ -69,7 +68,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_item_dec = msgspec.json.Decoder(WorkItem)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
 MAX_NAME = 80
@@ -417,8 +415,8 @@ class SqsQueue:
 
     async def _lease_of(self, url: str, sqs: Any, msg: dict[str, Any]) -> Lease | None:
         try:
-            item = _item_dec.decode(str(msg["Body"]).encode())
-        except (msgspec.DecodeError, msgspec.ValidationError):
+            item = decode_as(str(msg["Body"]).encode(), WorkItem)
+        except BadEvent:
             log.warning("dropping undecodable message in %s", self.name)
             await self._deleter.submit((str(msg["ReceiptHandle"]), "drop"))
             return None

@@ -571,13 +571,12 @@ class Agent:
         index = work.index
         item_id = f"item_{index}"
         item = work.item
+        unreadable = None
         if work.item_stored:
             try:
                 item = await self._stored_item(index)
-            except Exception as exc:  # the store unreachable (or the object gone): later
-                log.warning("item data of %s unreadable (%s); retrying", item_id, exc)
-                await self.queue.retry(lease, self._backoff(lease.attempt))
-                return "retry"
+            except Exception as exc:  # a failed attempt like any other: retried, then dead
+                unreadable = f"item data unreadable from the object store: {exc}"
         variables = dict(self.vars_base)
         variables.update(
             item=item,
@@ -590,7 +589,10 @@ class Agent:
         m = self.spec.workflow.map
         start = time.monotonic()
         deadline = start + m.agent_timeout_s if m.agent_timeout_s else None
-        result = await self._item_steps(index, m.agent_template, variables, deadline)
+        if unreadable is not None:
+            result = _failure(unreadable)
+        else:
+            result = await self._item_steps(index, m.agent_template, variables, deadline)
         outcomes, failed = result.outcomes, result.failed
         duration = time.monotonic() - start
         await self._breaker_record(failed is None)
@@ -605,13 +607,17 @@ class Agent:
                 duration_s=duration,
                 attempts=lease.attempt,
                 agent=self.name,
-                output_stored=await self._store_big_output(index, output),
+                output_stored=len(output.encode()) > EVENT_TEXT_LIMIT,
             )
-            await self.acks.publish_once(
+            won = await self.acks.publish_once(
                 self.s.item_done(self.wf, index),
                 encode(done),
                 guard=self.s.item_terminal(self.wf, index),
             )
+            if won and done.output_stored:
+                # Written only by the attempt whose result is recorded (a redelivered twin
+                # must not overwrite it); reduce falls back to the tail if this fails.
+                await self._store_big_output(index, output)
             await self.queue.ack(lease)
             return "done"
         error = self._describe(m.agent_template, result)
@@ -642,6 +648,12 @@ class Agent:
         log_object = await self._store_log(
             index, lease.attempt, [r.outcome for r in result.records] or outcomes, failed
         )
+        if result.fail_workflow:
+            # Before the item is recorded dead: once every item is terminal the aggregator
+            # completes the map unless it finds this, so it must never come second (or be
+            # lost with an agent that dies between the two).
+            failed_map = MapFailed(workflow_id=self.wf, index=index, item_id=item_id, error=error)
+            await publish_retrying(self.ctx.js, self.s.map("failed", self.wf), encode(failed_map))
         dead = ItemDead(
             workflow_id=self.wf,
             index=index,
@@ -664,9 +676,6 @@ class Agent:
             # A stored item stays in the store (the DLQ retry finds it there), not in the entry.
             dead.item = None if work.item_stored else work.item
             await publish_once(self.ctx.js, self.s.dlq(self.wf, index), encode(dead))
-        if stored and result.fail_workflow:
-            failed_map = MapFailed(workflow_id=self.wf, index=index, item_id=item_id, error=error)
-            await publish_retrying(self.ctx.js, self.s.map("failed", self.wf), encode(failed_map))
         await self.queue.dead(lease, error)
         log.warning("dead after %d attempt(s): %s", lease.attempt, error)
         return "dead"
@@ -746,19 +755,14 @@ class Agent:
         obj = await store.get(item_object(self.wf, index))
         return msgspec.json.decode(obj.data or b"null")
 
-    async def _store_big_output(self, index: int, output: str) -> bool:
+    async def _store_big_output(self, index: int, output: str) -> None:
         """Keep an output too large for its event whole in the object store (the event
-        carries its tail); True if stored. A failure to store keeps just the tail."""
-        data = output.encode()
-        if len(data) <= EVENT_TEXT_LIMIT:
-            return False
+        carries its tail). A failure to store keeps just the tail."""
         try:
             store = await self.ctx.js.object_store(self.s.objects_bucket)
-            await store.put(output_object(self.wf, index), data)
+            await store.put(output_object(self.wf, index), output.encode())
         except Exception as exc:
             log.warning("output of item %d kept as its tail only: %s", index, exc)
-            return False
-        return True
 
     async def _store_log(
         self, index: int, attempt: int, outcomes: list[StepOutcome], failed: StepOutcome

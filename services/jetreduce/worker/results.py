@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +18,14 @@ from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from jetreduce.contract.events import ItemDead, ItemDone, decode, output_object
 from jetreduce.contract.subjects import Subjects
 
 __all__ = ["ResultsSpool", "agent_result"]
+
+log = logging.getLogger(__name__)
 
 _enc = msgspec.json.Encoder()
 
@@ -76,7 +80,7 @@ class ResultsSpool:
         got = asyncio.Event()
         seen = 0
         batch: list[tuple[int, int, bytes]] = []
-        whole: list[ItemDone] = []  # outputs too large for their event: read from the store
+        whole: list[int] = []  # outputs too large for their event: read from the store
 
         async def on_msg(msg: Any) -> None:
             nonlocal seen
@@ -87,7 +91,7 @@ class ResultsSpool:
             if not isinstance(event, ItemDone | ItemDead):
                 return
             if isinstance(event, ItemDone) and event.output_stored:
-                whole.append(event)
+                whole.append(event.index)
             batch.append(
                 (event.index, int(isinstance(event, ItemDone)), _enc.encode(agent_result(event)))
             )
@@ -110,23 +114,28 @@ class ResultsSpool:
                 await sub.unsubscribe()
         self._flush(batch)
         if whole:
-            await self._whole_outputs(js, subjects, whole)
+            await self._whole_outputs(js, subjects, wf, whole)
         row = self.db.execute("SELECT COUNT(*), COALESCE(SUM(ok), 0) FROM r").fetchone()
         self.done = int(row[1])
         self.dead = int(row[0]) - self.done
 
     async def _whole_outputs(
-        self, js: JetStreamContext, subjects: Subjects, events: list[ItemDone]
+        self, js: JetStreamContext, subjects: Subjects, wf: str, indexes: list[int]
     ) -> None:
+        """Put the stored whole output in place of the tail, one row at a time. An object
+        that is gone (a workflow reopened after its cleanup) leaves the tail."""
         store = await js.object_store(subjects.objects_bucket)
-        for event in events:
-            obj = await store.get(output_object(event.workflow_id, event.index))
-            event.output = (obj.data or b"").decode("utf-8", errors="replace")
-            self.db.execute(
-                "INSERT OR REPLACE INTO r VALUES (?, 1, ?)",
-                (event.index, _enc.encode(agent_result(event))),
-            )
-        self.db.commit()
+        for index in indexes:
+            try:
+                obj = await store.get(output_object(wf, index))
+            except NotFoundError:
+                log.warning("whole output of item %d is gone; reduce gets its tail", index)
+                continue
+            (body,) = self.db.execute("SELECT body FROM r WHERE idx = ?", (index,)).fetchone()
+            row = msgspec.json.decode(body)
+            row["output"] = (obj.data or b"").decode("utf-8", errors="replace")
+            self.db.execute("UPDATE r SET body = ? WHERE idx = ?", (_enc.encode(row), index))
+            self.db.commit()
 
     def _flush(self, batch: list[tuple[int, int, bytes]]) -> None:
         if batch:

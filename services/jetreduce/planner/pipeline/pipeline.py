@@ -64,6 +64,11 @@ class ItemPipeline:
         self._max_items = max_items
 
     @property
+    def sorts(self) -> bool:
+        """Whether a ``sort_by`` is set (it needs every item at once)."""
+        return self._sort is not None
+
+    @property
     def selects(self) -> bool:
         """Whether a ``json_path`` is set (it needs the whole document)."""
         return self._select_path

@@ -6,7 +6,7 @@ enqueue them. Command output in line form, the shape of big inputs (``seq``, ``f
 ``cat ids.txt``), is read line by line both times, so planning holds one item at a time
 however many there are. A JSON document (a file, or command output that is one JSON value)
 is decoded whole, as it must be without a streaming JSON parser; so is a list that a
-``json_path`` or ``sort_by`` needs to see entire.
+``json_path`` or ``sort_by`` needs to see entire (read once, not once per pass).
 """
 
 from __future__ import annotations
@@ -65,7 +65,12 @@ class InputItems:
     def __init__(self, path: Path, *, lenient_lines: bool, pipeline: ItemPipeline) -> None:
         self._path = path
         self._pipeline = pipeline
-        self.streamed = lenient_lines and not pipeline.selects and is_line_stream(path)
+        self.streamed = (
+            lenient_lines
+            and not pipeline.selects
+            and not pipeline.sorts  # sorting holds them all anyway: once, not per pass
+            and is_line_stream(path)
+        )
         self._items: list[Any] | None = None
         if not self.streamed:
             doc = parse_input_document(path.read_bytes(), lenient_lines=lenient_lines)

@@ -94,13 +94,23 @@ def span(
     elif join_only and (parent is not None or not _in_span()):
         yield None
         return
+    from opentelemetry.trace import Status, StatusCode
+
     with tracer.start_as_current_span(
         name,
         context=context,
         kind=SpanKind[kind.upper()],
         attributes=dict(attributes) if attributes else None,
+        # The SDK's own recording keeps the whole traceback (frames, locals' reprs in
+        # messages): only the type and message go on the span, as documented above.
+        record_exception=False,
+        set_status_on_exception=False,
     ) as current:
-        yield current
+        try:
+            yield current
+        except BaseException as exc:
+            current.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:500]))
+            raise
 
 
 def _in_span() -> bool:
