@@ -16,7 +16,8 @@ import pytest
 from jetreduce.contract.events import WorkItem
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
-from jetreduce.queues.base import Lease, QueueDepth, QueueError
+from jetreduce.queues.base import Lease, LeaseLost, QueueDepth
+from jetreduce.queues.resilient import ResilientQueue
 from jetreduce.queues.sqs import SqsQueue
 from jetreduce.runtime.service import ServiceContext
 
@@ -97,7 +98,7 @@ async def test_a_failed_entry_fails_only_its_own_caller(queue: SqsQueue) -> None
     )
     assert calls["DeleteMessageBatch"] == 2, calls
     assert outcomes[0] is None and outcomes[2] is None and outcomes[3] is None, outcomes
-    assert isinstance(outcomes[1], QueueError)
+    assert isinstance(outcomes[1], LeaseLost)  # a stale handle: no retry can settle it
     assert "ack" in str(outcomes[1]) and "ReceiptHandleIsInvalid" in str(outcomes[1])
     # The failed entry's item is still queued (in flight) and keeps its dedup record.
     assert await queue.depth() == QueueDepth(pending=0, in_flight=1)
@@ -113,3 +114,22 @@ async def test_a_lone_ack_is_not_held_back(queue: SqsQueue) -> None:
     queue._deleter.linger_s = 30.0  # would time the test out if a lone ack lingered
     await asyncio.wait_for(queue.ack(lease), 10.0)
     assert await queue.depth() == QueueDepth(pending=0, in_flight=0)
+
+
+async def test_a_lost_lease_is_not_taken_for_an_outage(queue: SqsQueue) -> None:
+    """Through the agent's ResilientQueue, acking a lease SQS no longer honours fails at
+    once with LeaseLost (the slot is freed) instead of backing off forever as if the
+    endpoint were down; nothing reports an outage."""
+    changes: list[tuple[str, str]] = []
+
+    async def on_change(state: str, error: str) -> None:
+        changes.append((state, error))
+
+    resilient = ResilientQueue(queue, asyncio.Event(), on_change)
+    await queue.enqueue(items(0))
+    (lease,) = await lease_n(queue, 1)
+    stale = Lease(item=lease.item, attempt=1, token="not-a-receipt-handle")
+    with pytest.raises(LeaseLost):
+        await asyncio.wait_for(resilient.ack(stale), 10.0)
+    assert changes == [] and not resilient.down
+    await resilient.ack(lease)

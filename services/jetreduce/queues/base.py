@@ -21,11 +21,16 @@ from typing import Any, Protocol
 
 from jetreduce.contract.events import WorkItem
 
-__all__ = ["EnqueueResult", "ItemQueue", "Lease", "QueueDepth", "QueueError"]
+__all__ = ["EnqueueResult", "ItemQueue", "Lease", "LeaseLost", "QueueDepth", "QueueError"]
 
 
 class QueueError(Exception):
     """A backend failed (connection lost, refused…); the cause is chained."""
+
+
+class LeaseLost(QueueError):
+    """The lease is no longer this consumer's (it expired and the item went to another), so
+    acking, retrying or burying it cannot succeed however often it is tried. Not an outage."""
 
 
 @dataclass

@@ -8,7 +8,9 @@ and the first one that succeeds closes it (``"available"``). Nothing is lost mea
 the items stay on the backend, leases that expire during the outage are delivered again,
 and terminal results are recorded on JetStream, first write wins.
 
-Once the agent is stopping, retries end: ``lease`` returns nothing and the other calls raise,
+A lost lease (``LeaseLost``: it expired and the item went to another consumer) is raised at
+once: no retry can settle it, and the backend is fine. Once the agent is stopping, retries
+end: ``lease`` returns nothing and the other calls raise,
 since the backend will expire those leases anyway.
 """
 
@@ -22,7 +24,14 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 from jetreduce.contract.events import WorkItem
-from jetreduce.queues.base import EnqueueResult, ItemQueue, Lease, QueueDepth, QueueError
+from jetreduce.queues.base import (
+    EnqueueResult,
+    ItemQueue,
+    Lease,
+    LeaseLost,
+    QueueDepth,
+    QueueError,
+)
 
 __all__ = ["ResilientQueue"]
 
@@ -61,6 +70,8 @@ class ResilientQueue:
         while True:
             try:
                 result = await call()
+            except LeaseLost:
+                raise  # a fact about this lease, not the backend: retrying cannot help
             except QueueError as exc:
                 if not self.down:
                     self.down = True

@@ -58,7 +58,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from jetreduce.contract.events import BadEvent, WorkItem, decode_as, encode
-from jetreduce.queues.base import EnqueueResult, Lease, QueueDepth, QueueError
+from jetreduce.queues.base import EnqueueResult, Lease, LeaseLost, QueueDepth, QueueError
 from jetreduce.queues.batching import Batcher
 from jetreduce.runtime.service import ServiceContext
 
@@ -67,6 +67,16 @@ __all__ = ["SqsQueue", "SqsTarget", "parse_sqs_url"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+LEASE_LOST_CODES = frozenset(
+    {
+        "ReceiptHandleIsInvalid",
+        "InvalidReceiptHandle",
+        "MessageNotInflight",
+        "AWS.SimpleQueueService.MessageNotInflight",
+    }
+)
+"""SQS error codes meaning the receipt handle (our lease) is stale: the visibility timeout
+ran out and the message was received again, or it is gone."""
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
@@ -172,10 +182,15 @@ class SqsQueue:
 
     # -- plumbing ---------------------------------------------------------------------------
     async def _call(self, what: str, fn: Callable[..., T], /, **kwargs: Any) -> T:
-        """Run one blocking boto3 call in a worker thread; its errors become QueueError."""
+        """Run one blocking boto3 call in a worker thread; its errors become QueueError
+        (``LeaseLost`` when SQS says the receipt handle is no longer valid)."""
         try:
             return await self._thread(partial(fn, **kwargs))
-        except (BotoCoreError, ClientError) as exc:
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            kind = LeaseLost if code in LEASE_LOST_CODES else QueueError
+            raise kind(f"sqs {what} failed: {exc}") from exc
+        except BotoCoreError as exc:
             raise QueueError(f"sqs {what} failed: {exc}") from exc
 
     async def _thread(self, fn: Callable[[], T]) -> T:
@@ -480,8 +495,9 @@ class SqsQueue:
                 outcomes.append(None)
             elif entry_id in failed:
                 bad = failed[entry_id]
+                kind = LeaseLost if str(bad.get("Code")) in LEASE_LOST_CODES else QueueError
                 outcomes.append(
-                    QueueError(f"sqs {what} failed: {bad.get('Code')} {bad.get('Message', '')}")
+                    kind(f"sqs {what} failed: {bad.get('Code')} {bad.get('Message', '')}")
                 )
             else:
                 outcomes.append(QueueError(f"sqs {what} failed: no outcome for the message"))
