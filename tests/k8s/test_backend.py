@@ -148,6 +148,31 @@ async def test_stop_deletes_one_workflow_by_label_and_leaves_others(
         await backend.stop_all()
 
 
+async def test_installations_sharing_a_namespace_never_touch_each_others_objects(
+    emulator: EmulatorThread, api_client: k8s.ApiClient, namespace: str
+) -> None:
+    """Objects carry the installation (NATS prefix) label, and every list and delete selects
+    it: another installation's sweep sees nothing of ours, even for the same workflow id."""
+    ours = _backend(api_client, namespace)
+    theirs = KubernetesBackend(
+        NatsSettings(url="nats://127.0.0.1:4222", prefix="other"),
+        KubernetesSettings(namespace=namespace, image="jetreduce:test", poll_interval_s=0.05),
+        api_client=api_client,
+    )
+    try:
+        await ours.launch("wf-a", "map", ours.plan(2), _spec())
+        (job,) = emulator.live("batch/v1/jobs", namespace)
+        assert job["metadata"]["labels"]["jetreduce.io/installation"] == "tp"
+        assert await theirs.workflows() == set()
+        await theirs.stop("wf-a")  # what their janitor would do with an "orphan"
+        assert _count(emulator, namespace) == {"jobs": 1, "configmaps": 1, "secrets": 1}
+        assert await ours.workflows() == {"wf-a"}
+    finally:
+        await ours.stop("wf-a")
+        await ours.stop_all()
+        await theirs.stop_all()
+
+
 async def test_deleting_the_root_removes_the_rest_through_owner_references(
     emulator: EmulatorThread, api_client: k8s.ApiClient, namespace: str
 ) -> None:

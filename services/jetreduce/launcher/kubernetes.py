@@ -91,6 +91,20 @@ log = logging.getLogger(__name__)
 WORKFLOW_LABEL = "jetreduce.io/workflow"
 PHASE_LABEL = "jetreduce.io/phase"
 WORKFLOW_ANNOTATION = "jetreduce.io/workflow-id"
+INSTALLATION_LABEL = "jetreduce.io/installation"
+"""The installation's NATS prefix (``default`` without one): every object carries it and
+every list selects it, so installations sharing a namespace never see (or sweep) each
+other's objects."""
+
+
+def installation(prefix: str) -> str:
+    """A label value for a NATS prefix (at most 63 characters of [A-Za-z0-9._-])."""
+    value = re.sub(r"[^A-Za-z0-9._-]", "-", prefix).strip("-._") or "default"
+    if len(value) > 63:
+        value = value[:50].rstrip("-._") + "-" + hashlib.sha256(prefix.encode()).hexdigest()[:12]
+    return value
+
+
 """The exact workflow id (the label holds a slug that fits label and name rules)."""
 ATTEMPT_ANNOTATION = "jetreduce.io/attempt"
 """On Jobs: 0 for a phase's first Job, n for its n-th relaunch."""
@@ -483,7 +497,14 @@ class KubernetesBackend:
         on_status: StatusCallback | None = None,
     ) -> None:
         self.nats = nats
-        self.settings = settings or KubernetesSettings()
+        settings = settings or KubernetesSettings()
+        self.installation = installation(nats.prefix)
+        self.settings = replace(
+            settings, labels={**settings.labels, INSTALLATION_LABEL: self.installation}
+        )
+        self._mine = (
+            f"app.kubernetes.io/managed-by={MANAGED_BY},{INSTALLATION_LABEL}={self.installation}"
+        )
         self.api = api_client if api_client is not None else load_api_client()
         self.batch = k8s.BatchV1Api(self.api)
         self.core = k8s.CoreV1Api(self.api)
@@ -545,7 +566,10 @@ class KubernetesBackend:
         existing = await self._call(
             self.batch.list_namespaced_job,
             ns,
-            label_selector=f"{WORKFLOW_LABEL}={workflow_slug(wf)},{PHASE_LABEL}={phase}",
+            label_selector=(
+                f"{WORKFLOW_LABEL}={workflow_slug(wf)},{PHASE_LABEL}={phase},"
+                f"{INSTALLATION_LABEL}={self.installation}"
+            ),
         )
         if existing.get("items"):
             for job in existing["items"]:
@@ -588,7 +612,7 @@ class KubernetesBackend:
         """Delete the workflow's Jobs (of ``phase``, or all, with Background propagation so
         their pods get their grace period) and, for the whole workflow, its ConfigMaps and
         Secrets. Idempotent; ``grace_s`` is unused: pods have ``terminationGracePeriodSeconds``."""
-        selector = f"{WORKFLOW_LABEL}={workflow_slug(wf)}"
+        selector = f"{WORKFLOW_LABEL}={workflow_slug(wf)},{INSTALLATION_LABEL}={self.installation}"
         if phase is not None:
             selector += f",{PHASE_LABEL}={phase}"
         # Every namespace a workflow may use: the workflow's own is not known here (a
@@ -627,7 +651,7 @@ class KubernetesBackend:
     async def workflows(self) -> set[str]:
         """Ids of every workflow that has objects in the namespace (for orphan sweeps)."""
         found: set[str] = set()
-        selector = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+        selector = self._mine
         for ns, lister in (
             (ns, lister)
             for ns in self.settings.namespaces
@@ -739,7 +763,7 @@ class KubernetesBackend:
             listed = await self._call(
                 self.batch.list_namespaced_job,
                 ns,
-                label_selector=f"app.kubernetes.io/managed-by={MANAGED_BY}",
+                label_selector=self._mine,
             )
             for job in listed.get("items", []):
                 meta = job.get("metadata", {})
