@@ -99,3 +99,20 @@ async def read_stream(
 async def stored_events(nc: Any, subjects: Subjects, subject: str) -> list[ev.Event]:
     """Every message stored on ``subject`` in the events stream, decoded."""
     return await read_stream(nc.jetstream(), subjects.events_stream, subject)
+
+
+THOUSAND = """
+name: thousand
+mode: mapreduce
+map:
+  input: items.json
+  json_path: "$.items[*]"
+  max_parallel: 8
+  agent_template:
+    - shell: "echo $(( ${item.n} * 2 )) ${item.word}"
+reduce:
+  - shell: "wc -l < ${map.results_file} | tr -d ' '"
+  - shell: "echo ${map.successful}/${map.total}"
+"""
+"""The foundation's 1,000-item workflow (any item count: ``items.json`` holds ``n`` and
+``word``); run on JetStream in test_workflows and on Redis/SQS in test_queue_backends."""

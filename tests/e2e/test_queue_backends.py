@@ -15,24 +15,10 @@ from typing import Any
 import pytest
 
 from backends import RedisServer, free_port
-from helpers import Harness, read_stream, services
+from helpers import THOUSAND, Harness, read_stream, services
 from jetreduce.contract import events as ev
 
 pytestmark = pytest.mark.anyio
-
-THOUSAND = """
-name: thousand
-mode: mapreduce
-map:
-  input: items.json
-  json_path: "$.items[*]"
-  max_parallel: 8
-  agent_template:
-    - shell: "echo $(( ${item.n} * 2 )) ${item.word}"
-reduce:
-  - shell: "wc -l < ${map.results_file} | tr -d ' '"
-  - shell: "echo ${map.successful}/${map.total}"
-"""
 
 
 async def terminal(h: Harness, wf: str) -> list[Any]:

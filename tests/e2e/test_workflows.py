@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import services, stored_events
+from helpers import THOUSAND, services, stored_events
 from jetreduce.contract import events as ev
 
 pytestmark = pytest.mark.anyio
@@ -42,21 +42,8 @@ async def test_thousand_items_results_in_input_order(
 ) -> None:
     items = [{"n": i, "word": f"w{i}"} for i in range(1000)]
     (workdir / "items.json").write_text(json.dumps({"items": items}))
-    text = """
-name: thousand
-mode: mapreduce
-map:
-  input: items.json
-  json_path: "$.items[*]"
-  max_parallel: 8
-  agent_template:
-    - shell: "echo $(( ${item.n} * 2 )) ${item.word}"
-reduce:
-  - shell: "wc -l < ${map.results_file} | tr -d ' '"
-  - shell: "echo ${map.successful}/${map.total}"
-"""
     async with services(nats_url, prefix, tmp_path) as h:
-        done = await h.run(text, workdir, timeout_s=240)
+        done = await h.run(THOUSAND, workdir, timeout_s=240)
         assert isinstance(done, ev.WorkflowCompleted), h.agent_logs()
         assert (done.total, done.done, done.dead) == (1000, 1000, 0)
         assert done.reduce_output.split("\n") == ["1000", "1000/1000"]
