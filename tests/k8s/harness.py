@@ -8,8 +8,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from helpers import read_stream
 from jetreduce.aggregator.service import Aggregator
-from jetreduce.contract import events as ev
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
 from jetreduce.janitor.service import Janitor
@@ -60,15 +60,4 @@ async def orchestrator(
 
 async def stored_events(ctx: ServiceContext, subject: str, quiet_s: float = 0.5) -> list[Any]:
     """Every event stored on ``subject``, in order (read until none arrives for ``quiet_s``)."""
-    out: list[Any] = []
-    sub = await ctx.js.subscribe(subject, stream=ctx.subjects.events_stream, ordered_consumer=True)
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=quiet_s)
-            except TimeoutError:
-                break
-            out.append(ev.decode(msg.data))
-    finally:
-        await sub.unsubscribe()
-    return out
+    return await read_stream(ctx.js, ctx.subjects.events_stream, subject, quiet_s=quiet_s)

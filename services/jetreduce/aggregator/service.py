@@ -33,7 +33,7 @@ from jetreduce.contract.events import (
 )
 from jetreduce.contract.records import Phase, WorkflowRecord
 from jetreduce.contract.workflow.model import ErrorPolicy
-from jetreduce.runtime.publish import publish_once, publish_retrying
+from jetreduce.runtime.publish import is_stored, publish_once, publish_retrying
 from jetreduce.runtime.service import EventConsumer, ServiceContext
 from jetreduce.runtime.state import StateStore
 from jetreduce.runtime.telemetry import (
@@ -156,8 +156,8 @@ class Aggregator:
             return
         if terminal >= tracked.total and tracked.exact >= tracked.total:
             if await self._map_failed(wf):
-                # The last item was a fail_workflow one: its map.failed is on its way (or
-                # was lost with its agent); the workflow fails, the map does not complete.
+                # An item failed with fail_workflow (its agent stored map.failed before the
+                # item's item.dead): the workflow fails, the map does not complete.
                 await self.finish_failed(wf, "an item whose on_failure sets fail_workflow failed")
                 return
             await self.complete_map(wf, tracked.total, tracked.total - dead, dead)
@@ -170,11 +170,7 @@ class Aggregator:
     async def _map_failed(self, wf: str) -> bool:
         """Whether a ``map.failed`` is stored (agents publish it before the item's
         ``item.dead``, so it is there whenever that item counts as terminal)."""
-        try:
-            await self.ctx.js.get_last_msg(self.s.events_stream, self.s.map("failed", wf))
-        except NotFoundError:
-            return False
-        return True
+        return await is_stored(self.ctx.js, self.s.events_stream, self.s.map("failed", wf))
 
     async def _depth(self, wf: str) -> tuple[int, int] | None:
         """(pending, in flight) of the workflow's JetStream work consumer; None when there is

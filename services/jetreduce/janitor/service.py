@@ -30,7 +30,7 @@ from jetreduce.contract.records import Phase
 from jetreduce.janitor.k8s_sweep import ORPHAN_SWEEP_S, OrphanSweeper, WorkflowObjects
 from jetreduce.queues.base import ItemQueue
 from jetreduce.queues.factory import open_queue
-from jetreduce.runtime.publish import publish_once
+from jetreduce.runtime.publish import is_stored, publish_once
 from jetreduce.runtime.service import EventConsumer, ServiceContext
 from jetreduce.runtime.state import StateStore
 
@@ -187,8 +187,7 @@ class Janitor:
             name = info.name
             if name.startswith(items):
                 index = int(name.removeprefix(items))
-                with contextlib.suppress(NotFoundError):
-                    await self.ctx.js.get_last_msg(self.s.dlq_stream, self.s.dlq(wf, index))
+                if await is_stored(self.ctx.js, self.s.dlq_stream, self.s.dlq(wf, index)):
                     continue  # dead-lettered: kept
             elif not name.startswith(outputs):
                 continue

@@ -8,7 +8,6 @@ import logging
 import time
 
 from nats.aio.msg import Msg
-from nats.js.errors import NotFoundError
 
 from jetreduce.contract.events import (
     AgentExited,
@@ -22,7 +21,7 @@ from jetreduce.contract.events import (
 from jetreduce.contract.records import Phase, StoredSpec
 from jetreduce.launcher.admission import Candidate, admit
 from jetreduce.launcher.backend import AgentBackend
-from jetreduce.runtime.publish import publish_retrying
+from jetreduce.runtime.publish import is_stored, publish_retrying
 from jetreduce.runtime.service import EventConsumer, ServiceContext
 from jetreduce.runtime.state import StateStore
 
@@ -150,11 +149,7 @@ class Launcher:
                 )
 
     async def _stored(self, subject: str) -> bool:
-        try:
-            await self.ctx.js.get_last_msg(self.s.events_stream, subject)
-        except NotFoundError:
-            return False
-        return True
+        return await is_stored(self.ctx.js, self.s.events_stream, subject)
 
     async def on_event(self, msg: Msg) -> None:
         kind = ".".join(msg.subject.split(".")[-3:-1])

@@ -20,13 +20,14 @@ from typing import Any
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, NoStreamResponseError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 __all__ = [
     "ALREADY_EXISTS_CODES",
     "AckMux",
     "AckPipeline",
     "create_only_headers",
+    "is_stored",
     "publish_once",
     "publish_retrying",
 ]
@@ -64,6 +65,15 @@ def create_only_headers(subject: str, guard: str | None = None) -> dict[str, str
     if guard is not None and guard != subject:
         headers["Nats-Expected-Last-Subject-Sequence-Subject"] = guard
     return headers
+
+
+async def is_stored(js: JetStreamContext, stream: str, subject: str) -> bool:
+    """Whether ``stream`` holds a message on ``subject`` (a once-only event happened)."""
+    try:
+        await js.get_last_msg(stream, subject)
+    except NotFoundError:
+        return False
+    return True
 
 
 async def publish_once(

@@ -82,11 +82,6 @@ class InputItems:
         lines = (line_item(raw) for raw in _lines(self._path))
         return self._pipeline.run(item for item in lines if item is not None)
 
-    def count(self) -> int:
-        if self._items is not None:
-            return len(self._items)
-        return sum(1 for _ in self)
-
     def scan(self, inline_limit: int) -> tuple[int, set[int]]:
         """How many items there are, and the indexes of those whose JSON is larger than
         ``inline_limit`` bytes (they travel through the object store, not in a message)."""
