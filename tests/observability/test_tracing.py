@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from helpers import Harness, services
 from jetreduce.contract import events as ev
 from jetreduce.runtime import telemetry
+from support import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -77,6 +78,12 @@ async def test_one_trace_per_workflow_with_the_parent_chain(
         assert isinstance(done, ev.WorkflowCompleted), h.agent_logs()
         submit_headers = await h.nc.jetstream().get_last_msg(
             h.subjects.submit_stream, h.subjects.submit
+        )
+        # The aggregator's span for reduce.completed ends just after it publishes
+        # workflow.completed, which may reach us first (CI saw it missing).
+        await wait_for(
+            lambda: any(s.name == "reduce.completed" for s in in_memory.get_finished_spans()),
+            timeout_s=10,
         )
         spans = [normalise(s) for s in in_memory.get_finished_spans()] + agent_spans(h)
     assert "traceparent" in (submit_headers.headers or {})
