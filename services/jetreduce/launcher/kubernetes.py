@@ -515,6 +515,8 @@ class KubernetesBackend:
         """Job name → what the poller last saw."""
         self._poller: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._polled = asyncio.Event()
+        """Set by the first successful poll: from then on :meth:`running` knows every Job."""
 
     # -- AgentBackend ---------------------------------------------------------------------
     def plan(self, parallel: int) -> list[int]:
@@ -525,8 +527,27 @@ class KubernetesBackend:
         return [math.ceil(parallel / pods)] * pods
 
     def running(self, wf: str, phase: str) -> bool:
-        """As of the last poll (or this process's own launch)."""
+        """As of the last poll (or this process's own launch). Before the first poll it
+        knows only this process's own launches: call :meth:`sync` first where a missed Job
+        matters (slot accounting after a launcher restart)."""
         return any(s.wf == wf and s.phase == phase and not s.finished for s in self._seen.values())
+
+    async def sync(self) -> None:
+        """Return once :meth:`running` reflects every Job the API server lists, i.e. after
+        the poller's first successful poll (started here if need be). A restarted launcher
+        learns of the Jobs its predecessor left running only this way; deciding admission
+        before it would count their slots as free. Raises :class:`KubernetesBackendError`
+        if no poll succeeds within a bound (the caller's event or reconcile is retried)."""
+        if self._polled.is_set():
+            return
+        self._ensure_poller()
+        bound_s = 2 * self.settings.request_timeout_s * (1 + len(self.settings.namespaces))
+        try:
+            await asyncio.wait_for(self._polled.wait(), bound_s)
+        except TimeoutError:
+            raise KubernetesBackendError(
+                f"kubernetes: Jobs not listed within {bound_s:g}s (see the poll warnings)"
+            ) from None
 
     def refusal(self, spec: StoredSpec) -> str | None:
         """Only workflows that ask for pods (``backend: kubernetes``), in a namespace of this
@@ -816,6 +837,7 @@ class KubernetesBackend:
         present = {name for _, name, *_ in jobs}
         for name in set(self._seen) - present:
             del self._seen[name]  # deleted (by us, the janitor, or its TTL)
+        self._polled.set()
 
     def _may_relaunch(self, seen: _JobSeen, reason: str) -> bool:
         """Within the phase's budget: a relaunch left, and time left (a Job that hit its

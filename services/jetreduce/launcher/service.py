@@ -118,6 +118,7 @@ class Launcher:
         else:
             records = await self.state.list()
         async with self._admitting:
+            await self._sync_backend()
             used = 0
             waiting: list[Candidate] = []
             specs: dict[str, StoredSpec] = {}
@@ -147,6 +148,15 @@ class Launcher:
                     used + sum(c.slots for c in admitted),
                     self.max_slots,
                 )
+
+    async def _sync_backend(self) -> None:
+        """Before counting used slots: a backend whose agents outlive the launcher
+        (Kubernetes Jobs) must have looked at what runs, or a restarted launcher would see
+        every slot free. ``sync`` is optional: local agents die with the launcher, so what
+        it launched itself is all that runs."""
+        sync = getattr(self.backend, "sync", None)
+        if sync is not None:
+            await sync()
 
     async def _stored(self, subject: str) -> bool:
         return await is_stored(self.ctx.js, self.s.events_stream, subject)
