@@ -22,16 +22,17 @@ from jetreduce.contract.events import (
     decode,
     decode_as,
     encode,
+    input_upload_object,
     item_object,
     object_prefix,
-    output_object,
 )
 from jetreduce.contract.records import Phase
 from jetreduce.janitor.k8s_sweep import ORPHAN_SWEEP_S, OrphanSweeper, WorkflowObjects
+from jetreduce.janitor.objects import ObjectIndex
 from jetreduce.queues.base import ItemQueue
 from jetreduce.queues.factory import open_queue
 from jetreduce.runtime.publish import is_stored, publish_once
-from jetreduce.runtime.service import EventConsumer, ServiceContext
+from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
 from jetreduce.runtime.state import StateStore
 
 __all__ = ["Janitor"]
@@ -58,6 +59,7 @@ class Janitor:
         self.sweeper = (
             None if objects is None else OrphanSweeper(self.state, objects, sweep_every_s)
         )
+        self.objects = ObjectIndex(ctx.js, ctx.subjects.objects_bucket)
 
     async def run(self, stop: asyncio.Event) -> None:
         consumer = EventConsumer(
@@ -74,7 +76,12 @@ class Janitor:
             filters=[self.s.max_deliveries_advisories],
             handler=self.on_max_deliveries,
         )
-        loops = [consumer.run(stop), advisories.run(stop), self._timeouts(stop)]
+        loops = [
+            self.objects.run(stop),
+            consumer.run(stop),
+            advisories.run(stop),
+            self._timeouts(stop),
+        ]
         if self.sweeper is not None:
             loops.append(self.sweeper.run(stop))
         await asyncio.gather(*loops)
@@ -175,34 +182,32 @@ class Janitor:
         return open_queue(self.ctx, wf, spec.options.queue if spec else None)
 
     async def _delete_item_objects(self, store: Any, wf: str) -> None:
-        """Items too large for their message and outputs too large for their event. An item
-        still in the dead-letter queue keeps its object: a DLQ retry runs it again (``dlq
-        purge`` deletes it)."""
-        items, outputs = object_prefix(item_object, wf), object_prefix(output_object, wf)
+        """Items too large for their message and outputs too large for their event, as the
+        object index knows them (the workflow's own objects only: no listing of the store).
+        An item still in the dead-letter queue keeps its object: a DLQ retry runs it again
+        (``dlq purge`` deletes it). When the index lags, the terminal event is redelivered."""
+        items = object_prefix(item_object, wf)
         try:
-            infos = await store.list(ignore_deletes=True)
-        except NotFoundError:
-            return  # an empty bucket
-        for info in infos:
-            name = info.name
+            names = await self.objects.names(wf)
+        except TimeoutError:
+            raise Retry(f"object index of {wf}: not caught up with the store yet") from None
+        for name in sorted(names):
             if name.startswith(items):
                 index = int(name.removeprefix(items))
                 if await is_stored(self.ctx.js, self.s.dlq_stream, self.s.dlq(wf, index)):
                     continue  # dead-lettered: kept
-            elif not name.startswith(outputs):
-                continue
             with contextlib.suppress(Exception):
                 await store.delete(name)
 
     async def clean(self, wf: str) -> None:
-        from jetreduce.contract.events import input_upload_object
-
         await (await self._queue(wf)).purge()
-        with contextlib.suppress(Exception):
+        try:
             store = await self.ctx.js.object_store(self.s.objects_bucket)
-            # The resolved input, and the submitter's upload of it if any (its name comes
-            # from the id, so it goes without reading the possibly removed record).
-            for name in (f"input/{wf}", input_upload_object(wf)):
-                with contextlib.suppress(Exception):  # absent: nothing to delete
-                    await store.delete(name)
-            await self._delete_item_objects(store, wf)
+        except Exception:
+            return  # no object store (yet): nothing stored
+        # The resolved input, and the submitter's upload of it if any (its name comes
+        # from the id, so it goes without reading the possibly removed record).
+        for name in (f"input/{wf}", input_upload_object(wf)):
+            with contextlib.suppress(Exception):  # absent: nothing to delete
+                await store.delete(name)
+        await self._delete_item_objects(store, wf)
