@@ -1,8 +1,11 @@
 """Orchestrator metrics, derived from the events every service already publishes.
 
 Counting where the events are is exact and touches no service's code path: items are
-counted from ``item.done`` / ``item.dead`` / ``item.failed`` (a core subscription in a queue
-group, so two replicas split the messages and their sums add up), queue depth per lane from
+counted from ``item.done`` / ``item.dead`` (a core subscription in a queue group, so two
+replicas split the messages and their sums add up; their payloads carry the attempt's
+duration) and ``item.failed`` (a JetStream consumer shared by the replicas that delivers
+headers only: a failed attempt is only counted, and its payload holds up to 64 KiB of error
+output that this process has no use for), queue depth per lane from
 the aggregator's ``progress`` snapshots, active agents from ``agent.launched`` /
 ``agent.exited``, circuit breakers from ``agent.circuit``. The process hosting the
 aggregator runs it (``ServiceHost`` with a metrics port); nothing subscribes when metrics
@@ -10,6 +13,10 @@ are off, so a run without them pays nothing.
 
 Core subscriptions are at-most-once: a message published while this process reconnects is
 not counted. These are operating metrics, not the books — the RESULTS stream is.
+
+``item.done`` still arrives whole (its output tail included) because the duration histogram
+reads ``duration_s`` from it; it can go headers-only too once agents put the duration in a
+header of the result they publish.
 
 Lease age per lane comes from the agents themselves: no queue backend says when it
 delivered a message, but each agent knows when it leased its items and reports its oldest
@@ -35,6 +42,11 @@ __all__ = ["EventMetrics"]
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "jetreduce-metrics"
+FAILED_CONSUMER = "metrics-failed"
+"""Durable push consumer of ``item.failed`` on EVENTS, headers only, delivered to the queue
+group of the same name; the server removes it ``FAILED_CONSUMER_IDLE_S`` after its last subscriber
+left (metrics turned off)."""
+FAILED_CONSUMER_IDLE_S = 3600.0
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 """Item attempts run from milliseconds (an echo) to an hour (a claude step)."""
 _TERMINAL = ("completed", "failed", "cancelled", "timed_out")
@@ -123,9 +135,9 @@ class EventMetrics:
         if not self.enabled:
             return self
         s = self.s
-        # item.done / item.dead (RESULTS) and item.failed (EVENTS) in one subscription.
-        items = s.item_terminal("*", "*")
-        self._subs.append(await self.nc.subscribe(items, queue=QUEUE_GROUP, cb=self._on_item))
+        for items in s.results_subjects:  # item.done / item.dead: whole, for their duration
+            self._subs.append(await self.nc.subscribe(items, queue=QUEUE_GROUP, cb=self._on_item))
+        self._subs.append(await self._subscribe_failed())
         for subject in (*s.progress_subjects, *_state_subjects(s)):
             self._subs.append(await self.nc.subscribe(subject, cb=self._on_event))
         self._subs.append(await self.nc.subscribe(s.telemetry_leases("*"), cb=self._on_leases))
@@ -136,6 +148,32 @@ class EventMetrics:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs = []
+
+    async def _subscribe_failed(self) -> Any:
+        """``item.failed`` without its payload (see the module docstring): no acks, new
+        messages only when first created (a restarted process resumes where it stopped)."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        js = self.nc.jetstream()
+        failed = self.s.item_terminal("*", "*")  # on EVENTS: item.failed only
+        config = ConsumerConfig(
+            durable_name=FAILED_CONSUMER,
+            deliver_group=FAILED_CONSUMER,
+            filter_subject=failed,
+            headers_only=True,
+            ack_policy=AckPolicy.NONE,
+            deliver_policy=DeliverPolicy.NEW,
+            inactive_threshold=FAILED_CONSUMER_IDLE_S,
+        )
+        return await js.subscribe(
+            failed,
+            queue=FAILED_CONSUMER,  # nats-py: a queue subscription's durable is the queue
+            durable=FAILED_CONSUMER,
+            stream=self.s.events_stream,
+            config=config,
+            cb=self._on_item,
+            manual_ack=True,
+        )
 
     # -- counters ---------------------------------------------------------------------------
     async def _on_item(self, msg: Any) -> None:
