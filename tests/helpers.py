@@ -96,6 +96,14 @@ async def read_stream(
     return out
 
 
+async def item_results(h: Harness, wf: str) -> dict[int, Any]:
+    """A workflow's terminal item events (done or dead), by item index."""
+    results = await read_stream(
+        h.nc.jetstream(), h.subjects.results_stream, h.subjects.terminal_of(wf)
+    )
+    return {e.index: e for e in results if isinstance(e, ev.ItemDone | ev.ItemDead)}
+
+
 async def stored_events(nc: Any, subjects: Subjects, subject: str) -> list[ev.Event]:
     """Every message stored on ``subject`` in the events stream, decoded."""
     return await read_stream(nc.jetstream(), subjects.events_stream, subject)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+from pathlib import Path
 from typing import Any
 
-__all__ = ["env_without_jetreduce", "wait_for"]
+__all__ = ["env_without_jetreduce", "git", "init_repo", "wait_for"]
 
 
 def env_without_jetreduce() -> dict[str, str]:
@@ -27,3 +29,20 @@ async def wait_for(predicate: Any, timeout_s: float = 10.0, every_s: float = 0.0
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout_s}s")
         await asyncio.sleep(every_s)
+
+
+def git(repo: Path, *args: str) -> str:
+    out = subprocess.run(
+        ["git", *args], cwd=repo, capture_output=True, text=True, check=True, timeout=30
+    )
+    return out.stdout
+
+
+def init_repo(path: Path) -> None:
+    """A git repository on ``main`` with one commit and a committer identity."""
+    git(path, "init", "-q", "-b", "main")
+    git(path, "config", "user.email", "test@example.com")
+    git(path, "config", "user.name", "Test")
+    (path / "README").write_text("repo\n")
+    git(path, "add", "README")
+    git(path, "commit", "-q", "-m", "initial")

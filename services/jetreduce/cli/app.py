@@ -53,7 +53,7 @@ from jetreduce.cli.submit import (
 from jetreduce.cli.upload import delete_upload, input_file, upload_input
 from jetreduce.cli.watch import Watcher, describe
 from jetreduce.contract import events as ev
-from jetreduce.contract.events import SubmitOptions
+from jetreduce.contract.events import WORKSPACES, SubmitOptions
 from jetreduce.contract.subjects import InvalidToken, Subjects, check_token
 from jetreduce.contract.topology import declare
 from jetreduce.contract.workflow import WorkflowInvalid
@@ -204,7 +204,17 @@ WorktreesOption = Annotated[
     bool,
     typer.Option(
         "--worktrees",
-        help="Run each item in its own git worktree; merge successful items' branches.",
+        help="Same as --workspace item: a git worktree per item, successful items merged.",
+    ),
+]
+WorkspaceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--workspace",
+        help="Where map items run. agent (default): each agent has a directory of its own, "
+        "a git worktree (commits merged into the workflow branch) in a repository, else a "
+        "copy of the workflow directory. item: a git worktree per item. shared: the "
+        "workflow directory itself. Setup and reduce always run in the workflow directory.",
     ),
 ]
 QueueOption = Annotated[
@@ -230,6 +240,24 @@ Image = Annotated[
     str | None,
     typer.Option("--image", envvar="JETREDUCE_K8S_IMAGE", help="Agent image (kubernetes)."),
 ]
+
+
+_WORKSPACE_WORDS = {
+    "agent": "a directory of each agent's own (a git worktree in a repository, else a copy)",
+    "item": "a git worktree per item",
+    "shared": "the workflow directory itself",
+}
+
+
+def _workspace(workspace: str | None, worktrees: bool) -> str:
+    """``--workspace``, with ``--worktrees`` as its older spelling of ``item``."""
+    if workspace is not None and workspace not in WORKSPACES:
+        raise _fail(
+            f"unknown --workspace {workspace!r}: one of {', '.join(WORKSPACES)}", exit_codes.USAGE
+        )
+    if worktrees and workspace not in (None, "item"):
+        raise _fail(f"--worktrees contradicts --workspace {workspace}", exit_codes.USAGE)
+    return "item" if worktrees else workspace or "agent"
 
 
 def _check_backend(backend: str, namespace: str | None, image: str | None) -> None:
@@ -260,7 +288,12 @@ def _check_profile(workflow: Any, profile: str | None) -> None:
 
 
 def _dry_run(
-    workflow: Any, path: Path, workdir: Path, max_parallel: int | None, args: list[str]
+    workflow: Any,
+    path: Path,
+    workdir: Path,
+    max_parallel: int | None,
+    args: list[str],
+    workspace: str,
 ) -> int:
     """Print what a run would do. Runs no step; only the map input is resolved (the file
     read, or the input command run in the workflow directory) to count the items."""
@@ -271,6 +304,7 @@ def _dry_run(
     reduce_steps = len(workflow.reduce.steps) if workflow.reduce else 0
     typer.echo(f"[DRY RUN] MapReduce workflow {workflow.name!r} ({path})")
     typer.echo(f"  workflow directory: {workdir}")
+    typer.echo(f"  map items run in: {_WORKSPACE_WORDS[workspace]}")
     typer.echo(f"  setup:  {setup_steps} step(s)" if setup_steps else "  setup:  none")
     typer.echo(f"  map:    {len(m.agent_template)} step(s) per item, input {m.input!r}")
     typer.echo(f"  reduce: {reduce_steps} step(s)" if reduce_steps else "  reduce: none")
@@ -367,6 +401,7 @@ def run(
     args: ArgsOption = None,
     profile: ProfileOption = None,
     worktrees: WorktreesOption = False,
+    workspace: WorkspaceOption = None,
     queue: QueueOption = None,
     priority: Annotated[str, typer.Option(help="high, normal or low.")] = "normal",
     dry_run: Annotated[
@@ -388,7 +423,15 @@ def run(
     _check_profile(result.workflow, profile)
     if dry_run:
         where = (workdir or Path.cwd()).resolve()
-        raise typer.Exit(_dry_run(result.workflow, workflow, where, max_parallel, args or []))
+        plan = _dry_run(
+            result.workflow,
+            workflow,
+            where,
+            max_parallel,
+            args or [],
+            _workspace(workspace, worktrees),
+        )
+        raise typer.Exit(plan)
     _check_queue(queue)
     wf = _workflow_id(result, workflow_id)
     where = (workdir or Path.cwd()).resolve()
@@ -405,7 +448,7 @@ def run(
         timeout_s=timeout,
         args=args or [],
         profile=profile,
-        worktrees=worktrees,
+        workspace=_workspace(workspace, worktrees),
         queue=queue,
         backend=backend,
         namespace=namespace,
@@ -573,6 +616,7 @@ def submit_cmd(
     args: ArgsOption = None,
     profile: ProfileOption = None,
     worktrees: WorktreesOption = False,
+    workspace: WorkspaceOption = None,
     queue: QueueOption = None,
     backend: Annotated[
         str,
@@ -610,7 +654,7 @@ def submit_cmd(
         max_attempts=max_attempts,
         args=args or [],
         profile=profile,
-        worktrees=worktrees,
+        workspace=_workspace(workspace, worktrees),
         queue=queue,
     )
 

@@ -26,6 +26,7 @@ from jetreduce.contract.subjects import MAX_INDEX, is_token
 __all__ = [
     "INLINE_ITEM_LIMIT",
     "SCHEMA_VERSION",
+    "WORKSPACES",
     "AgentExited",
     "AgentLaunched",
     "BadEvent",
@@ -109,9 +110,11 @@ class SubmitOptions(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Positional arguments (``--args``): ``$1`` / ``${ARG_1}`` and env ``ARG_1`` in steps."""
     profile: str | None = None
     """The workflow ``profiles:`` entry whose variables apply (``--profile``)."""
-    worktrees: bool = False
-    """Each map item runs in its own git worktree, merged into the workflow branch on
-    success (``--worktrees``; the workflow directory must be a git checkout on a branch)."""
+    workspace: str = "agent"
+    """Where map items run (one of :data:`WORKSPACES`; ``--workspace``): ``agent``, a
+    directory of each agent's own (a git worktree in a repository, else a copy of the
+    workflow directory); ``item``, a git worktree per item (``--worktrees``); ``shared``,
+    the workflow directory itself. Setup and reduce always run in the workflow directory."""
     namespace: str | None = None
     """Kubernetes namespace of the workflow's Jobs; None: the installation's. The launcher
     runs it only in a namespace its installation allows, else the workflow fails saying so."""
@@ -122,6 +125,10 @@ class SubmitOptions(msgspec.Struct, kw_only=True, omit_defaults=True):
     that do not share its disk (pods) read the input from there when their working directory
     lacks the file. A flag, not a name, so no submission can point an agent (or the janitor's
     cleanup) at another workflow's object. Deleted with the workflow's other objects."""
+
+
+WORKSPACES: tuple[str, ...] = ("agent", "item", "shared")
+"""The values of ``SubmitOptions.workspace``."""
 
 
 def input_upload_object(workflow_id: str) -> str:

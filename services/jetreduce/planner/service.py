@@ -18,6 +18,7 @@ from nats.js.errors import NotFoundError
 
 from jetreduce.contract.events import (
     INLINE_ITEM_LIMIT,
+    WORKSPACES,
     BadEvent,
     ItemDead,
     Problem,
@@ -224,6 +225,10 @@ class Planner:
         if opts.priority not in PRIORITY_LANES:
             problems.append(
                 Problem(path="options.priority", message="must be one of high, normal, low")
+            )
+        if opts.workspace not in WORKSPACES:
+            problems.append(
+                Problem(path="options.workspace", message=f"must be one of {', '.join(WORKSPACES)}")
             )
         if opts.backend not in ("local", "kubernetes"):
             problems.append(

@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import tempfile
@@ -171,7 +172,11 @@ class Agent:
         self.env = {**base_env(), **resolved.env, **captures_env}
         self.vars_base: dict[str, Any] = {**resolved.variables, **spec.captures}
         self.workspaces = Workspaces(
-            self.workdir, self.wf, worktrees=spec.options.worktrees, scratch=self.scratch
+            self.workdir,
+            self.wf,
+            mode=spec.options.workspace,
+            scratch=self.scratch,
+            agent=config.index,
         )
 
     # -- shared ---------------------------------------------------------------------------
@@ -299,11 +304,12 @@ class Agent:
         if self.env_problem is not None:
             await self._setup_failed(f"setup: {self.env_problem}", None)
             return 0
-        try:
-            await self.workspaces.prepare()  # --worktrees without a usable repo fails here
-        except WorkspaceError as exc:
-            await self._setup_failed(f"setup: {exc}", None)
-            return 0
+        if self.spec.options.workspace == "item":
+            try:  # --worktrees without a usable repository fails here, before any step
+                await self.workspaces.prepare()
+            except WorkspaceError as exc:
+                await self._setup_failed(f"setup: {exc}", None)
+                return 0
         before = set(os.listdir(self.workdir))
         variables = dict(self.vars_base)
         captures: dict[str, str] = {}
@@ -478,6 +484,7 @@ class Agent:
                     task.cancel()
             await self.queue.close()
             await self.acks.close()
+            await asyncio.shield(self.workspaces.close())
         # Stopped by a signal before the phase ended (an eviction): not a success, so the Job
         # controller (or the local launcher) starts another agent in its place.
         return EXIT_SIGTERM if self.signalled and not self.phase_over.is_set() else 0
@@ -687,14 +694,14 @@ class Agent:
         variables: dict[str, Any],
         deadline: float | None,
     ) -> StepsResult:
-        """An item's steps in its workspace; with worktrees, a successful item's branch is
-        merged into the workflow branch before the item counts as done, and the worktree is
-        removed whatever happened."""
+        """An item's steps in its workspace (`worker.workspace`); with worktrees, a successful
+        item's commits are merged into the workflow branch before the item counts as done,
+        and the workspace is released (removed, reset or kept) whatever happened."""
         if self.env_problem is not None:
             return _failure(self.env_problem)
+        if not steps:  # nothing runs: no workspace to make
+            return await self._steps(steps, variables, deadline=deadline)
         try:
-            if self.workspaces.worktrees and self.workspaces.top is None:
-                await self.workspaces.prepare()
             ws = await self.workspaces.acquire(index)
         except WorkspaceError as exc:
             return _failure(f"worktree: {exc}")
@@ -713,7 +720,7 @@ class Agent:
                     result.failed, result.reason = merge_failed.failed, ""
             return result
         finally:
-            await asyncio.shield(self.workspaces.release(ws, merged=merged))
+            await asyncio.shield(self.workspaces.release(ws, merged=merged, index=index))
 
     async def _breaker_record(self, ok: bool) -> None:
         if self.breaker is None:
@@ -892,6 +899,7 @@ def _step_text(step: Step) -> str:
 async def run_agent(settings: NatsSettings, config: AgentConfig) -> int:
     """Run one agent to completion; the exit code is what a pod or child process returns."""
     nc = await connect(settings, name=f"jetreduce-agent-{config.phase}-{config.index}")
+    agent: Agent | None = None
     try:
         subjects = Subjects(settings.prefix)
         js = nc.jetstream()
@@ -935,3 +943,5 @@ async def run_agent(settings: NatsSettings, config: AgentConfig) -> int:
     finally:
         with contextlib.suppress(Exception):
             await nc.drain()
+        if agent is not None:  # spills, spools and the agent's own workspaces
+            shutil.rmtree(agent.scratch, ignore_errors=True)

@@ -1,24 +1,43 @@
-"""Where a map agent runs an item's steps: the workflow directory, or a git worktree of it.
+"""Where a map item's steps run: the workflow directory, a directory of the agent's own, or
+a git worktree per item (``SubmitOptions.workspace``).
 
-Without ``--worktrees`` every agent runs in the workflow directory (as setup and reduce do).
-Prodigy gives each agent its own worktree; a plain empty per-agent directory would break
-the relative paths workflows use (``input: items.json``, ``cat src/${item}``), so the shared
-directory is the default and the isolation is opt-in.
+Setup and reduce always run in the workflow directory. Map items run in:
 
-With ``--worktrees`` (the workflow directory must be in a git repository, on a branch):
+``agent`` (the default)
+    each map agent — one of the ``max_parallel`` slots — has a working directory of its own,
+    made when the slot runs its first item that has steps, and reused by the slot's later
+    items (Prodigy makes one per item; a jetreduce agent serves many items, so the cost is
+    per slot, not per item).
 
-* each item gets ``git worktree add -B jetreduce-<wf>-item_<i> <tmp> <workflow branch tip>``
-  and its steps run there (in the same sub-directory the workflow directory is of its repo);
-* ``commit_required: true`` steps must move HEAD (checked by the agent with :func:`head`);
-* after the item's steps succeed, its branch is merged into the workflow branch, in the
-  workflow directory, **one merge at a time** across all agents on the host (an ``flock`` in
-  the repository's git directory). A conflict aborts the merge and fails the item
-  (:class:`WorkspaceError` with ``error_type="MergeConflict"``). Map completion waits for
-  every item, so every merge is in before reduce starts;
-* the worktree is removed afterwards; the branch too, unless it holds commits that were not
-  merged (a failed item's work stays inspectable).
+    * In a git repository on a branch with a commit, it is a **worktree of its own**, on
+      branch ``jetreduce-<wf>-a<agent>-<slot>``. After an item succeeds, commits it made are
+      merged into the workflow branch (serially, see below); after an item fails, its
+      commits are kept on ``jetreduce-<wf>-item_<i>`` for inspection and the worktree is
+      reset to where the item started (``reset --hard`` + ``clean -fd``), so no failed work
+      reaches a later item's merge. A worktree holds committed files only, as Prodigy's do.
+    * Elsewhere it is a **copy** of the workflow directory (``.git`` and the ``.jetreduce``
+      data directory left out): relative paths keep working, and what an item writes stays
+      in its agent's copy, as in a Kubernetes pod. Results travel through item outputs
+      (``${map.results}``), as in Prodigy. A directory over :data:`COPY_LIMIT_BYTES` or
+      :data:`COPY_LIMIT_FILES` is not copied: the agent warns and runs in the workflow
+      directory (``--workspace shared`` says so explicitly).
 
-All git calls go through :func:`~jetreduce.worker.steps.run_process` (bounded, killable).
+``item`` (``--worktrees``)
+    each item gets a fresh ``git worktree add -B jetreduce-<wf>-item_<i>`` off the workflow
+    branch's current tip — Prodigy's isolation, at the price of a checkout per item. The
+    workflow directory must be in a git repository, on a branch, with a commit.
+
+``shared``
+    every item runs in the workflow directory itself: parallel items share its files.
+
+Merges happen in the workflow directory, **one at a time** across all agents on the host
+(an ``flock`` in the repository's git directory). A conflict aborts the merge and fails the
+item (:class:`WorkspaceError` with ``error_type="MergeConflict"``). Map completion waits for
+every item, so every merge is in before reduce starts.
+
+All git calls go through :func:`~jetreduce.worker.steps.run_process` (bounded, killable);
+the per-item HEAD check reads the refs directly (:func:`read_head`), so an agent that makes
+no commits spawns no git process per item.
 """
 
 from __future__ import annotations
@@ -28,6 +47,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -37,12 +57,15 @@ from typing import Final
 from jetreduce.worker.steps import StepOutcome, base_env, run_process
 
 __all__ = [
+    "COPY_LIMIT_BYTES",
+    "COPY_LIMIT_FILES",
     "GIT_TIMEOUT_S",
     "LOCK_WAIT_S",
     "Workspace",
     "WorkspaceError",
     "Workspaces",
     "head",
+    "read_head",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,6 +76,13 @@ LOCK_WAIT_S: Final = 600.0
 """Longest wait for the host-wide merge lock: many agents may queue behind one another."""
 LOCK_POLL_S: Final = 0.05
 LOCK_FILE: Final = "jetreduce-merge.lock"
+COPY_LIMIT_BYTES: Final = 64 * 1024 * 1024
+"""Largest workflow directory copied for each agent; larger ones are shared (with a warning):
+a virtualenv or a build tree copied per slot would cost more than the items."""
+COPY_LIMIT_FILES: Final = 10_000
+NOT_COPIED: Final = frozenset({".git", ".jetreduce"})
+"""Top-level entries an agent's copy leaves out: the repository (a copy's commits would be
+lost silently) and the embedded server's default data directory."""
 FALLBACK_IDENTITY: Final = {
     "GIT_AUTHOR_NAME": "jetreduce",
     "GIT_AUTHOR_EMAIL": "jetreduce@localhost",
@@ -74,10 +104,12 @@ class Workspace:
     path: str
     """Where the item's commands run."""
     root: str | None = None
-    """The worktree's top directory (None: the shared workflow directory)."""
+    """The worktree's top directory (None: not a worktree)."""
     branch: str | None = None
     base: str | None = None
-    """The commit the branch started from."""
+    """The commit HEAD was at when the item started."""
+    reused: bool = False
+    """An agent's own workspace, handed back to its pool after the item (not removed)."""
 
 
 def _git_env() -> dict[str, str]:
@@ -97,50 +129,155 @@ async def head(cwd: str) -> str | None:
     return (out.stdout.strip() or None) if out.ok else None
 
 
+def read_head(root: str) -> str | None:
+    """HEAD of the worktree whose top directory is ``root``, read from the ref files without
+    running git; None when the layout is not the plain one (a reftable, a symbolic ref
+    chain…): callers then ask :func:`head`."""
+    try:
+        dotgit = Path(root, ".git")
+        if dotgit.is_file():
+            text = dotgit.read_text().strip()
+            if not text.startswith("gitdir:"):
+                return None
+            gitdir = Path(root, text.removeprefix("gitdir:").strip())
+        else:
+            gitdir = dotgit
+        value = (gitdir / "HEAD").read_text().strip()
+        if not value.startswith("ref:"):
+            return value or None
+        ref = value.removeprefix("ref:").strip()
+        common = gitdir
+        if (gitdir / "commondir").is_file():
+            common = gitdir / (gitdir / "commondir").read_text().strip()
+        for base in (gitdir, common):
+            loose = base / ref
+            if loose.is_file():
+                return loose.read_text().strip() or None
+        packed = common / "packed-refs"
+        if packed.is_file():
+            for line in packed.read_text().splitlines():
+                sha, _, name = line.partition(" ")
+                if name == ref:
+                    return sha
+    except (OSError, UnicodeDecodeError):
+        pass
+    return None
+
+
+async def _head_of(root: str) -> str | None:
+    return read_head(root) or await head(root)
+
+
 def _why(out: StepOutcome) -> str:
     text = (out.stderr or out.stdout or out.error).strip()
     return text[-1000:] if text else f"exit code {out.exit_code}"
 
 
 class Workspaces:
-    """Hands out one :class:`Workspace` per item for one agent process."""
+    """Hands out a :class:`Workspace` per item for one agent process (see the module doc)."""
 
-    def __init__(self, workdir: str, workflow_id: str, *, worktrees: bool, scratch: Path) -> None:
+    def __init__(
+        self, workdir: str, workflow_id: str, *, mode: str, scratch: Path, agent: int = 0
+    ) -> None:
         self.workdir = workdir
         self.wf = workflow_id
-        self.worktrees = worktrees
+        self.mode = mode
         self.scratch = scratch
+        self.agent = agent
+        self.kind: str | None = None
+        """What ``mode`` became here: ``shared``, ``copy``, ``agent-worktree`` or
+        ``item-worktree``; None until :meth:`prepare`."""
         self.top: str | None = None
         self.git_dir: str | None = None
         self.branch: str | None = None
         self.subdir = "."
+        self._free: list[Workspace] = []
+        self._made: list[Workspace] = []
+        self._slots = 0
+
+    @property
+    def worktrees(self) -> bool:
+        return self.kind in ("agent-worktree", "item-worktree")
 
     async def prepare(self) -> None:
-        """Find the repository and the workflow branch. Raises :class:`WorkspaceError` when
-        worktrees are asked for and the workflow directory cannot give them."""
-        if not self.worktrees:
+        """Decide where items run. Raises :class:`WorkspaceError` when ``item`` worktrees are
+        asked for and the workflow directory cannot give them; ``agent`` falls back to a copy
+        (or to the shared directory) instead, saying why in the log."""
+        if self.kind is not None:
             return
+        if self.mode == "shared":
+            self.kind = "shared"
+            return
+        problem = await self._find_repository()
+        if problem is None:
+            self.kind = "item-worktree" if self.mode == "item" else "agent-worktree"
+            return
+        if self.mode == "item":
+            raise WorkspaceError(problem)
+        too_big = await asyncio.to_thread(self._too_big_to_copy)
+        if too_big:
+            log.warning(
+                "agent workspace: %s; every item of this agent runs in the workflow directory "
+                "(--workspace shared says so explicitly)",
+                too_big,
+            )
+            self.kind = "shared"
+        else:
+            self.kind = "copy"
+
+    async def _find_repository(self) -> str | None:
+        """Find the repository and the workflow branch; why worktrees are impossible, if so."""
         top = await _git("rev-parse", "--show-toplevel", cwd=self.workdir)
         if not top.ok:
-            raise WorkspaceError(
+            return (
                 f"--worktrees needs the workflow directory {self.workdir} to be in a git "
                 f"repository: {_why(top)}"
             )
-        self.top = top.stdout.strip()
-        common = await _git("rev-parse", "--path-format=absolute", "--git-common-dir", cwd=self.top)
-        self.git_dir = common.stdout.strip() if common.ok else os.path.join(self.top, ".git")
-        branch = await _git("symbolic-ref", "--short", "-q", "HEAD", cwd=self.top)
+        root = top.stdout.strip()
+        branch = await _git("symbolic-ref", "--short", "-q", "HEAD", cwd=root)
         if not branch.ok or not branch.stdout.strip():
-            raise WorkspaceError(
-                f"--worktrees needs the workflow directory on a branch (HEAD of {self.top} is "
+            return (
+                f"--worktrees needs the workflow directory on a branch (HEAD of {root} is "
                 "detached): agents' branches are merged into it"
             )
+        if await head(root) is None:
+            name = branch.stdout.strip()
+            return f"--worktrees needs at least one commit on {name} to branch from"
+        common = await _git("rev-parse", "--path-format=absolute", "--git-common-dir", cwd=root)
+        self.top = root
+        self.git_dir = common.stdout.strip() if common.ok else os.path.join(root, ".git")
         self.branch = branch.stdout.strip()
-        if await head(self.top) is None:
-            raise WorkspaceError(
-                f"--worktrees needs at least one commit on {self.branch} to branch from"
-            )
-        self.subdir = os.path.relpath(os.path.realpath(self.workdir), os.path.realpath(self.top))
+        self.subdir = os.path.relpath(os.path.realpath(self.workdir), os.path.realpath(root))
+        return None
+
+    def _skipped(self, directory: str, names: list[str]) -> set[str]:
+        """Entries of ``directory`` an agent's copy leaves out (copytree's ``ignore``)."""
+        if os.path.realpath(directory) != os.path.realpath(self.workdir):
+            return set()
+        skip = {n for n in names if n in NOT_COPIED}
+        scratch = os.path.relpath(os.path.realpath(self.scratch), os.path.realpath(self.workdir))
+        if not scratch.startswith(".."):  # the copies live inside the workflow directory
+            skip.add(scratch.split(os.sep)[0])
+        return skip
+
+    def _too_big_to_copy(self) -> str | None:
+        files = size = 0
+        for directory, dirs, names in os.walk(self.workdir):
+            skip = self._skipped(directory, [*dirs, *names])
+            dirs[:] = [d for d in dirs if d not in skip]
+            for name in names:
+                if name in skip:
+                    continue
+                files += 1
+                with contextlib.suppress(OSError):
+                    size += os.lstat(os.path.join(directory, name)).st_size
+                if files > COPY_LIMIT_FILES or size > COPY_LIMIT_BYTES:
+                    return (
+                        f"the workflow directory {self.workdir} holds more than "
+                        f"{COPY_LIMIT_FILES} files or {COPY_LIMIT_BYTES // 2**20} MiB, too much "
+                        "to copy for each agent"
+                    )
+        return None
 
     @contextlib.asynccontextmanager
     async def _locked(self) -> AsyncIterator[None]:
@@ -167,14 +304,9 @@ class Workspaces:
         finally:
             os.close(fd)
 
-    async def acquire(self, index: int) -> Workspace:
-        """A workspace for item ``index``: a fresh worktree on its own branch off the
-        workflow branch's current tip, or the workflow directory itself."""
-        if not self.worktrees:
-            return Workspace(path=self.workdir)
+    async def _add_worktree(self, branch: str, root: str) -> str | None:
+        """``git worktree add`` of ``branch`` at the workflow branch's tip; the tip."""
         assert self.top is not None and self.branch is not None
-        branch = f"jetreduce-{self.wf}-item_{index}"
-        root = str(self.scratch / f"worktree-{index}")
         async with self._locked():
             await _git("worktree", "prune", cwd=self.top)
             base = await head(self.top)
@@ -182,10 +314,46 @@ class Workspaces:
                 "worktree", "add", "-f", "-B", branch, root, base or self.branch, cwd=self.top
             )
         if not out.ok:
-            raise WorkspaceError(f"git worktree add for item {index} failed: {_why(out)}")
-        path = Path(root, self.subdir)
-        path.mkdir(parents=True, exist_ok=True)
-        return Workspace(path=str(path), root=root, branch=branch, base=base)
+            raise WorkspaceError(f"git worktree add {root} failed: {_why(out)}")
+        Path(root, self.subdir).mkdir(parents=True, exist_ok=True)
+        return base
+
+    async def acquire(self, index: int) -> Workspace:
+        """A workspace for item ``index`` (see the module doc for each kind)."""
+        await self.prepare()
+        if self.kind == "shared":
+            return Workspace(path=self.workdir)
+        if self.kind == "item-worktree":
+            branch = f"jetreduce-{self.wf}-item_{index}"
+            root = str(self.scratch / f"worktree-{index}")
+            base = await self._add_worktree(branch, root)
+            return Workspace(path=str(Path(root, self.subdir)), root=root, branch=branch, base=base)
+        if self._free:
+            ws = self._free.pop()
+        else:
+            slot = self._slots  # taken before any await: concurrent items need distinct ones
+            self._slots += 1
+            ws = await self._make_own(slot)
+            self._made.append(ws)
+        if ws.root is not None:
+            ws.base = await _head_of(ws.root)
+        return ws
+
+    async def _make_own(self, slot: int) -> Workspace:
+        """A new agent-owned workspace: a worktree on the slot's branch, or a copy."""
+        root = str(self.scratch / f"agent-{slot}")
+        if self.kind == "agent-worktree":
+            branch = f"jetreduce-{self.wf}-a{self.agent}-{slot}"
+            await self._add_worktree(branch, root)
+            path = str(Path(root, self.subdir))
+            return Workspace(path=path, root=root, branch=branch, reused=True)
+        try:
+            await asyncio.to_thread(
+                shutil.copytree, self.workdir, root, symlinks=True, ignore=self._skipped
+            )
+        except (OSError, shutil.Error) as exc:
+            raise WorkspaceError(f"could not copy the workflow directory: {exc}") from exc
+        return Workspace(path=root, reused=True)
 
     async def merge(self, ws: Workspace) -> None:
         """Merge the item's branch into the workflow branch (serially). A branch without new
@@ -193,7 +361,7 @@ class Workspaces:
         if ws.root is None or ws.branch is None:
             return
         assert self.top is not None
-        tip = await head(ws.root)
+        tip = await _head_of(ws.root)
         if tip is None or tip == ws.base:
             return
         async with self._locked():
@@ -213,7 +381,7 @@ class Workspaces:
                 "--no-edit",
                 "-m",
                 f"Merge {ws.branch} (jetreduce {self.wf})",
-                ws.branch,
+                tip,
                 cwd=self.top,
                 env=env,
             )
@@ -228,13 +396,51 @@ class Workspaces:
             "MergeConflict",
         )
 
-    async def release(self, ws: Workspace, *, merged: bool) -> None:
-        """Remove the item's worktree, and its branch unless it holds unmerged commits.
-        Never raises: cleanup trouble must not change an item's verdict."""
+    async def release(self, ws: Workspace, *, merged: bool, index: int) -> None:
+        """After an item (``merged``: it succeeded, its commits merged): an item worktree is
+        removed (its branch too, unless it holds unmerged commits); an agent's own worktree
+        is reset if the item failed, its commits kept on the item's branch. Never raises:
+        cleanup trouble must not change an item's verdict (a workspace that cannot be reset
+        is dropped, not reused)."""
+        if not ws.reused:
+            await self._remove_item_worktree(ws, merged=merged)
+            return
+        try:
+            if ws.root is not None and not merged:
+                tip = await _head_of(ws.root)
+                if tip != ws.base or not await self._clean(ws):
+                    await self._reset(ws, tip, index)
+        except Exception as exc:  # cleanup only: report, never fail the item
+            log.warning("could not reset workspace %s, dropping it: %s", ws.root, exc)
+            self._made.remove(ws)
+            await self._discard(ws)
+            return
+        self._free.append(ws)
+
+    async def _clean(self, ws: Workspace) -> bool:
+        """Whether a failed item left the worktree as it found it (a failure is rare: one git
+        call to find out is cheap)."""
+        assert ws.root is not None
+        out = await _git("status", "--porcelain", cwd=ws.root)
+        return out.ok and not out.stdout.strip()
+
+    async def _reset(self, ws: Workspace, tip: str | None, index: int) -> None:
+        """Keep a failed item's commits on its own branch, and put the worktree back."""
+        assert ws.root is not None and ws.base is not None
+        if tip is not None and tip != ws.base:
+            keep = f"jetreduce-{self.wf}-item_{index}"
+            await _git("branch", "-f", keep, tip, cwd=ws.root)
+            log.warning("item %d failed after committing: its commits are on %s", index, keep)
+        for args in (("reset", "-q", "--hard", ws.base), ("clean", "-q", "-fd")):
+            out = await _git(*args, cwd=ws.root)
+            if not out.ok:
+                raise WorkspaceError(f"git {args[0]} failed: {_why(out)}")
+
+    async def _remove_item_worktree(self, ws: Workspace, *, merged: bool) -> None:
         if ws.root is None or ws.branch is None or self.top is None:
             return
         try:
-            tip = await head(ws.root)
+            tip = await _head_of(ws.root)
             async with self._locked():
                 out = await _git("worktree", "remove", "--force", ws.root, cwd=self.top)
                 if not out.ok:
@@ -243,3 +449,22 @@ class Workspaces:
                     await _git("branch", "-D", ws.branch, cwd=self.top)
         except Exception as exc:  # cleanup only: report, never fail the item
             log.warning("worktree cleanup of %s failed: %s", ws.root, exc)
+
+    async def _discard(self, ws: Workspace) -> None:
+        """Remove an agent-owned workspace (and its branch: every success was merged, every
+        failure's commits were kept on the item's branch)."""
+        try:
+            if ws.branch is not None and self.top is not None:
+                async with self._locked():
+                    await _git("worktree", "remove", "--force", str(ws.root), cwd=self.top)
+                    await _git("branch", "-D", ws.branch, cwd=self.top)
+            else:  # a copy
+                await asyncio.to_thread(shutil.rmtree, ws.path, True)
+        except Exception as exc:  # cleanup only
+            log.warning("could not remove workspace %s: %s", ws.root or ws.path, exc)
+
+    async def close(self) -> None:
+        """Remove the agent's own workspaces (at the agent's end). Never raises."""
+        made, self._made, self._free = self._made, [], []
+        for ws in made:
+            await self._discard(ws)

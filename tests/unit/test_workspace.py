@@ -1,0 +1,80 @@
+"""The agent workspace rules that need no NATS: reading HEAD without git, the copy limit, and
+distinct workspaces for items that start at the same moment."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from jetreduce.worker import workspace as workspace_module
+from jetreduce.worker.workspace import Workspaces, read_head
+from support import git, init_repo
+
+pytestmark = pytest.mark.anyio
+
+
+def rev_parse(repo: Path) -> str:
+    return git(repo, "rev-parse", "HEAD").strip()
+
+
+def test_read_head_agrees_with_git(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    init_repo(repo)
+    assert read_head(str(repo)) == rev_parse(repo)
+    tree = tmp_path / "tree"
+    git(repo, "worktree", "add", "-q", "-b", "side", str(tree))
+    (tree / "x").write_text("x\n")
+    git(tree, "add", "x")
+    git(tree, "commit", "-q", "-m", "x")
+    assert read_head(str(tree)) == rev_parse(tree) != rev_parse(repo)
+    git(repo, "pack-refs", "--all")  # refs move into packed-refs
+    assert read_head(str(tree)) == rev_parse(tree)
+    git(tree, "checkout", "-q", "--detach")
+    assert read_head(str(tree)) == rev_parse(tree)
+    assert read_head(str(tmp_path)) is None  # not a repository: the caller asks git
+
+
+async def test_a_directory_too_big_to_copy_is_shared_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    for i in range(5):
+        (work / f"f{i}").write_text("data\n")
+    monkeypatch.setattr(workspace_module, "COPY_LIMIT_FILES", 4)
+    spaces = Workspaces(str(work), "wf", mode="agent", scratch=tmp_path / "scratch")
+    with caplog.at_level(logging.WARNING):
+        ws = await spaces.acquire(0)
+    assert spaces.kind == "shared" and ws.path == str(work)
+    assert "more than 4 files" in caplog.text and "--workspace shared" in caplog.text
+
+
+async def test_items_starting_together_get_distinct_copies_reused_afterwards(
+    tmp_path: Path,
+) -> None:
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "sub" / "a.txt").write_text("a\n")
+    (work / ".jetreduce").mkdir()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    spaces = Workspaces(str(work), "wf", mode="agent", scratch=scratch)
+    first, second = await asyncio.gather(spaces.acquire(0), spaces.acquire(1))
+    assert spaces.kind == "copy" and first.path != second.path
+    for ws in (first, second):
+        assert Path(ws.path, "sub", "a.txt").read_text() == "a\n"
+        assert not Path(ws.path, ".jetreduce").exists()
+    await spaces.release(first, merged=True, index=0)
+    assert (await spaces.acquire(2)).path == first.path  # the freed slot's directory
+    await spaces.close()
+    assert not Path(first.path).exists() and not Path(second.path).exists()
+
+
+async def test_item_worktrees_need_a_repository(tmp_path: Path) -> None:
+    spaces = Workspaces(str(tmp_path), "wf", mode="item", scratch=tmp_path / "s")
+    with pytest.raises(workspace_module.WorkspaceError, match="git repository"):
+        await spaces.prepare()
