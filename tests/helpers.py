@@ -3,8 +3,11 @@ through the same submit/watch path the CLI uses. Agents are real child processes
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.subjects import Subjects
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.settings import NatsSettings
+from support import env_without_jetreduce
 
 
 @dataclass
@@ -102,6 +106,28 @@ async def item_results(h: Harness, wf: str) -> dict[int, Any]:
         h.nc.jetstream(), h.subjects.results_stream, h.subjects.terminal_of(wf)
     )
     return {e.index: e for e in results if isinstance(e, ev.ItemDone | ev.ItemDead)}
+
+
+async def dlq(h: Harness, *args: str) -> subprocess.CompletedProcess[str]:
+    """``jetreduce dlq ARGS`` against the harness's server, as an operator runs it."""
+    env = env_without_jetreduce() | {"JETREDUCE_PREFIX": h.subjects.prefix}
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "jetreduce", "dlq", *args, "--nats", h.settings.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+async def next_completion(watcher: Watcher, timeout_s: float = 60) -> ev.WorkflowCompleted:
+    """The next ``workflow.completed`` the watcher sees (a failure fails the test)."""
+    while True:
+        event = await asyncio.wait_for(watcher.queue.get(), timeout_s)
+        if isinstance(event, ev.WorkflowCompleted):
+            return event
+        assert not isinstance(event, ev.WorkflowFailed), event
 
 
 async def stored_events(nc: Any, subjects: Subjects, subject: str) -> list[ev.Event]:

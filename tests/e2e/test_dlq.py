@@ -3,17 +3,13 @@ workflow so reduce runs again), purge."""
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import Harness, services, stored_events
+from helpers import dlq, next_completion, services, stored_events
 from jetreduce.cli.watch import Watcher
 from jetreduce.contract import events as ev
-from support import env_without_jetreduce
 
 pytestmark = pytest.mark.anyio
 
@@ -27,18 +23,6 @@ map:
 reduce:
   - shell: "echo ok=${map.successful} dead=${map.failed}"
 """
-
-
-async def dlq(h: Harness, *args: str) -> subprocess.CompletedProcess[str]:
-    env = env_without_jetreduce() | {"JETREDUCE_PREFIX": h.subjects.prefix}
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "jetreduce", "dlq", *args, "--nats", h.settings.url],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
 
 
 async def test_dead_item_retried_after_a_fix_reopens_and_reduces_again(
@@ -69,7 +53,7 @@ async def test_dead_item_retried_after_a_fix_reopens_and_reduces_again(
         assert retried.returncode == 0, retried.stderr
         assert "1 item(s)" in retried.stdout
         try:
-            second = await _next_completion(watcher)
+            second = await next_completion(watcher)
         finally:
             await watcher.stop()
         assert (second.done, second.dead) == (3, 0)
@@ -77,14 +61,6 @@ async def test_dead_item_retried_after_a_fix_reopens_and_reduces_again(
         assert (await dlq(h, "list", "flaky-1")).stdout == ""
         nothing = await dlq(h, "retry", "flaky-1")
         assert nothing.returncode == 1 and "no matching" in nothing.stderr
-
-
-async def _next_completion(watcher: Watcher) -> ev.WorkflowCompleted:
-    while True:
-        event = await asyncio.wait_for(watcher.queue.get(), 60)
-        if isinstance(event, ev.WorkflowCompleted):
-            return event
-        assert not isinstance(event, ev.WorkflowFailed), event
 
 
 async def test_purge_forgets_dead_items(

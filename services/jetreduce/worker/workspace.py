@@ -13,7 +13,7 @@ Setup and reduce always run in the workflow directory. Map items run in:
       branch ``jetreduce-<wf>-a<agent>-<slot>``. After an item succeeds, commits it made are
       merged into the workflow branch (serially, see below); after an item fails, its
       commits are kept on ``jetreduce-<wf>-item_<i>`` for inspection and the worktree is
-      reset to where the item started (``reset --hard`` + ``clean -fd``), so no failed work
+      reset to where the item started (``checkout -f -B`` + ``clean -fd``), so no failed work
       reaches a later item's merge. A worktree holds committed files only, as Prodigy's do.
     * Elsewhere it is a **copy** of the workflow directory (``.git`` and the ``.jetreduce``
       data directory left out): relative paths keep working, and what an item writes stays
@@ -431,7 +431,8 @@ class Workspaces:
             keep = f"jetreduce-{self.wf}-item_{index}"
             await _git("branch", "-f", keep, tip, cwd=ws.root)
             log.warning("item %d failed after committing: its commits are on %s", index, keep)
-        for args in (("reset", "-q", "--hard", ws.base), ("clean", "-q", "-fd")):
+        assert ws.branch is not None  # back on the slot's branch, even if the item left it
+        for args in (("checkout", "-q", "-f", "-B", ws.branch, ws.base), ("clean", "-q", "-fd")):
             out = await _git(*args, cwd=ws.root)
             if not out.ok:
                 raise WorkspaceError(f"git {args[0]} failed: {_why(out)}")
