@@ -48,9 +48,8 @@ from jetreduce.cli.submit import (
     format_problems,
     load_workflow,
     new_workflow_id,
-    submit,
 )
-from jetreduce.cli.upload import delete_upload, input_file, upload_input
+from jetreduce.cli.upload import input_file, submit_with_upload
 from jetreduce.cli.watch import Watcher, describe
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import WORKSPACES, SubmitOptions
@@ -554,12 +553,16 @@ async def _run(
                     return exit_codes.FAILED
                 else:
                     try:
-                        if upload is not None:
-                            await upload_input(nc.jetstream(), subjects, wf, upload)
-                        await submit(nc, subjects, text, options, workflow_id=wf, source=source)
+                        await submit_with_upload(
+                            nc,
+                            subjects,
+                            text,
+                            options,
+                            workflow_id=wf,
+                            source=source,
+                            upload=upload,
+                        )
                     except SubmitRejected as exc:
-                        if upload is not None:
-                            await delete_upload(nc.jetstream(), subjects, wf)
                         typer.echo(format_problems(exc), err=True)
                         return exit_codes.USAGE
                     typer.echo(f"workflow {wf} submitted", err=True)
@@ -663,12 +666,10 @@ def submit_cmd(
         if wait:
             await watcher.start()
         try:
-            if upload is not None:
-                await upload_input(nc.jetstream(), subjects, wf, upload)
-            await submit(nc, subjects, text, options, workflow_id=wf, source=str(workflow))
+            await submit_with_upload(
+                nc, subjects, text, options, workflow_id=wf, source=str(workflow), upload=upload
+            )
         except SubmitRejected as exc:
-            if upload is not None:
-                await delete_upload(nc.jetstream(), subjects, wf)
             typer.echo(format_problems(exc), err=True)
             return exit_codes.USAGE
         except TimeoutError as exc:

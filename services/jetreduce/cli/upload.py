@@ -18,10 +18,12 @@ from typing import Any
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from jetreduce.contract.events import input_upload_object
+from jetreduce.cli.submit import SubmitRejected, submit
+from jetreduce.contract.events import SubmitOptions, SubmitReply, input_upload_object
 from jetreduce.contract.subjects import Subjects
+from jetreduce.runtime.state import StateStore
 
-__all__ = ["delete_upload", "input_file", "upload_input"]
+__all__ = ["delete_upload", "input_file", "submit_with_upload", "upload_input"]
 
 
 def input_file(workflow: Any, workdir: Path, args: list[str]) -> Path | None:
@@ -68,3 +70,30 @@ async def delete_upload(js: JetStreamContext, subjects: Subjects, wf: str) -> No
         await store.delete(input_upload_object(wf))
     except NotFoundError:
         pass
+
+
+async def submit_with_upload(
+    nc: Any,
+    subjects: Subjects,
+    text: str,
+    options: SubmitOptions,
+    *,
+    workflow_id: str,
+    source: str,
+    upload: Path | None,
+) -> SubmitReply:
+    """Submit, uploading ``upload`` first when there is one. A workflow that already exists
+    (a resubmit of its id, which the planner answers as before) keeps the input it was
+    submitted with: its upload is neither overwritten nor, if the answer is a rejection,
+    deleted."""
+    js = nc.jetstream()
+    uploaded = False
+    if upload is not None and await StateStore(js, subjects).get(workflow_id) is None:
+        await upload_input(js, subjects, workflow_id, upload)
+        uploaded = True
+    try:
+        return await submit(nc, subjects, text, options, workflow_id=workflow_id, source=source)
+    except SubmitRejected:
+        if uploaded:
+            await delete_upload(js, subjects, workflow_id)
+        raise
