@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -259,6 +260,26 @@ def _workspace(workspace: str | None, worktrees: bool) -> str:
     return "item" if worktrees else workspace or "agent"
 
 
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def kubernetes_settings(
+    namespace: str | None, image: str | None, workflow_namespaces: list[str]
+) -> KubernetesSettings:
+    """The installation's Kubernetes settings with the command line's choices (namespaces
+    checked here: a typo would otherwise surface only as a workflow's refusal)."""
+    for name in [namespace or "", *workflow_namespaces]:
+        if name and not _DNS_LABEL.fullmatch(name):
+            raise _fail(f"{name!r} is not a Kubernetes namespace name", exit_codes.USAGE)
+    k8s = KubernetesSettings()
+    return replace(
+        k8s,
+        namespace=namespace or k8s.namespace,
+        image=image or k8s.image,
+        workflow_namespaces=tuple(dict.fromkeys(workflow_namespaces)),
+    )
+
+
 def _check_backend(backend: str, namespace: str | None, image: str | None) -> None:
     """``--namespace``/``--image`` say where and how pods run: without ``--backend
     kubernetes`` they would be silently ignored, so they are refused."""
@@ -456,8 +477,7 @@ def run(
     )
     k8s = None
     if pods:
-        k8s = KubernetesSettings()
-        k8s = replace(k8s, namespace=namespace or k8s.namespace, image=image or k8s.image)
+        k8s = kubernetes_settings(namespace, image, [])
         if nats is None:
             typer.echo(
                 "note: agent pods reach the embedded nats-server on this host's loopback "
@@ -824,6 +844,16 @@ MaxSlots = Annotated[
         "workflow a lane). Default: no limit.",
     ),
 ]
+WorkflowNamespaces = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--workflow-namespace",
+        envvar="JETREDUCE_K8S_WORKFLOW_NAMESPACES",
+        help="Another namespace workflows may ask for with --namespace (kubernetes; repeat "
+        "it, or list them space-separated in the variable). The launcher's and janitor's "
+        "Role must exist there too.",
+    ),
+]
 MetricsPort = Annotated[
     int | None,
     typer.Option(
@@ -841,9 +871,8 @@ def _serve(
     names: tuple[str, ...],
     nats: str | None,
     log_dir: Path | None,
-    backend: str = "local",
-    namespace: str | None = None,
-    image: str | None = None,
+    backend: str,
+    k8s: KubernetesSettings,
     replicas: int = 1,
     *,
     max_slots: int | None = None,
@@ -856,13 +885,6 @@ def _serve(
     config = telemetry.configure(service_name, prometheus=metrics_port is not None)
     if metrics_port is None:
         metrics_port = config.prometheus_port  # OTEL_METRICS_EXPORTER=prometheus
-    from jetreduce.launcher.k8s_settings import KubernetesSettings
-
-    k8s = KubernetesSettings()
-    if namespace:
-        k8s = replace(k8s, namespace=namespace)
-    if image:
-        k8s = replace(k8s, image=image)
 
     async def go() -> int:
         settings = _settings(nats)
@@ -910,6 +932,7 @@ def service(
     max_slots: MaxSlots = None,
     queue: DefaultQueue = None,
     metrics_port: MetricsPort = None,
+    workflow_namespace: WorkflowNamespaces = None,
 ) -> None:
     """Run one service (what a Kubernetes Deployment runs)."""
     if name not in SERVICE_NAMES:
@@ -932,6 +955,7 @@ def services_up(
     max_slots: MaxSlots = None,
     queue: DefaultQueue = None,
     metrics_port: MetricsPort = None,
+    workflow_namespace: WorkflowNamespaces = None,
 ) -> None:
     """Run planner, launcher, aggregator and janitor in one process."""
     _serve_command(SERVICE_NAMES, **locals())
@@ -949,17 +973,18 @@ def _serve_command(
     max_slots: int | None,
     queue: str | None,
     metrics_port: int | None,
+    workflow_namespace: list[str] | None,
 ) -> NoReturn:
     """What ``service`` and ``services up`` share once their options are parsed."""
     _check_queue(queue)
+    k8s = kubernetes_settings(namespace, image, workflow_namespace or [])
     raise typer.Exit(
         _serve(
             names,
             nats,
             log_dir,
             backend,
-            namespace,
-            image,
+            k8s,
             stream_replicas,
             max_slots=max_slots,
             default_queue=queue,
