@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,41 @@ def test_cli_workspace_choices(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "unknown --workspace 'sideways'" in bad.stderr
     both = run("--worktrees", "--workspace", "shared")
     assert both.returncode == 2 and "--worktrees contradicts --workspace shared" in both.stderr
+
+
+async def test_a_killed_agents_worktree_and_scratch_are_swept_by_its_successor(
+    nats_url: str, prefix: str, tmp_path: Path, workdir: Path
+) -> None:
+    """The agent dies (SIGKILL) mid-item after committing in its worktree. Its successor
+    removes what it left (scratch directory, worktree, slot branch), the item is redelivered
+    and done, and its first attempt's commit never reaches the workflow branch."""
+    init_repo(workdir)
+    marker = tmp_path / "killed-once"
+    text = f"""
+name: killed
+map:
+  input: "echo '[1]'"
+  max_parallel: 1
+  agent_template:
+    - shell: |
+        if [ ! -e {marker} ]; then
+          touch {marker}
+          echo wip > wip.txt && git add wip.txt && git commit -q -m "first attempt"
+          kill -9 $PPID
+          sleep 30
+        fi
+        echo done > f.txt && git add f.txt && git commit -q -m "second attempt"
+reduce:
+  - shell: ls
+"""
+    async with services(nats_url, prefix, tmp_path) as h:
+        done = await h.run(text, workdir, workflow_id="wf-killed", lease_s=2)
+        assert isinstance(done, ev.WorkflowCompleted), h.agent_logs()
+    assert (done.done, done.dead) == (1, 0)
+    assert marker.exists()
+    log = git(workdir, "log", "--format=%s", "main")
+    assert "second attempt" in log and "first attempt" not in log
+    assert not (workdir / "wip.txt").exists()
+    await wait_for(lambda: no_agent_branches(workdir), timeout_s=20)
+    scratch = Path(tempfile.gettempdir())
+    await wait_for(lambda: not list(scratch.glob("jetreduce-wf-killed-*")), timeout_s=20)

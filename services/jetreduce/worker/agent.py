@@ -148,7 +148,7 @@ class Agent:
         self.signalled = False
         self.abort = asyncio.Event()
         """The workflow ended (cancelled, failed…): in-flight steps are killed at once."""
-        self.scratch = Path(tempfile.mkdtemp(prefix=f"jetreduce-{self.wf}-"))
+        self.scratch = _fresh_scratch(f"jetreduce-{self.wf}-{config.phase}{config.index}-")
         self.trace: dict[str, str] = {}
         """Trace headers this agent's phase continues (read once from a stored event); empty
         when tracing is off or the workflow is not traced."""
@@ -882,6 +882,15 @@ def _traced_by(subjects: Subjects, config: AgentConfig) -> str:
     if config.phase == "reduce":
         return subjects.map("complete", config.workflow_id)
     return subjects.workflow("accepted", config.workflow_id)
+
+
+def _fresh_scratch(prefix: str) -> Path:
+    """This agent's scratch directory (spills, spools, its own workspaces), after removing
+    what a predecessor with the same phase and index left: one killed (SIGKILL, OOM) had no
+    chance to, and only one agent per index runs on a host at a time."""
+    for leftover in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=prefix))
 
 
 def _failure(message: str) -> StepsResult:

@@ -211,6 +211,8 @@ class Workspaces:
         problem = await self._find_repository()
         if problem is None:
             self.kind = "item-worktree" if self.mode == "item" else "agent-worktree"
+            if self.kind == "agent-worktree":
+                await self._forget_predecessor()
             return
         if self.mode == "item":
             raise WorkspaceError(problem)
@@ -249,6 +251,19 @@ class Workspaces:
         self.branch = branch.stdout.strip()
         self.subdir = os.path.relpath(os.path.realpath(self.workdir), os.path.realpath(root))
         return None
+
+    async def _forget_predecessor(self) -> None:
+        """Drop the worktrees and slot branches a killed predecessor (same agent index) left:
+        its scratch directory is gone (see the agent's start), so ``worktree prune`` forgets
+        its worktrees, and its slot branches — whose unmerged commits belong to items that are
+        redelivered — are deleted."""
+        assert self.top is not None
+        async with self._locked():
+            await _git("worktree", "prune", cwd=self.top)
+            pattern = f"refs/heads/jetreduce-{self.wf}-a{self.agent}-*"
+            refs = await _git("for-each-ref", "--format=%(refname:short)", pattern, cwd=self.top)
+            for branch in refs.stdout.split():
+                await _git("branch", "-D", branch, cwd=self.top)
 
     def _skipped(self, directory: str, names: list[str]) -> set[str]:
         """Entries of ``directory`` an agent's copy leaves out (copytree's ``ignore``)."""
