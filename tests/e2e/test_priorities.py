@@ -11,10 +11,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from helpers import Harness, read_stream, services
 from jetreduce.contract import events as ev
+from jetreduce.contract.events import SubmitOptions
+from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
+from jetreduce.contract.subjects import Subjects
+from jetreduce.contract.topology import declare
+from jetreduce.contract.workflow.parse import parse_workflow
+from jetreduce.launcher import service as launcher_service
+from jetreduce.launcher.service import Launcher
+from jetreduce.runtime.connection import connect
+from jetreduce.runtime.service import ServiceContext
+from jetreduce.runtime.settings import NatsSettings
+from jetreduce.runtime.state import StateStore
 from support import wait_for
 
 pytestmark = pytest.mark.anyio
@@ -113,3 +125,107 @@ async def test_a_long_wait_lifts_a_low_workflow(
     assert all(isinstance(e, ev.WorkflowCompleted) for e in ends), ends
     launches = [wf for kind, wf in story if kind == "AgentLaunched"]
     assert launches == [first[0], low, high]
+
+
+class RecordingBackend:
+    """An ``AgentBackend`` that runs nothing: it records launches and stops."""
+
+    name = "recording"
+    on_exit = None
+    on_status = None
+
+    def __init__(self) -> None:
+        self.runs: set[tuple[str, str]] = set()
+        self.launched: list[str] = []
+
+    def plan(self, parallel: int) -> list[int]:
+        return [parallel]
+
+    def running(self, wf: str, phase: str) -> bool:
+        return (wf, phase) in self.runs
+
+    def refusal(self, spec: StoredSpec) -> str | None:
+        return None
+
+    async def launch(self, wf: str, phase: str, slots: list[int], spec: StoredSpec) -> int:
+        if (wf, phase) in self.runs:
+            return 0
+        self.runs.add((wf, phase))
+        self.launched.append(wf)
+        return len(slots)
+
+    async def stop(self, wf: str, phase: str | None = None, grace_s: float = 10.0) -> None:
+        self.runs -= {r for r in self.runs if r[0] == wf and phase in (None, r[1])}
+
+    async def stop_all(self, grace_s: float = 10.0) -> None:
+        self.runs.clear()
+
+
+async def test_admission_reads_no_record_but_the_events_own(
+    nats_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``--max-slots`` the launcher follows the mapping workflows through a watch of
+    the records: handling a lifecycle event reads that workflow's record, never all of them
+    (there are 60 finished workflows here), and still admits by priority."""
+    monkeypatch.setattr(launcher_service, "RECONCILE_EVERY_S", 3600.0)  # only the first one
+    spec = StoredSpec(
+        workflow=parse_workflow(WORKFLOW.format(name="w", step="true"), source="t.yml").workflow,
+        options=SubmitOptions(),
+    )
+    nc = await connect(NatsSettings(url=nats_url, prefix=prefix), name="admission-reads")
+    subjects = Subjects(prefix)
+    await declare(nc.jetstream(), subjects, None)
+    ctx = ServiceContext(nc=nc, js=nc.jetstream(), subjects=subjects)
+    state = StateStore(ctx.js, subjects)
+
+    async def add(wf: str, phase: Phase, priority: str = "normal", at: float = 0.0) -> None:
+        record = WorkflowRecord(
+            workflow_id=wf,
+            name="w",
+            phase=phase,
+            created_ts=at or time.time(),
+            updated_ts=at or time.time(),
+            total=2,
+            max_parallel=2,
+        )
+        assert await state.create(record)
+        opts = SubmitOptions(priority=priority)
+        await state.put_spec(wf, msgspec.structs.replace(spec, options=opts))
+
+    for n in range(60):
+        await add(f"old-{n}", Phase.COMPLETED)
+    await add("busy", Phase.MAPPING, at=time.time() - 20)
+    await add("waiting", Phase.MAPPING, at=time.time() - 10)
+    backend = RecordingBackend()
+    launcher = Launcher(ctx, backend, max_slots=2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(launcher.run(stop))
+    try:
+        # restart path: the first reconcile admits from every record (here: via the watch)
+        await wait_for(lambda: backend.launched == ["busy"], timeout_s=10)
+        lists = 0
+        real_list = launcher.state.list
+
+        async def counted() -> list[WorkflowRecord]:
+            nonlocal lists
+            lists += 1
+            return await real_list()
+
+        monkeypatch.setattr(launcher.state, "list", counted)
+        await add("urgent", Phase.MAPPING, priority="high")
+        await ctx.js.publish(
+            subjects.workflow("planned", "urgent"),
+            ev.encode(ev.WorkflowPlanned(workflow_id="urgent", total=2, max_parallel=2)),
+        )
+        await ctx.js.publish(
+            subjects.map("complete", "busy"),
+            ev.encode(ev.MapComplete(workflow_id="busy", total=2, done=2, dead=0)),
+        )
+        # busy's slots go to urgent (high), not to waiting, which came first
+        await wait_for(lambda: backend.launched == ["busy", "urgent"], timeout_s=10)
+        assert lists == 0
+        assert not backend.running("waiting", "map")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        await nc.drain()

@@ -7,7 +7,11 @@ import contextlib
 import logging
 import time
 
+import msgspec
 from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 
 from jetreduce.contract.events import (
     AgentExited,
@@ -18,11 +22,11 @@ from jetreduce.contract.events import (
     decode_as,
     encode,
 )
-from jetreduce.contract.records import Phase, StoredSpec
+from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.launcher.admission import Candidate, admit
 from jetreduce.launcher.backend import AgentBackend
 from jetreduce.runtime.publish import is_stored, publish_retrying
-from jetreduce.runtime.service import EventConsumer, ServiceContext
+from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
 from jetreduce.runtime.state import StateStore
 
 __all__ = ["Launcher"]
@@ -33,6 +37,98 @@ _TERMINAL = ("completed", "failed", "cancelled", "timed_out")
 RECONCILE_EVERY_S = 15.0
 AGING_S = 300.0
 """Waiting this long lifts a workflow one priority lane (launcher/admission.py)."""
+RECORDS_READY_S = 30.0
+"""Longest wait (s) for the first full read of the workflow records before an admission with
+a slot cap; past it the event is redelivered (or the reconciler tries again)."""
+_records = msgspec.json.Decoder(WorkflowRecord)
+
+
+class MappingRecords:
+    """The records of the workflows in their map phase, kept by a watch of the workflow
+    records (the KV bucket), so that an admission with a slot cap reads no record but the
+    one its event is about. The watch first delivers every current record (as the full
+    read of a restarted launcher did), then each change; every launcher replica keeps its
+    own, so none depends on seeing the events the others handled. Revisions keep it
+    monotonic when a direct read and the watch report the same record."""
+
+    def __init__(self, state: StateStore, js: JetStreamContext, bucket: str) -> None:
+        self._state = state
+        self._bucket = bucket
+        self._js = js
+        self.ready = asyncio.Event()
+        """Set once the watch has delivered every record that existed when it started."""
+        self.watching = False
+        self._mapping: dict[str, WorkflowRecord] = {}
+        self._revision: dict[str, int] = {}
+        """Of every record seen (an int per workflow, kept after it maps: a read that
+        raced a newer change must not bring an old phase back)."""
+        self.priority: dict[str, str] = {}
+        """Workflow → its priority (from the spec, read once while it maps)."""
+        self.complete: set[str] = set()
+        """Mapping workflows whose ``map.complete`` is stored (seen by an admission)."""
+
+    def records(self) -> list[WorkflowRecord]:
+        return list(self._mapping.values())
+
+    def apply(self, wf: str, record: WorkflowRecord | None, revision: int) -> None:
+        """``record`` (None: deleted) at ``revision``, unless a newer one was applied."""
+        if revision <= self._revision.get(wf, 0):
+            return
+        self._revision[wf] = revision
+        if record is not None and record.phase == Phase.MAPPING and record.total:
+            self._mapping[wf] = record
+            return
+        self._mapping.pop(wf, None)
+        self.priority.pop(wf, None)
+        self.complete.discard(wf)
+
+    async def refresh(self, wf: str) -> None:
+        """Read ``wf``'s record now (an event is about it; the watch may not have it yet)."""
+        found = await self._state.get_with_revision(wf)
+        if found is not None:
+            self.apply(wf, found[0], found[1])
+
+    async def watch(self, stop: asyncio.Event, retry_s: float = 1.0) -> None:
+        """Follow the records until ``stop``; a failed watch is started again (its first
+        delivery re-reads every record, so nothing missed in between is lost)."""
+        self.watching = True
+        try:
+            while not stop.is_set():
+                watcher = None
+                try:
+                    kv = await self._js.key_value(self._bucket)
+                    watcher = await kv.watchall()
+                    while not stop.is_set():
+                        try:
+                            entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
+                        except NatsTimeout:
+                            continue
+                        if entry is None:
+                            self.ready.set()
+                            continue
+                        self._on_entry(entry)
+                except Exception as exc:
+                    log.warning("launcher: watching the workflow records failed (%r)", exc)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), retry_s)
+                finally:
+                    if watcher is not None:
+                        with contextlib.suppress(Exception):
+                            await watcher.stop()  # type: ignore[no-untyped-call]
+        finally:
+            self.watching = False
+
+    def _on_entry(self, entry: KeyValue.Entry) -> None:
+        revision = entry.revision or 0
+        if entry.operation in ("DEL", "PURGE") or not entry.value:
+            self.apply(entry.key, None, revision)
+            return
+        try:
+            record = _records.decode(entry.value)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.error("launcher: unreadable workflow record %s ignored", entry.key)
+            return
+        self.apply(entry.key, record, revision)
 
 
 class Launcher:
@@ -56,6 +152,7 @@ class Launcher:
         self.max_slots = max_slots
         self.aging_s = aging_s
         self._admitting = asyncio.Lock()
+        self.mapping = MappingRecords(self.state, ctx.js, ctx.subjects.workflows_bucket)
         backend.on_exit = self._on_agent_exit
         backend.on_status = self._on_status
 
@@ -75,7 +172,10 @@ class Launcher:
             handler=self.on_event,
         )
         try:
-            await asyncio.gather(consumer.run(stop), self._reconciler(stop))
+            loops = [consumer.run(stop), self._reconciler(stop)]
+            if self.max_slots is not None:
+                loops.insert(0, self.mapping.watch(stop))  # first: admissions wait for it
+            await asyncio.gather(*loops)
         finally:
             await self.backend.stop_all()
 
@@ -111,17 +211,13 @@ class Launcher:
     async def admit_maps(self, changed: str | None = None) -> None:
         """Start the map agents of every mapping workflow that may have them now: all of
         them without a slot cap, else by priority while slots are free. ``changed`` names
-        the workflow an event was about: without a cap, it is the only one to look at."""
-        if self.max_slots is None and changed is not None:
-            record = await self.state.get(changed)
-            records = [record] if record is not None else []
-        else:
-            records = await self.state.list()
+        the workflow an event was about: without a cap, it is the only one to look at; with
+        one, it is the only record read (the others come from :class:`MappingRecords`)."""
+        records = await self._admission_records(changed)
         async with self._admitting:
             await self._sync_backend()
             used = 0
             waiting: list[Candidate] = []
-            specs: dict[str, StoredSpec] = {}
             for record in records:
                 if record.phase != Phase.MAPPING or not record.total:
                     continue
@@ -130,13 +226,13 @@ class Launcher:
                 if self.backend.running(wf, "map"):
                     used += slots
                     continue
-                spec = await self.state.get_spec(wf)
-                if spec is None or await self._stored(self.s.map("complete", wf)):
+                if wf in self.mapping.complete:
                     continue
-                specs[wf] = spec
-                waiting.append(Candidate(wf, spec.options.priority, record.created_ts, slots))
+                priority = await self._priority(wf)
+                if priority is not None:
+                    waiting.append(Candidate(wf, priority, record.created_ts, slots))
             free = None if self.max_slots is None else max(0, self.max_slots - used)
-            admitted = admit(waiting, free, time.time(), self.aging_s)
+            admitted, specs = await self._admit(waiting, free)
             for c in admitted:
                 await self._launch(
                     c.workflow_id, "map", self.backend.plan(c.slots), specs[c.workflow_id]
@@ -148,6 +244,59 @@ class Launcher:
                     used + sum(c.slots for c in admitted),
                     self.max_slots,
                 )
+
+    async def _admission_records(self, changed: str | None) -> list[WorkflowRecord]:
+        """Without a cap: ``changed`` alone, else every record. With one: the mapping
+        workflows as watched (after reading ``changed`` itself, which the watch may not
+        have delivered yet), or every record when not running as a service (no watch)."""
+        if self.max_slots is None or not self.mapping.watching:
+            if changed is not None and self.max_slots is None:
+                record = await self.state.get(changed)
+                return [record] if record is not None else []
+            return await self.state.list()
+        try:
+            await asyncio.wait_for(self.mapping.ready.wait(), RECORDS_READY_S)
+        except TimeoutError:
+            raise Retry("the workflow records have not been read yet") from None
+        if changed is not None:
+            await self.mapping.refresh(changed)
+        return self.mapping.records()
+
+    async def _priority(self, wf: str) -> str | None:
+        """The workflow's priority (read from its spec once while it maps); None without
+        a spec."""
+        priority = self.mapping.priority.get(wf)
+        if priority is None:
+            spec = await self.state.get_spec(wf)
+            if spec is None:
+                return None
+            priority = spec.options.priority
+            if self.max_slots is not None and self.mapping.watching:
+                self.mapping.priority[wf] = priority
+        return priority
+
+    async def _admit(
+        self, waiting: list[Candidate], free: int | None
+    ) -> tuple[list[Candidate], dict[str, StoredSpec]]:
+        """:func:`admit`, leaving out workflows whose map turns out complete (a restarted
+        launcher, or the moment between ``map.complete`` and the move to reducing): only
+        those chosen are checked, so the cost follows the launches, not the waiting line."""
+        while True:
+            chosen = admit(waiting, free, time.time(), self.aging_s)
+            specs: dict[str, StoredSpec] = {}
+            done: set[str] = set()
+            for c in chosen:
+                wf = c.workflow_id
+                spec = await self.state.get_spec(wf)
+                if spec is None or await self._stored(self.s.map("complete", wf)):
+                    done.add(wf)
+                    if spec is not None and self.mapping.watching:
+                        self.mapping.complete.add(wf)
+                else:
+                    specs[wf] = spec
+            if not done:
+                return chosen, specs
+            waiting = [c for c in waiting if c.workflow_id not in done]
 
     async def _sync_backend(self) -> None:
         """Before counting used slots: a backend whose agents outlive the launcher
@@ -167,7 +316,7 @@ class Launcher:
         if kind.startswith("workflow.") and kind.split(".")[1] in _TERMINAL:
             await self.backend.stop(wf)
             if self.max_slots is not None:
-                await self.admit_maps()  # its slots are free
+                await self.admit_maps(wf)  # its slots are free
             return
         record = await self.state.get(wf)
         spec = await self.state.get_spec(wf)
@@ -179,12 +328,14 @@ class Launcher:
             await self.state.transition(wf, Phase.SETUP)
             await self._launch(wf, "setup", [1], spec)
         elif kind in ("workflow.planned", "workflow.reopened"):
+            self.mapping.complete.discard(wf)  # a reopened map is not complete any more
             await self.admit_maps(wf)
         elif kind == "map.complete":
             complete = decode_as(msg.data, MapComplete)
             await self.backend.stop(wf, "map")
             if self.max_slots is not None:
-                await self.admit_maps()
+                self.mapping.complete.add(wf)
+                await self.admit_maps(wf)
             reduce = spec.workflow.reduce
             if reduce is None or not reduce.steps or complete.total == 0:
                 return
