@@ -39,8 +39,9 @@ map:
   agent_template:
     - shell: "{step}"
 """
-GATED = "while [ ! -e release ]; do sleep 0.05; done"
-"""The first workflow's items hold every slot until the test creates ``release``."""
+GATED = "while [ ! -e {release} ]; do sleep 0.05; done"
+"""The first workflow's items hold every slot until the test creates ``release`` (an absolute
+path: each agent runs in a copy of the workflow directory, which a later file never reaches)."""
 
 
 async def lifecycle(h: Harness) -> list[tuple[str, str]]:
@@ -74,7 +75,8 @@ async def run_all(
         story = await lifecycle(h)
         return all((kind, wf) in story for wf in wfs)
 
-    runs = [start(*first, GATED)]
+    release = workdir / "release"
+    runs = [start(*first, GATED.format(release=release))]
     await wait_for(lambda: stored("AgentLaunched", first[0]), timeout_s=30, every_s=0.1)
     submitted = time.monotonic()
     for name, priority in then:
@@ -82,7 +84,7 @@ async def run_all(
         await asyncio.sleep(0.05)  # distinct submission times: FIFO is by submission
     await wait_for(lambda: stored("WorkflowPlanned", *(n for n, _ in then)), timeout_s=30)
     await wait_for(lambda: time.monotonic() >= submitted + hold_s, timeout_s=hold_s + 1)
-    (workdir / "release").touch()
+    release.touch()
     ends = await asyncio.wait_for(asyncio.gather(*runs), 120)
     story = [(k, wf) for k, wf in await lifecycle(h) if k != "WorkflowPlanned"]
     return ends, story
