@@ -76,15 +76,18 @@ class Janitor:
             filters=[self.s.max_deliveries_advisories],
             handler=self.on_max_deliveries,
         )
-        loops = [
-            self.objects.run(stop),
-            consumer.run(stop),
-            advisories.run(stop),
-            self._timeouts(stop),
-        ]
+        loops = [consumer.run(stop), advisories.run(stop), self._timeouts(stop)]
         if self.sweeper is not None:
             loops.append(self.sweeper.run(stop))
-        await asyncio.gather(*loops)
+        # The object index follows the store until the consumers are done: a cleanup still
+        # in flight at shutdown needs it to answer (stopped first, it would wait in vain).
+        following = asyncio.Event()
+        index = asyncio.create_task(self.objects.run(following))
+        try:
+            await asyncio.gather(*loops)
+        finally:
+            following.set()
+            await index
 
     async def _timeouts(self, stop: asyncio.Event) -> None:
         """End workflows that outlived their ``timeout_s`` (checked every second)."""
