@@ -78,3 +78,21 @@ async def test_item_worktrees_need_a_repository(tmp_path: Path) -> None:
     spaces = Workspaces(str(tmp_path), "wf", mode="item", scratch=tmp_path / "s")
     with pytest.raises(workspace_module.WorkspaceError, match="git repository"):
         await spaces.prepare()
+
+
+async def test_an_uncommitted_directory_in_a_repository_gets_a_copy(tmp_path: Path) -> None:
+    """A worktree would hold none of its files: the agent copies it instead."""
+    init_repo(tmp_path)
+    work = tmp_path / "scratchpad"
+    work.mkdir()
+    (work / "input.json").write_text("[1]")
+    scratch = tmp_path / "s"
+    scratch.mkdir()
+    spaces = Workspaces(str(work), "wf", mode="agent", scratch=scratch)
+    ws = await spaces.acquire(0)
+    assert spaces.kind == "copy" and Path(ws.path, "input.json").read_text() == "[1]"
+    git(tmp_path, "add", "scratchpad")
+    git(tmp_path, "commit", "-q", "-m", "add")
+    committed = Workspaces(str(work), "wf", mode="agent", scratch=scratch)
+    await committed.prepare()
+    assert committed.kind == "agent-worktree"

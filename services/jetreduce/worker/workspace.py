@@ -14,7 +14,8 @@ Setup and reduce always run in the workflow directory. Map items run in:
       merged into the workflow branch (serially, see below); after an item fails, its
       commits are kept on ``jetreduce-<wf>-item_<i>`` for inspection and the worktree is
       reset to where the item started (``checkout -f -B`` + ``clean -fd``), so no failed work
-      reaches a later item's merge. A worktree holds committed files only, as Prodigy's do.
+      reaches a later item's merge. A worktree holds committed files only, as Prodigy's do
+      (a workflow directory that is not committed at all gets a copy instead).
     * Elsewhere it is a **copy** of the workflow directory (``.git`` and the ``.jetreduce``
       data directory left out): relative paths keep working, and what an item writes stays
       in its agent's copy, as in a Kubernetes pod. Results travel through item outputs
@@ -245,11 +246,16 @@ class Workspaces:
         if await head(root) is None:
             name = branch.stdout.strip()
             return f"--worktrees needs at least one commit on {name} to branch from"
+        subdir = os.path.relpath(os.path.realpath(self.workdir), os.path.realpath(root))
+        if self.mode == "agent" and subdir != ".":
+            tracked = await _git("ls-tree", "-d", "--name-only", "HEAD", "--", subdir, cwd=root)
+            if not tracked.stdout.strip():  # a worktree would hold none of its files
+                return f"the workflow directory {self.workdir} is not committed in {root}"
         common = await _git("rev-parse", "--path-format=absolute", "--git-common-dir", cwd=root)
         self.top = root
         self.git_dir = common.stdout.strip() if common.ok else os.path.join(root, ".git")
         self.branch = branch.stdout.strip()
-        self.subdir = os.path.relpath(os.path.realpath(self.workdir), os.path.realpath(root))
+        self.subdir = subdir
         return None
 
     async def _forget_predecessor(self) -> None:
