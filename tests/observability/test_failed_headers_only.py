@@ -1,6 +1,7 @@
-"""``item.failed`` reaches the metrics process without its payload (up to 64 KiB of error
-output each): a headers-only JetStream consumer counts it (runtime/telemetry/_observer.py).
-Real nats-server; the bytes the metrics connection received are the measure."""
+"""``item.failed``, ``item.done`` and ``item.dead`` reach the metrics process without their
+payloads (up to 64 KiB of output each): headers-only JetStream consumers count them, and the
+duration comes from a header (runtime/telemetry/_observer.py). Real nats-server; the bytes
+the metrics connection received are the measure."""
 
 from __future__ import annotations
 
@@ -22,10 +23,14 @@ TAIL = 60_000
 ATTEMPTS = 10
 
 
-def failed_total(reader: object) -> float:
+def sample(reader: object, line: str) -> float:
     text = telemetry.render(reader.get_metrics_data())  # type: ignore[attr-defined]
-    match = re.search(r"^jetreduce_items_failed_total (\S+)$", text, re.MULTILINE)
+    match = re.search(rf"^{re.escape(line)} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
+
+
+def failed_total(reader: object) -> float:
+    return sample(reader, "jetreduce_items_failed_total")
 
 
 async def test_failed_attempts_are_counted_without_their_payloads(
@@ -55,6 +60,45 @@ async def test_failed_attempts_are_counted_without_their_payloads(
             await publisher.jetstream().publish(subject, ev.encode(failed))
         await wait_for(lambda: failed_total(reader) == ATTEMPTS, timeout_s=10)
         # Headers and metadata only: far less than one error tail, let alone ten.
+        assert nc.stats["in_bytes"] - received < TAIL
+    finally:
+        await metrics.stop()
+        await publisher.drain()
+        await nc.drain()
+
+
+async def test_results_are_counted_and_timed_from_their_headers(nats_url: str, prefix: str) -> None:
+    reader = telemetry.ensure_prometheus_reader()
+    settings = NatsSettings(url=nats_url, prefix=prefix)
+    nc = await connect(settings, name="metrics")
+    publisher = await connect(settings, name="agent")
+    subjects = Subjects(prefix)
+    await declare(nc.jetstream(), subjects, None)
+    metrics = await telemetry.EventMetrics(nc, subjects).start()
+    done_total = "jetreduce_items_done_total"
+    timed = 'jetreduce_item_duration_seconds_count{outcome="done"}'
+    summed = 'jetreduce_item_duration_seconds_sum{outcome="done"}'
+    before = (sample(reader, done_total), sample(reader, timed), sample(reader, summed))
+    try:
+        received = nc.stats["in_bytes"]
+        for index in range(ATTEMPTS):
+            done = ev.ItemDone(
+                workflow_id="wf",
+                index=index,
+                item_id=f"item_{index}",
+                output="o" * TAIL,
+                exit_code=0,
+                duration_s=2.5,
+                attempts=1,
+            )
+            await publisher.jetstream().publish(
+                subjects.item_done("wf", index),
+                ev.encode(done),
+                headers={ev.DURATION_HEADER: "2.5"},
+            )
+        await wait_for(lambda: sample(reader, done_total) == before[0] + ATTEMPTS, timeout_s=10)
+        assert sample(reader, timed) == before[1] + ATTEMPTS
+        assert sample(reader, summed) == pytest.approx(before[2] + 2.5 * ATTEMPTS)
         assert nc.stats["in_bytes"] - received < TAIL
     finally:
         await metrics.stop()

@@ -85,7 +85,15 @@ async def test_one_trace_per_workflow_with_the_parent_chain(
             lambda: any(s.name == "reduce.completed" for s in in_memory.get_finished_spans()),
             timeout_s=10,
         )
-        spans = [normalise(s) for s in in_memory.get_finished_spans()] + agent_spans(h)
+
+        def whole() -> list[dict[str, Any]] | None:
+            """Every span, once each one's parent is among them: an agent writes its spans
+            as it exits, which may be just after the workflow's end."""
+            found = [normalise(s) for s in in_memory.get_finished_spans()] + agent_spans(h)
+            ids = {s["context"]["span_id"] for s in found}
+            return found if all(s["parent_id"] in ids for s in found if s["parent_id"]) else None
+
+        spans = await wait_for(whole, timeout_s=10)
     assert "traceparent" in (submit_headers.headers or {})
     assert {s["context"]["trace_id"] for s in spans} == {spans[0]["context"]["trace_id"]}
     by_id = {s["context"]["span_id"]: s for s in spans}

@@ -24,6 +24,7 @@ import msgspec
 from jetreduce.contract.subjects import MAX_INDEX, is_token
 
 __all__ = [
+    "DURATION_HEADER",
     "INLINE_ITEM_LIMIT",
     "SCHEMA_VERSION",
     "WORKSPACES",
@@ -73,6 +74,9 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+DURATION_HEADER = "Jetreduce-Duration"
+"""Header of ``item.done`` / ``item.dead`` carrying the attempt's ``duration_s``: a metrics
+reader takes it from a headers-only consumer instead of fetching the whole result."""
 MAX_TEXT = 64 * 1024
 """Longest captured output / error text carried inline in an event (bytes of UTF-8)."""
 

@@ -251,9 +251,16 @@ class AckMux:
                 code = -1
         fut.set_result(code)
 
-    async def publish_once(self, subject: str, payload: bytes, *, guard: str | None = None) -> bool:
+    async def publish_once(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        guard: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> bool:
         """As :func:`publish_once`: True if stored, False if something already was."""
-        headers = create_only_headers(subject, guard)
+        headers = {**(headers or {}), **create_only_headers(subject, guard)}
         for attempt in range(self._attempts):
             token = str(self._next)
             self._next += 1

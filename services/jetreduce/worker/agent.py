@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 
 from jetreduce.contract.events import (
+    DURATION_HEADER,
     CircuitChanged,
     ItemDead,
     ItemDone,
@@ -620,6 +621,7 @@ class Agent:
                 self.s.item_done(self.wf, index),
                 encode(done),
                 guard=self.s.item_terminal(self.wf, index),
+                headers={DURATION_HEADER: f"{duration:.6f}"},
             )
             if won and done.output_stored:
                 # Written only by the attempt whose result is recorded (a redelivered twin
@@ -678,6 +680,7 @@ class Agent:
             self.s.item_dead(self.wf, index),
             encode(dead),
             guard=self.s.item_terminal(self.wf, index),
+            headers={DURATION_HEADER: f"{duration:.6f}"},
         )
         if stored and self.on_failure != "skip":
             # A stored item stays in the store (the DLQ retry finds it there), not in the entry.

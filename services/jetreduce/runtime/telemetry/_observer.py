@@ -1,22 +1,18 @@
 """Orchestrator metrics, derived from the events every service already publishes.
 
 Counting where the events are is exact and touches no service's code path: items are
-counted from ``item.done`` / ``item.dead`` (a core subscription in a queue group, so two
-replicas split the messages and their sums add up; their payloads carry the attempt's
-duration) and ``item.failed`` (a JetStream consumer shared by the replicas that delivers
-headers only: a failed attempt is only counted, and its payload holds up to 64 KiB of error
-output that this process has no use for), queue depth per lane from
-the aggregator's ``progress`` snapshots, active agents from ``agent.launched`` /
-``agent.exited``, circuit breakers from ``agent.circuit``. The process hosting the
-aggregator runs it (``ServiceHost`` with a metrics port); nothing subscribes when metrics
-are off, so a run without them pays nothing.
+counted from ``item.done`` / ``item.dead`` (RESULTS) and ``item.failed`` (EVENTS), each
+through a durable JetStream consumer that delivers **headers only**, shared by the replicas
+(a queue group, so their sums add up): a result or a failure carries up to 64 KiB of output
+this process has no use for, and the attempt's duration rides in a header
+(``DURATION_HEADER``). Queue depth per lane comes from the aggregator's ``progress``
+snapshots, active agents from ``agent.launched`` / ``agent.exited``, circuit breakers from
+``agent.circuit``. The process hosting the aggregator runs it (``ServiceHost`` with a metrics
+port); nothing subscribes when metrics are off, so a run without them pays nothing.
 
-Core subscriptions are at-most-once: a message published while this process reconnects is
-not counted. These are operating metrics, not the books — the RESULTS stream is.
-
-``item.done`` still arrives whole (its output tail included) because the duration histogram
-reads ``duration_s`` from it; it can go headers-only too once agents put the duration in a
-header of the result they publish.
+The consumers deliver new messages only and expect no acks: these are operating metrics, not
+the books — the RESULTS stream is. A dead item recorded by the janitor (its agents kept
+dying) has no duration: it is counted, not timed.
 
 Lease age per lane comes from the agents themselves: no queue backend says when it
 delivered a message, but each agent knows when it leased its items and reports its oldest
@@ -41,12 +37,12 @@ __all__ = ["EventMetrics"]
 
 log = logging.getLogger(__name__)
 
-QUEUE_GROUP = "jetreduce-metrics"
+RESULTS_CONSUMER = "metrics-results"
 FAILED_CONSUMER = "metrics-failed"
-"""Durable push consumer of ``item.failed`` on EVENTS, headers only, delivered to the queue
-group of the same name; the server removes it ``FAILED_CONSUMER_IDLE_S`` after its last subscriber
-left (metrics turned off)."""
-FAILED_CONSUMER_IDLE_S = 3600.0
+"""Durable push consumers of ``item.done``/``item.dead`` on RESULTS and ``item.failed`` on
+EVENTS, headers only, each delivered to the queue group of its name; the server removes one
+``CONSUMER_IDLE_S`` after its last subscriber left (metrics turned off)."""
+CONSUMER_IDLE_S = 3600.0
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 """Item attempts run from milliseconds (an echo) to an hour (a claude step)."""
 _TERMINAL = ("completed", "failed", "cancelled", "timed_out")
@@ -54,13 +50,6 @@ LEASE_REPORT_STALE_S = 60.0
 """An agent's lease report older than this is dropped (the agent is gone; agents report
 every third of their lease, 10 s by default)."""
 _lease_ages = msgspec.json.Decoder(ev.LeaseAges)
-
-
-class _Outcome(msgspec.Struct):
-    duration_s: float = 0.0
-
-
-_outcome = msgspec.json.Decoder(_Outcome)
 
 
 class EventMetrics:
@@ -135,9 +124,8 @@ class EventMetrics:
         if not self.enabled:
             return self
         s = self.s
-        for items in s.results_subjects:  # item.done / item.dead: whole, for their duration
-            self._subs.append(await self.nc.subscribe(items, queue=QUEUE_GROUP, cb=self._on_item))
-        self._subs.append(await self._subscribe_failed())
+        self._subs.append(await self._headers_only(s.results_stream, RESULTS_CONSUMER))
+        self._subs.append(await self._headers_only(s.events_stream, FAILED_CONSUMER))
         for subject in (*s.progress_subjects, *_state_subjects(s)):
             self._subs.append(await self.nc.subscribe(subject, cb=self._on_event))
         self._subs.append(await self.nc.subscribe(s.telemetry_leases("*"), cb=self._on_leases))
@@ -149,27 +137,27 @@ class EventMetrics:
                 await sub.unsubscribe()
         self._subs = []
 
-    async def _subscribe_failed(self) -> Any:
-        """``item.failed`` without its payload (see the module docstring): no acks, new
-        messages only when first created (a restarted process resumes where it stopped)."""
+    async def _headers_only(self, stream: str, durable: str) -> Any:
+        """The ``item.*`` results of ``stream`` without their payloads (see the module
+        docstring): no acks, new messages only when first created (a restarted process
+        resumes where it stopped). RESULTS holds done and dead, EVENTS only failed."""
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-        js = self.nc.jetstream()
-        failed = self.s.item_terminal("*", "*")  # on EVENTS: item.failed only
+        items = self.s.item_terminal("*", "*")
         config = ConsumerConfig(
-            durable_name=FAILED_CONSUMER,
-            deliver_group=FAILED_CONSUMER,
-            filter_subject=failed,
+            durable_name=durable,
+            deliver_group=durable,
+            filter_subject=items,
             headers_only=True,
             ack_policy=AckPolicy.NONE,
             deliver_policy=DeliverPolicy.NEW,
-            inactive_threshold=FAILED_CONSUMER_IDLE_S,
+            inactive_threshold=CONSUMER_IDLE_S,
         )
-        return await js.subscribe(
-            failed,
-            queue=FAILED_CONSUMER,  # nats-py: a queue subscription's durable is the queue
-            durable=FAILED_CONSUMER,
-            stream=self.s.events_stream,
+        return await self.nc.jetstream().subscribe(
+            items,
+            queue=durable,  # nats-py: a queue subscription's durable is the queue
+            durable=durable,
+            stream=stream,
             config=config,
             cb=self._on_item,
             manual_ack=True,
@@ -191,9 +179,9 @@ class EventMetrics:
 
     def _record_duration(self, msg: Any, outcome: str) -> None:
         try:
-            seconds = _outcome.decode(msg.data).duration_s
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return
+            seconds = float((msg.headers or {})[ev.DURATION_HEADER])
+        except (KeyError, ValueError):
+            return  # no duration known (recorded by the janitor, or an older agent)
         self.duration.record(seconds, {"outcome": outcome})
 
     async def _on_leases(self, msg: Any) -> None:
