@@ -146,6 +146,9 @@ class RecordingBackend:
     def running(self, wf: str, phase: str) -> bool:
         return (wf, phase) in self.runs
 
+    async def sync(self) -> None:
+        pass
+
     def refusal(self, spec: StoredSpec) -> str | None:
         return None
 

@@ -45,6 +45,11 @@ class AgentBackend(Protocol):
 
     def running(self, wf: str, phase: str) -> bool: ...
 
+    async def sync(self) -> None:
+        """Make :meth:`running` true to the world before slots are counted: a backend whose
+        agents outlive the launcher (Kubernetes Jobs) looks once at what runs; one whose
+        agents die with it (local processes) knows already."""
+
     def refusal(self, spec: StoredSpec) -> str | None:
         """Why this backend cannot run the workflow as submitted (it asks for another
         backend, or for a namespace this installation may not use), or None. The launcher

@@ -132,6 +132,9 @@ class LocalBackend:
     def running(self, wf: str, phase: str) -> bool:
         return any(r.task and not r.task.done() for r in self._agents.get((wf, phase), []))
 
+    async def sync(self) -> None:
+        """Nothing to look at: local agents die with the launcher that started them."""
+
     async def launch(self, wf: str, phase: str, slots: list[int], spec: StoredSpec) -> int:
         """Start the phase's agents unless they are already running. Returns how many."""
         workdir = spec.options.workdir or os.getcwd()

@@ -215,7 +215,7 @@ class Launcher:
         one, it is the only record read (the others come from :class:`MappingRecords`)."""
         records = await self._admission_records(changed)
         async with self._admitting:
-            await self._sync_backend()
+            await self.backend.sync()  # a restarted launcher must see what still runs
             used = 0
             waiting: list[Candidate] = []
             for record in records:
@@ -297,15 +297,6 @@ class Launcher:
             if not done:
                 return chosen, specs
             waiting = [c for c in waiting if c.workflow_id not in done]
-
-    async def _sync_backend(self) -> None:
-        """Before counting used slots: a backend whose agents outlive the launcher
-        (Kubernetes Jobs) must have looked at what runs, or a restarted launcher would see
-        every slot free. ``sync`` is optional: local agents die with the launcher, so what
-        it launched itself is all that runs."""
-        sync = getattr(self.backend, "sync", None)
-        if sync is not None:
-            await sync()
 
     async def _stored(self, subject: str) -> bool:
         return await is_stored(self.ctx.js, self.s.events_stream, subject)
