@@ -195,6 +195,7 @@ class Workspaces:
         self._free: list[Workspace] = []
         self._made: list[Workspace] = []
         self._slots = 0
+        self._preparing = asyncio.Lock()
 
     @property
     def worktrees(self) -> bool:
@@ -204,8 +205,11 @@ class Workspaces:
         """Decide where items run. Raises :class:`WorkspaceError` when ``item`` worktrees are
         asked for and the workflow directory cannot give them; ``agent`` falls back to a copy
         (or to the shared directory) instead, saying why in the log."""
-        if self.kind is not None:
-            return
+        async with self._preparing:  # items starting together decide (and sweep) once
+            if self.kind is None:
+                await self._decide()
+
+    async def _decide(self) -> None:
         if self.mode == "shared":
             self.kind = "shared"
             return
