@@ -465,7 +465,9 @@ class Agent:
                         with contextlib.suppress(asyncio.TimeoutError):
                             await asyncio.wait_for(self.stop.wait(), 0.2)
                         continue
-                leases = await self.queue.lease(free, wait_s=1.0)
+                leases = await self._lease(free)
+                if leases is None:  # the phase ended while waiting: nothing is left to lease
+                    break
                 if self.breaker is not None:
                     self.breaker.started(len(leases))
                 if self.stop.is_set():
@@ -489,6 +491,24 @@ class Agent:
         # Stopped by a signal before the phase ended (an eviction): not a success, so the Job
         # controller (or the local launcher) starts another agent in its place.
         return EXIT_SIGTERM if self.signalled and not self.phase_over.is_set() else 0
+
+    async def _lease(self, free: int) -> list[Lease] | None:
+        """Up to ``free`` items (a long poll of a second), or None when the phase ends first:
+        after ``map.complete`` no item is left, so the poll is abandoned instead of awaited
+        (the launcher waits for map agents to exit before it starts reduce). A signal alone
+        lets the poll finish, so nothing it fetched is stranded until its lease runs out."""
+        polling = asyncio.ensure_future(self.queue.lease(free, wait_s=1.0))
+        ended = asyncio.ensure_future(self.phase_over.wait())
+        try:
+            await asyncio.wait({polling, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+        if polling.done():
+            return polling.result()
+        polling.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await polling
+        return None
 
     async def _wait_inflight(self, timeout_s: float | None) -> None:
         stopping = asyncio.ensure_future(self.stop.wait())
