@@ -130,7 +130,7 @@ def agent_pids(wf: str, phase: str | None = None) -> list[int]:
         if not entry.name.isdigit():
             continue
         pid = int(entry.name)
-        if "worker" not in _cmdline(pid):
+        if "jetreduce.cli.agent_main" not in _cmdline(pid):
             continue
         env = _environ(pid)
         if env.get("JETREDUCE_WORKFLOW_ID") != wf:

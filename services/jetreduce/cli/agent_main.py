@@ -1,5 +1,7 @@
-"""Entry point of an agent process (``jetreduce worker``): everything comes from environment
-variables, as a pod's would."""
+"""Entry point of an agent process (``jetreduce worker``, or ``python -m
+jetreduce.cli.agent_main`` as the local backend starts it: without the CLI's imports, which
+cost a third of a second at every agent start): everything comes from environment variables,
+as a pod's would."""
 
 from __future__ import annotations
 
@@ -20,3 +22,7 @@ def main() -> int:
         return asyncio.run(run_agent(settings, config))
     finally:
         telemetry.shutdown()  # flush the last spans before the process ends
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

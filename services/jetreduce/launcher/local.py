@@ -1,4 +1,5 @@
-"""Local backend: agents are child processes (``python -m jetreduce worker``).
+"""Local backend: agents are child processes (``python -m jetreduce.cli.agent_main``, what
+``jetreduce worker`` runs, without loading the whole CLI).
 
 An agent that exits 0 has finished its phase. One that was killed from outside (SIGKILL,
 SIGTERM, SIGINT, SIGHUP, or 143 after handing its items back on SIGTERM: OOM killer,
@@ -54,7 +55,7 @@ QUICK_KILLS_PER_RESTART = 5
 this many in a row: generous, since chaos or an eviction storm is no fault of the agent, but
 finite, so an agent that is OOM-killed at every start (a reduce that cannot fit) ends."""
 
-AGENT_COMMAND = (sys.executable, "-m", "jetreduce", "worker")
+AGENT_COMMAND = (sys.executable, "-m", "jetreduce.cli.agent_main")
 
 _NOT_INHERITED = (
     "JETREDUCE_NATS_",
