@@ -5,7 +5,11 @@ the metrics connection received are the measure."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -29,14 +33,19 @@ def sample(reader: object, line: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def failed_total(reader: object) -> float:
-    return sample(reader, "jetreduce_items_failed_total")
+@dataclass
+class MetricsProcess:
+    reader: Any
+    nc: Any
+    """The metrics process's connection: its received bytes are the measure."""
+    publisher: Any
+    subjects: Subjects
 
 
-async def test_failed_attempts_are_counted_without_their_payloads(
-    nats_url: str, prefix: str
-) -> None:
-    reader = telemetry.ensure_prometheus_reader()
+@contextlib.asynccontextmanager
+async def metrics_process(nats_url: str, prefix: str) -> AsyncIterator[MetricsProcess]:
+    """Event metrics on a connection of their own, and an agent-like publisher."""
+    reader = telemetry.ensure_prometheus_reader()  # before the instruments are made
     settings = NatsSettings(url=nats_url, prefix=prefix)
     nc = await connect(settings, name="metrics")
     publisher = await connect(settings, name="agent")
@@ -44,7 +53,20 @@ async def test_failed_attempts_are_counted_without_their_payloads(
     await declare(nc.jetstream(), subjects, None)
     metrics = await telemetry.EventMetrics(nc, subjects).start()
     try:
-        received = nc.stats["in_bytes"]
+        yield MetricsProcess(reader, nc, publisher, subjects)
+    finally:
+        await metrics.stop()
+        await publisher.drain()
+        await nc.drain()
+
+
+async def test_failed_attempts_are_counted_without_their_payloads(
+    nats_url: str, prefix: str
+) -> None:
+    failed_total = "jetreduce_items_failed_total"
+    async with metrics_process(nats_url, prefix) as m:
+        before = sample(m.reader, failed_total)
+        received = m.nc.stats["in_bytes"]
         for index in range(ATTEMPTS):
             failed = ev.ItemFailed(
                 workflow_id="wf",
@@ -56,31 +78,20 @@ async def test_failed_attempts_are_counted_without_their_payloads(
                 stderr_tail="e" * TAIL,
                 retry_in_s=1.0,
             )
-            subject = subjects.item_failed("wf", index)
-            await publisher.jetstream().publish(subject, ev.encode(failed))
-        await wait_for(lambda: failed_total(reader) == ATTEMPTS, timeout_s=10)
+            subject = m.subjects.item_failed("wf", index)
+            await m.publisher.jetstream().publish(subject, ev.encode(failed))
+        await wait_for(lambda: sample(m.reader, failed_total) == before + ATTEMPTS, timeout_s=10)
         # Headers and metadata only: far less than one error tail, let alone ten.
-        assert nc.stats["in_bytes"] - received < TAIL
-    finally:
-        await metrics.stop()
-        await publisher.drain()
-        await nc.drain()
+        assert m.nc.stats["in_bytes"] - received < TAIL
 
 
 async def test_results_are_counted_and_timed_from_their_headers(nats_url: str, prefix: str) -> None:
-    reader = telemetry.ensure_prometheus_reader()
-    settings = NatsSettings(url=nats_url, prefix=prefix)
-    nc = await connect(settings, name="metrics")
-    publisher = await connect(settings, name="agent")
-    subjects = Subjects(prefix)
-    await declare(nc.jetstream(), subjects, None)
-    metrics = await telemetry.EventMetrics(nc, subjects).start()
     done_total = "jetreduce_items_done_total"
     timed = 'jetreduce_item_duration_seconds_count{outcome="done"}'
     summed = 'jetreduce_item_duration_seconds_sum{outcome="done"}'
-    before = (sample(reader, done_total), sample(reader, timed), sample(reader, summed))
-    try:
-        received = nc.stats["in_bytes"]
+    async with metrics_process(nats_url, prefix) as m:
+        before = [sample(m.reader, line) for line in (done_total, timed, summed)]
+        received = m.nc.stats["in_bytes"]
         for index in range(ATTEMPTS):
             done = ev.ItemDone(
                 workflow_id="wf",
@@ -91,16 +102,12 @@ async def test_results_are_counted_and_timed_from_their_headers(nats_url: str, p
                 duration_s=2.5,
                 attempts=1,
             )
-            await publisher.jetstream().publish(
-                subjects.item_done("wf", index),
+            await m.publisher.jetstream().publish(
+                m.subjects.item_done("wf", index),
                 ev.encode(done),
                 headers={ev.DURATION_HEADER: "2.5"},
             )
-        await wait_for(lambda: sample(reader, done_total) == before[0] + ATTEMPTS, timeout_s=10)
-        assert sample(reader, timed) == before[1] + ATTEMPTS
-        assert sample(reader, summed) == pytest.approx(before[2] + 2.5 * ATTEMPTS)
-        assert nc.stats["in_bytes"] - received < TAIL
-    finally:
-        await metrics.stop()
-        await publisher.drain()
-        await nc.drain()
+        await wait_for(lambda: sample(m.reader, done_total) == before[0] + ATTEMPTS, timeout_s=10)
+        assert sample(m.reader, timed) == before[1] + ATTEMPTS
+        assert sample(m.reader, summed) == pytest.approx(before[2] + 2.5 * ATTEMPTS)
+        assert m.nc.stats["in_bytes"] - received < TAIL
