@@ -296,6 +296,10 @@ reduce:
     log = git(workdir, "log", "--format=%s", "main")
     assert "second attempt" in log and "first attempt" not in log
     assert not (workdir / "wip.txt").exists()
-    await wait_for(lambda: no_agent_branches(workdir), timeout_s=20)
+    try:
+        await wait_for(lambda: no_agent_branches(workdir), timeout_s=20)
+    except AssertionError:
+        left = git(workdir, "worktree", "list") + git(workdir, "branch", "--list")
+        raise AssertionError(f"left behind:\n{left}\n{h.agent_logs()}") from None
     scratch = Path(tempfile.gettempdir())
     await wait_for(lambda: not list(scratch.glob("jetreduce-wf-killed-*")), timeout_s=20)

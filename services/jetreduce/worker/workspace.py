@@ -482,8 +482,14 @@ class Workspaces:
         try:
             if ws.branch is not None and self.top is not None:
                 async with self._locked():
-                    await _git("worktree", "remove", "--force", str(ws.root), cwd=self.top)
-                    await _git("branch", "-D", ws.branch, cwd=self.top)
+                    out = await _git("worktree", "remove", "--force", str(ws.root), cwd=self.top)
+                    if not out.ok:  # remove what git would not, then make it forget it
+                        log.warning("git worktree remove %s: %s", ws.root, _why(out))
+                        await asyncio.to_thread(shutil.rmtree, str(ws.root), True)
+                        await _git("worktree", "prune", cwd=self.top)
+                    out = await _git("branch", "-D", ws.branch, cwd=self.top)
+                    if not out.ok:
+                        log.warning("git branch -D %s: %s", ws.branch, _why(out))
             else:  # a copy
                 await asyncio.to_thread(shutil.rmtree, ws.path, True)
         except Exception as exc:  # cleanup only
