@@ -96,3 +96,28 @@ async def test_an_uncommitted_directory_in_a_repository_gets_a_copy(tmp_path: Pa
     committed = Workspaces(str(work), "wf", mode="agent", scratch=scratch)
     await committed.prepare()
     assert committed.kind == "agent-worktree"
+
+
+async def test_a_predecessors_worktrees_and_slot_branches_go_even_if_its_directory_stayed(
+    tmp_path: Path,
+) -> None:
+    """What a killed agent with the same index left (its worktree directory still there, a
+    commit on its slot branch) is removed when its successor prepares; others' stay."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    init_repo(repo)
+    stale = tmp_path / "stale"
+    git(repo, "worktree", "add", "-q", "-b", "jetreduce-wf-a0-0", str(stale))
+    (stale / "wip.txt").write_text("wip\n")
+    git(stale, "add", "wip.txt")
+    git(stale, "commit", "-q", "-m", "wip")
+    other = tmp_path / "other"
+    git(repo, "worktree", "add", "-q", "-b", "jetreduce-wf-a1-0", str(other))
+    scratch = tmp_path / "s"
+    scratch.mkdir()
+    spaces = Workspaces(str(repo), "wf", mode="agent", scratch=scratch, agent=0)
+    await spaces.prepare()
+    assert spaces.kind == "agent-worktree"
+    assert not stale.exists()
+    assert git(repo, "branch", "--list", "jetreduce-*").split() == ["+", "jetreduce-wf-a1-0"]
+    assert str(other) in git(repo, "worktree", "list")

@@ -268,10 +268,20 @@ class Workspaces:
         its worktrees, and its slot branches — whose unmerged commits belong to items that are
         redelivered — are deleted."""
         assert self.top is not None
+        mine = f"refs/heads/jetreduce-{self.wf}-a{self.agent}-"
         async with self._locked():
             await _git("worktree", "prune", cwd=self.top)
-            pattern = f"refs/heads/jetreduce-{self.wf}-a{self.agent}-*"
-            refs = await _git("for-each-ref", "--format=%(refname:short)", pattern, cwd=self.top)
+            # Any worktree still on one of these branches is a predecessor's, whatever is
+            # left of its directory: removed, or its branch could not be deleted.
+            listing = await _git("worktree", "list", "--porcelain", cwd=self.top)
+            path = ""
+            for line in listing.stdout.splitlines():
+                if line.startswith("worktree "):
+                    path = line.removeprefix("worktree ")
+                elif line.startswith(f"branch {mine}") and path:
+                    await _git("worktree", "remove", "--force", "--force", path, cwd=self.top)
+            await _git("worktree", "prune", cwd=self.top)
+            refs = await _git("for-each-ref", "--format=%(refname:short)", f"{mine}*", cwd=self.top)
             for branch in refs.stdout.split():
                 await _git("branch", "-D", branch, cwd=self.top)
 
