@@ -17,7 +17,7 @@ from jetreduce.contract import events
 from jetreduce.contract.records import StoredSpec, WorkflowRecord
 from jetreduce.contract.workflow.model import Workflow
 
-__all__ = ["generate", "write"]
+__all__ = ["generate", "structure", "write"]
 
 
 def generate() -> dict[str, Any]:
@@ -33,6 +33,36 @@ def generate() -> dict[str, Any]:
         doc["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         doc["$id"] = f"https://jetreduce.dev/schemas/{name}"
     return docs
+
+
+# Keywords that carry prose for readers, not structure: msgspec copies docstrings into
+# ``description``, and how it renders their indentation changes between its releases.
+_PROSE = frozenset({"description", "title", "examples", "$comment"})
+# Keywords whose value maps *names* (of properties, definitions) to schemas: a property
+# called "description" is structure and must be kept.
+_NAMED_SCHEMAS = frozenset({"properties", "$defs", "definitions", "patternProperties"})
+
+
+def structure(doc: Any) -> Any:
+    """``doc`` without its prose: what the schema accepts (types, required fields, enums,
+    formats, bounds), which is what a drift between the types and ``schemas/`` means.
+
+    The committed files keep the prose; tests compare ``structure()`` of both sides so that
+    a dependency that re-renders docstrings cannot fail them while a changed field still does.
+    """
+    if isinstance(doc, list):
+        return [structure(v) for v in doc]
+    if not isinstance(doc, dict):
+        return doc
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key in _PROSE:
+            continue
+        if key in _NAMED_SCHEMAS and isinstance(value, dict):
+            out[key] = {name: structure(sub) for name, sub in value.items()}
+        else:
+            out[key] = structure(value)
+    return out
 
 
 def render(doc: Any) -> str:
