@@ -17,8 +17,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "services"))
 
 from backends import aws_env, redis_server, sqs_server  # noqa: E402, F401 - fixtures
+from hygiene import no_leaks  # noqa: E402, F401 - autouse leak check
 from jetreduce.embedded import EmbeddedServer  # noqa: E402
 from support import env_without_jetreduce, wait_for  # noqa: E402, F401 - re-exported
+
+# A test's tier is the directory it lives in; `make test-fast` runs the `fast` ones.
+TIERS = ("unit", "fuzz", "integration", "e2e", "chaos", "k8s", "observability")
+FAST_TIERS = {"unit", "fuzz", "integration"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with its tier, and ``fast`` where it belongs in the edit loop: the
+    unit, fuzz and integration tiers, less what is marked ``slow``."""
+    tests_dir = Path(__file__).resolve().parent
+    for item in items:
+        parts = Path(str(item.fspath)).resolve().relative_to(tests_dir).parts
+        tier = parts[0] if len(parts) > 1 and parts[0] in TIERS else None
+        if tier is None:
+            continue
+        item.add_marker(getattr(pytest.mark, tier))
+        if tier in FAST_TIERS and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,11 @@ differently must not fail the suite, a changed field, type, enum or requirement 
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
 from jetreduce.contract import events as ev
-import copy
-import json
-
 from jetreduce.contract.schemas import generate, structure
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
