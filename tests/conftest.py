@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import secrets
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +40,36 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(getattr(pytest.mark, tier))
         if tier in FAST_TIERS and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.fast)
+
+
+# The whole suite's budget on the 2-core CI machines (issue 12): the summary line says how
+# close a run came, and which tier took longest, so a regression shows in every CI log.
+BUDGET_S = 480.0
+_tier_seconds: dict[str, float] = {}
+_started = time.monotonic()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Test time by tier (setup, call and teardown), read from the node id so it works in the
+    controller of a ``pytest-xdist`` run too."""
+    parts = report.nodeid.split("::")[0].split("/")
+    tier = parts[1] if len(parts) > 2 and parts[0] == "tests" else "other"
+    _tier_seconds[tier] = _tier_seconds.get(tier, 0.0) + report.duration
+
+
+@pytest.hookimpl(trylast=True)  # after the slowest-tests list, as the log's last word
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _tier_seconds:
+        return
+    wall = time.monotonic() - _started
+    tiers = sorted(_tier_seconds.items(), key=lambda kv: -kv[1])
+    total = sum(_tier_seconds.values())
+    by_tier = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in tiers)
+    verdict = "within" if wall <= BUDGET_S else "OVER"
+    terminalreporter.write_line(
+        f"test-time budget: wall {wall:.0f} s, {verdict} the {BUDGET_S:.0f} s budget; "
+        f"test time {total:.0f} s; slowest tier {tiers[0][0]} ({by_tier})"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -82,22 +82,31 @@ async def services(
 
 
 async def read_stream(
-    js: Any, stream: str, subject: str, *, quiet_s: float = 0.5
+    js: Any, stream: str, subject: str, *, timeout_s: float = 30.0
 ) -> list[ev.Event]:
-    """Every message stored on ``subject`` in ``stream``, decoded, in stream order (read
-    until nothing arrives for ``quiet_s``)."""
+    """Every message stored on ``subject`` in ``stream`` when called, decoded, in stream order.
+
+    Reads up to the last stored message (the one whose metadata says nothing is pending), so
+    it returns as soon as it has everything instead of waiting for a quiet period; what is
+    published after the call may or may not be included. ``timeout_s`` bounds the read."""
     out: list[ev.Event] = []
     sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
     try:
+        info = await sub.consumer_info()
+        # Everything stored when the consumer was made is either pending or delivered.
+        if info.num_pending == 0 and info.delivered.consumer_seq == 0:
+            return out
+        deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
-            try:
-                msg = await sub.next_msg(timeout=quiet_s)
-            except TimeoutError:
-                break
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise AssertionError(f"{stream} {subject}: not read to its end in {timeout_s}s")
+            msg = await sub.next_msg(timeout=left)
             out.append(ev.decode(msg.data))
+            if msg.metadata.num_pending == 0:
+                return out
     finally:
         await sub.unsubscribe()
-    return out
 
 
 async def item_results(h: Harness, wf: str) -> dict[int, Any]:

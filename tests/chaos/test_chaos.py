@@ -33,6 +33,7 @@ from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.subjects import Subjects
 from jetreduce.embedded import EmbeddedServer
 from jetreduce.runtime.connection import connect
+from jetreduce.runtime.orphans import die_with_parent
 from jetreduce.runtime.settings import NatsSettings
 from support import env_without_jetreduce
 
@@ -193,6 +194,9 @@ class Cluster:
                 env=env,
                 cwd=self.root,
                 start_new_session=True,
+                # Its own session (so a kill takes its agents too), yet it dies with the test
+                # process: a killed or timed-out pytest leaves no services behind.
+                preexec_fn=die_with_parent,
             )
 
     def kill_service(self, name: str) -> None:
@@ -249,7 +253,7 @@ class Cluster:
 
 # -- reading the store --------------------------------------------------------------------------
 async def read_all(js: Any, stream: str, subject: str) -> list[Any]:
-    return await read_stream(js, stream, subject, quiet_s=1.0)
+    return await read_stream(js, stream, subject)
 
 
 async def count_terminal(nc: Any, s: Subjects, wf: str) -> int:

@@ -47,7 +47,7 @@ path: each agent runs in a copy of the workflow directory, which a later file ne
 async def lifecycle(h: Harness) -> list[tuple[str, str]]:
     """(event type, workflow) of every plan, launch and map completion, in stream order."""
     body = f"{h.subjects.prefix}.*.*.*" if h.subjects.prefix else "*.*.*"
-    stored = await read_stream(h.nc.jetstream(), h.subjects.events_stream, body, quiet_s=0.2)
+    stored = await read_stream(h.nc.jetstream(), h.subjects.events_stream, body)
     return [
         (type(e).__name__, e.workflow_id)
         for e in stored

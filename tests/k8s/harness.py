@@ -58,6 +58,6 @@ async def orchestrator(
         await nc.drain()
 
 
-async def stored_events(ctx: ServiceContext, subject: str, quiet_s: float = 0.5) -> list[Any]:
-    """Every event stored on ``subject``, in order (read until none arrives for ``quiet_s``)."""
-    return await read_stream(ctx.js, ctx.subjects.events_stream, subject, quiet_s=quiet_s)
+async def stored_events(ctx: ServiceContext, subject: str) -> list[Any]:
+    """Every event stored on ``subject``, in order."""
+    return await read_stream(ctx.js, ctx.subjects.events_stream, subject)
