@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+import hygiene
+
 __all__ = ["ProcessServer", "aws_env", "redis_server", "sqs_server"]
 
 START_TIMEOUT_S = 20.0
@@ -49,6 +51,7 @@ class ProcessServer:
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT)
+        hygiene.keep(self.proc.pid)  # a session's server, even when a test restarts it
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.ready():
             if self.proc.poll() is not None:

@@ -18,10 +18,17 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "services"))
 
+import hygiene  # noqa: E402
 from backends import aws_env, redis_server, sqs_server  # noqa: E402, F401 - fixtures
-from hygiene import no_leaks  # noqa: E402, F401 - autouse leak check
 from jetreduce.embedded import EmbeddedServer  # noqa: E402
 from support import env_without_jetreduce, wait_for  # noqa: E402, F401 - re-exported
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A plugin, not names imported here: a conftest's hooks do not see session-scoped
+    # fixtures being set up, and the leak check must (tests/hygiene.py).
+    config.pluginmanager.register(hygiene, "jetreduce-hygiene")
+
 
 # A test's tier is the directory it lives in; `make test-fast` runs the `fast` ones.
 TIERS = ("unit", "fuzz", "integration", "e2e", "chaos", "k8s", "observability")

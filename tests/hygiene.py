@@ -124,7 +124,11 @@ def leaked_since(
         return []
     deadline = time.monotonic() + grace_s
     while True:
-        new = {key: pid for key, pid in snapshot()[1].items() if key not in before[1]}
+        new = {
+            key: pid
+            for key, pid in snapshot()[1].items()
+            if key not in before[1] and key not in _long_lived
+        }
         if not new or time.monotonic() > deadline:
             break
         time.sleep(0.05)
@@ -133,6 +137,28 @@ def leaked_since(
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     return described
+
+
+_long_lived: set[ProcKey] = set()
+"""Processes that fixtures of a wider scope than the test started (a session's redis-server,
+started lazily by the first test that asks): theirs to stop, not a leak of that test."""
+
+
+def keep(pid: int) -> None:
+    """Exempt ``pid`` from the check: a long-lived server that a test restarted."""
+    stat = _stat(pid)
+    if stat is not None:
+        _long_lived.add((pid, stat[2]))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any]) -> Iterator[None]:
+    if fixturedef.scope == "function":
+        yield
+        return
+    before = snapshot()[1]
+    yield
+    _long_lived.update(key for key in snapshot()[1] if key not in before)
 
 
 # --- asyncio tasks ------------------------------------------------------------------------
