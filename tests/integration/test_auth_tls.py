@@ -69,6 +69,7 @@ def _certs(directory: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
+@pytest.mark.slow  # a workflow on a TLS server: not in `make test-fast`
 async def test_auth_and_tls_required_and_honoured(tmp_path: Path) -> None:
     ca, cert, key = _certs(tmp_path)
     password = "s3cret-canary-pw"

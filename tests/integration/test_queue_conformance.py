@@ -154,6 +154,7 @@ async def test_enqueue_empty(backend: Backend) -> None:
 
 
 # -- lease / ack ------------------------------------------------------------------------------
+@pytest.mark.slow  # waits out leases: not in `make test-fast`
 async def test_lease_then_ack(backend: Backend) -> None:
     queue = await backend.prepared()
     await queue.enqueue(items(0, 1, 2))
@@ -183,6 +184,7 @@ async def test_lease_returns_at_most_max_n(backend: Backend) -> None:
     assert len({x.item.index for x in seen}) == len(seen)  # no item leased twice
 
 
+@pytest.mark.slow  # waits out leases: not in `make test-fast`
 async def test_lease_waits_at_most_wait_s(backend: Backend) -> None:
     queue = await backend.prepared()
     for wait_s in (0.3, 1.0):
@@ -225,6 +227,7 @@ async def test_waiting_lease_gets_an_item_enqueued_meanwhile(backend: Backend) -
 
 
 # -- leases expire, heartbeats extend them ----------------------------------------------------
+@pytest.mark.slow  # waits out leases: not in `make test-fast`
 async def test_abandoned_lease_comes_back_after_visibility(backend: Backend) -> None:
     crashed = await backend.prepared()
     await crashed.enqueue(items(0))
@@ -243,6 +246,7 @@ async def test_abandoned_lease_comes_back_after_visibility(backend: Backend) -> 
     await depth_is(other, pending=0, in_flight=0)
 
 
+@pytest.mark.slow  # waits out leases: not in `make test-fast`
 async def test_heartbeat_extends_the_lease(backend: Backend) -> None:
     queue = await backend.prepared()
     await queue.enqueue(items(0))
@@ -258,6 +262,7 @@ async def test_heartbeat_extends_the_lease(backend: Backend) -> None:
 
 
 # -- retry, attempts, dead --------------------------------------------------------------------
+@pytest.mark.slow  # waits out leases: not in `make test-fast`
 async def test_retry_honours_the_delay(backend: Backend) -> None:
     queue = await backend.prepared()
     await queue.enqueue(items(0))
@@ -275,6 +280,7 @@ async def test_retry_honours_the_delay(backend: Backend) -> None:
     await queue.ack(again)
 
 
+@pytest.mark.slow  # waits out leases: not in `make test-fast`
 async def test_attempts_count_every_delivery(backend: Backend) -> None:
     queue = await backend.prepared()
     await queue.enqueue(items(0, 1))
@@ -292,6 +298,7 @@ async def test_attempts_count_every_delivery(backend: Backend) -> None:
         await queue.ack(lease)
 
 
+@pytest.mark.slow  # waits out leases: not in `make test-fast`
 async def test_dead_removes_the_item(backend: Backend) -> None:
     queue = await backend.prepared()
     await queue.enqueue(items(0, 1))
