@@ -184,7 +184,13 @@ reduce:
         end = await h.run(text, workdir, max_attempts=3, workspace="shared")
         assert isinstance(end, ev.WorkflowFailed), h.agent_logs()
         wf = end.workflow_id
-        results = await item_results(h, wf)
+
+        async def item_3_recorded() -> dict[int, Any] | None:
+            # The item's dead result is written beside the workflow's failure, not before it.
+            results = await item_results(h, wf)
+            return results if 3 in results else None
+
+        results = await wait_for(item_3_recorded)
         failed = await stored(h, h.subjects.events_stream, h.subjects.item_failed(wf, 3))
         events = await stored(h, h.subjects.events_stream, h.subjects.map("failed", wf))
     assert "item_3" in end.reason and "fail_workflow" in end.reason
