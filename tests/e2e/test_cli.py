@@ -17,7 +17,11 @@ JETREDUCE = [sys.executable, "-m", "jetreduce"]
 
 
 def cli(
-    *args: str, cwd: Path, timeout: float = 120, **kw: object
+    *args: str,
+    cwd: Path,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    **kw: object,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*JETREDUCE, *args],
@@ -25,7 +29,7 @@ def cli(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env_without_jetreduce(),
+        env=env_without_jetreduce() if env is None else env,
         **kw,  # type: ignore[arg-type]
     )
 
@@ -102,7 +106,7 @@ map:
     assert out.returncode == 2 and "cannot read" in out.stderr
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -141,7 +145,7 @@ map:
             assert time.monotonic() < deadline, "agents never started"
             time.sleep(0.1)
         step_pids = [int(p.read_text()) for p in pids.iterdir()]
-        server_pids = _nats_servers_under(tmp_path)
+        server_pids = nats_servers_under(tmp_path)
         assert server_pids
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
@@ -151,12 +155,12 @@ map:
     assert proc.returncode == 130, err
     assert "cancelling workflow" in err
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in step_pids + server_pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in step_pids + server_pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [p for p in step_pids + server_pids if _alive(p)]
+    assert not [p for p in step_pids + server_pids if alive(p)]
 
 
-def _nats_servers_under(path: Path) -> list[int]:
+def nats_servers_under(path: Path) -> list[int]:
     found = []
     for proc_dir in Path("/proc").iterdir():
         if not proc_dir.name.isdigit():

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import time
 from dataclasses import replace
@@ -44,12 +43,14 @@ from jetreduce.cli.options import (
     settings as make_settings,
 )
 from jetreduce.cli.session import run_connected
+from jetreduce.cli.signals import Signals
 from jetreduce.cli.submit import (
     SubmitRejected,
     format_problems,
     load_workflow,
     new_workflow_id,
 )
+from jetreduce.cli.text import printable
 from jetreduce.cli.upload import input_file, submit_with_upload
 from jetreduce.cli.watch import Watcher, describe
 from jetreduce.contract import events as ev
@@ -128,13 +129,6 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-async def _connect(settings: NatsSettings) -> Any:
-    try:
-        return await connect(settings, name="jetreduce-cli", forever=False)
-    except ConnectFailed as exc:
-        raise _fail(str(exc), exit_codes.UNREACHABLE) from None
-
-
 def _load(path: Path) -> tuple[str, Any, dict[str, str]]:
     try:
         text, result, used = load_workflow(path)
@@ -185,8 +179,6 @@ def _print_outcome(event: Any) -> None:
 
 
 # -- run ----------------------------------------------------------------------------------------
-TERMINATED = 143
-"""Exit code after SIGTERM (128 + 15), as Prodigy and shells report it."""
 DRY_RUN_INPUT_TIMEOUT_S = 60.0
 DRY_RUN_SHOWN_ITEMS = 5
 
@@ -533,40 +525,124 @@ async def _run(
     k8s: KubernetesSettings | None = None,
     upload: Path | None = None,
 ) -> int:
-    from jetreduce.embedded import EmbeddedServer
+    """Host the services (and, without ``--nats``, a server on ``data_dir``) and follow the
+    workflow. A signal at any moment ends it: before the workflow is under way the command
+    just stops; after, the agents stop and the workflow stays resumable (the Prodigy model:
+    ``jetreduce cancel`` is what ends a workflow for good)."""
+    with Signals() as signals:
+        under_way: list[bool] = []
+        try:
+            code = await _run_in(
+                signals,
+                under_way,
+                text,
+                source,
+                wf,
+                options,
+                nats,
+                data_dir,
+                quiet,
+                resume=resume,
+                backend=backend,
+                k8s=k8s,
+                upload=upload,
+            )
+        except asyncio.CancelledError as exc:
+            if not signals.interrupted_by(exc):
+                raise
+            code = None
+        except ConnectFailed as exc:
+            typer.echo(str(exc), err=True)
+            return exit_codes.UNREACHABLE
+        if code is not None:
+            return code
+        if under_way:
+            _print_resumable(signals.why, wf, nats, data_dir)
+        else:
+            typer.echo(f"\n{signals.why}", err=True)
+        return signals.exit_code
 
+
+def _print_resumable(why: str, wf: str, nats: str | None, data_dir: Path) -> None:
+    where = f" --nats {nats}" if nats else ""
+    if not nats and data_dir != Path(DEFAULT_DATA_DIR):
+        where = f" --data-dir {data_dir}"
+    typer.echo(
+        f"\n{why}: workflow {wf} stopped, not cancelled. Continue it with:\n"
+        f"  jetreduce resume {wf}{where}\n"
+        f"or end it for good with: jetreduce cancel {wf}{where}",
+        err=True,
+    )
+
+
+async def _start_server(data_dir: Path) -> Any:
+    """The embedded server on ``data_dir`` (refused at once if another process has it)."""
+    from jetreduce.embedded import DataDirBusy, EmbeddedServer
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = EmbeddedServer(data_dir / "nats", command="jetreduce run")
+    try:
+        return await server.start_async()
+    except DataDirBusy as exc:
+        raise _fail(busy_message(data_dir, exc), exit_codes.FAILED) from None
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        raise _fail(f"cannot start the embedded nats-server: {exc}", exit_codes.FAILED) from None
+
+
+def busy_message(data_dir: Path, exc: Any) -> str:
+    """One line: who holds the store, and how to use that server instead."""
+    who = f"pid {exc.pid}" + (f" ({exc.command})" if exc.command else "")
+    reuse = (
+        f"use that server with --nats {exc.url}"
+        if exc.url
+        else "wait for it to start, then use its server with --nats URL"
+    )
+    return (
+        f"data directory {data_dir} is in use by {who}, serving {exc.url or '(starting)'}: "
+        f"{reuse}, or give another --data-dir"
+    )
+
+
+async def _run_in(
+    signals: Signals,
+    under_way: list[bool],
+    text: str | None,
+    source: str,
+    wf: str,
+    options: SubmitOptions,
+    nats: str | None,
+    data_dir: Path,
+    quiet: bool,
+    *,
+    resume: bool,
+    backend: str,
+    k8s: KubernetesSettings | None,
+    upload: Path | None,
+) -> int | None:
+    """The body of :func:`_run`; None when a signal stopped the workflow's run."""
     server = None
     settings = _settings(nats)
-    if nats is None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        server = EmbeddedServer(data_dir / "nats")
-        try:
-            server.start()  # from this thread: the server dies with it (runtime/orphans.py)
-        except Exception as exc:
-            raise _fail(
-                f"cannot start the embedded nats-server: {exc}", exit_codes.FAILED
-            ) from None
-        settings = replace(settings, url=server.url)
-    loop = asyncio.get_running_loop()
-    interrupted = asyncio.Event()
-    received: list[int] = []
-
-    def on_signal(sig: int) -> None:
-        received.append(sig)
-        interrupted.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
     try:
+        if nats is None:
+            server = await _start_server(data_dir)
+            settings = replace(settings, url=server.url)
         host = ServiceHost(settings, log_dir=data_dir.resolve() / "logs", backend=backend, k8s=k8s)
         async with host.running():
-            nc = await _connect(settings)
+            nc = await connect(settings, name="jetreduce-cli", forever=False)
             try:
                 subjects = Subjects(settings.prefix)
                 watcher = Watcher(nc, subjects, wf, show_events=not quiet)
                 await watcher.start()
-                known = resume and await StateStore(nc.jetstream(), subjects).get(wf) is not None
-                if known:
+                record = await StateStore(nc.jetstream(), subjects).get(wf) if resume else None
+                if record is not None and record.phase.terminal:
+                    reason = f" ({printable(record.reason)})" if record.reason else ""
+                    typer.echo(
+                        f"workflow {wf} cannot be resumed: it is {record.phase.value}{reason}; "
+                        "run the workflow again with jetreduce run",
+                        err=True,
+                    )
+                    return exit_codes.USAGE
+                if record is not None:
                     typer.echo(f"workflow {wf}: resuming", err=True)
                 elif text is None:
                     typer.echo(f"no workflow {wf} in {data_dir}", err=True)
@@ -586,8 +662,10 @@ async def _run(
                         typer.echo(format_problems(exc), err=True)
                         return exit_codes.USAGE
                     typer.echo(f"workflow {wf} submitted", err=True)
+                under_way.append(True)
+                signals.handle()
                 follow = asyncio.create_task(watcher.until_done())
-                stop = asyncio.create_task(interrupted.wait())
+                stop = asyncio.create_task(signals.event.wait())
                 failed = asyncio.create_task(host.stop.wait())
                 await asyncio.wait({follow, stop, failed}, return_when=asyncio.FIRST_COMPLETED)
                 if follow.done():
@@ -598,21 +676,14 @@ async def _run(
                     return _terminal_code(event)
                 follow.cancel()
                 if stop.done():
-                    terminated = signal.SIGTERM in received
-                    why = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
-                    typer.echo(f"\n{why}: cancelling workflow {wf}", err=True)
-                    with contextlib.suppress(Exception):
-                        await _cancel(nc, subjects, wf, why)
-                        # Agents stop their steps on workflow.cancelled: wait for it, briefly.
-                        await watcher.until_done(timeout_s=5)
-                    return TERMINATED if terminated else exit_codes.INTERRUPTED
+                    # Leaving ``host.running()`` stops the launcher, which stops the agents:
+                    # in-flight items are handed back and run again on resume.
+                    return None
                 await host.wait()
                 return exit_codes.FAILED
             finally:
                 await nc.close()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         if server is not None:
             await asyncio.to_thread(server.stop)
 
@@ -903,18 +974,27 @@ def _serve(
         except ValueError as exc:
             typer.echo(str(exc), err=True)
             return exit_codes.USAGE
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, host.stop.set)
-        try:
-            async with host.running():
-                typer.echo(
-                    f"jetreduce services running: {', '.join(names)} on {settings.url}", err=True
-                )
-                await host.wait()
-        except ConnectFailed as exc:
-            typer.echo(str(exc), err=True)
-            return exit_codes.UNREACHABLE
+        # Until the services run, a signal cancels whatever is being waited for (the
+        # first connection); from then on it stops the services cleanly.
+        with Signals() as signals:
+            try:
+                async with host.running():
+                    signals.handle()
+                    stop = asyncio.create_task(signals.event.wait())
+                    stop.add_done_callback(lambda _: host.stop.set())
+                    typer.echo(
+                        f"jetreduce services running: {', '.join(names)} on {settings.url}",
+                        err=True,
+                    )
+                    await host.wait()
+            except asyncio.CancelledError as exc:
+                if not signals.interrupted_by(exc):
+                    raise
+                typer.echo(signals.why, err=True)
+                return signals.exit_code
+            except ConnectFailed as exc:
+                typer.echo(str(exc), err=True)
+                return exit_codes.UNREACHABLE
         return exit_codes.OK
 
     return asyncio.run(go())
@@ -1016,9 +1096,14 @@ def server(
     ] = "127.0.0.1",
 ) -> None:
     """Run the embedded nats-server in the foreground until Ctrl-C (loopback by default)."""
-    from jetreduce.embedded import EmbeddedServer
+    from jetreduce.embedded import DataDirBusy, EmbeddedServer
 
-    srv = EmbeddedServer(data_dir / "nats", port=port, host=host).start()
+    try:
+        srv = EmbeddedServer(
+            data_dir / "nats", port=port, host=host, command="jetreduce server"
+        ).start()
+    except DataDirBusy as exc:
+        raise _fail(busy_message(data_dir, exc), exit_codes.FAILED) from None
     typer.echo(srv.url)
     if srv.credentials_file is not None:
         typer.echo(

@@ -1,0 +1,190 @@
+"""What a new user hits in the first hour (issue 15), through the real CLI: processes,
+exit codes, signals, a real nats-server."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+
+from backends import free_port
+from jetreduce.embedded import EmbeddedServer
+from support import env_without_jetreduce
+from test_cli import JETREDUCE, cli
+
+NOWHERE = "nats://127.0.0.1:1"
+"""Nothing listens on port 1: every connection is refused at once."""
+
+
+class Cli:
+    """A CLI process whose stderr is read as it comes, so a test can wait for a line."""
+
+    def __init__(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [*JETREDUCE, *args],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env_without_jetreduce() | (env or {}),
+        )
+        self.err: list[str] = []
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.err.append(line)
+            self._lines.put(line)
+
+    def wait_line(self, needle: str, timeout_s: float = 30) -> str:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no line with {needle!r} within {timeout_s}s:\n{self.stderr}"
+            try:
+                line = self._lines.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                assert self._reader.is_alive(), f"exited without {needle!r}:\n{self.stderr}"
+                continue
+            if needle in line:
+                return line
+
+    def finish(self, timeout_s: float) -> tuple[int, str]:
+        """Exit code and stdout; fails the test if the process outlives ``timeout_s``."""
+        try:
+            out, _ = self.proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"still running after {timeout_s}s:\n{self.stderr}") from None
+        self._reader.join(5)
+        return self.proc.returncode, out
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+    def __enter__(self) -> Cli:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _workflow(tmp_path: Path, steps: str = '"true"', items: int = 3) -> Path:
+    wf = tmp_path / "wf.yml"
+    wf.write_text(
+        f'name: day-one\nmap:\n  input: "seq 1 {items}"\n  max_parallel: 2\n'
+        f"  agent_template:\n    - shell: {steps}\n"
+    )
+    return wf
+
+
+# -- 1: an unreachable server -----------------------------------------------------------------
+def test_an_unreachable_server_is_one_line_naming_it_and_exit_4(tmp_path: Path) -> None:
+    wf = _workflow(tmp_path)
+    env = env_without_jetreduce() | {"JETREDUCE_CONNECT_TIMEOUT_S": "1"}
+    for args in (
+        ["run", str(wf), "--nats", NOWHERE],
+        ["services", "up", "--nats", NOWHERE],
+        ["status", "--nats", NOWHERE],
+    ):
+        started = time.monotonic()
+        done = cli(*args, cwd=tmp_path, timeout=30, env=env)
+        took = time.monotonic() - started
+        assert done.returncode == 4, (args, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, (args, done.stderr)
+        assert NOWHERE in lines[0] and "within 1s" in lines[0], lines
+        assert took < 10, (args, took)
+
+
+def test_signals_end_a_command_that_waits_for_its_first_connection(tmp_path: Path) -> None:
+    """However long the connect budget, Ctrl-C and SIGTERM end the command at once."""
+    wf = _workflow(tmp_path)
+    slow = {"JETREDUCE_CONNECT_TIMEOUT_S": "600"}
+    debug = ["--log-level", "debug"]  # each refused attempt is a debug line: proof it waits
+    for args, sig, code in (
+        ([*debug, "run", str(wf), "--nats", NOWHERE], signal.SIGINT, 130),
+        ([*debug, "services", "up", "--nats", NOWHERE], signal.SIGTERM, 143),
+    ):
+        with Cli(*args, cwd=tmp_path, env=slow) as proc:
+            proc.wait_line("Connect call failed")
+            proc.proc.send_signal(sig)
+            rc, _ = proc.finish(timeout_s=10)
+            assert rc == code, (args, proc.stderr)
+
+
+def test_services_keep_reconnecting_after_losing_an_established_connection(
+    tmp_path: Path, prefix: str
+) -> None:
+    """The bounded first connect does not bound reconnects: a server that goes away for longer
+    than the connect budget and comes back finds the services again."""
+    port = free_port()
+    env = {"JETREDUCE_CONNECT_TIMEOUT_S": "1", "JETREDUCE_PREFIX": prefix}
+    server = EmbeddedServer(tmp_path / "nats", port=port).start()
+    url = server.url
+    try:
+        with Cli("services", "up", "--nats", url, cwd=tmp_path, env=env) as services:
+            services.wait_line("services running")
+            server.stop()
+            # Refused reconnects for longer than the first connect's budget (one a second),
+            # then the server is back.
+            services.wait_line("Connect call failed")
+            services.wait_line("Connect call failed")
+            assert services.proc.poll() is None, services.stderr
+            server = EmbeddedServer(tmp_path / "nats", port=port).start()
+            done = cli(
+                "submit",
+                str(_workflow(tmp_path)),
+                "--nats",
+                url,
+                "--wait",
+                cwd=tmp_path,
+                timeout=60,
+                env=env_without_jetreduce() | env,
+            )
+            assert done.returncode == 0, done.stderr + services.stderr
+            assert "completed, 3/3 items succeeded" in done.stderr
+    finally:
+        server.stop()
+
+
+# -- 2: one store, one server -----------------------------------------------------------------
+def test_a_second_server_on_a_data_dir_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    wf = _workflow(tmp_path)
+    with Cli("server", "--port", "-1", "--data-dir", str(data), cwd=tmp_path) as holder:
+        assert holder.proc.stdout is not None
+        url = holder.proc.stdout.readline().strip()
+        assert url.startswith("nats://"), holder.stderr
+        started = time.monotonic()
+        second = cli("run", str(wf), "--data-dir", str(data), cwd=tmp_path, timeout=30)
+        assert time.monotonic() - started < 10
+        assert second.returncode == 1, second.stderr
+        assert f"pid {holder.proc.pid}" in second.stderr
+        assert f"--nats {url}" in second.stderr
+        again = cli("server", "--port", "-1", "--data-dir", str(data), cwd=tmp_path, timeout=30)
+        assert again.returncode == 1 and f"pid {holder.proc.pid}" in again.stderr
+        # The advice works: the holder's server runs the workflow.
+        used = cli("run", str(wf), "--nats", url, "-q", cwd=tmp_path, timeout=60)
+        assert used.returncode == 0, used.stderr
+
+        # A killed holder leaves no lock behind that blocks.
+        holder.proc.kill()
+        holder.proc.wait(10)
+    after = cli("run", str(wf), "--data-dir", str(data), "-q", cwd=tmp_path, timeout=60)
+    assert after.returncode == 0, after.stderr
