@@ -76,6 +76,9 @@ async def connect(
             last[:] = [exc]
             log.debug("nats: %s", exc)
 
+    async def _reconnected() -> None:
+        log.warning("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+
     opts: dict[str, Any] = {
         "servers": [u.strip() for u in settings.url.split(",") if u.strip()],
         "name": name or settings.name,
@@ -86,6 +89,7 @@ async def connect(
         "connect_timeout": min(3.0, budget),
         "allow_reconnect": True,
         "error_cb": _error,
+        "reconnected_cb": _reconnected,
         "pending_size": 64 * 1024 * 1024,
     }
     if settings.creds:
