@@ -3,6 +3,8 @@ exit codes, signals, a real nats-server."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import signal
 import subprocess
@@ -11,11 +13,11 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from test_cli import JETREDUCE, cli
+from test_cli import JETREDUCE, alive, cli
 
 from backends import free_port
 from jetreduce.embedded import EmbeddedServer
-from support import env_without_jetreduce
+from support import env_without_jetreduce, git, init_repo
 
 NOWHERE = "nats://127.0.0.1:1"
 """Nothing listens on port 1: every connection is refused at once."""
@@ -179,3 +181,77 @@ def test_a_second_server_on_a_data_dir_is_refused_naming_the_holder(tmp_path: Pa
         holder.proc.wait(10)
     after = cli("run", str(wf), "--data-dir", str(data), "-q", cwd=tmp_path, timeout=60)
     assert after.returncode == 0, after.stderr
+
+
+# -- 5: nothing outlives a SIGKILLed run ------------------------------------------------------
+def _session_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[3])
+
+
+def test_agents_and_steps_die_with_a_sigkilled_run_and_resume_commits_once(
+    tmp_path: Path,
+) -> None:
+    """Steps that would commit after the kill must not: the resume commits each item once."""
+    work = tmp_path / "work"
+    work.mkdir()
+    init_repo(work)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    (tmp_path / "commit.sh").write_text(
+        f"echo $$ > {pids}/$1\nsleep 3\necho $1 > f$1\ngit add f$1\ngit commit -qm item-$1\n"
+    )
+    wf = tmp_path / "commits.yml"
+    wf.write_text(f"""
+name: commits
+map:
+  input: "seq 1 6"
+  max_parallel: 3
+  agent_template:
+    - shell: "sh {tmp_path}/commit.sh ${{item}}"
+""")
+    data = tmp_path / "data"
+    run = subprocess.Popen(
+        [
+            *JETREDUCE,
+            "run",
+            str(wf),
+            "--id",
+            "commits-1",
+            "--data-dir",
+            str(data),
+            "-q",
+            "--lease",
+            "2",
+        ],
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_without_jetreduce(),
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(pids.iterdir())) < 3:
+            assert run.poll() is None, run.communicate()[1]
+            assert time.monotonic() < deadline, "no step started"
+            time.sleep(0.05)
+        steps = [int(p.read_text()) for p in pids.iterdir()]
+        agents = {_session_of(p) for p in steps}  # an agent leads its steps' session
+        run.kill()
+        run.wait(10)
+        deadline = time.monotonic() + 10
+        while [p for p in [*steps, *agents] if alive(p)]:
+            assert time.monotonic() < deadline, "steps or agents outlived the run"
+            time.sleep(0.05)
+    finally:
+        run.kill()
+        for pid in [*steps, *agents] if "agents" in locals() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    resumed = cli("resume", "commits-1", "--data-dir", str(data), cwd=work, timeout=90)
+    assert resumed.returncode == 0, resumed.stderr
+    subjects = git(work, "log", "--format=%s").split()
+    assert sorted(s for s in subjects if s.startswith("item-")) == [
+        f"item-{i}" for i in range(1, 7)
+    ]

@@ -405,6 +405,15 @@ def run(
         float | None, typer.Option("--timeout", help="Give up after this many seconds.")
     ] = None,
     workflow_id: Annotated[str | None, typer.Option("--id", help="Workflow id.")] = None,
+    lease: Annotated[
+        float | None,
+        typer.Option(
+            "--lease",
+            min=1,
+            help="Seconds an item's lease lasts unless its agent renews it (default 30): "
+            "how soon items a killed run had in flight run again on resume.",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     resume: Annotated[
         bool,
@@ -458,6 +467,7 @@ def run(
         vars=used,
         max_attempts=max_attempts,
         timeout_s=timeout,
+        lease_s=lease,
         args=args or [],
         profile=profile,
         workspace=_workspace(workspace, worktrees),
