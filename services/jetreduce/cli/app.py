@@ -179,6 +179,8 @@ def _print_outcome(event: Any) -> None:
 
 
 # -- run ----------------------------------------------------------------------------------------
+INTERRUPT_GRACE_S = 2.0
+"""``run``: how long an interrupted run's in-flight items may finish (``JETREDUCE_GRACE_S``)."""
 DRY_RUN_INPUT_TIMEOUT_S = 60.0
 DRY_RUN_SHOWN_ITEMS = 5
 
@@ -436,7 +438,8 @@ def run(
     """Run a workflow here: embedded nats-server, the services in this process, agents as
     child processes (or, with --backend kubernetes, as Jobs in --namespace with --image; the
     map input file is uploaded, since pods do not see this disk). Prints the reduce output
-    and a summary; Ctrl-C cancels cleanly."""
+    and a summary. Ctrl-C stops it and keeps the workflow resumable (it prints the resume
+    command); `jetreduce cancel` ends a workflow for good."""
     _check_backend(backend, namespace, image)
     if resume and workflow_id is None:
         raise _fail("--resume needs --id ID (the workflow to continue)", exit_codes.USAGE)
@@ -513,8 +516,9 @@ def resume_cmd(
     ] = Path(DEFAULT_DATA_DIR),
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
-    """Continue a workflow whose `jetreduce run` was killed: from JetStream state, running
-    only items that are not terminal yet."""
+    """Continue a workflow whose `jetreduce run` was interrupted or killed: from JetStream
+    state, running only items that are not terminal yet. A cancelled, failed or finished
+    workflow cannot be resumed (exit 2, with the reason)."""
     code = asyncio.run(
         _run(None, "", workflow_id, SubmitOptions(), nats, data_dir, quiet, resume=True)
     )
@@ -632,6 +636,10 @@ async def _run_in(
     """The body of :func:`_run`; None when a signal stopped the workflow's run."""
     server = None
     settings = _settings(nats)
+    # Ctrl-C must be prompt: in-flight items get this long to finish before they are handed
+    # back (and run again on resume), unless the user chose otherwise. Agents read it from
+    # the environment they inherit.
+    os.environ.setdefault("JETREDUCE_GRACE_S", str(INTERRUPT_GRACE_S))
     try:
         if nats is None:
             server = await _start_server(data_dir)
