@@ -255,3 +255,25 @@ map:
     assert sorted(s for s in subjects if s.startswith("item-")) == [
         f"item-{i}" for i in range(1, 7)
     ]
+
+
+# -- issue 13, 7: names and reasons are escaped -----------------------------------------------
+def test_status_escapes_a_name_and_a_reason_with_control_characters(
+    tmp_path: Path, nats_url: str, prefix: str
+) -> None:
+    wf = tmp_path / "evil.yml"
+    wf.write_text(
+        'name: "two\\nlines\\u001b[31m"\nmap:\n  input: "seq 1 1"\n'
+        '  agent_template:\n    - shell: "true"\n'
+        'reduce:\n  - shell: "printf \'bad\\\\nthing\\\\033[2J\' >&2; exit 3"\n'
+    )
+    env = env_without_jetreduce() | {"JETREDUCE_PREFIX": prefix}
+    ran = cli("run", str(wf), "--id", "evil-1", "--nats", nats_url, cwd=tmp_path, env=env)
+    assert ran.returncode == 1, ran.stderr
+    assert "\x1b" not in ran.stderr
+    status = cli("status", "evil-1", "--nats", nats_url, cwd=tmp_path, env=env)
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert len(lines) == 1, status.stdout
+    assert "two\\nlines\\x1b[31m" in lines[0]
+    assert "bad\\nthing\\x1b[2J" in lines[0]

@@ -841,7 +841,7 @@ def status(
                 typer.echo(json.dumps(body))
             else:
                 line = (
-                    f"{rec.workflow_id}  {rec.phase.value:<10} {rec.name}  "
+                    f"{rec.workflow_id}  {rec.phase.value:<10} {printable(rec.name)}  "
                     f"total={rec.total if rec.total is not None else '?'}"
                 )
                 if progress is not None:
@@ -849,7 +849,7 @@ def status(
                 elif rec.total is not None:
                     line += f"  done={rec.done} failed={rec.dead}"
                 if rec.reason:
-                    line += f"  reason: {rec.reason}"
+                    line += f"  reason: {printable(rec.reason)}"
                 typer.echo(line)
         return exit_codes.OK
 

@@ -26,6 +26,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from jetreduce.cli.text import printable
 from jetreduce.contract import events as ev
 from jetreduce.contract.subjects import Subjects
 
@@ -49,7 +50,13 @@ PLAIN_EVERY_S = 2.0
 
 
 def describe(event: ev.Event) -> str:
-    """One readable line per event."""
+    """One readable line per event: names, reasons and errors come from submitters and
+    steps, so their control characters are escaped (a newline cannot split the line, an
+    escape sequence cannot drive the terminal)."""
+    return printable(_describe(event))
+
+
+def _describe(event: ev.Event) -> str:
     kind = type(event).__name__
     if isinstance(event, ev.Progress):
         eta = f", ETA {event.eta_s:.0f}s" if event.eta_s is not None else ""
