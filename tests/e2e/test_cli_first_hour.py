@@ -277,3 +277,32 @@ def test_status_escapes_a_name_and_a_reason_with_control_characters(
     assert len(lines) == 1, status.stdout
     assert "two\\nlines\\x1b[31m" in lines[0]
     assert "bad\\nthing\\x1b[2J" in lines[0]
+
+
+# -- 7, 8: --args a b; quiet is quiet ---------------------------------------------------------
+def test_args_as_the_readme_writes_them_and_quiet_prints_only_the_reduce_output(
+    tmp_path: Path,
+) -> None:
+    wf = tmp_path / "args.yml"
+    wf.write_text(
+        'name: args\nmap:\n  input: "seq 1 2"\n  agent_template:\n    - shell: "true"\n'
+        'reduce:\n  - shell: "echo got $1 / ${ARG_2} / $3"\n'
+    )
+    data = str(tmp_path / "data")
+    done = cli("run", str(wf), "--args", "a", "b c", "-q", "--data-dir", data, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "got a / b c /\n"
+    assert done.stderr == ""
+
+
+def test_quiet_still_prints_errors(tmp_path: Path) -> None:
+    wf = tmp_path / "fails.yml"
+    wf.write_text(
+        'name: fails\nmap:\n  input: "seq 1 2"\n  agent_template:\n    - shell: "true"\n'
+        'reduce:\n  - shell: "echo broken >&2; exit 5"\n'
+    )
+    done = cli("run", str(wf), "-q", "--data-dir", str(tmp_path / "data"), cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert "exited with code 5" in done.stderr and "broken" in done.stderr
+    assert "progress" not in done.stderr and "submitted" not in done.stderr

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -165,10 +166,14 @@ def _terminal_code(event: Any) -> int:
     return exit_codes.FAILED
 
 
-def _print_outcome(event: Any) -> None:
+def _print_outcome(event: Any, quiet: bool = False) -> None:
+    """The reduce output (stdout) and a summary (stderr); ``quiet`` keeps the summary only
+    when something failed."""
     if isinstance(event, ev.WorkflowCompleted):
         if event.reduce_output:
             typer.echo(event.reduce_output)
+        if quiet and not event.dead:
+            return
         typer.echo(
             f"workflow {event.workflow_id}: completed, {event.done}/{event.total} items "
             f"succeeded, {event.dead} failed, in {event.duration_s:.1f}s",
@@ -188,7 +193,8 @@ ArgsOption = Annotated[
     list[str] | None,
     typer.Option(
         "--args",
-        help="Positional argument for the workflow ($1, ${ARG_1}, env ARG_1); repeat it.",
+        help="Positional arguments for the workflow ($1, ${ARG_1}, env ARG_1): --args a b, "
+        "after the workflow file.",
     ),
 ]
 ProfileOption = Annotated[
@@ -416,7 +422,10 @@ def run(
             "how soon items a killed run had in flight run again on resume.",
         ),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="Print only the reduce output and errors."),
+    ] = False,
     resume: Annotated[
         bool,
         typer.Option("--resume", help="With --id: continue that workflow if it exists."),
@@ -514,7 +523,10 @@ def resume_cmd(
     data_dir: Annotated[
         Path, typer.Option("--data-dir", help="The data dir of the interrupted run.")
     ] = Path(DEFAULT_DATA_DIR),
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="Print only the reduce output and errors."),
+    ] = False,
 ) -> None:
     """Continue a workflow whose `jetreduce run` was interrupted or killed: from JetStream
     state, running only items that are not terminal yet. A cancelled, failed or finished
@@ -649,7 +661,7 @@ async def _run_in(
             nc = await connect(settings, name="jetreduce-cli", forever=False)
             try:
                 subjects = Subjects(settings.prefix)
-                watcher = Watcher(nc, subjects, wf, show_events=not quiet)
+                watcher = Watcher(nc, subjects, wf, show_events=not quiet, quiet=quiet)
                 await watcher.start()
                 record = await StateStore(nc.jetstream(), subjects).get(wf) if resume else None
                 if record is not None and record.phase.terminal:
@@ -661,7 +673,8 @@ async def _run_in(
                     )
                     return exit_codes.USAGE
                 if record is not None:
-                    typer.echo(f"workflow {wf}: resuming", err=True)
+                    if not quiet:
+                        typer.echo(f"workflow {wf}: resuming", err=True)
                 elif text is None:
                     typer.echo(f"no workflow {wf} in {data_dir}", err=True)
                     return exit_codes.FAILED
@@ -679,7 +692,8 @@ async def _run_in(
                     except SubmitRejected as exc:
                         typer.echo(format_problems(exc), err=True)
                         return exit_codes.USAGE
-                    typer.echo(f"workflow {wf} submitted", err=True)
+                    if not quiet:
+                        typer.echo(f"workflow {wf} submitted", err=True)
                 under_way.append(True)
                 signals.handle()
                 follow = asyncio.create_task(watcher.until_done())
@@ -690,7 +704,7 @@ async def _run_in(
                     stop.cancel()
                     failed.cancel()
                     event = follow.result()
-                    _print_outcome(event)
+                    _print_outcome(event, quiet)
                     return _terminal_code(event)
                 follow.cancel()
                 if stop.done():
@@ -1142,8 +1156,27 @@ app.add_typer(build_dlq(_settings), name="dlq")
 register_logs(app, _settings)
 
 
+def spread_args(argv: list[str]) -> list[str]:
+    """``--args a b c`` as the README (and Prodigy) write it: Click options take one value
+    each, so every word after ``--args`` up to the next option (or ``--``) becomes its own
+    ``--args``. Put ``--args`` after the workflow file: ``run wf.yml --args a b``."""
+    out: list[str] = []
+    taking = False
+    for word in argv:
+        if word == "--args":
+            taking = True
+            continue
+        if taking and (word.startswith("-") or not word):
+            taking = False
+        if taking:
+            out += ["--args", word]
+        else:
+            out.append(word)
+    return out
+
+
 def main() -> None:
-    app(prog_name="jetreduce")
+    app(args=spread_args(sys.argv[1:]), prog_name="jetreduce")
 
 
 if __name__ == "__main__":

@@ -135,7 +135,9 @@ class Watcher:
         tty: bool | None = None,
         show_events: bool = True,
         show_items: bool = False,
+        quiet: bool = False,
     ) -> None:
+        """``quiet``: show nothing while following (no progress, no events)."""
         self.nc = nc
         self.s = subjects
         self.wf = workflow_id
@@ -143,6 +145,7 @@ class Watcher:
         self.tty = self.out.isatty() if tty is None else tty
         self.show_events = show_events
         self.show_items = show_items
+        self.quiet = quiet
         self.queue: asyncio.Queue[ev.Event] = asyncio.Queue()
         self._subs: list[Any] = []
         self.last_progress: ev.Progress | None = None
@@ -194,7 +197,9 @@ class Watcher:
 
     @contextlib.contextmanager
     def _display(self) -> Any:
-        if self.tty:
+        if self.quiet:
+            yield lambda event: None
+        elif self.tty:
             console = Console(file=self.out)
             bar = Progress(
                 TextColumn("[bold]{task.description}"),
