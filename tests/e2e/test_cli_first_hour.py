@@ -306,3 +306,44 @@ def test_quiet_still_prints_errors(tmp_path: Path) -> None:
     assert done.stdout == ""
     assert "exited with code 5" in done.stderr and "broken" in done.stderr
     assert "progress" not in done.stderr and "submitted" not in done.stderr
+
+
+# -- 9: version, help, warnings ---------------------------------------------------------------
+def _commands_panel_entries(help_text: str) -> list[list[str]]:
+    """The Commands panel's entries, each as its lines of text (box drawing removed)."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "Commands" in line)
+    entries: list[list[str]] = []
+    for line in lines[start + 1 :]:
+        if line.startswith("╰"):
+            break
+        text = line.strip().strip("│").rstrip()
+        if text[:2].strip():  # a command's name starts a new entry
+            entries.append([text])
+        else:
+            entries[-1].append(text)
+    return entries
+
+
+def test_version_help_and_warnings_read_cleanly(tmp_path: Path) -> None:
+    version = cli("--version", cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("jetreduce "), version
+    env = env_without_jetreduce() | {"COLUMNS": "100", "TERM": "dumb"}
+    root = cli("--help", cwd=tmp_path, env=env)
+    run = cli("run", "--help", cwd=tmp_path, env=env)
+    for shown in (root, run):
+        assert shown.returncode == 0, shown.stderr
+        assert "`" not in shown.stdout, shown.stdout
+        assert "<bool>" not in shown.stdout, shown.stdout
+    # Paragraphs are wrapped to the width, not broken where the docstring's lines end.
+    for entry in _commands_panel_entries(root.stdout):
+        for line in entry[:-1]:
+            assert len(line) > 60, "\n".join(entry)
+
+    wf = tmp_path / "warn.yml"
+    wf.write_text(
+        'name: w\ncolour: red\nmap:\n  input: "seq 1 1"\n  agent_template:\n    - shell: "true"\n'
+    )
+    checked = cli("validate", str(wf), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stderr.strip() == f"{wf}:2:1: warning: colour: unknown key 'colour' is ignored"

@@ -1,4 +1,4 @@
-"""``jetreduce``: run Prodigy-format MapReduce workflows on NATS JetStream.
+"""jetreduce: run Prodigy-format MapReduce workflows on NATS JetStream.
 
 Exit codes: 0 success · 1 workflow failed / cancelled / timed out · 2 invalid arguments or
 workflow file · 3 completed but some items failed permanently (see ``jetreduce dlq``) ·
@@ -22,7 +22,9 @@ from typing import Annotated, Any, NoReturn
 
 import msgspec
 import typer
+from typer.core import TyperOption
 
+from jetreduce import __version__
 from jetreduce.cli import exit_codes
 from jetreduce.cli.dlq import build as build_dlq
 from jetreduce.cli.host import SERVICE_NAMES, ServiceHost
@@ -71,8 +73,25 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
-services_app = typer.Typer(help="Run the orchestrator's services.", no_args_is_help=True)
+services_app = typer.Typer(
+    help="Run the orchestrator's services.", no_args_is_help=True, rich_markup_mode="markdown"
+)
+
+
+def _no_placeholder_for_flags() -> None:
+    """Typer shows a ``<bool>`` type after every flag, as if it took a value: a flag takes
+    none, so it shows none (the one place this is decided for every command)."""
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_no_placeholder_for_flags()
 app.add_typer(services_app, name="services")
 
 DEFAULT_DATA_DIR = ".jetreduce"
@@ -87,8 +106,20 @@ def _settings(nats: str | None) -> NatsSettings:
     return replace(_Global.settings, url=nats) if nats else _Global.settings
 
 
+def _version(shown: bool) -> None:
+    if shown:
+        typer.echo(f"jetreduce {__version__}")
+        raise typer.Exit(exit_codes.OK)
+
+
 @app.callback()
 def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
     nats: Nats = None,
     creds: Creds = None,
     nkey: NkeySeed = None,
@@ -143,8 +174,8 @@ def _load(path: Path) -> tuple[str, Any, dict[str, str]]:
 
 
 def _warn(path: Path, warnings: Any) -> None:
-    for warning in warnings:
-        typer.echo(f"warning: {warning.render(str(path))}", err=True)
+    for warning in warnings:  # rendered as compilers do: FILE:LINE:COL: warning: …
+        typer.echo(warning.render(str(path)), err=True)
 
 
 def _workflow_id(result: Any, given: str | None) -> str:
@@ -193,6 +224,7 @@ ArgsOption = Annotated[
     list[str] | None,
     typer.Option(
         "--args",
+        metavar="<word>...",
         help="Positional arguments for the workflow ($1, ${ARG_1}, env ARG_1): --args a b, "
         "after the workflow file.",
     ),
