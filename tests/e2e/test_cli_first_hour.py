@@ -265,7 +265,7 @@ def test_status_escapes_a_name_and_a_reason_with_control_characters(
     wf.write_text(
         'name: "two\\nlines\\u001b[31m"\nmap:\n  input: "seq 1 1"\n'
         '  agent_template:\n    - shell: "true"\n'
-        'reduce:\n  - shell: "printf \'bad\\\\nthing\\\\033[2J\' >&2; exit 3"\n'
+        "reduce:\n  - shell: \"printf 'bad\\\\nthing\\\\033[2J' >&2; exit 3\"\n"
     )
     env = env_without_jetreduce() | {"JETREDUCE_PREFIX": prefix}
     ran = cli("run", str(wf), "--id", "evil-1", "--nats", nats_url, cwd=tmp_path, env=env)
@@ -347,3 +347,30 @@ def test_version_help_and_warnings_read_cleanly(tmp_path: Path) -> None:
     checked = cli("validate", str(wf), cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
     assert checked.stderr.strip() == f"{wf}:2:1: warning: colour: unknown key 'colour' is ignored"
+
+
+# -- 12: watch shows a workflow from its first event ------------------------------------------
+def test_watch_after_submit_shows_the_workflow_from_its_first_event(
+    tmp_path: Path, nats_url: str, prefix: str
+) -> None:
+    env = {"JETREDUCE_PREFIX": prefix}
+    full_env = env_without_jetreduce() | env
+    wf = _workflow(tmp_path, steps='"sleep 1"', items=2)
+    with Cli("services", "up", "--nats", nats_url, cwd=tmp_path, env=env) as services:
+        services.wait_line("services running")
+        sub = cli(
+            "submit", str(wf), "--nats", nats_url, "--id", "early-1", cwd=tmp_path, env=full_env
+        )
+        assert sub.returncode == 0, sub.stderr
+        deadline = time.monotonic() + 30
+        while True:  # the first events are history by the time watch starts
+            status = cli("status", "early-1", "--nats", nats_url, cwd=tmp_path, env=full_env)
+            if " mapping " in status.stdout or " completed " in status.stdout:
+                break
+            assert time.monotonic() < deadline, status.stdout + status.stderr
+        watched = cli("watch", "early-1", "--nats", nats_url, cwd=tmp_path, env=full_env)
+    assert watched.returncode == 0, watched.stderr
+    lines = watched.stderr.splitlines()
+    assert lines[0] == "workflow accepted", lines
+    assert "planned: 2 items, 2 in parallel" in lines, lines
+    assert lines[-1].startswith("workflow early-1: completed"), lines

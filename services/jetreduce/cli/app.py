@@ -846,10 +846,10 @@ def watch(
     nats: Nats = None,
     items: Annotated[bool, typer.Option("--items", help="Show every finished item too.")] = False,
 ) -> None:
-    """Follow a workflow's events and progress until it ends."""
+    """Follow a workflow's events, from its first, and its progress until it ends."""
 
     async def go(nc: Any, subjects: Subjects) -> int:
-        watcher = Watcher(nc, subjects, workflow_id, show_items=items)
+        watcher = Watcher(nc, subjects, workflow_id, show_items=items, from_start=True)
         event = await watcher.until_done()
         _print_outcome(event)
         return _terminal_code(event)
