@@ -33,7 +33,13 @@ from types import TracebackType
 
 from jetreduce.runtime.orphans import die_with_parent
 
-__all__ = ["DataDirBusy", "EmbeddedServer", "ServerNotFound", "find_nats_server"]
+__all__ = [
+    "DataDirBusy",
+    "EmbeddedServer",
+    "ServerNotFound",
+    "find_nats_server",
+    "serving_url",
+]
 
 LOCK_RELEASE_WAIT_S = 5.0
 """How long to wait for the lock of a holder that is already dead (its server is shutting
@@ -124,6 +130,23 @@ class _StoreLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def serving_url(data_dir: str | os.PathLike[str]) -> str | None:
+    """The URL of the server running on ``data_dir`` now (its lock is held), else None."""
+    lock = _StoreLock(Path(data_dir))
+    try:
+        fd = os.open(lock.path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        url = lock.holder().get("url")
+        return str(url) if url else None
+    finally:
+        os.close(fd)  # a lock we took goes with the descriptor
+    return None
 
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})

@@ -374,3 +374,34 @@ def test_watch_after_submit_shows_the_workflow_from_its_first_event(
     assert lines[0] == "workflow accepted", lines
     assert "planned: 2 items, 2 in parallel" in lines, lines
     assert lines[-1].startswith("workflow early-1: completed"), lines
+
+
+# -- 6: after a run, its store answers without --nats -----------------------------------------
+def test_queries_after_a_run_use_its_store_and_cancel_reaches_a_running_one(
+    tmp_path: Path,
+) -> None:
+    wf = _workflow(tmp_path, steps='"echo hello-${item}"', items=2)
+    done = cli("run", str(wf), "--id", "here-1", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    status = cli("status", "here-1", cwd=tmp_path, timeout=30)
+    assert status.returncode == 0, status.stderr
+    assert "here-1  completed" in status.stdout and status.stderr == ""
+    listing = cli("list", cwd=tmp_path, timeout=30)
+    assert "here-1" in listing.stdout, listing.stderr
+    logs = cli("logs", "here-1", "item_1", cwd=tmp_path, timeout=30)
+    assert logs.returncode == 0 and "hello-2" in logs.stdout, logs.stderr
+    dead = cli("dlq", "list", "here-1", cwd=tmp_path, timeout=30)
+    assert dead.returncode == 0, dead.stderr
+
+    # While a run is going, `cancel` (no --nats) finds its server; the workflow then stays
+    # cancelled: resume says why not.
+    slow = _workflow(tmp_path, steps='"sleep 60"', items=2)
+    with Cli("run", str(slow), "--id", "here-2", cwd=tmp_path) as running:
+        running.wait_line("submitted")
+        cancelled = cli("cancel", "here-2", cwd=tmp_path, timeout=30)
+        assert cancelled.returncode == 0, cancelled.stderr
+        rc, _ = running.finish(timeout_s=30)
+        assert rc == 1, running.stderr
+    resumed = cli("resume", "here-2", cwd=tmp_path, timeout=60)
+    assert resumed.returncode == 2, resumed.stderr
+    assert "cannot be resumed: it is cancelled (cancelled by user)" in resumed.stderr

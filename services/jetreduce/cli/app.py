@@ -45,7 +45,7 @@ from jetreduce.cli.options import (
 from jetreduce.cli.options import (
     settings as make_settings,
 )
-from jetreduce.cli.session import run_connected
+from jetreduce.cli.session import Target, run_connected
 from jetreduce.cli.signals import Signals
 from jetreduce.cli.submit import (
     SubmitRejected,
@@ -99,11 +99,27 @@ DEFAULT_DATA_DIR = ".jetreduce"
 
 class _Global:
     settings = NatsSettings()
+    url_given = False
+    """``--nats`` before the command, or ``JETREDUCE_NATS_URL``."""
 
 
 def _settings(nats: str | None) -> NatsSettings:
     """The global settings, with a command's own ``--nats`` taking precedence."""
     return replace(_Global.settings, url=nats) if nats else _Global.settings
+
+
+def _target(nats: str | None, *, serve: bool = False) -> Target:
+    """:func:`_settings`, or, when no server was named and ``.jetreduce`` here holds a store,
+    that store's server (``cli/session.py``)."""
+    store = Path(DEFAULT_DATA_DIR)
+    named = nats is not None or _Global.url_given
+    if named or not (store / "nats" / "jetstream").is_dir():
+        return Target(_settings(nats))
+    return Target(_settings(nats), store=store, serve=serve)
+
+
+def _query_target(nats: str | None) -> Target:
+    return _target(nats, serve=True)
 
 
 def _version(shown: bool) -> None:
@@ -154,6 +170,7 @@ def _root(
     _Global.settings = make_settings(
         nats, creds, nkey, user, password, token, tls_ca, tls_cert, tls_key, prefix
     )
+    _Global.url_given = nats is not None
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -837,7 +854,7 @@ def submit_cmd(
         _print_outcome(event)
         return _terminal_code(event)
 
-    run_connected(_settings(nats), go)
+    run_connected(_target(nats), go)
 
 
 @app.command()
@@ -854,7 +871,7 @@ def watch(
         _print_outcome(event)
         return _terminal_code(event)
 
-    run_connected(_settings(nats), go)
+    run_connected(_target(nats), go)
 
 
 @app.command()
@@ -899,7 +916,7 @@ def status(
                 typer.echo(line)
         return exit_codes.OK
 
-    run_connected(_settings(nats), go)
+    run_connected(_query_target(nats), go)
 
 
 async def _last_progress(js: Any, subjects: Subjects, wf: str) -> ev.Progress | None:
@@ -939,7 +956,7 @@ def cancel(
         _print_outcome(event)
         return exit_codes.OK
 
-    run_connected(_settings(nats), go)
+    run_connected(_target(nats), go)
 
 
 @app.command()
@@ -1184,8 +1201,8 @@ def server(
         srv.stop()
 
 
-app.add_typer(build_dlq(_settings), name="dlq")
-register_logs(app, _settings)
+app.add_typer(build_dlq(_query_target), name="dlq")
+register_logs(app, _query_target)
 
 
 def spread_args(argv: list[str]) -> list[str]:
