@@ -3,6 +3,7 @@ exit codes, signals, a real nats-server."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import queue
@@ -13,9 +14,11 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+import nats
 from test_cli import JETREDUCE, alive, cli
 
 from backends import free_port
+from jetreduce.contract.subjects import Subjects
 from jetreduce.embedded import EmbeddedServer
 from support import env_without_jetreduce, git, init_repo
 
@@ -405,3 +408,38 @@ def test_queries_after_a_run_use_its_store_and_cancel_reaches_a_running_one(
     resumed = cli("resume", "here-2", cwd=tmp_path, timeout=60)
     assert resumed.returncode == 2, resumed.stderr
     assert "cannot be resumed: it is cancelled (cancelled by user)" in resumed.stderr
+
+
+# -- 11: an idle installation does not pile up consumers --------------------------------------
+def _kv_consumers(url: str, prefix: str) -> int:
+    async def count() -> int:
+        nc = await nats.connect(url)
+        try:
+            stream = f"KV_{Subjects(prefix).workflows_bucket}"
+            return len(await nc.jetstream().consumers_info(stream))
+        finally:
+            await nc.close()
+
+    return asyncio.run(count())
+
+
+def test_an_idle_janitor_keeps_the_consumer_count_flat(
+    tmp_path: Path, nats_url: str, prefix: str
+) -> None:
+    """The janitor checks deadlines every second; over six idle seconds the workflow
+    records' bucket gains no consumer (a listing per second left one behind each time)."""
+    env = {"JETREDUCE_PREFIX": prefix}
+    full_env = env_without_jetreduce() | env
+    wf = _workflow(tmp_path)
+    with Cli("services", "up", "--nats", nats_url, cwd=tmp_path, env=env) as services:
+        services.wait_line("services running")
+        done = cli("submit", str(wf), "--nats", nats_url, "--wait", cwd=tmp_path, env=full_env)
+        assert done.returncode == 0, done.stderr
+    with Cli("service", "janitor", "--nats", nats_url, cwd=tmp_path, env=env) as janitor:
+        janitor.wait_line("services running")
+        time.sleep(1.5)  # its watch is set up
+        before = _kv_consumers(nats_url, prefix)
+        time.sleep(6)  # idle: six deadline checks
+        after = _kv_consumers(nats_url, prefix)
+        assert janitor.proc.poll() is None, janitor.stderr
+    assert after <= before, (before, after)
