@@ -443,3 +443,42 @@ def test_an_idle_janitor_keeps_the_consumer_count_flat(
         after = _kv_consumers(nats_url, prefix)
         assert janitor.proc.poll() is None, janitor.stderr
     assert after <= before, (before, after)
+
+
+# -- 13: what failures say ----------------------------------------------------------------------
+def test_failures_say_which_stream_and_show_the_reduce_output_so_far(tmp_path: Path) -> None:
+    wf = tmp_path / "fails.yml"
+    wf.write_text("""
+name: fails
+map:
+  input: "seq 1 2"
+  agent_template:
+    - shell: "if [ ${item} = 2 ]; then echo only-on-stdout; exit 1; fi"
+reduce:
+  - shell: "echo first-step-output"
+  - shell: "echo broken >&2; exit 7"
+""")
+    ran = cli("run", str(wf), "--id", "fails-1", "--max-attempts", "1", "-q", cwd=tmp_path)
+    assert ran.returncode == 1, ran.stderr
+    # The reduce's output so far, then the error.
+    assert ran.stdout == "first-step-output\n", ran.stdout
+    assert "exited with code 7: broken" in ran.stderr
+    # The dead item's tail is its stdout (it wrote no stderr), and says so.
+    shown = cli("logs", "fails-1", "item_1", cwd=tmp_path, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    assert "stdout (stderr was empty):\nonly-on-stdout" in shown.stdout, shown.stdout
+    dead = cli("dlq", "show", "fails-1", "item_1", cwd=tmp_path, timeout=30)
+    assert '"stderr_tail": "stdout (stderr was empty):\\nonly-on-stdout' in dead.stdout
+
+    missing = tmp_path / "missing.yml"
+    missing.write_text(
+        'name: missing\nmap:\n  input: "items.json"\n  agent_template:\n    - shell: "true"\n'
+    )
+    ran = cli("run", str(missing), "-q", "--data-dir", str(tmp_path / "d2"), cwd=tmp_path)
+    assert ran.returncode == 1
+    assert "'items.json' is neither a file nor a command that succeeded" in ran.stderr
+
+
+def test_the_wordcount_example_describes_its_input_as_it_is() -> None:
+    text = (Path(__file__).resolve().parents[2] / "examples" / "wordcount.yml").read_text()
+    assert "JSON array" not in text and "JSON lines" in text

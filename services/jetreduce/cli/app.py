@@ -214,6 +214,20 @@ def _terminal_code(event: Any) -> int:
     return exit_codes.FAILED
 
 
+async def _show_outcome(nc: Any, subjects: Subjects, event: Any, quiet: bool = False) -> None:
+    """:func:`_print_outcome`, with what a failed reduce's steps printed before it failed
+    (on stdout, as a completed reduce's output is): the error then reads in context."""
+    if isinstance(event, ev.WorkflowFailed):
+        with contextlib.suppress(Exception):
+            msg = await nc.jetstream().get_last_msg(
+                subjects.events_stream, subjects.reduce("failed", event.workflow_id)
+            )
+            failed = ev.decode(msg.data)
+            if isinstance(failed, ev.ReduceFailed) and failed.output:
+                typer.echo(failed.output)
+    _print_outcome(event, quiet)
+
+
 def _print_outcome(event: Any, quiet: bool = False) -> None:
     """The reduce output (stdout) and a summary (stderr); ``quiet`` keeps the summary only
     when something failed."""
@@ -436,8 +450,9 @@ def _dry_run_input(workflow: Any, workdir: Path, args: list[str]) -> tuple[bytes
     )
     if out.returncode != 0:
         raise ValueError(
-            f"map.input command exited with code {out.returncode}: "
-            f"{out.stderr.decode(errors='replace').strip()[-300:]}"
+            f"map.input {source!r} is neither a file nor a command that succeeded (as a "
+            f"command it exited with code {out.returncode}: "
+            f"{out.stderr.decode(errors='replace').strip()[-300:]})"
         )
     return out.stdout, True
 
@@ -753,7 +768,7 @@ async def _run_in(
                     stop.cancel()
                     failed.cancel()
                     event = follow.result()
-                    _print_outcome(event, quiet)
+                    await _show_outcome(nc, subjects, event, quiet)
                     return _terminal_code(event)
                 follow.cancel()
                 if stop.done():
@@ -851,7 +866,7 @@ def submit_cmd(
         if not wait:
             return exit_codes.OK
         event = await watcher.until_done()
-        _print_outcome(event)
+        await _show_outcome(nc, subjects, event)
         return _terminal_code(event)
 
     run_connected(_target(nats), go)
@@ -868,7 +883,7 @@ def watch(
     async def go(nc: Any, subjects: Subjects) -> int:
         watcher = Watcher(nc, subjects, workflow_id, show_items=items, from_start=True)
         event = await watcher.until_done()
-        _print_outcome(event)
+        await _show_outcome(nc, subjects, event)
         return _terminal_code(event)
 
     run_connected(_target(nats), go)
@@ -953,7 +968,7 @@ def cancel(
         except TimeoutError:
             typer.echo(f"no confirmation within 10s for {workflow_id}", err=True)
             return exit_codes.FAILED
-        _print_outcome(event)
+        await _show_outcome(nc, subjects, event)
         return exit_codes.OK
 
     run_connected(_target(nats), go)
