@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import os
 import queue
+import shlex
 import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import nats
 from test_cli import JETREDUCE, alive, cli
@@ -22,6 +24,7 @@ from jetreduce.contract.subjects import Subjects
 from jetreduce.embedded import EmbeddedServer
 from support import env_without_jetreduce, git, init_repo
 
+REPO = Path(__file__).resolve().parents[2]
 NOWHERE = "nats://127.0.0.1:1"
 """Nothing listens on port 1: every connection is refused at once."""
 
@@ -480,5 +483,47 @@ reduce:
 
 
 def test_the_wordcount_example_describes_its_input_as_it_is() -> None:
-    text = (Path(__file__).resolve().parents[2] / "examples" / "wordcount.yml").read_text()
+    text = (REPO / "examples" / "wordcount.yml").read_text()
     assert "JSON array" not in text and "JSON lines" in text
+
+
+# -- 10: the README's subscription tells the story once ---------------------------------------
+def _readme_story() -> tuple[list[str], list[str]]:
+    """The README's ``nats sub`` subjects and the subjects of the output it shows."""
+    readme = (REPO / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("nats sub 'workflow."))
+    subjects = shlex.split(line)[2:]
+    block = readme.split("<!-- story")[1].split("<!-- /story -->")[0]
+    shown = [x.split()[0] for x in block.split("```text")[1].split("```")[0].strip().splitlines()]
+    return subjects, shown
+
+
+def test_the_readme_subscription_shows_each_event_of_a_run_once(nats_url: str, prefix: str) -> None:
+    subjects, shown = _readme_story()
+    wf = "story-1"
+
+    async def follow() -> list[str]:
+        nc = await nats.connect(nats_url)
+        got: list[str] = []
+
+        async def on_msg(msg: Any) -> None:
+            got.append(msg.subject.removeprefix(f"{prefix}.").replace(wf, "WF"))
+
+        try:
+            for subject in subjects:
+                await nc.subscribe(f"{prefix}.{subject.replace('WF', wf)}", cb=on_msg)
+            await nc.flush()
+            run = await asyncio.create_subprocess_exec(
+                *JETREDUCE,
+                *("run", "examples/wordcount.yml", "--id", wf, "--nats", nats_url, "-q"),
+                cwd=REPO,
+                env=env_without_jetreduce() | {"JETREDUCE_PREFIX": prefix},
+                stdout=asyncio.subprocess.DEVNULL,
+            )
+            assert await asyncio.wait_for(run.wait(), 90) == 0
+            await nc.flush()
+        finally:
+            await nc.close()
+        return got
+
+    assert asyncio.run(follow()) == shown
