@@ -193,10 +193,13 @@ class LocalBackend:
         while True:
             started = time.monotonic()
             run.proc = await self._spawn(run)
-            code = await run.proc.wait()
-            # Steps an agent left behind (it was killed mid-item) die with it.
-            kill_session(run.proc.pid, leader=False)
-            reaper().forget(run.proc.pid)
+            try:
+                code = await run.proc.wait()
+            finally:
+                # Steps an agent left behind (it was killed mid-item) die with it.
+                if run.proc.returncode is not None:
+                    kill_session(run.proc.pid, leader=False)
+                    reaper().forget(run.proc.pid)
             if code == 0 or run.stopping:
                 return
             killed = code in KILLED_FROM_OUTSIDE

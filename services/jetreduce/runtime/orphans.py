@@ -50,6 +50,16 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot), which tells a pid's reuse apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
 def kill_session(sid: int, *, leader: bool = True) -> None:
     """SIGKILL every process of session ``sid`` (its leader too unless ``leader=False``).
     Linux /proc; a no-op elsewhere."""
@@ -101,7 +111,7 @@ class SessionReaper:
             proc.stdin.flush()
 
     def watch(self, sid: int) -> None:
-        self._send(f"+{sid}\n")
+        self._send(f"+{sid} {_start_time(sid) or '-'}\n")
 
     def forget(self, sid: int) -> None:
         self._send(f"-{sid}\n")
@@ -119,17 +129,21 @@ def _serve() -> None:
     """The reaper process: read ``+sid``/``-sid`` lines until the pipe closes, then kill
     what is still watched."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    watched: set[int] = set()
+    watched: dict[int, str] = {}
     for raw in sys.stdin.buffer:
-        line = raw.strip()
-        with contextlib.suppress(ValueError):
-            sid = int(line[1:])
-            if line.startswith(b"+"):
-                watched.add(sid)
-            elif line.startswith(b"-"):
-                watched.discard(sid)
-    for sid in watched:
-        kill_session(sid)
+        words = raw.decode(errors="replace").split()
+        with contextlib.suppress(ValueError, IndexError):
+            sid = int(words[0][1:])
+            if words[0].startswith("+"):
+                watched[sid] = words[1] if len(words) > 1 else "-"
+            elif words[0].startswith("-"):
+                watched.pop(sid, None)
+    for sid, started in watched.items():
+        # A leader alive with another start time is a reused pid: not ours. (While any
+        # member of the old session lives, its id cannot be reused.)
+        now = _start_time(sid)
+        if now is None or started == "-" or now == started:
+            kill_session(sid)
 
 
 if __name__ == "__main__":
