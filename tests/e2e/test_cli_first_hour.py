@@ -129,6 +129,7 @@ def test_signals_end_a_command_that_waits_for_its_first_connection(tmp_path: Pat
     for args, sig, code in (
         ([*debug, "run", str(wf), "--nats", NOWHERE], signal.SIGINT, 130),
         ([*debug, "services", "up", "--nats", NOWHERE], signal.SIGTERM, 143),
+        ([*debug, "status", "--nats", NOWHERE], signal.SIGINT, 130),
     ):
         with Cli(*args, cwd=tmp_path, env=slow) as proc:
             proc.wait_line("Connect call failed")

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import typer
 
 from jetreduce.cli import exit_codes
+from jetreduce.cli.signals import Signals
 from jetreduce.contract.subjects import Subjects
 from jetreduce.embedded import DataDirBusy, EmbeddedServer, serving_url
 from jetreduce.runtime.connection import ConnectFailed, connect
@@ -45,6 +46,20 @@ def run_connected(target: NatsSettings | Target, body: Body) -> NoReturn:
         target = Target(target)
 
     async def go() -> int:
+        with Signals() as signals:
+            try:
+                return await connected()
+            except asyncio.CancelledError as exc:
+                if not signals.interrupted_by(exc):
+                    raise
+            except ConnectFailed as exc:
+                if not signals.received:  # else it failed because we were interrupted
+                    typer.echo(str(exc), err=True)
+                    return exit_codes.UNREACHABLE
+            typer.echo(signals.why, err=True)
+            return signals.exit_code
+
+    async def connected() -> int:
         settings = target.settings
         server = None
         if target.store is not None:
@@ -62,13 +77,11 @@ def run_connected(target: NatsSettings | Target, body: Body) -> NoReturn:
                 settings = replace(settings, url=url)
         try:
             nc = await connect(settings, name="jetreduce-cli", forever=False)
-        except ConnectFailed as exc:
-            typer.echo(str(exc), err=True)
-            return exit_codes.UNREACHABLE
-        try:
-            return await body(nc, Subjects(settings.prefix))
+            try:
+                return await body(nc, Subjects(settings.prefix))
+            finally:
+                await nc.close()
         finally:
-            await nc.close()
             if server is not None:
                 await asyncio.to_thread(server.stop)
 
