@@ -29,6 +29,7 @@ from jetreduce.cli import exit_codes
 from jetreduce.cli.dlq import build as build_dlq
 from jetreduce.cli.host import SERVICE_NAMES, ServiceHost
 from jetreduce.cli.item_logs import register as register_logs
+from jetreduce.cli.local_run import DEFAULT_DATA_DIR, busy_message, run_here
 from jetreduce.cli.logs import configure
 from jetreduce.cli.options import (
     Creds,
@@ -45,6 +46,7 @@ from jetreduce.cli.options import (
 from jetreduce.cli.options import (
     settings as make_settings,
 )
+from jetreduce.cli.outcome import show_outcome, terminal_code
 from jetreduce.cli.session import Target, run_connected
 from jetreduce.cli.signals import Signals
 from jetreduce.cli.submit import (
@@ -63,7 +65,7 @@ from jetreduce.contract.topology import declare
 from jetreduce.contract.workflow import WorkflowInvalid
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.runtime import telemetry
-from jetreduce.runtime.connection import ConnectFailed, connect
+from jetreduce.runtime.connection import ConnectFailed
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
 
@@ -93,8 +95,6 @@ def _no_placeholder_for_flags() -> None:
 
 _no_placeholder_for_flags()
 app.add_typer(services_app, name="services")
-
-DEFAULT_DATA_DIR = ".jetreduce"
 
 
 class _Global:
@@ -206,48 +206,7 @@ def _workflow_id(result: Any, given: str | None) -> str:
     return wf
 
 
-def _terminal_code(event: Any) -> int:
-    if isinstance(event, ev.WorkflowCompleted):
-        return exit_codes.DEAD_ITEMS if event.dead else exit_codes.OK
-    if isinstance(event, ev.WorkflowRejected):
-        return exit_codes.USAGE
-    return exit_codes.FAILED
-
-
-async def _show_outcome(nc: Any, subjects: Subjects, event: Any, quiet: bool = False) -> None:
-    """:func:`_print_outcome`, with what a failed reduce's steps printed before it failed
-    (on stdout, as a completed reduce's output is): the error then reads in context."""
-    if isinstance(event, ev.WorkflowFailed):
-        with contextlib.suppress(Exception):
-            msg = await nc.jetstream().get_last_msg(
-                subjects.events_stream, subjects.reduce("failed", event.workflow_id)
-            )
-            failed = ev.decode(msg.data)
-            if isinstance(failed, ev.ReduceFailed) and failed.output:
-                typer.echo(failed.output)
-    _print_outcome(event, quiet)
-
-
-def _print_outcome(event: Any, quiet: bool = False) -> None:
-    """The reduce output (stdout) and a summary (stderr); ``quiet`` keeps the summary only
-    when something failed."""
-    if isinstance(event, ev.WorkflowCompleted):
-        if event.reduce_output:
-            typer.echo(event.reduce_output)
-        if quiet and not event.dead:
-            return
-        typer.echo(
-            f"workflow {event.workflow_id}: completed, {event.done}/{event.total} items "
-            f"succeeded, {event.dead} failed, in {event.duration_s:.1f}s",
-            err=True,
-        )
-    else:
-        typer.echo(f"workflow {event.workflow_id}: {describe(event)}", err=True)
-
-
 # -- run ----------------------------------------------------------------------------------------
-INTERRUPT_GRACE_S = 2.0
-"""``run``: how long an interrupted run's in-flight items may finish (``JETREDUCE_GRACE_S``)."""
 DRY_RUN_INPUT_TIMEOUT_S = 60.0
 DRY_RUN_SHOWN_ITEMS = 5
 
@@ -563,11 +522,12 @@ def run(
                 err=True,
             )
     code = asyncio.run(
-        _run(
+        run_here(
             text,
             str(workflow),
             wf,
             options,
+            _settings(nats),
             nats,
             data_dir,
             quiet,
@@ -596,192 +556,19 @@ def resume_cmd(
     state, running only items that are not terminal yet. A cancelled, failed or finished
     workflow cannot be resumed (exit 2, with the reason)."""
     code = asyncio.run(
-        _run(None, "", workflow_id, SubmitOptions(), nats, data_dir, quiet, resume=True)
+        run_here(
+            None,
+            "",
+            workflow_id,
+            SubmitOptions(),
+            _settings(nats),
+            nats,
+            data_dir,
+            quiet,
+            resume=True,
+        )
     )
     raise typer.Exit(code)
-
-
-async def _run(
-    text: str | None,
-    source: str,
-    wf: str,
-    options: SubmitOptions,
-    nats: str | None,
-    data_dir: Path,
-    quiet: bool,
-    *,
-    resume: bool = False,
-    backend: str = "local",
-    k8s: KubernetesSettings | None = None,
-    upload: Path | None = None,
-) -> int:
-    """Host the services (and, without ``--nats``, a server on ``data_dir``) and follow the
-    workflow. A signal at any moment ends it: before the workflow is under way the command
-    just stops; after, the agents stop and the workflow stays resumable (the Prodigy model:
-    ``jetreduce cancel`` is what ends a workflow for good)."""
-    with Signals() as signals:
-        under_way: list[bool] = []
-        try:
-            code = await _run_in(
-                signals,
-                under_way,
-                text,
-                source,
-                wf,
-                options,
-                nats,
-                data_dir,
-                quiet,
-                resume=resume,
-                backend=backend,
-                k8s=k8s,
-                upload=upload,
-            )
-        except asyncio.CancelledError as exc:
-            if not signals.interrupted_by(exc):
-                raise
-            code = None
-        except ConnectFailed as exc:
-            typer.echo(str(exc), err=True)
-            return exit_codes.UNREACHABLE
-        if code is not None:
-            return code
-        if under_way:
-            _print_resumable(signals.why, wf, nats, data_dir)
-        else:
-            typer.echo(f"\n{signals.why}", err=True)
-        return signals.exit_code
-
-
-def _print_resumable(why: str, wf: str, nats: str | None, data_dir: Path) -> None:
-    where = f" --nats {nats}" if nats else ""
-    if not nats and data_dir != Path(DEFAULT_DATA_DIR):
-        where = f" --data-dir {data_dir}"
-    typer.echo(
-        f"\n{why}: workflow {wf} stopped, not cancelled. Continue it with:\n"
-        f"  jetreduce resume {wf}{where}\n"
-        f"or end it for good with: jetreduce cancel {wf}{where}",
-        err=True,
-    )
-
-
-async def _start_server(data_dir: Path) -> Any:
-    """The embedded server on ``data_dir`` (refused at once if another process has it)."""
-    from jetreduce.embedded import DataDirBusy, EmbeddedServer
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    server = EmbeddedServer(data_dir / "nats", command="jetreduce run")
-    try:
-        return await server.start_async()
-    except DataDirBusy as exc:
-        raise _fail(busy_message(data_dir, exc), exit_codes.FAILED) from None
-    except (OSError, RuntimeError, TimeoutError) as exc:
-        raise _fail(f"cannot start the embedded nats-server: {exc}", exit_codes.FAILED) from None
-
-
-def busy_message(data_dir: Path, exc: Any) -> str:
-    """One line: who holds the store, and how to use that server instead."""
-    who = f"pid {exc.pid}" + (f" ({exc.command})" if exc.command else "")
-    reuse = (
-        f"use that server with --nats {exc.url}"
-        if exc.url
-        else "wait for it to start, then use its server with --nats URL"
-    )
-    return (
-        f"data directory {data_dir} is in use by {who}, serving {exc.url or '(starting)'}: "
-        f"{reuse}, or give another --data-dir"
-    )
-
-
-async def _run_in(
-    signals: Signals,
-    under_way: list[bool],
-    text: str | None,
-    source: str,
-    wf: str,
-    options: SubmitOptions,
-    nats: str | None,
-    data_dir: Path,
-    quiet: bool,
-    *,
-    resume: bool,
-    backend: str,
-    k8s: KubernetesSettings | None,
-    upload: Path | None,
-) -> int | None:
-    """The body of :func:`_run`; None when a signal stopped the workflow's run."""
-    server = None
-    settings = _settings(nats)
-    # Ctrl-C must be prompt: in-flight items get this long to finish before they are handed
-    # back (and run again on resume), unless the user chose otherwise. Agents read it from
-    # the environment they inherit.
-    os.environ.setdefault("JETREDUCE_GRACE_S", str(INTERRUPT_GRACE_S))
-    try:
-        if nats is None:
-            server = await _start_server(data_dir)
-            settings = replace(settings, url=server.url)
-        host = ServiceHost(settings, log_dir=data_dir.resolve() / "logs", backend=backend, k8s=k8s)
-        async with host.running():
-            nc = await connect(settings, name="jetreduce-cli", forever=False)
-            try:
-                subjects = Subjects(settings.prefix)
-                watcher = Watcher(nc, subjects, wf, show_events=not quiet, quiet=quiet)
-                await watcher.start()
-                record = await StateStore(nc.jetstream(), subjects).get(wf) if resume else None
-                if record is not None and record.phase.terminal:
-                    reason = f" ({printable(record.reason)})" if record.reason else ""
-                    typer.echo(
-                        f"workflow {wf} cannot be resumed: it is {record.phase.value}{reason}; "
-                        "run the workflow again with jetreduce run",
-                        err=True,
-                    )
-                    return exit_codes.USAGE
-                if record is not None:
-                    if not quiet:
-                        typer.echo(f"workflow {wf}: resuming", err=True)
-                elif text is None:
-                    typer.echo(f"no workflow {wf} in {data_dir}", err=True)
-                    return exit_codes.FAILED
-                else:
-                    try:
-                        await submit_with_upload(
-                            nc,
-                            subjects,
-                            text,
-                            options,
-                            workflow_id=wf,
-                            source=source,
-                            upload=upload,
-                        )
-                    except SubmitRejected as exc:
-                        typer.echo(format_problems(exc), err=True)
-                        return exit_codes.USAGE
-                    if not quiet:
-                        typer.echo(f"workflow {wf} submitted", err=True)
-                under_way.append(True)
-                signals.handle()
-                follow = asyncio.create_task(watcher.until_done())
-                stop = asyncio.create_task(signals.event.wait())
-                failed = asyncio.create_task(host.stop.wait())
-                await asyncio.wait({follow, stop, failed}, return_when=asyncio.FIRST_COMPLETED)
-                if follow.done():
-                    stop.cancel()
-                    failed.cancel()
-                    event = follow.result()
-                    await _show_outcome(nc, subjects, event, quiet)
-                    return _terminal_code(event)
-                follow.cancel()
-                if stop.done():
-                    # Leaving ``host.running()`` stops the launcher, which stops the agents:
-                    # in-flight items are handed back and run again on resume.
-                    return None
-                await host.wait()
-                return exit_codes.FAILED
-            finally:
-                await nc.close()
-    finally:
-        if server is not None:
-            await asyncio.to_thread(server.stop)
 
 
 async def _cancel(nc: Any, subjects: Subjects, wf: str, reason: str) -> None:
@@ -866,8 +653,8 @@ def submit_cmd(
         if not wait:
             return exit_codes.OK
         event = await watcher.until_done()
-        await _show_outcome(nc, subjects, event)
-        return _terminal_code(event)
+        await show_outcome(nc, subjects, event)
+        return terminal_code(event)
 
     run_connected(_target(nats), go)
 
@@ -883,8 +670,8 @@ def watch(
     async def go(nc: Any, subjects: Subjects) -> int:
         watcher = Watcher(nc, subjects, workflow_id, show_items=items, from_start=True)
         event = await watcher.until_done()
-        await _show_outcome(nc, subjects, event)
-        return _terminal_code(event)
+        await show_outcome(nc, subjects, event)
+        return terminal_code(event)
 
     run_connected(_target(nats), go)
 
@@ -968,7 +755,7 @@ def cancel(
         except TimeoutError:
             typer.echo(f"no confirmation within 10s for {workflow_id}", err=True)
             return exit_codes.FAILED
-        await _show_outcome(nc, subjects, event)
+        await show_outcome(nc, subjects, event)
         return exit_codes.OK
 
     run_connected(_target(nats), go)
