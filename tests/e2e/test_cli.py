@@ -17,7 +17,11 @@ JETREDUCE = [sys.executable, "-m", "jetreduce"]
 
 
 def cli(
-    *args: str, cwd: Path, timeout: float = 120, **kw: object
+    *args: str,
+    cwd: Path,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    **kw: object,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*JETREDUCE, *args],
@@ -25,7 +29,7 @@ def cli(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env_without_jetreduce(),
+        env=env_without_jetreduce() if env is None else env,
         **kw,  # type: ignore[arg-type]
     )
 
@@ -102,7 +106,7 @@ map:
     assert out.returncode == 2 and "cannot read" in out.stderr
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -114,20 +118,24 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_ctrl_c_cancels_and_leaves_nothing_running(tmp_path: Path) -> None:
+def test_ctrl_c_stops_leaves_nothing_running_and_the_workflow_resumes(tmp_path: Path) -> None:
+    """Prodigy's model: Ctrl-C stops the run, keeps the workflow and prints the exact
+    ``jetreduce resume`` command, which then finishes it."""
     pids = tmp_path / "pids"
     pids.mkdir()
+    go = tmp_path / "go"
     wf = tmp_path / "slow.yml"
     wf.write_text(f"""
 name: slow
 map:
-  input: "seq 1 20"
+  input: "seq 1 6"
   max_parallel: 3
   agent_template:
-    - shell: "echo $$ > {pids}/${{item}}; sleep 60"
+    - shell: "echo $$ > {pids}/${{item}}; test -e {go} || sleep 60"
 """)
+    data = tmp_path / "data"
     proc = subprocess.Popen(
-        [*JETREDUCE, "run", str(wf), "--data-dir", str(tmp_path / "data")],
+        [*JETREDUCE, "run", str(wf), "--id", "slow-1", "--data-dir", str(data), "--lease", "2"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -141,22 +149,67 @@ map:
             assert time.monotonic() < deadline, "agents never started"
             time.sleep(0.1)
         step_pids = [int(p.read_text()) for p in pids.iterdir()]
-        server_pids = _nats_servers_under(tmp_path)
+        server_pids = nats_servers_under(tmp_path)
         assert server_pids
+        interrupted_at = time.monotonic()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - interrupted_at
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err
-    assert "cancelling workflow" in err
+    assert took < 10, (took, err)
+    assert f"jetreduce resume slow-1 --data-dir {data}" in err, err
+    assert "cancel" not in err.replace("not cancelled", "").replace("jetreduce cancel", ""), err
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in step_pids + server_pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in step_pids + server_pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [p for p in step_pids + server_pids if _alive(p)]
+    assert not [p for p in step_pids + server_pids if alive(p)]
+
+    go.touch()
+    resumed = cli("resume", "slow-1", "--data-dir", str(data), cwd=tmp_path, timeout=90)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert "completed, 6/6 items succeeded" in resumed.stderr
 
 
-def _nats_servers_under(path: Path) -> list[int]:
+def test_cancel_is_for_good_and_resume_says_why_not(
+    tmp_path: Path, nats_url: str, prefix: str
+) -> None:
+    wf = tmp_path / "slow.yml"
+    wf.write_text(
+        'name: slow\nmap:\n  input: "seq 1 2"\n  agent_template:\n    - shell: "sleep 60"\n'
+    )
+    env = env_without_jetreduce() | {"JETREDUCE_PREFIX": prefix}
+    proc = subprocess.Popen(
+        [*JETREDUCE, "run", str(wf), "--id", "doomed-1", "--nats", nats_url],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        for line in proc.stderr:  # the run's own lines: wait until it has submitted
+            if "submitted" in line:
+                break
+            assert time.monotonic() < deadline
+        cancelled = cli("cancel", "doomed-1", "--nats", nats_url, cwd=tmp_path, env=env)
+        assert cancelled.returncode == 0, cancelled.stderr
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    resumed = cli("resume", "doomed-1", "--nats", nats_url, cwd=tmp_path, env=env, timeout=60)
+    assert resumed.returncode == 2, resumed.stderr
+    assert "cannot be resumed: it is cancelled (cancelled by user)" in resumed.stderr
+
+
+def nats_servers_under(path: Path) -> list[int]:
     found = []
     for proc_dir in Path("/proc").iterdir():
         if not proc_dir.name.isdigit():

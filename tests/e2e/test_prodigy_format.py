@@ -457,4 +457,4 @@ map:
             proc.kill()
             proc.communicate(timeout=10)
     assert proc.returncode == 143, err
-    assert "terminated (SIGTERM): cancelling workflow" in err
+    assert "terminated (SIGTERM): workflow" in err and "jetreduce resume" in err

@@ -91,12 +91,12 @@ async def test_auth_and_tls_required_and_honoured(tmp_path: Path) -> None:
     try:
         url = server.url.replace("nats://", "tls://")
         with pytest.raises(ConnectFailed):
-            await connect(NatsSettings(url=url, tls_ca=str(ca)), forever=False, attempts=1)
+            await connect(NatsSettings(url=url, tls_ca=str(ca)), forever=False, timeout_s=2)
         with pytest.raises(ConnectFailed):
             await connect(
                 NatsSettings(url=url, user="jr", password="wrong", tls_ca=str(ca)),
                 forever=False,
-                attempts=1,
+                timeout_s=2,
             )
         settings = NatsSettings(
             url=url, user="jr", password=password, tls_ca=str(ca), prefix="auth"

@@ -1,4 +1,4 @@
-"""``jetreduce``: run Prodigy-format MapReduce workflows on NATS JetStream.
+"""jetreduce: run Prodigy-format MapReduce workflows on NATS JetStream.
 
 Exit codes: 0 success · 1 workflow failed / cancelled / timed out · 2 invalid arguments or
 workflow file · 3 completed but some items failed permanently (see ``jetreduce dlq``) ·
@@ -13,8 +13,8 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,11 +22,14 @@ from typing import Annotated, Any, NoReturn
 
 import msgspec
 import typer
+from typer.core import TyperOption
 
+from jetreduce import __version__
 from jetreduce.cli import exit_codes
 from jetreduce.cli.dlq import build as build_dlq
 from jetreduce.cli.host import SERVICE_NAMES, ServiceHost
 from jetreduce.cli.item_logs import register as register_logs
+from jetreduce.cli.local_run import DEFAULT_DATA_DIR, busy_message, run_here
 from jetreduce.cli.logs import configure
 from jetreduce.cli.options import (
     Creds,
@@ -43,13 +46,16 @@ from jetreduce.cli.options import (
 from jetreduce.cli.options import (
     settings as make_settings,
 )
-from jetreduce.cli.session import run_connected
+from jetreduce.cli.outcome import show_outcome, terminal_code
+from jetreduce.cli.session import Target, run_connected
+from jetreduce.cli.signals import Signals
 from jetreduce.cli.submit import (
     SubmitRejected,
     format_problems,
     load_workflow,
     new_workflow_id,
 )
+from jetreduce.cli.text import printable
 from jetreduce.cli.upload import input_file, submit_with_upload
 from jetreduce.cli.watch import Watcher, describe
 from jetreduce.contract import events as ev
@@ -59,7 +65,7 @@ from jetreduce.contract.topology import declare
 from jetreduce.contract.workflow import WorkflowInvalid
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.runtime import telemetry
-from jetreduce.runtime.connection import ConnectFailed, connect
+from jetreduce.runtime.connection import ConnectFailed
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
 
@@ -69,15 +75,32 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
-services_app = typer.Typer(help="Run the orchestrator's services.", no_args_is_help=True)
-app.add_typer(services_app, name="services")
+services_app = typer.Typer(
+    help="Run the orchestrator's services.", no_args_is_help=True, rich_markup_mode="markdown"
+)
 
-DEFAULT_DATA_DIR = ".jetreduce"
+
+def _no_placeholder_for_flags() -> None:
+    """Typer shows a ``<bool>`` type after every flag, as if it took a value: a flag takes
+    none, so it shows none (the one place this is decided for every command)."""
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_no_placeholder_for_flags()
+app.add_typer(services_app, name="services")
 
 
 class _Global:
     settings = NatsSettings()
+    url_given = False
+    """``--nats`` before the command, or ``JETREDUCE_NATS_URL``."""
 
 
 def _settings(nats: str | None) -> NatsSettings:
@@ -85,8 +108,34 @@ def _settings(nats: str | None) -> NatsSettings:
     return replace(_Global.settings, url=nats) if nats else _Global.settings
 
 
+def _target(nats: str | None, *, serve: bool = False) -> Target:
+    """:func:`_settings`, or, when no server was named and ``.jetreduce`` here holds a store,
+    that store's server (``cli/session.py``)."""
+    store = Path(DEFAULT_DATA_DIR)
+    named = nats is not None or _Global.url_given
+    if named or not (store / "nats" / "jetstream").is_dir():
+        return Target(_settings(nats))
+    return Target(_settings(nats), store=store, serve=serve)
+
+
+def _query_target(nats: str | None) -> Target:
+    return _target(nats, serve=True)
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        typer.echo(f"jetreduce {__version__}")
+        raise typer.Exit(exit_codes.OK)
+
+
 @app.callback()
 def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
     nats: Nats = None,
     creds: Creds = None,
     nkey: NkeySeed = None,
@@ -121,18 +170,12 @@ def _root(
     _Global.settings = make_settings(
         nats, creds, nkey, user, password, token, tls_ca, tls_cert, tls_key, prefix
     )
+    _Global.url_given = nats is not None
 
 
 def _fail(message: str, code: int) -> typer.Exit:
     typer.echo(message, err=True)
     return typer.Exit(code)
-
-
-async def _connect(settings: NatsSettings) -> Any:
-    try:
-        return await connect(settings, name="jetreduce-cli", forever=False)
-    except ConnectFailed as exc:
-        raise _fail(str(exc), exit_codes.UNREACHABLE) from None
 
 
 def _load(path: Path) -> tuple[str, Any, dict[str, str]]:
@@ -148,8 +191,8 @@ def _load(path: Path) -> tuple[str, Any, dict[str, str]]:
 
 
 def _warn(path: Path, warnings: Any) -> None:
-    for warning in warnings:
-        typer.echo(f"warning: {warning.render(str(path))}", err=True)
+    for warning in warnings:  # rendered as compilers do: FILE:LINE:COL: warning: …
+        typer.echo(warning.render(str(path)), err=True)
 
 
 def _workflow_id(result: Any, given: str | None) -> str:
@@ -163,30 +206,7 @@ def _workflow_id(result: Any, given: str | None) -> str:
     return wf
 
 
-def _terminal_code(event: Any) -> int:
-    if isinstance(event, ev.WorkflowCompleted):
-        return exit_codes.DEAD_ITEMS if event.dead else exit_codes.OK
-    if isinstance(event, ev.WorkflowRejected):
-        return exit_codes.USAGE
-    return exit_codes.FAILED
-
-
-def _print_outcome(event: Any) -> None:
-    if isinstance(event, ev.WorkflowCompleted):
-        if event.reduce_output:
-            typer.echo(event.reduce_output)
-        typer.echo(
-            f"workflow {event.workflow_id}: completed, {event.done}/{event.total} items "
-            f"succeeded, {event.dead} failed, in {event.duration_s:.1f}s",
-            err=True,
-        )
-    else:
-        typer.echo(f"workflow {event.workflow_id}: {describe(event)}", err=True)
-
-
 # -- run ----------------------------------------------------------------------------------------
-TERMINATED = 143
-"""Exit code after SIGTERM (128 + 15), as Prodigy and shells report it."""
 DRY_RUN_INPUT_TIMEOUT_S = 60.0
 DRY_RUN_SHOWN_ITEMS = 5
 
@@ -194,7 +214,9 @@ ArgsOption = Annotated[
     list[str] | None,
     typer.Option(
         "--args",
-        help="Positional argument for the workflow ($1, ${ARG_1}, env ARG_1); repeat it.",
+        metavar="<word>...",
+        help="Positional arguments for the workflow ($1, ${ARG_1}, env ARG_1): --args a b, "
+        "after the workflow file.",
     ),
 ]
 ProfileOption = Annotated[
@@ -387,8 +409,9 @@ def _dry_run_input(workflow: Any, workdir: Path, args: list[str]) -> tuple[bytes
     )
     if out.returncode != 0:
         raise ValueError(
-            f"map.input command exited with code {out.returncode}: "
-            f"{out.stderr.decode(errors='replace').strip()[-300:]}"
+            f"map.input {source!r} is neither a file nor a command that succeeded (as a "
+            f"command it exited with code {out.returncode}: "
+            f"{out.stderr.decode(errors='replace').strip()[-300:]})"
         )
     return out.stdout, True
 
@@ -413,7 +436,19 @@ def run(
         float | None, typer.Option("--timeout", help="Give up after this many seconds.")
     ] = None,
     workflow_id: Annotated[str | None, typer.Option("--id", help="Workflow id.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    lease: Annotated[
+        float | None,
+        typer.Option(
+            "--lease",
+            min=1,
+            help="Seconds an item's lease lasts unless its agent renews it (default 30): "
+            "how soon items a killed run had in flight run again on resume.",
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="Print only the reduce output and errors."),
+    ] = False,
     resume: Annotated[
         bool,
         typer.Option("--resume", help="With --id: continue that workflow if it exists."),
@@ -435,7 +470,8 @@ def run(
     """Run a workflow here: embedded nats-server, the services in this process, agents as
     child processes (or, with --backend kubernetes, as Jobs in --namespace with --image; the
     map input file is uploaded, since pods do not see this disk). Prints the reduce output
-    and a summary; Ctrl-C cancels cleanly."""
+    and a summary. Ctrl-C stops it and keeps the workflow resumable (it prints the resume
+    command); `jetreduce cancel` ends a workflow for good."""
     _check_backend(backend, namespace, image)
     if resume and workflow_id is None:
         raise _fail("--resume needs --id ID (the workflow to continue)", exit_codes.USAGE)
@@ -466,6 +502,7 @@ def run(
         vars=used,
         max_attempts=max_attempts,
         timeout_s=timeout,
+        lease_s=lease,
         args=args or [],
         profile=profile,
         workspace=_workspace(workspace, worktrees),
@@ -485,11 +522,12 @@ def run(
                 err=True,
             )
     code = asyncio.run(
-        _run(
+        run_here(
             text,
             str(workflow),
             wf,
             options,
+            _settings(nats),
             nats,
             data_dir,
             quiet,
@@ -509,112 +547,28 @@ def resume_cmd(
     data_dir: Annotated[
         Path, typer.Option("--data-dir", help="The data dir of the interrupted run.")
     ] = Path(DEFAULT_DATA_DIR),
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="Print only the reduce output and errors."),
+    ] = False,
 ) -> None:
-    """Continue a workflow whose `jetreduce run` was killed: from JetStream state, running
-    only items that are not terminal yet."""
+    """Continue a workflow whose `jetreduce run` was interrupted or killed: from JetStream
+    state, running only items that are not terminal yet. A cancelled, failed or finished
+    workflow cannot be resumed (exit 2, with the reason)."""
     code = asyncio.run(
-        _run(None, "", workflow_id, SubmitOptions(), nats, data_dir, quiet, resume=True)
+        run_here(
+            None,
+            "",
+            workflow_id,
+            SubmitOptions(),
+            _settings(nats),
+            nats,
+            data_dir,
+            quiet,
+            resume=True,
+        )
     )
     raise typer.Exit(code)
-
-
-async def _run(
-    text: str | None,
-    source: str,
-    wf: str,
-    options: SubmitOptions,
-    nats: str | None,
-    data_dir: Path,
-    quiet: bool,
-    *,
-    resume: bool = False,
-    backend: str = "local",
-    k8s: KubernetesSettings | None = None,
-    upload: Path | None = None,
-) -> int:
-    from jetreduce.embedded import EmbeddedServer
-
-    server = None
-    settings = _settings(nats)
-    if nats is None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        server = EmbeddedServer(data_dir / "nats")
-        try:
-            server.start()  # from this thread: the server dies with it (runtime/orphans.py)
-        except Exception as exc:
-            raise _fail(
-                f"cannot start the embedded nats-server: {exc}", exit_codes.FAILED
-            ) from None
-        settings = replace(settings, url=server.url)
-    loop = asyncio.get_running_loop()
-    interrupted = asyncio.Event()
-    received: list[int] = []
-
-    def on_signal(sig: int) -> None:
-        received.append(sig)
-        interrupted.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-    try:
-        host = ServiceHost(settings, log_dir=data_dir.resolve() / "logs", backend=backend, k8s=k8s)
-        async with host.running():
-            nc = await _connect(settings)
-            try:
-                subjects = Subjects(settings.prefix)
-                watcher = Watcher(nc, subjects, wf, show_events=not quiet)
-                await watcher.start()
-                known = resume and await StateStore(nc.jetstream(), subjects).get(wf) is not None
-                if known:
-                    typer.echo(f"workflow {wf}: resuming", err=True)
-                elif text is None:
-                    typer.echo(f"no workflow {wf} in {data_dir}", err=True)
-                    return exit_codes.FAILED
-                else:
-                    try:
-                        await submit_with_upload(
-                            nc,
-                            subjects,
-                            text,
-                            options,
-                            workflow_id=wf,
-                            source=source,
-                            upload=upload,
-                        )
-                    except SubmitRejected as exc:
-                        typer.echo(format_problems(exc), err=True)
-                        return exit_codes.USAGE
-                    typer.echo(f"workflow {wf} submitted", err=True)
-                follow = asyncio.create_task(watcher.until_done())
-                stop = asyncio.create_task(interrupted.wait())
-                failed = asyncio.create_task(host.stop.wait())
-                await asyncio.wait({follow, stop, failed}, return_when=asyncio.FIRST_COMPLETED)
-                if follow.done():
-                    stop.cancel()
-                    failed.cancel()
-                    event = follow.result()
-                    _print_outcome(event)
-                    return _terminal_code(event)
-                follow.cancel()
-                if stop.done():
-                    terminated = signal.SIGTERM in received
-                    why = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
-                    typer.echo(f"\n{why}: cancelling workflow {wf}", err=True)
-                    with contextlib.suppress(Exception):
-                        await _cancel(nc, subjects, wf, why)
-                        # Agents stop their steps on workflow.cancelled: wait for it, briefly.
-                        await watcher.until_done(timeout_s=5)
-                    return TERMINATED if terminated else exit_codes.INTERRUPTED
-                await host.wait()
-                return exit_codes.FAILED
-            finally:
-                await nc.close()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        if server is not None:
-            await asyncio.to_thread(server.stop)
 
 
 async def _cancel(nc: Any, subjects: Subjects, wf: str, reason: str) -> None:
@@ -699,10 +653,10 @@ def submit_cmd(
         if not wait:
             return exit_codes.OK
         event = await watcher.until_done()
-        _print_outcome(event)
-        return _terminal_code(event)
+        await show_outcome(nc, subjects, event)
+        return terminal_code(event)
 
-    run_connected(_settings(nats), go)
+    run_connected(_target(nats), go)
 
 
 @app.command()
@@ -711,15 +665,15 @@ def watch(
     nats: Nats = None,
     items: Annotated[bool, typer.Option("--items", help="Show every finished item too.")] = False,
 ) -> None:
-    """Follow a workflow's events and progress until it ends."""
+    """Follow a workflow's events, from its first, and its progress until it ends."""
 
     async def go(nc: Any, subjects: Subjects) -> int:
-        watcher = Watcher(nc, subjects, workflow_id, show_items=items)
+        watcher = Watcher(nc, subjects, workflow_id, show_items=items, from_start=True)
         event = await watcher.until_done()
-        _print_outcome(event)
-        return _terminal_code(event)
+        await show_outcome(nc, subjects, event)
+        return terminal_code(event)
 
-    run_connected(_settings(nats), go)
+    run_connected(_target(nats), go)
 
 
 @app.command()
@@ -752,7 +706,7 @@ def status(
                 typer.echo(json.dumps(body))
             else:
                 line = (
-                    f"{rec.workflow_id}  {rec.phase.value:<10} {rec.name}  "
+                    f"{rec.workflow_id}  {rec.phase.value:<10} {printable(rec.name)}  "
                     f"total={rec.total if rec.total is not None else '?'}"
                 )
                 if progress is not None:
@@ -760,11 +714,11 @@ def status(
                 elif rec.total is not None:
                     line += f"  done={rec.done} failed={rec.dead}"
                 if rec.reason:
-                    line += f"  reason: {rec.reason}"
+                    line += f"  reason: {printable(rec.reason)}"
                 typer.echo(line)
         return exit_codes.OK
 
-    run_connected(_settings(nats), go)
+    run_connected(_query_target(nats), go)
 
 
 async def _last_progress(js: Any, subjects: Subjects, wf: str) -> ev.Progress | None:
@@ -801,10 +755,10 @@ def cancel(
         except TimeoutError:
             typer.echo(f"no confirmation within 10s for {workflow_id}", err=True)
             return exit_codes.FAILED
-        _print_outcome(event)
+        await show_outcome(nc, subjects, event)
         return exit_codes.OK
 
-    run_connected(_settings(nats), go)
+    run_connected(_target(nats), go)
 
 
 @app.command()
@@ -903,18 +857,27 @@ def _serve(
         except ValueError as exc:
             typer.echo(str(exc), err=True)
             return exit_codes.USAGE
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, host.stop.set)
-        try:
-            async with host.running():
-                typer.echo(
-                    f"jetreduce services running: {', '.join(names)} on {settings.url}", err=True
-                )
-                await host.wait()
-        except ConnectFailed as exc:
-            typer.echo(str(exc), err=True)
-            return exit_codes.UNREACHABLE
+        # Until the services run, a signal cancels whatever is being waited for (the
+        # first connection); from then on it stops the services cleanly.
+        with Signals() as signals:
+            try:
+                async with host.running():
+                    signals.handle()
+                    stop = asyncio.create_task(signals.event.wait())
+                    stop.add_done_callback(lambda _: host.stop.set())
+                    typer.echo(
+                        f"jetreduce services running: {', '.join(names)} on {settings.url}",
+                        err=True,
+                    )
+                    await host.wait()
+            except asyncio.CancelledError as exc:
+                if not signals.interrupted_by(exc):
+                    raise
+                typer.echo(signals.why, err=True)
+                return signals.exit_code
+            except ConnectFailed as exc:
+                typer.echo(str(exc), err=True)
+                return exit_codes.UNREACHABLE
         return exit_codes.OK
 
     return asyncio.run(go())
@@ -1016,9 +979,14 @@ def server(
     ] = "127.0.0.1",
 ) -> None:
     """Run the embedded nats-server in the foreground until Ctrl-C (loopback by default)."""
-    from jetreduce.embedded import EmbeddedServer
+    from jetreduce.embedded import DataDirBusy, EmbeddedServer
 
-    srv = EmbeddedServer(data_dir / "nats", port=port, host=host).start()
+    try:
+        srv = EmbeddedServer(
+            data_dir / "nats", port=port, host=host, command="jetreduce server"
+        ).start()
+    except DataDirBusy as exc:
+        raise _fail(busy_message(data_dir, exc), exit_codes.FAILED) from None
     typer.echo(srv.url)
     if srv.credentials_file is not None:
         typer.echo(
@@ -1035,12 +1003,31 @@ def server(
         srv.stop()
 
 
-app.add_typer(build_dlq(_settings), name="dlq")
-register_logs(app, _settings)
+app.add_typer(build_dlq(_query_target), name="dlq")
+register_logs(app, _query_target)
+
+
+def spread_args(argv: list[str]) -> list[str]:
+    """``--args a b c`` as the README (and Prodigy) write it: Click options take one value
+    each, so every word after ``--args`` up to the next option (or ``--``) becomes its own
+    ``--args``. Put ``--args`` after the workflow file: ``run wf.yml --args a b``."""
+    out: list[str] = []
+    taking = False
+    for word in argv:
+        if word == "--args":
+            taking = True
+            continue
+        if taking and (word.startswith("-") or not word):
+            taking = False
+        if taking:
+            out += ["--args", word]
+        else:
+            out.append(word)
+    return out
 
 
 def main() -> None:
-    app(prog_name="jetreduce")
+    app(args=spread_args(sys.argv[1:]), prog_name="jetreduce")
 
 
 if __name__ == "__main__":

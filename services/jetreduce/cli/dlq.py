@@ -54,7 +54,11 @@ async def _entries(nc: Any, subjects: Subjects, wf: str | None) -> list[ev.ItemD
 
 def build(settings_of: Any) -> typer.Typer:
     """The ``dlq`` sub-app; ``settings_of(nats)`` gives the connection settings."""
-    app = typer.Typer(help="Dead-lettered items: list, show, retry, purge.", no_args_is_help=True)
+    app = typer.Typer(
+        help="Dead-lettered items: list, show, retry, purge.",
+        no_args_is_help=True,
+        rich_markup_mode="markdown",
+    )
 
     def run(body: Body, nats: str | None) -> None:
         run_connected(settings_of(nats), body)

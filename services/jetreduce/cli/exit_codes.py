@@ -10,3 +10,6 @@ DEAD_ITEMS = 3
 UNREACHABLE = 4
 """No NATS server could be reached."""
 INTERRUPTED = 130
+"""SIGINT: a ``run`` interrupted this way leaves its workflow resumable."""
+TERMINATED = 143
+"""SIGTERM (128 + 15), as Prodigy and shells report it."""

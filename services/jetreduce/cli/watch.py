@@ -15,6 +15,7 @@ import time
 from typing import IO, Any
 
 from nats.aio.client import Client
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from rich.console import Console
 from rich.progress import (
@@ -26,6 +27,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from jetreduce.cli.text import printable
 from jetreduce.contract import events as ev
 from jetreduce.contract.subjects import Subjects
 
@@ -49,7 +51,13 @@ PLAIN_EVERY_S = 2.0
 
 
 def describe(event: ev.Event) -> str:
-    """One readable line per event."""
+    """One readable line per event: names, reasons and errors come from submitters and
+    steps, so their control characters are escaped (a newline cannot split the line, an
+    escape sequence cannot drive the terminal)."""
+    return printable(_describe(event))
+
+
+def _describe(event: ev.Event) -> str:
     kind = type(event).__name__
     if isinstance(event, ev.Progress):
         eta = f", ETA {event.eta_s:.0f}s" if event.eta_s is not None else ""
@@ -128,7 +136,12 @@ class Watcher:
         tty: bool | None = None,
         show_events: bool = True,
         show_items: bool = False,
+        quiet: bool = False,
+        from_start: bool = False,
     ) -> None:
+        """``quiet``: show nothing while following (no progress, no events). ``from_start``:
+        show the workflow's stored lifecycle events from its first one (``watch`` started
+        after ``submit``), not only those published once watching."""
         self.nc = nc
         self.s = subjects
         self.wf = workflow_id
@@ -136,6 +149,8 @@ class Watcher:
         self.tty = self.out.isatty() if tty is None else tty
         self.show_events = show_events
         self.show_items = show_items
+        self.quiet = quiet
+        self.from_start = from_start
         self.queue: asyncio.Queue[ev.Event] = asyncio.Queue()
         self._subs: list[Any] = []
         self.last_progress: ev.Progress | None = None
@@ -145,7 +160,26 @@ class Watcher:
             with contextlib.suppress(ev.BadEvent):
                 self.queue.put_nowait(ev.decode(msg.data))
 
-        for subject in self.s.all_of(self.wf, done_items=self.show_items):
+        live = self.s.all_of(self.wf, done_items=self.show_items)
+        if self.from_start:
+            # Lifecycle events come from the EVENTS stream, oldest first, then as they are
+            # stored (one ordered consumer: no gap, no duplicate); the rest stays live.
+            phases = [
+                build("*", self.wf)
+                for build in (self.s.workflow, self.s.setup, self.s.map, self.s.reduce)
+            ] + [self.s.agent("*", self.wf)]
+            self._subs.append(
+                await self.nc.jetstream().subscribe(
+                    phases[0],
+                    stream=self.s.events_stream,
+                    cb=on_msg,
+                    ordered_consumer=True,
+                    deliver_policy=DeliverPolicy.ALL,
+                    config=ConsumerConfig(filter_subjects=phases),
+                )
+            )
+            live = [x for x in live if x.split(".")[-3:] != ["*", "*", self.wf]]
+        for subject in live:
             self._subs.append(await self.nc.subscribe(subject, cb=on_msg))
 
     async def stop(self) -> None:
@@ -170,7 +204,8 @@ class Watcher:
         """Follow the workflow; returns its terminal event."""
         if not self._subs:
             await self.start()
-        stored = await self.stored_terminal()
+        # From the start, the stored history (its end included) is replayed anyway.
+        stored = None if self.from_start else await self.stored_terminal()
         if stored is not None:
             return stored
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -187,7 +222,9 @@ class Watcher:
 
     @contextlib.contextmanager
     def _display(self) -> Any:
-        if self.tty:
+        if self.quiet:
+            yield lambda event: None
+        elif self.tty:
             console = Console(file=self.out)
             bar = Progress(
                 TextColumn("[bold]{task.description}"),

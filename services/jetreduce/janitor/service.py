@@ -27,6 +27,7 @@ from jetreduce.contract.events import (
     object_prefix,
 )
 from jetreduce.contract.records import Phase
+from jetreduce.janitor.deadlines import Deadlines
 from jetreduce.janitor.k8s_sweep import ORPHAN_SWEEP_S, OrphanSweeper, WorkflowObjects
 from jetreduce.janitor.objects import ObjectIndex
 from jetreduce.queues.base import ItemQueue
@@ -90,20 +91,23 @@ class Janitor:
             await index
 
     async def _timeouts(self, stop: asyncio.Event) -> None:
-        """End workflows that outlived their ``timeout_s`` (checked every second)."""
-        while not stop.is_set():
-            try:
-                for record in await self.state.list():
-                    if record.phase.terminal:
-                        continue
-                    spec = await self.state.get_spec(record.workflow_id)
-                    limit = spec.options.timeout_s if spec else None
-                    if limit is not None and time.time() - record.created_ts > limit:
-                        await self.time_out(record.workflow_id, limit)
-            except Exception:
-                log.exception("janitor: timeout sweep failed")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), TIMEOUT_SWEEP_S)
+        """End workflows that outlived their ``timeout_s`` (checked every second, against
+        deadlines that follow the records through one watch: ``janitor/deadlines.py``)."""
+        deadlines = Deadlines(self.ctx.js, self.s, self.state)
+        following = asyncio.create_task(deadlines.follow(stop), name="janitor deadlines")
+        try:
+            while not stop.is_set():
+                try:
+                    for wf, limit in await deadlines.due(time.time()):
+                        await self.time_out(wf, limit)
+                except Exception:
+                    log.exception("janitor: timeout sweep failed")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), TIMEOUT_SWEEP_S)
+        finally:
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await following
 
     async def time_out(self, wf: str, limit: float) -> None:
         record = await self.state.transition(

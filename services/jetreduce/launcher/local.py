@@ -11,13 +11,17 @@ every start still ends. An agent that fails by
 itself is restarted with a growing delay, up to ``max_restarts`` failures in a row; one that
 had run ``HEALTHY_RUN_S`` before failing starts its count over, so only crash loops (an agent
 that cannot start) exhaust it. Every child is killed when
-the workflow ends or the launcher stops, so nothing is left running.
+the workflow ends or the launcher stops, so nothing is left running; if the launcher's
+process dies without stopping them (SIGKILL), the agents are SIGKILLed by the kernel and
+their steps by the session reaper (``runtime/orphans.py``): no one is left to record what
+they would finish, so they must not finish it (a resume runs those items again).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -28,7 +32,7 @@ from pathlib import Path
 
 from jetreduce.contract.records import StoredSpec
 from jetreduce.launcher.backend import ExitCallback, StatusCallback
-from jetreduce.runtime.orphans import die_with_parent
+from jetreduce.runtime.orphans import die_with_parent, kill_session, reaper
 from jetreduce.runtime.settings import NatsSettings
 
 __all__ = ["AgentSpec", "LocalBackend"]
@@ -168,7 +172,7 @@ class LocalBackend:
             handle = open(directory / f"{spec.phase}-{spec.index}.log", "ab")  # noqa: SIM115
             out = handle.fileno()
         try:
-            return await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(
                 *self.command,
                 env=env,
                 cwd=spec.workdir if os.path.isdir(spec.workdir) else None,
@@ -176,8 +180,10 @@ class LocalBackend:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
-                preexec_fn=die_with_parent,
+                preexec_fn=functools.partial(die_with_parent, signal.SIGKILL),
             )
+            reaper().watch(proc.pid)
+            return proc
         finally:
             if handle is not None:
                 handle.close()
@@ -187,9 +193,13 @@ class LocalBackend:
         while True:
             started = time.monotonic()
             run.proc = await self._spawn(run)
-            code = await run.proc.wait()
-            # Steps an agent left behind (it was killed mid-item) die with it.
-            _kill_session(run.proc.pid)
+            try:
+                code = await run.proc.wait()
+            finally:
+                # Steps an agent left behind (it was killed mid-item) die with it.
+                if run.proc.returncode is not None:
+                    kill_session(run.proc.pid, leader=False)
+                    reaper().forget(run.proc.pid)
             if code == 0 or run.stopping:
                 return
             killed = code in KILLED_FROM_OUTSIDE
@@ -259,26 +269,6 @@ class LocalBackend:
             await asyncio.wait(pending, timeout=5)
             for task in pending:
                 task.cancel()
-
-
-def _kill_session(sid: int) -> None:
-    """SIGKILL every process of session ``sid`` (an agent is its session's leader; its steps
-    run in their own process groups inside it). Linux /proc; a no-op elsewhere."""
-    proc_root = Path("/proc")
-    if not proc_root.is_dir():
-        return
-    for entry in proc_root.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the parenthesised command name: state ppid pgrp session ...
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 3 and fields[3] == str(sid) and int(entry.name) != sid:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(entry.name), signal.SIGKILL)
 
 
 def _signal_group(proc: asyncio.subprocess.Process | None, sig: int) -> None:

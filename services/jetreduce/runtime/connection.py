@@ -1,20 +1,32 @@
-"""Connecting to NATS with the settings' credentials and TLS, with reconnects that never give
-up for long-running services (nats-py's default gives up after two minutes)."""
+"""Connecting to NATS with the settings' credentials and TLS.
+
+The first connection is bounded: after ``JETREDUCE_CONNECT_TIMEOUT_S`` seconds (default
+``DEFAULT_CONNECT_TIMEOUT_S``) of trying, :class:`ConnectFailed` names the URL, and the CLI
+exits 4 with that one line. A wrong URL is reported, never hung on, whoever connects (a
+command, the services, an agent). Once connected, long-running services and agents reconnect
+after a loss without ever giving up (nats-py's default gives up after two minutes): an
+outage of the server is waited out, a typo is not."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
 import ssl
 from typing import Any
 
-import nats
 from nats.aio.client import Client
 
 from jetreduce.runtime.settings import NatsSettings
 
-__all__ = ["ConnectFailed", "connect"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT_S", "ConnectFailed", "connect", "connect_timeout_s"]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+"""How long the first connection is tried before the URL is reported unreachable."""
+CONNECT_TIMEOUT_ENV = "JETREDUCE_CONNECT_TIMEOUT_S"
 
 
 class ConnectFailed(ConnectionError):
@@ -30,23 +42,54 @@ def _tls_context(settings: NatsSettings) -> ssl.SSLContext | None:
     return ctx
 
 
+def connect_timeout_s(env: dict[str, str] | None = None) -> float:
+    """The first connection's budget: ``JETREDUCE_CONNECT_TIMEOUT_S`` if it is a positive
+    number, else the default (a malformed value must not turn into "forever")."""
+    raw = (os.environ if env is None else env).get(CONNECT_TIMEOUT_ENV, "")
+    try:
+        value = float(raw)
+    except ValueError:
+        return DEFAULT_CONNECT_TIMEOUT_S
+    return value if value > 0 else DEFAULT_CONNECT_TIMEOUT_S
+
+
 async def connect(
-    settings: NatsSettings, *, name: str | None = None, forever: bool = True, attempts: int = 3
+    settings: NatsSettings,
+    *,
+    name: str | None = None,
+    forever: bool = True,
+    timeout_s: float | None = None,
 ) -> Client:
-    """Connect. ``forever`` makes reconnects after a loss unlimited (services, agents); the
-    first connection still fails after ``attempts`` so a wrong URL is reported, not hung on."""
+    """Connect within ``timeout_s`` (default :func:`connect_timeout_s`) or raise
+    :class:`ConnectFailed` naming the URL. ``forever`` makes reconnects after a loss of the
+    established connection unlimited (services, agents); without it a command gives up on a
+    lost server after a few attempts."""
+    budget = connect_timeout_s() if timeout_s is None else timeout_s
+    established = False
+    last: list[Exception] = []
 
     async def _error(exc: Exception) -> None:
-        log.warning("nats: %s", exc)
+        # While the first connection is tried, one line at the end says it all.
+        if established:
+            log.warning("nats: %s", exc)
+        else:
+            last[:] = [exc]
+            log.debug("nats: %s", exc)
+
+    async def _reconnected() -> None:
+        log.warning("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
 
     opts: dict[str, Any] = {
         "servers": [u.strip() for u in settings.url.split(",") if u.strip()],
         "name": name or settings.name,
-        "max_reconnect_attempts": -1 if forever else 5,
-        "reconnect_time_wait": 1,
-        "connect_timeout": 3,
+        # Bounded for the first connection (the budget below ends it anyway); lifted to
+        # unlimited once connected when ``forever``.
+        "max_reconnect_attempts": 1_000_000,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": min(3.0, budget),
         "allow_reconnect": True,
         "error_cb": _error,
+        "reconnected_cb": _reconnected,
         "pending_size": 64 * 1024 * 1024,
     }
     if settings.creds:
@@ -61,10 +104,21 @@ async def connect(
     tls = _tls_context(settings)
     if tls is not None:
         opts["tls"] = tls
-    last: Exception | None = None
-    for _ in range(max(1, attempts)):
-        try:
-            return await nats.connect(**opts)
-        except Exception as exc:  # nats raises a zoo of types here: translate at the edge
-            last = exc
-    raise ConnectFailed(f"cannot connect to NATS at {settings.url}: {last}") from None
+    nc = Client()
+    try:
+        await asyncio.wait_for(nc.connect(**opts), budget)
+    except Exception as exc:  # nats raises a zoo of types here: translate at the edge
+        with contextlib.suppress(Exception):
+            await nc.close()
+        cause = last[0] if last else exc
+        why = str(cause) or type(cause).__name__
+        if isinstance(exc, TimeoutError) and not last:
+            why = "no answer"
+        raise ConnectFailed(
+            f"cannot connect to NATS at {settings.url} within {budget:g}s: {why} "
+            f"(is a server running there? set {CONNECT_TIMEOUT_ENV} to wait longer)"
+        ) from None
+    established = True
+    nc.options["max_reconnect_attempts"] = -1 if forever else 5
+    nc.options["reconnect_time_wait"] = 1
+    return nc

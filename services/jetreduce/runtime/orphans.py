@@ -2,20 +2,37 @@
 
 A local agent or an embedded nats-server started by ``jetreduce run`` must not outlive it:
 if the run is SIGKILLed, an orphaned server would keep the JetStream store open and a
-``resume`` would start a second server on the same files. Linux's parent-death signal
-(``prctl(PR_SET_PDEATHSIG)``) makes the kernel deliver SIGTERM to the child when the thread
-that started it exits, so children must be started from the main (event-loop) thread.
-Elsewhere this is a no-op.
+``resume`` would start a second server on the same files; an orphaned agent would finish
+its items and merge their commits with no one to record them, so ``resume`` would run
+them (and commit them) again.
+
+Two mechanisms, because one is not enough:
+
+- Linux's parent-death signal (``prctl(PR_SET_PDEATHSIG)``, :func:`die_with_parent`)
+  makes the kernel signal the child when the thread that started it exits, so children
+  must be started from the main (event-loop) thread. It reaches the child only, not what
+  the child started.
+- An agent's steps run in process groups of their own inside the agent's session. The
+  :class:`SessionReaper` is a small process of its own session that the parent tells, over
+  a pipe, which sessions (agents) it started and which have ended. When the pipe closes
+  without a goodbye (the parent died, however: SIGKILL included), it SIGKILLs every process
+  still in those sessions, then exits.
+
+Elsewhere than Linux, both are no-ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 
-__all__ = ["die_with_parent"]
+__all__ = ["SessionReaper", "die_with_parent", "kill_session", "reaper"]
 
 _PR_SET_PDEATHSIG = 1
 _libc = None
@@ -26,7 +43,108 @@ if sys.platform.startswith("linux"):
         _libc = None
 
 
-def die_with_parent() -> None:
-    """``preexec_fn`` for a child process: SIGTERM it when its parent goes away."""
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """``preexec_fn`` for a child process: send it ``sig`` when its parent goes away (use
+    ``functools.partial`` for another signal than SIGTERM)."""
     if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot), which tells a pid's reuse apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def kill_session(sid: int, *, leader: bool = True) -> None:
+    """SIGKILL every process of session ``sid`` (its leader too unless ``leader=False``).
+    Linux /proc; a no-op elsewhere."""
+    proc_root = Path("/proc")
+    if not proc_root.is_dir():
+        return
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state ppid pgrp session ...
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 3 and fields[3] == str(sid) and (leader or int(entry.name) != sid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
+class SessionReaper:
+    """The parent's side: ``watch(sid)`` after starting a session leader, ``forget(sid)``
+    once it has been reaped. Writes are a few bytes to a pipe the reaper drains at once."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _pipe(self) -> subprocess.Popen[bytes] | None:
+        if not sys.platform.startswith("linux"):
+            return None
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "jetreduce.runtime.orphans"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                # Not in our session or process group: a signal meant for us (Ctrl-C, the
+                # launcher's group kill) must not take it away before it is needed.
+                start_new_session=True,
+            )
+        return self._proc
+
+    def _send(self, line: str) -> None:
+        proc = self._pipe()
+        if proc is None or proc.stdin is None:
+            return
+        with contextlib.suppress(OSError):
+            proc.stdin.write(line.encode())
+            proc.stdin.flush()
+
+    def watch(self, sid: int) -> None:
+        self._send(f"+{sid} {_start_time(sid) or '-'}\n")
+
+    def forget(self, sid: int) -> None:
+        self._send(f"-{sid}\n")
+
+
+_reaper = SessionReaper()
+
+
+def reaper() -> SessionReaper:
+    """This process's reaper (one reaper process, started on first use)."""
+    return _reaper
+
+
+def _serve() -> None:
+    """The reaper process: read ``+sid``/``-sid`` lines until the pipe closes, then kill
+    what is still watched."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watched: dict[int, str] = {}
+    for raw in sys.stdin.buffer:
+        words = raw.decode(errors="replace").split()
+        with contextlib.suppress(ValueError, IndexError):
+            sid = int(words[0][1:])
+            if words[0].startswith("+"):
+                watched[sid] = words[1] if len(words) > 1 else "-"
+            elif words[0].startswith("-"):
+                watched.pop(sid, None)
+    for sid, started in watched.items():
+        # A leader alive with another start time is a reused pid: not ours. (While any
+        # member of the old session lives, its id cannot be reused.)
+        now = _start_time(sid)
+        if now is None or started == "-" or now == started:
+            kill_session(sid)
+
+
+if __name__ == "__main__":
+    _serve()

@@ -126,6 +126,19 @@ class AgentConfig:
             raise SystemExit(f"agent: bad numeric setting: {exc}") from None
 
 
+STDOUT_LABEL = "stdout (stderr was empty):\n"
+
+
+def _error_tail(outcome: Any, limit: int = ERROR_TAIL) -> str:
+    """The last ``limit`` characters of a failed step's stderr; if it wrote none, of its
+    stdout, labelled so that no one reads it as the step's errors."""
+    if outcome.stderr.strip():
+        return _clip(str(outcome.stderr)[-limit:], limit)
+    if outcome.stdout.strip():
+        return STDOUT_LABEL + _clip(str(outcome.stdout)[-limit:], limit)
+    return ""
+
+
 def _clip(text: str, limit: int = EVENT_TEXT_LIMIT) -> str:
     data = text.encode()
     if len(data) <= limit:
@@ -319,7 +332,7 @@ class Agent:
         failed = result.failed
         if failed is not None:
             error = self._describe(steps, result)
-            detail = (failed.stderr or failed.stdout).strip()[-ERROR_TAIL:]
+            detail = _error_tail(failed).strip()
             await self._setup_failed(
                 f"setup {error}: {detail}" if detail else f"setup {error}", failed.exit_code
             )
@@ -397,7 +410,13 @@ class Agent:
         if not out.ok:
             why = "timed out" if out.timed_out else f"exited with code {out.exit_code}"
             detail = self.masker.mask(out.stderr).strip()[-ERROR_TAIL:]
-            return spooled, True, f"map.input command {why}: {detail}"
+            # A path that is not a file was run as a command: say both, not "not found".
+            return (
+                spooled,
+                True,
+                f"map.input {source!r} is neither a file nor a command that succeeded "
+                f"(as a command it {why}: {detail})",
+            )
         if self.masker:  # items are published: no secret may ride in them
             masked = self.scratch / "map-input.masked"
             with (
@@ -650,7 +669,7 @@ class Agent:
             await self.queue.ack(lease)
             return "done"
         error = self._describe(m.agent_template, result)
-        tail = _clip((failed.stderr or failed.stdout)[-ERROR_TAIL:], ERROR_TAIL)
+        tail = _error_tail(failed)
         # fail_workflow: the author declared this failure fatal, so no item retries either.
         last = lease.attempt >= self.max_attempts or result.fail_workflow
         delay = None if last else self._backoff(lease.attempt)
@@ -869,7 +888,7 @@ class Agent:
         output = "\n".join(o.stdout.rstrip("\n") for o in outcomes if o.stdout)
         if failed is not None:
             error = self._describe(steps, result)
-            detail = (failed.stderr or failed.stdout).strip()[-ERROR_TAIL:]
+            detail = _error_tail(failed).strip()
             await publish_once(
                 self.ctx.js,
                 self.s.reduce("failed", self.wf),
