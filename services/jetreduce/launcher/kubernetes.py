@@ -191,7 +191,7 @@ def _metadata(
         "name": name,
         "namespace": settings.namespace,
         "labels": _labels(wf, component, name, settings),
-        "annotations": {WORKFLOW_ANNOTATION: wf},
+        "annotations": {**settings.annotations, WORKFLOW_ANNOTATION: wf},
     }
     if owner is not None:
         meta["ownerReferences"] = [dict(owner)]
@@ -327,7 +327,7 @@ def build_phase_job(
         "template": {
             "metadata": {
                 "labels": labels,
-                "annotations": {WORKFLOW_ANNOTATION: wf},
+                "annotations": {**settings.annotations, WORKFLOW_ANNOTATION: wf},
             },
             "spec": _pod_spec(wf, phase, slots, settings, nats_env, secret_keys),
         },
@@ -351,6 +351,37 @@ def passthrough_env(environ: Mapping[str, str]) -> dict[str, str]:
         for k, v in environ.items()
         if k.startswith(AGENT_PASSTHROUGH) and k != "OTEL_SERVICE_NAME" and "HEADERS" not in k
     }
+
+
+def _secret_env_keys() -> list[str]:
+    return [f"JETREDUCE_NATS_{name.upper()}" for name in sorted(SECRET_FIELDS)]
+
+
+_CREDENTIAL_ENV = (
+    "JETREDUCE_NATS_CREDS",
+    "JETREDUCE_NATS_NKEY_SEED",
+    "JETREDUCE_NATS_USER",
+    "JETREDUCE_NATS_TLS_CERT",
+    "JETREDUCE_NATS_TLS_KEY",
+)
+"""The launcher's own NATS identity (file paths and user name): not handed to agents that
+have one of their own (``nats_env_secret``)."""
+
+
+def agent_nats_env(
+    nats: NatsSettings, settings: KubernetesSettings, environ: Mapping[str, str]
+) -> dict[str, str]:
+    """The agents' plain NATS environment: the launcher's own settings (never its secrets,
+    which go through the workflow's Secret), the installation's agent URL and
+    ``nats_env`` over them, and the observability pass-through."""
+    env = {**passthrough_env(environ), **nats.to_env()}
+    if settings.nats_url:
+        env["JETREDUCE_NATS_URL"] = settings.nats_url
+    dropped = [*_secret_env_keys(), *(_CREDENTIAL_ENV if settings.nats_env_secret else ())]
+    for key in dropped:
+        env.pop(key, None)
+    env.update(settings.nats_env)
+    return env
 
 
 def _pod_spec(
@@ -385,8 +416,8 @@ def _pod_spec(
         {"name": "work", "mountPath": settings.workdir},
     ]
     volumes: list[dict[str, Any]] = [
-        {"name": "tmp", "emptyDir": {}},
-        {"name": "work", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": _empty_dir(settings.tmp_size_limit)},
+        {"name": "work", "emptyDir": _empty_dir(settings.workdir_size_limit)},
     ]
     if settings.nats_files_secret:
         mounts.append(
@@ -411,6 +442,8 @@ def _pod_spec(
     resources = settings.resources.to_dict()
     if resources:
         container["resources"] = resources
+    if settings.nats_env_secret:
+        container["envFrom"] = [{"secretRef": {"name": settings.nats_env_secret}}]
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": settings.termination_grace_s,
@@ -430,7 +463,17 @@ def _pod_spec(
         pod["nodeSelector"] = dict(settings.node_selector)
     if settings.tolerations:
         pod["tolerations"] = [dict(t) for t in settings.tolerations]
+    if settings.affinity:
+        pod["affinity"] = dict(settings.affinity)
+    if settings.topology_spread_constraints:
+        pod["topologySpreadConstraints"] = [dict(t) for t in settings.topology_spread_constraints]
+    if settings.priority_class_name:
+        pod["priorityClassName"] = settings.priority_class_name
     return pod
+
+
+def _empty_dir(size_limit: str | None) -> dict[str, str]:
+    return {"sizeLimit": size_limit} if size_limit else {}
 
 
 def phase_timeout_s(spec: StoredSpec, phase: str) -> float | None:
@@ -691,20 +734,13 @@ class KubernetesBackend:
 
     # -- internals ------------------------------------------------------------------------
     def _nats_plain_env(self) -> dict[str, str]:
-        env = {**passthrough_env(os.environ), **self.nats.to_env()}
-        if self.settings.nats_url:
-            env["JETREDUCE_NATS_URL"] = self.settings.nats_url
-        for key in self._secret_env_keys():
-            env.pop(key, None)
-        return env
+        return agent_nats_env(self.nats, self.settings, os.environ)
 
     def _nats_secret_env(self) -> dict[str, str]:
+        if self.settings.nats_env_secret:
+            return {}  # agents have a NATS identity of their own
         env = self.nats.to_env()
-        return {k: env[k] for k in self._secret_env_keys() if k in env}
-
-    @staticmethod
-    def _secret_env_keys() -> list[str]:
-        return [f"JETREDUCE_NATS_{name.upper()}" for name in sorted(SECRET_FIELDS)]
+        return {k: env[k] for k in _secret_env_keys() if k in env}
 
     async def _ensure_root(
         self, wf: str, spec: StoredSpec, settings: KubernetesSettings
