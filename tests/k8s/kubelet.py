@@ -10,12 +10,19 @@ writes pod and Job status back (``active``/``succeeded``/``failed``, ``completed
 ``failedIndexes``, ``Complete``/``Failed`` conditions).
 
 Job semantics kept: ``parallelism``, ``completions``, ``backoffLimitPerIndex``,
-``maxFailedIndexes``, ``backoffLimit``, ``activeDeadlineSeconds``, and a ``podFailurePolicy``
-``Ignore`` rule on ``DisruptionTarget`` (an :meth:`ProcessKubelet.evict` is a disruption, a
-:meth:`ProcessKubelet.kill` is a crash). A Job that disappears has its processes terminated
+``maxFailedIndexes``, ``activeDeadlineSeconds``; ``backoffLimit`` with the server's default
+(MaxInt32 when ``backoffLimitPerIndex`` is set, else 6) and checked *before* the per-index
+rules, as the real controller does (``failed > backoffLimit`` fails the Job with
+``BackoffLimitExceeded`` whatever the per-index budgets say); the Job's own ``podFailurePolicy``
+rules, first match wins (``Ignore``, ``FailIndex``, ``FailJob`` → ``PodFailurePolicy``,
+``Count``; ``onExitCodes`` with ``In``/``NotIn`` and an optional container name, exit code 0
+never matching ``NotIn``; ``onPodConditions``). An :meth:`ProcessKubelet.evict` is a
+disruption (the pod gets a ``DisruptionTarget`` condition), a :meth:`ProcessKubelet.kill` is
+a crash. A Job that disappears has its processes terminated
 (SIGTERM, then SIGKILL after the pod's grace period, capped at 10 s).
 :attr:`ProcessKubelet.crash` makes every pod of a named Job exit at once with a given code
-(an image whose entrypoint cannot start), to drive a Job into failure as a whole.
+(an image whose entrypoint cannot start), to drive a Job into failure as a whole;
+:attr:`ProcessKubelet.exits` scripts each attempt's exit code per index.
 Pods run at a lower CPU priority (``nice``, 10 by default) than the test process and the API
 emulator: on a cluster the control plane does not share CPUs with the pods, while here 50
 agents starting at once on 2 cores would otherwise starve both.
@@ -63,6 +70,7 @@ class _Attempt:
     disrupted: bool = False
     kill_reason: str | None = None
     """The container's terminated reason to report instead of ``Error`` (``OOMKilled``)."""
+    container: str = ""
 
 
 @dataclass
@@ -75,6 +83,8 @@ class _JobRun:
     succeeded: set[int] = field(default_factory=set)
     failed_indexes: set[int] = field(default_factory=set)
     failures: dict[int, int] = field(default_factory=dict)
+    tries: dict[int, int] = field(default_factory=dict)
+    """Pods started per index (ignored failures included)."""
     failed_pods: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_status: dict[str, Any] | None = None
@@ -116,6 +126,9 @@ class ProcessKubelet:
         self.crash: dict[str, int] = {}
         """Job name → exit code every pod of that Job ends with at once (set before the Job
         starts): a crash loop, which uses up the Job's per-index backoff."""
+        self.exits: dict[str, Callable[[int, int], int | None]] = {}
+        """Job name → (index, attempt number from 0) → the exit code that pod ends with at
+        once, or None to run the container's command."""
 
     # -- API (blocking client, off the loop) ------------------------------------------------
     async def _api(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
@@ -184,7 +197,9 @@ class ProcessKubelet:
         parallelism = int(spec.get("parallelism") or 1)
         per_index = spec.get("backoffLimitPerIndex")
         max_failed = spec.get("maxFailedIndexes")
-        backoff_limit = int(spec.get("backoffLimit", 6))
+        # The API server's default: MaxInt32 with per-index backoff, else 6.
+        backoff_limit = int(spec.get("backoffLimit", 2**31 - 1 if per_index is not None else 6))
+        rules = (spec.get("podFailurePolicy") or {}).get("rules") or []
         deadline = spec.get("activeDeadlineSeconds")
         pending = list(range(completions))
         slots = asyncio.Semaphore(parallelism)
@@ -216,20 +231,29 @@ class ProcessKubelet:
                 if code == 0:
                     run.succeeded.add(index)
                     continue
-                if attempt_.disrupted:  # podFailurePolicy: Ignore on DisruptionTarget
+                action = policy_action(rules, attempt_.container, code, attempt_.disrupted)
+                if action == "Ignore":  # retried, counted nowhere
                     pending.append(index)
                     continue
                 run.failed_pods += 1
                 run.failures[index] = run.failures.get(index, 0) + 1
-                if per_index is not None and run.failures[index] > int(per_index):
+                if action == "FailJob":
+                    reason = "PodFailurePolicy"
+                elif action == "FailIndex" or (
+                    per_index is not None and run.failures[index] > int(per_index)
+                ):
                     run.failed_indexes.add(index)
                 else:
                     pending.append(index)
+            # The controller's order: a FailJob rule, then backoffLimit, then the per-index
+            # rules (so a finite backoffLimit binds before the per-index budgets do).
+            if reason is not None:
+                break
+            if run.failed_pods > backoff_limit:
+                reason = "BackoffLimitExceeded"
+                break
             if max_failed is not None and len(run.failed_indexes) > int(max_failed):
                 reason = "MaxFailedIndexesExceeded"
-                break
-            if per_index is None and run.failed_pods > backoff_limit:
-                reason = "BackoffLimitExceeded"
                 break
         if reason is None and run.failed_indexes:
             reason = "FailedIndexes"
@@ -308,8 +332,10 @@ class ProcessKubelet:
             },
             "spec": template["spec"],
         }
-        attempt = _Attempt(index, name)
+        attempt = _Attempt(index, name, container=template["spec"]["containers"][0]["name"])
         run.attempts[index] = attempt
+        tries = run.tries.get(index, 0)
+        run.tries[index] = tries + 1
         await self._api(self.core.create_namespaced_pod, self.namespace, pod)
         container = template["spec"]["containers"][0]
         env = await self._resolve_env(container.get("env") or [], pod)
@@ -320,8 +346,11 @@ class ProcessKubelet:
         argv = self.command(
             list(container.get("command") or []) + list(container.get("args") or [])
         )
+        scripted = self.exits[run.name](index, tries) if run.name in self.exits else None
         if run.name in self.crash:
-            argv = ["sh", "-c", f"exit {self.crash[run.name]}"]
+            scripted = self.crash[run.name]
+        if scripted is not None:
+            argv = ["sh", "-c", f"exit {scripted}"]
         if self.nice:
             # Through nice(1), not a preexec_fn: that would make Python fork this whole
             # process (threads and all) on the event loop instead of vfork-and-exec.
@@ -447,6 +476,25 @@ class ProcessKubelet:
             for a in r.attempts.values()
             if a.proc is not None and a.proc.returncode is None
         )
+
+
+def policy_action(rules: list[dict[str, Any]], container: str, code: int, disrupted: bool) -> str:
+    """The ``podFailurePolicy`` action for a failed pod of one container (its exit code,
+    whether it carries a ``DisruptionTarget`` condition): the first matching rule's, else
+    ``Count``."""
+    for rule in rules:
+        on_codes = rule.get("onExitCodes")
+        if on_codes is not None:
+            if on_codes.get("containerName") not in (None, container):
+                continue
+            values = set(on_codes.get("values") or [])
+            if (code in values) if on_codes["operator"] == "In" else (code not in values):
+                return str(rule["action"])
+        for cond in rule.get("onPodConditions") or []:
+            wanted = cond.get("status", "True") == "True"
+            if cond.get("type") == "DisruptionTarget" and disrupted == wanted:
+                return str(rule["action"])
+    return "Count"
 
 
 def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:

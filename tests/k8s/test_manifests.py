@@ -15,7 +15,6 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from kustomize import render as _render
 
 from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.records import StoredSpec
@@ -27,6 +26,7 @@ from jetreduce.launcher.kubernetes import (
     build_root_configmap,
     build_secret,
 )
+from kustomize import render as _render
 
 VERSIONS = ("1.31.0", "1.37.0")
 TARGETS = ("base", "overlays/dev", "overlays/prod")
@@ -126,8 +126,14 @@ def test_semantic_rules_the_schema_cannot_see() -> None:
             {
                 "action": "Ignore",
                 "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
-            }
+            },
+            {
+                "action": "FailIndex",
+                "onExitCodes": {"containerName": "agent", "operator": "In", "values": [2]},
+            },
         ]
+        # Never a finite backoffLimit: the controller checks it before the per-index rules.
+        assert "backoffLimit" not in spec
         env = {e["name"]: e for e in pod["containers"][0]["env"]}
         assert env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == (
             "metadata.annotations['batch.kubernetes.io/job-completion-index']"

@@ -254,17 +254,8 @@ def build_phase_job(
         "maxFailedIndexes": min(
             completions, max(1, math.ceil(settings.max_failed_indexes_ratio * completions))
         ),
-        "backoffLimit": settings.backoff_limit,
-        "podFailurePolicy": {
-            "rules": [
-                {
-                    # Evictions, preemption, node drains: retry the index without using its
-                    # budget (the agent handed its items back on SIGTERM anyway).
-                    "action": "Ignore",
-                    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
-                }
-            ]
-        },
+        # No backoffLimit: see KubernetesSettings.non_retriable_exit_codes.
+        "podFailurePolicy": {"rules": pod_failure_rules(settings)},
         "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
         "template": {
             "metadata": {
@@ -277,6 +268,30 @@ def build_phase_job(
     if timeout_s is not None and timeout_s > 0:
         spec["activeDeadlineSeconds"] = math.ceil(timeout_s) + settings.deadline_margin_s
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
+
+
+def pod_failure_rules(settings: KubernetesSettings) -> list[dict[str, Any]]:
+    """The Job's ``podFailurePolicy``, first match wins: a disruption (eviction, preemption,
+    node drain) retries the index without using its budget (the agent handed its items back
+    on SIGTERM); an exit no retry can change fails the index at once."""
+    rules: list[dict[str, Any]] = [
+        {
+            "action": "Ignore",
+            "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+        }
+    ]
+    if settings.non_retriable_exit_codes:
+        rules.append(
+            {
+                "action": "FailIndex",
+                "onExitCodes": {
+                    "containerName": AGENT_CONTAINER,
+                    "operator": "In",
+                    "values": sorted(set(settings.non_retriable_exit_codes)),
+                },
+            }
+        )
+    return rules
 
 
 AGENT_PASSTHROUGH = ("OTEL_", "JETREDUCE_LOG_FORMAT")

@@ -102,11 +102,16 @@ class KubernetesSettings:
     """Pod failures tolerated per index before the index is failed (needs k8s ≥ 1.29)."""
     max_failed_indexes_ratio: float = 0.5
     """``maxFailedIndexes = ceil(ratio * completions)``: beyond it the Job fails fast."""
-    backoff_limit: int = 100
-    """Overall pod-failure budget of a Job (the per-index limit is the real one)."""
+    non_retriable_exit_codes: tuple[int, ...] = (2,)
+    """Agent exit codes that no retry can change: the Job's ``podFailurePolicy`` fails the
+    index at once (``FailIndex``) instead of spending its backoff, and the phase is not
+    relaunched. 2: the agent found no such workflow or phase (``worker.agent.run_agent``).
+    No ``backoffLimit`` is set: the API server then defaults it to MaxInt32 for Jobs with
+    ``backoffLimitPerIndex``, and the controller checks ``failed > backoffLimit`` *before*
+    the per-index rules, so any finite value would fail a large Job early."""
     max_relaunches: int = 2
-    """Times a phase's Job that failed as a whole (``backoffLimit`` or ``maxFailedIndexes``
-    exceeded) is replaced by a fresh Job before the workflow fails. A Job only fails after
+    """Times a phase's Job that failed as a whole (``maxFailedIndexes`` exceeded, or every
+    index failed) is replaced by a fresh Job before the workflow fails. A Job only fails after
     more than half its indexes each failed ``backoff_limit_per_index + 1`` times, which is a
     systematic fault (bad image, agents that cannot start) more often than bad luck, and no
     number of retries heals that; what a relaunch can outlast is a cluster-wide transient
@@ -155,6 +160,8 @@ class KubernetesSettings:
             raise ValueError("max_relaunches must be in [0, 8]")
         if self.relaunch_delay_s < 0:
             raise ValueError("relaunch_delay_s must be >= 0")
+        if any(not 1 <= code <= 255 for code in self.non_retriable_exit_codes):
+            raise ValueError("non_retriable_exit_codes must be in [1, 255]")
         if self.poll_interval_s <= 0 or self.request_timeout_s <= 0:
             raise ValueError("poll_interval_s and request_timeout_s must be > 0")
         secret = {"JETREDUCE_NATS_PASSWORD", "JETREDUCE_NATS_TOKEN"} & set(self.nats_env)
@@ -248,6 +255,14 @@ def _number(kind: type[int] | type[float]) -> _Convert:
     return convert
 
 
+def _codes(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise ValueError("a list of exit codes")
+    return tuple(value)
+
+
 def _resources(value: Any) -> Resources:
     """A container ``resources`` object: it replaces the defaults as a whole (what the
     file says is what pods get)."""
@@ -292,6 +307,7 @@ FILE_KEYS: dict[str, tuple[str, _Convert]] = {
     "slotsPerPod": ("slots_per_pod", _number(int)),
     "backoffLimitPerIndex": ("backoff_limit_per_index", _number(int)),
     "maxFailedIndexesRatio": ("max_failed_indexes_ratio", _number(float)),
+    "nonRetriableExitCodes": ("non_retriable_exit_codes", _codes),
     "maxRelaunches": ("max_relaunches", _number(int)),
     "relaunchDelaySeconds": ("relaunch_delay_s", _number(float)),
     "ttlSecondsAfterFinished": ("ttl_seconds_after_finished", _number(int)),

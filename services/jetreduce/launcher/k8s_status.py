@@ -37,6 +37,8 @@ class JobSeen:
     """Loop time at which this failed Job is replaced; None until its failure is seen."""
     relaunched: bool = False
     gave_up: bool = False
+    permanent: int | None = None
+    """A non-retriable exit code one of its pods ended with: no relaunch can help."""
 
 
 def job_status_event(

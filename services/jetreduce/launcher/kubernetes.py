@@ -387,10 +387,6 @@ class KubernetesBackend:
             job_failed = "Failed" in conditions
             seen.finished = job_failed or "Complete" in conditions
             reason = str(conditions["Failed"].get("reason") or "") if job_failed else ""
-            # A failed Job's pods come back when a newer run of the phase exists or will.
-            superseded = attempt < current[(wf, phase)]
-            relaunch = superseded or (job_failed and self._may_relaunch(seen, reason))
-            reported = 0
             failed = int(status.get("failed") or 0)
             # Any change of the Job (a pod ended, was replaced, became ready) is a reason to
             # look at its pods: a disrupted pod is replaced without counting as ``failed``.
@@ -398,21 +394,45 @@ class KubernetesBackend:
                 status, sort_keys=True
             )
             changed, seen.version = version != seen.version, version
+            pods: dict[str, Any] | None = None
             if failed > seen.failed or (changed and self.on_status is not None):
                 pods = await self.kube.call(
                     self.kube.core.list_namespaced_pod,
                     ns,
                     label_selector=f"batch.kubernetes.io/job-name={name}",
                 )
+                self._note_permanent(seen, pods)
+            # Every index ran to its end and one succeeded: an agent exits 0 only once its
+            # phase is over, so the phase's outcome is decided (by the aggregator), and
+            # neither a relaunch nor a give-up may race it.
+            decided = (
+                job_failed and reason == "FailedIndexes" and int(status.get("succeeded") or 0) > 0
+            )
+            # A failed Job's pods come back when a newer run of the phase exists or will.
+            superseded = attempt < current[(wf, phase)]
+            relaunch = superseded or (
+                job_failed and not decided and self._may_relaunch(seen, reason)
+            )
+            reported = 0
+            if pods is not None:
                 await self._pod_events(name, seen, pods)
                 if failed > seen.failed:
                     seen.failed = failed
                     completions = int((job.get("spec") or {}).get("completions") or 1)
                     reported = await self._report_pods(
-                        seen, job_failed, relaunch, status, completions, pods, reason
+                        seen,
+                        job_failed and not decided,
+                        relaunch,
+                        status,
+                        completions,
+                        pods,
+                        reason,
                     )
             await self._job_events(name, seen, status, conditions)
-            if job_failed and not superseded:
+            if decided and not seen.gave_up:
+                seen.gave_up = True
+                log.info("workflow %s: %s Job %s ended after its phase did", wf, phase, name)
+            elif job_failed and not superseded:
                 await self._after_job_failed(seen, job, reason, relaunch, reported)
         present = {name for _, name, *_ in jobs}
         for name in set(self._seen) - present:
@@ -421,8 +441,25 @@ class KubernetesBackend:
 
     def _may_relaunch(self, seen: JobSeen, reason: str) -> bool:
         """Within the phase's budget: a relaunch left, and time left (a Job that hit its
-        ``activeDeadlineSeconds`` used the phase's time; another run would only extend it)."""
-        return reason != "DeadlineExceeded" and seen.attempt < self.settings.max_relaunches
+        ``activeDeadlineSeconds`` used the phase's time; another run would only extend it);
+        and no agent exited with a code that no new run can change."""
+        return (
+            reason != "DeadlineExceeded"
+            and seen.permanent is None
+            and seen.attempt < self.settings.max_relaunches
+        )
+
+    def _note_permanent(self, seen: JobSeen, pods: Mapping[str, Any]) -> None:
+        """Remember a failed pod whose exit code is non-retriable (its index was failed by
+        the Job's ``FailIndex`` rule)."""
+        for pod in pods.get("items", []):
+            pod_status = pod.get("status") or {}
+            code = exit_code(pod_status)
+            if (
+                pod_status.get("phase") == "Failed"
+                and code in self.settings.non_retriable_exit_codes
+            ):
+                seen.permanent = code
 
     @staticmethod
     def _give_up_reason(seen: JobSeen, reason: str, code: int) -> str:
@@ -431,6 +468,12 @@ class KubernetesBackend:
         job = job_name(seen.wf, seen.phase, seen.attempt)
         if reason == "DeadlineExceeded":
             return f"ran out of time: Job {job} failed with DeadlineExceeded"
+        if seen.permanent is not None:
+            return (
+                f"exited with non-retriable code {seen.permanent} (2: the agent does not know "
+                f"the workflow or phase), so no retry was made: Job {job} failed with "
+                f"{reason or 'no reason given'}"
+            )
         runs = f" after {seen.attempt} relaunch(es)" if seen.attempt else ""
         return (
             f"kept crashing (last exit code {code}): Job {job} failed with "
