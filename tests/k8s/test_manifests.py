@@ -25,6 +25,7 @@ from jetreduce.launcher.kubernetes import (
     build_phase_job,
     build_root_configmap,
     build_secret,
+    phase_timeout_s,
 )
 from kustomize import render as _render
 
@@ -188,3 +189,27 @@ def test_overlays_differ_where_they_must() -> None:
     )
     assert settings["data"]["stream-replicas"] == "3"
     assert all(d["spec"]["replicas"] == 2 for k, d in prod.items() if k[0] == "Deployment")
+
+
+@pytest.mark.parametrize(
+    ("timeout_s", "phase", "expected"),
+    [
+        (None, "map", None),  # no budget stated: no deadline
+        (600.0, "map", 600.0),  # the workflow's budget bounds the map phase
+        (600.0, "reduce", 600.0),
+        (None, "setup", 60.0),  # setup's own timeout
+        (30.0, "setup", 30.0),  # the smaller of the two
+        (600.0, "setup", 60.0),
+    ],
+)
+def test_every_phase_job_gets_the_deadline_of_its_time_budget(
+    timeout_s: float | None, phase: str, expected: float | None
+) -> None:
+    spec = _spec()
+    spec = StoredSpec(workflow=spec.workflow, options=SubmitOptions(timeout_s=timeout_s))
+    assert phase_timeout_s(spec, phase) == expected
+    job = build_phase_job(
+        "wf", phase, settings=FULL, nats_env={}, timeout_s=phase_timeout_s(spec, phase)
+    )
+    deadline = job["spec"].get("activeDeadlineSeconds")
+    assert deadline == (None if expected is None else expected + FULL.deadline_margin_s)

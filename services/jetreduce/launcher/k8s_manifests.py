@@ -434,9 +434,11 @@ def _empty_dir(size_limit: str | None) -> dict[str, str]:
 
 
 def phase_timeout_s(spec: StoredSpec, phase: str) -> float | None:
-    """The phase's own time bound, when the workflow states one (setup's ``timeout``). The
-    map phase has none yet: a workflow-level timeout is enforced by the janitor, and once
-    ``SubmitOptions`` carries it, it should become the map Job's deadline too."""
+    """The phase's time bound, for its Job's ``activeDeadlineSeconds``: the workflow's whole
+    budget (``--timeout``, which the janitor enforces first) bounds every phase, setup's own
+    ``timeout`` bounds setup; None when neither is stated."""
+    bounds = [spec.options.timeout_s]
     if phase == "setup" and spec.workflow.setup is not None:
-        return spec.workflow.setup.timeout_s
-    return None
+        bounds.append(spec.workflow.setup.timeout_s)
+    known = [b for b in bounds if b is not None and b > 0]
+    return min(known) if known else None

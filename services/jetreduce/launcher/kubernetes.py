@@ -92,6 +92,7 @@ __all__ = [
     "build_secret",
     "job_name",
     "load_api_client",
+    "phase_timeout_s",
     "root_name",
     "secret_name",
     "workflow_slug",
