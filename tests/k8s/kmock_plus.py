@@ -7,6 +7,8 @@ adds:
 
 1. label selectors (``=``, ``==``, ``!=``, ``in``, ``notin``, ``key``, ``!key``) on LIST, WATCH
    and DELETE-collection;
+   and field selectors on LIST (``a.b=v``, ``==``, ``!=`` on dotted paths: ``type=Warning``,
+   ``involvedObject.name=jr-x-map``);
 2. DELETE on a collection (``deletecollection``), answering a ``List`` of what went;
 3. ``timeoutSeconds`` on WATCH (the stream ends cleanly, as the real server's does);
 4. server-filled metadata on create: ``namespace`` from the URL, ``uid``, ``resourceVersion``
@@ -86,6 +88,26 @@ def parse_selector(text: str) -> Callable[[Mapping[str, str]], bool]:
         else:
             checks.append(lambda lb, k=raw: k in lb)
     return lambda labels: all(check(labels) for check in checks)
+
+
+def parse_field_selector(text: str) -> Callable[[Mapping[str, Any]], bool]:
+    """A predicate on objects for a field selector (``metadata.name=x,type!=Normal``)."""
+    checks: list[tuple[list[str], str, bool]] = []
+    for raw in filter(None, (p.strip() for p in (text or "").split(","))):
+        negate = "!=" in raw
+        path, value = (s.strip() for s in raw.replace("==", "=").replace("!=", "=").split("=", 1))
+        checks.append((path.split("."), value, negate))
+
+    def match(obj: Mapping[str, Any]) -> bool:
+        for path, value, negate in checks:
+            found: Any = obj
+            for part in path:
+                found = found.get(part) if isinstance(found, Mapping) else None
+            if (str(found if found is not None else "") == value) == negate:
+                return False
+        return True
+
+    return match
 
 
 def _labels(obj: Mapping[str, Any] | None) -> Mapping[str, str]:
@@ -207,7 +229,8 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
         listed = await super()._serve_list(request)
         match = parse_selector(request.params.get("labelSelector", ""))
-        listed["items"] = [o for o in listed["items"] if match(_labels(o))]
+        fields = parse_field_selector(request.params.get("fieldSelector", ""))
+        listed["items"] = [o for o in listed["items"] if match(_labels(o)) and fields(o)]
         listed["metadata"] = {"resourceVersion": str(next(self._versions))}
         return listed
 

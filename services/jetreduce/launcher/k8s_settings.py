@@ -123,6 +123,12 @@ class KubernetesSettings:
     relaunch_delay_s: float = 30.0
     """Pause before the n-th relaunch is ``n * relaunch_delay_s`` (a transient gets time to
     pass). Counted from when this launcher saw the failure; a restarted launcher waits anew."""
+    startup_deadline_s: float = 180.0
+    """How long a Job may go without any pod starting, and how long a pod may stay stuck on
+    a start error no waiting cures (a missing ServiceAccount, Secret or ConfigMap, an image
+    that cannot be pulled), before the phase fails with the API's reason. Agents start in
+    seconds (the target is under 30 s); an image pull on a cold node or a cluster autoscaler
+    adding a node takes a minute or two, hence three."""
     ttl_seconds_after_finished: int = 3600
     """A finished Job (and its pods, with their logs) stays this long for inspection."""
     deadline_margin_s: int = 300
@@ -162,6 +168,8 @@ class KubernetesSettings:
             raise ValueError("relaunch_delay_s must be >= 0")
         if any(not 1 <= code <= 255 for code in self.non_retriable_exit_codes):
             raise ValueError("non_retriable_exit_codes must be in [1, 255]")
+        if self.startup_deadline_s <= 0:
+            raise ValueError("startup_deadline_s must be > 0")
         if self.poll_interval_s <= 0 or self.request_timeout_s <= 0:
             raise ValueError("poll_interval_s and request_timeout_s must be > 0")
         secret = {"JETREDUCE_NATS_PASSWORD", "JETREDUCE_NATS_TOKEN"} & set(self.nats_env)
@@ -310,6 +318,7 @@ FILE_KEYS: dict[str, tuple[str, _Convert]] = {
     "nonRetriableExitCodes": ("non_retriable_exit_codes", _codes),
     "maxRelaunches": ("max_relaunches", _number(int)),
     "relaunchDelaySeconds": ("relaunch_delay_s", _number(float)),
+    "startupDeadlineSeconds": ("startup_deadline_s", _number(float)),
     "ttlSecondsAfterFinished": ("ttl_seconds_after_finished", _number(int)),
     "terminationGracePeriodSeconds": ("termination_grace_s", _number(int)),
     "deadlineMarginSeconds": ("deadline_margin_s", _number(int)),

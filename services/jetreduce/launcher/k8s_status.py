@@ -39,6 +39,14 @@ class JobSeen:
     gave_up: bool = False
     permanent: int | None = None
     """A non-retriable exit code one of its pods ended with: no relaunch can help."""
+    first_seen: float | None = None
+    """Loop time this launcher first saw the Job (its startup deadline counts from here)."""
+    started: bool = False
+    """One of its pods has run (been ready, succeeded or failed)."""
+    troubles: dict[str, float] = field(default_factory=dict)
+    """``StartProblem.key`` → loop time first seen, for problems still present."""
+    start_reported: set[str] = field(default_factory=set)
+    """``StartProblem.key``s already published as ``PodFailed``."""
 
 
 def job_status_event(
@@ -119,3 +127,85 @@ def parse_indexes(text: str) -> set[int]:
         lo, _, hi = part.partition("-")
         out.update(range(int(lo), int(hi or lo) + 1))
     return out
+
+
+START_WAITING_REASONS = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
+"""Why a container waits that no waiting cures: the image or the pod's configuration is wrong
+(a missing Secret, ConfigMap or key; an image that cannot be pulled)."""
+
+
+@dataclass(frozen=True)
+class StartProblem:
+    """Why a Job's pod (or, ``pod == ""``, the Job itself) has not started: the API's own
+    reason and message. ``hard``: it will not resolve by waiting (a wrong image or missing
+    object), as opposed to capacity (``Unschedulable``, a quota while other pods run)."""
+
+    pod: str
+    index: int
+    reason: str
+    message: str
+    hard: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.pod}/{self.reason}"
+
+
+def start_problems(
+    job: str, pods: Mapping[str, Any], events: Mapping[str, Any]
+) -> list[StartProblem]:
+    """What keeps ``job``'s pods from starting, from its pods' status and the Warning Events
+    of the Job and its pending pods: ``FailedCreate`` on the Job (no pod could be created: a
+    missing ServiceAccount, Pod Security or quota rejection; hard when the Job has no pod at
+    all), ``Unschedulable``, a container waiting for a reason in
+    :data:`START_WAITING_REASONS`, ``FailedMount`` on a pending pod (a missing Secret or
+    ConfigMap volume)."""
+    found: list[StartProblem] = []
+    pending: dict[str, int] = {}
+    items = pods.get("items", [])
+    for pod in items:
+        meta = pod.get("metadata") or {}
+        st = pod.get("status") or {}
+        if st.get("phase") not in (None, "", "Pending"):
+            continue
+        name, index = str(meta.get("name", "")), pod_index(meta)
+        pending[name] = index
+        for cond in st.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                reason = str(cond.get("reason") or "Unschedulable")
+                found.append(
+                    StartProblem(name, index, reason, str(cond.get("message") or ""), False)
+                )
+        for cs in st.get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in START_WAITING_REASONS:
+                found.append(
+                    StartProblem(
+                        name, index, str(waiting["reason"]), str(waiting.get("message") or ""), True
+                    )
+                )
+    seen: set[tuple[str, str]] = set()
+    for event in reversed(events.get("items", [])):  # newest first
+        involved = event.get("involvedObject") or {}
+        reason, message = str(event.get("reason") or ""), str(event.get("message") or "")
+        kind, name = involved.get("kind"), str(involved.get("name") or "")
+        if kind == "Job" and name == job and reason == "FailedCreate":
+            problem = StartProblem("", -1, reason, message, not items)
+        elif kind == "Pod" and name in pending and reason == "FailedMount":
+            problem = StartProblem(name, pending[name], reason, message, True)
+        else:
+            continue
+        if (problem.pod, reason) not in seen:  # the newest message of each is enough
+            seen.add((problem.pod, reason))
+            found.append(problem)
+    return found

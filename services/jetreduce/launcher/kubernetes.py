@@ -65,12 +65,14 @@ from jetreduce.launcher.k8s_manifests import (
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.k8s_status import (
     JobSeen,
+    StartProblem,
     attempt_of,
     exit_code,
     job_status_event,
     parse_indexes,
     pod_index,
     pod_reason,
+    start_problems,
     true_condition,
 )
 from jetreduce.runtime.settings import NatsSettings
@@ -354,29 +356,41 @@ class KubernetesBackend:
                 await asyncio.wait_for(self._stopping.wait(), self.settings.poll_interval_s)
 
     async def poll_once(self) -> None:
-        """One look at every Job of this installation (one LIST per namespace): report newly
-        failed pods through ``on_exit`` (with the container's exit code) and ``on_status``
-        (with the pod's reason), announce Jobs that started running or finished, and
-        replace (or give up on) a phase whose current Job failed as a whole."""
-        jobs: list[tuple[str, str, str, str, int, dict[str, Any]]] = []
+        """One look at every Job of this installation: report newly failed pods through
+        ``on_exit`` (with the container's exit code) and ``on_status`` (with the pod's
+        reason), pods that cannot start, Jobs that started running or finished, and replace
+        (or give up on) a phase whose current Job failed as a whole. Each namespace on its
+        own: one that cannot be listed does not keep the others from being looked at; the
+        first such error is raised once all were tried."""
+        errors: list[KubernetesBackendError] = []
+        for ns in self.settings.namespaces:
+            try:
+                await self._poll_namespace(ns)
+            except KubernetesBackendError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        self._polled.set()
+
+    async def _poll_namespace(self, ns: str) -> None:
+        jobs: list[tuple[str, str, str, int, dict[str, Any]]] = []
         current: dict[tuple[str, str], int] = {}
         """(workflow, phase) → the highest attempt listed: that phase's current Job."""
-        for ns in self.settings.namespaces:
-            listed = await self.kube.call(
-                self.kube.batch.list_namespaced_job,
-                ns,
-                label_selector=self._mine,
-            )
-            for job in listed.get("items", []):
-                meta = job.get("metadata", {})
-                wf = meta.get("annotations", {}).get(WORKFLOW_ANNOTATION)
-                phase = meta.get("labels", {}).get(PHASE_LABEL)
-                if not wf or not phase:
-                    continue
-                attempt = attempt_of(meta)
-                jobs.append((ns, meta.get("name", ""), wf, phase, attempt, job))
-                current[(wf, phase)] = max(current.get((wf, phase), 0), attempt)
-        for ns, name, wf, phase, attempt, job in jobs:
+        listed = await self.kube.call(
+            self.kube.batch.list_namespaced_job, ns, label_selector=self._mine
+        )
+        for job in listed.get("items", []):
+            meta = job.get("metadata", {})
+            wf = meta.get("annotations", {}).get(WORKFLOW_ANNOTATION)
+            phase = meta.get("labels", {}).get(PHASE_LABEL)
+            if not wf or not phase:
+                continue
+            attempt = attempt_of(meta)
+            jobs.append((meta.get("name", ""), wf, phase, attempt, job))
+            current[(wf, phase)] = max(current.get((wf, phase), 0), attempt)
+        events: dict[str, Any] | None = None
+        """The namespace's Warning Events, listed once per poll if a Job is starting."""
+        for name, wf, phase, attempt, job in jobs:
             seen = self._seen.setdefault(name, JobSeen(wf, phase, attempt, namespace=ns))
             seen.namespace = ns
             status = job.get("status") or {}
@@ -395,14 +409,30 @@ class KubernetesBackend:
                 status, sort_keys=True
             )
             changed, seen.version = version != seen.version, version
+            active = int(status.get("active") or 0)
+            seen.started = seen.started or bool(
+                int(status.get("ready") or 0) or int(status.get("succeeded") or 0) or failed
+            )
+            # Pods that exist but do not run, or no pod at all: look for why.
+            starting = (
+                not seen.finished
+                and not seen.gave_up
+                and (active == 0 or active > int(status.get("ready") or 0))
+            )
             pods: dict[str, Any] | None = None
-            if failed > seen.failed or (changed and self.on_status is not None):
+            if starting or failed > seen.failed or (changed and self.on_status is not None):
                 pods = await self.kube.call(
                     self.kube.core.list_namespaced_pod,
                     ns,
                     label_selector=f"batch.kubernetes.io/job-name={name}",
                 )
                 self._note_permanent(seen, pods)
+            if starting and pods is not None:
+                if events is None:
+                    events = await self.kube.call(
+                        self.kube.core.list_namespaced_event, ns, field_selector="type=Warning"
+                    )
+                await self._check_start(name, seen, pods, events)
             # Every index ran to its end and one succeeded: an agent exits 0 only once its
             # phase is over, so the phase's outcome is decided (by the aggregator), and
             # neither a relaunch nor a give-up may race it.
@@ -435,10 +465,65 @@ class KubernetesBackend:
                 log.info("workflow %s: %s Job %s ended after its phase did", wf, phase, name)
             elif job_failed and not superseded:
                 await self._after_job_failed(seen, job, reason, relaunch, reported)
-        present = {name for _, name, *_ in jobs}
-        for name in set(self._seen) - present:
-            del self._seen[name]  # deleted (by us, the janitor, or its TTL)
-        self._polled.set()
+        present = {name for name, *_ in jobs}
+        for name in [n for n, seen in self._seen.items() if seen.namespace == ns]:
+            if name not in present:
+                del self._seen[name]  # deleted (by us, the janitor, or its TTL)
+
+    async def _check_start(
+        self, job: str, seen: JobSeen, pods: Mapping[str, Any], events: Mapping[str, Any]
+    ) -> None:
+        """Report what keeps the Job's pods from starting (one ``PodFailed`` per pod and
+        reason, the Job's own ``FailedCreate`` with ``pod=""``), and give the phase up with
+        that reason once a problem no waiting cures has lasted ``startup_deadline_s``, or no
+        pod has started within it: instead of a workflow that hangs on pods that never run."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if seen.first_seen is None:
+            seen.first_seen = now
+        problems = start_problems(job, pods, events)
+        seen.troubles = {p.key: seen.troubles.get(p.key, now) for p in problems}
+        for problem in problems:
+            if problem.key in seen.start_reported:
+                continue
+            seen.start_reported.add(problem.key)
+            log.warning(
+                "workflow %s: %s Job %s: %s cannot start: %s: %s",
+                seen.wf,
+                seen.phase,
+                job,
+                problem.pod or "a pod",
+                problem.reason,
+                problem.message,
+            )
+            await self._status(
+                PodFailed(
+                    workflow_id=seen.wf,
+                    phase=seen.phase,
+                    job=job,
+                    pod=problem.pod,
+                    index=problem.index,
+                    reason=problem.reason,
+                    message=problem.message[:256],
+                )
+            )
+        deadline = self.settings.startup_deadline_s
+        overdue = [p for p in problems if p.hard and now - seen.troubles[p.key] >= deadline]
+        if not overdue and not seen.started and now - seen.first_seen >= deadline:
+            overdue = problems or [StartProblem("", -1, "NotStarted", "no pod started", False)]
+        if not overdue:
+            return
+        why = overdue[0]
+        seen.gave_up = True
+        await self._notify(
+            seen.wf,
+            seen.phase,
+            why.index,
+            -1,
+            False,
+            0,
+            f"could not start within {deadline:g}s: {why.reason}: {why.message} (Job {job})",
+        )
 
     def _may_relaunch(self, seen: JobSeen, reason: str) -> bool:
         """Within the phase's budget: a relaunch left, and time left (a Job that hit its
