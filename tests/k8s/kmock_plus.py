@@ -17,6 +17,10 @@ adds:
    transitively, every object that names its uid as an owner (the real GC does this
    asynchronously; here it is immediate).
 
+6. injected failures (:class:`Fault`): a request matching a fault's method and path gets an
+   API ``Status`` error (403, 404, 409, 422, 429 with ``Retry-After``, 500…) or has its
+   connection dropped, ``times`` times (or for good), before anything else sees it.
+
 And one change for long runs: ``Cluster.keep_request_log = False`` keeps only the requests in
 flight in kmock's request log. kmock matches each new request to a reaction by scanning that
 whole log (``request in filter``, oldest first), so with the log kept every request costs
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import gzip
 import importlib.resources
@@ -114,6 +119,28 @@ def _labels(obj: Mapping[str, Any] | None) -> Mapping[str, str]:
     return ((obj or {}).get("metadata") or {}).get("labels") or {}
 
 
+@dataclasses.dataclass
+class Fault:
+    """An injected failure: requests whose method is ``method`` (any if None) and whose path
+    contains ``path`` are answered ``status`` with ``message`` (``drop``: the connection is
+    closed without an answer), ``times`` times (None: every time). ``hits`` counts them."""
+
+    path: str
+    status: int = 500
+    method: str | None = None
+    message: str = "injected"
+    reason: str = "InternalError"
+    retry_after_s: int | None = None
+    drop: bool = False
+    times: int | None = 1
+    hits: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.times is not None and self.hits >= self.times:
+            return False
+        return (self.method is None or self.method == method) and self.path in path
+
+
 class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
     """The emulator with label selectors, deletecollection, watch timeouts, server metadata
     and ownerReference GC (see the module docstring)."""
@@ -130,6 +157,31 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
         data = importlib.resources.files("kmock._internal").joinpath("resources.json.gz")
         self.resources.load_data(gzip.decompress(data.read_bytes()))
         self._versions = itertools.count(1)
+        self.faults: list[Fault] = []
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        fault = next(
+            (f for f in self.faults if f.matches(raw_request.method, raw_request.path)), None
+        )
+        if fault is None:
+            return await super().__call__(raw_request)
+        fault.hits += 1
+        await raw_request.read()
+        if fault.drop:
+            if raw_request.transport is not None:
+                raw_request.transport.abort()
+            return aiohttp.web.Response(status=500)  # never delivered
+        body = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": fault.message,
+            "reason": fault.reason,
+            "code": fault.status,
+        }
+        headers = {} if fault.retry_after_s is None else {"Retry-After": str(fault.retry_after_s)}
+        return aiohttp.web.json_response(body, status=fault.status, headers=headers)
 
     # -- requests -------------------------------------------------------------------------
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:

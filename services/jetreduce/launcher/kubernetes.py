@@ -29,14 +29,20 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
 from jetreduce.contract.events import JobStatus, PodFailed
 from jetreduce.contract.records import StoredSpec
 from jetreduce.launcher.backend import ExitCallback, StatusCallback
-from jetreduce.launcher.k8s_api import ApiClient, KubeApi, KubernetesBackendError, load_api_client
+from jetreduce.launcher.k8s_api import (
+    ApiClient,
+    KubeApi,
+    KubernetesBackendError,
+    PermanentApiError,
+    load_api_client,
+)
 from jetreduce.launcher.k8s_manifests import (
     AGENT_CONTAINER,
     ATTEMPT_ANNOTATION,
@@ -139,6 +145,8 @@ class KubernetesBackend:
         """Job name → what the poller last saw."""
         self._poller: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._denied: dict[tuple[str, str], str] = {}
+        """(operation, namespace) → the permanent error last logged for it."""
         self._polled = asyncio.Event()
         """Set by the first successful poll: from then on :meth:`running` knows every Job."""
 
@@ -205,7 +213,20 @@ class KubernetesBackend:
         """Create the root ConfigMap, the Secret and the phase's Job, each create-or-keep
         (409 means a previous attempt got there). Returns the Job's pod count, or 0 if the
         phase already has a Job: any run of it, so that the launcher's reconciler never
-        starts a second first run beside a relaunch (say, after the first run's TTL)."""
+        starts a second first run beside a relaunch (say, after the first run's TTL).
+
+        An API error that no retry changes (no Role in the namespace, no such namespace,
+        an object the server rejects) fails the workflow at once with the API's message
+        (the final ``agent.exited``) and returns 0; a transient one is raised, for the
+        launcher to retry the event."""
+        try:
+            return await self._launch(wf, phase, slots, spec)
+        except PermanentApiError as exc:
+            log.warning("workflow %s: %s agents could not be created: %s", wf, phase, exc)
+            await self._notify(wf, phase, -1, -1, False, 0, f"could not be created: {exc}")
+            return 0
+
+    async def _launch(self, wf: str, phase: str, slots: list[int], spec: StoredSpec) -> int:
         settings = self._workflow_settings(spec)
         ns = settings.namespace
         existing = await self.kube.call(
@@ -260,9 +281,11 @@ class KubernetesBackend:
         selector = f"{WORKFLOW_LABEL}={workflow_slug(wf)},{INSTALLATION_LABEL}={self.installation}"
         if phase is not None:
             selector += f",{PHASE_LABEL}={phase}"
+
         # Every namespace a workflow may use: the workflow's own is not known here (a
-        # janitor sweep has no spec), and one call per allowed namespace is cheap.
-        for ns in self.settings.namespaces:
+        # janitor sweep has no spec), and one call per allowed namespace is cheap. Each on
+        # its own (see _each_namespace).
+        async def stop_in(ns: str) -> None:
             if self.on_status is not None:
                 await self._announce_stopped(ns, selector)
             await self.kube.call(
@@ -277,9 +300,34 @@ class KubernetesBackend:
                     self.kube.core.delete_collection_namespaced_config_map,
                 ):
                     await self.kube.call(delete, ns, label_selector=selector)
+
+        await self._each_namespace("stop", stop_in)
         for name, seen in list(self._seen.items()):
             if seen.wf == wf and (phase is None or seen.phase == phase):
                 del self._seen[name]
+
+    async def _each_namespace(
+        self, what: str, do: Callable[[str], Awaitable[None]], *, all_failed_only: bool = False
+    ) -> None:
+        """``do(ns)`` for every namespace of this installation, each on its own, so that one
+        namespace without a Role (or briefly unreachable) does not blind the launcher in the
+        others. A permanent error is logged (once per namespace and message) and skipped: it
+        will not heal by retrying, and the others must go on. The first transient error is
+        raised once all were tried, so the caller retries (``all_failed_only``: only if
+        every namespace failed)."""
+        transient: list[KubernetesBackendError] = []
+        for ns in self.settings.namespaces:
+            try:
+                await do(ns)
+                self._denied.pop((what, ns), None)
+            except PermanentApiError as exc:
+                if self._denied.get((what, ns)) != str(exc):
+                    self._denied[(what, ns)] = str(exc)
+                    log.warning("kubernetes %s in namespace %s skipped: %s", what, ns, exc)
+            except KubernetesBackendError as exc:
+                transient.append(exc)
+        if transient and (not all_failed_only or len(transient) == len(self.settings.namespaces)):
+            raise transient[0]
 
     async def stop_all(self, grace_s: float = 10.0) -> None:
         """Stop watching; leave every Job running. Unlike local child processes, pods do not
@@ -296,21 +344,22 @@ class KubernetesBackend:
     async def workflows(self) -> set[str]:
         """Ids of every workflow that has objects in the namespace (for orphan sweeps)."""
         found: set[str] = set()
-        selector = self._mine
-        for ns, lister in (
-            (ns, lister)
-            for ns in self.settings.namespaces
+
+        async def list_in(ns: str) -> None:
             for lister in (
                 self.kube.batch.list_namespaced_job,
                 self.kube.core.list_namespaced_config_map,
                 self.kube.core.list_namespaced_secret,
-            )
-        ):
-            listed = await self.kube.call(lister, ns, label_selector=selector)
-            for item in listed.get("items", []):
-                wf = item.get("metadata", {}).get("annotations", {}).get(WORKFLOW_ANNOTATION)
-                if wf:
-                    found.add(wf)
+            ):
+                listed = await self.kube.call(lister, ns, label_selector=self._mine)
+                for item in listed.get("items", []):
+                    meta = item.get("metadata", {})
+                    wf = meta.get("annotations", {}).get(WORKFLOW_ANNOTATION)
+                    if wf:
+                        found.add(wf)
+
+        # What the reachable namespaces hold is worth sweeping even if one is not.
+        await self._each_namespace("sweep", list_in, all_failed_only=True)
         return found
 
     # -- internals ------------------------------------------------------------------------
@@ -360,16 +409,9 @@ class KubernetesBackend:
         ``on_exit`` (with the container's exit code) and ``on_status`` (with the pod's
         reason), pods that cannot start, Jobs that started running or finished, and replace
         (or give up on) a phase whose current Job failed as a whole. Each namespace on its
-        own: one that cannot be listed does not keep the others from being looked at; the
-        first such error is raised once all were tried."""
-        errors: list[KubernetesBackendError] = []
-        for ns in self.settings.namespaces:
-            try:
-                await self._poll_namespace(ns)
-            except KubernetesBackendError as exc:
-                errors.append(exc)
-        if errors:
-            raise errors[0]
+        own (see :meth:`_each_namespace`): a namespace this launcher may not list counts as
+        looked at, so :meth:`sync` does not wait on it forever."""
+        await self._each_namespace("poll", self._poll_namespace)
         self._polled.set()
 
     async def _poll_namespace(self, ns: str) -> None:
