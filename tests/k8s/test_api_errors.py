@@ -10,12 +10,10 @@ import time
 from typing import Any
 
 import pytest
+from harness import map_only_spec
 from kmock_plus import EmulatorThread, Fault
 from kubernetes import client as k8s
 
-from jetreduce.contract.events import SubmitOptions
-from jetreduce.contract.records import StoredSpec
-from jetreduce.contract.workflow.parse import parse_workflow
 from jetreduce.launcher.k8s_api import TransientApiError
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.kubernetes import KubernetesBackend, job_name
@@ -23,25 +21,8 @@ from jetreduce.runtime.settings import NatsSettings
 
 pytestmark = pytest.mark.anyio
 
-WORKFLOW = """
-name: api-errors
-mode: mapreduce
-map:
-  input: items.json
-  json_path: "$.items[*]"
-  max_parallel: 2
-  agent_template:
-    - shell: "true"
-"""
 
 Exit = tuple[str, str, int, int, bool, int, str]
-
-
-def _spec(namespace: str | None = None) -> StoredSpec:
-    return StoredSpec(
-        workflow=parse_workflow(WORKFLOW, source="t.yml").workflow,
-        options=SubmitOptions(backend="kubernetes", namespace=namespace),
-    )
 
 
 def _backend(
@@ -116,7 +97,7 @@ async def test_a_permanent_error_fails_the_workflow_at_once_with_the_apis_messag
     backend = _backend(api_client, namespace, exits)
     _inject(emulator, fault)
     try:
-        assert await backend.launch("wf-e", "map", [1, 1], _spec()) == 0
+        assert await backend.launch("wf-e", "map", [1, 1], map_only_spec()) == 0
     finally:
         await backend.stop_all()
     assert fault.hits == 1  # not retried
@@ -142,7 +123,7 @@ async def test_a_transient_error_is_retried(
     _inject(emulator, fault)
     started = time.monotonic()
     try:
-        assert await backend.launch("wf-t", "map", [1, 1], _spec()) == 2
+        assert await backend.launch("wf-t", "map", [1, 1], map_only_spec()) == 2
     finally:
         await backend.stop_all()
     assert fault.hits == (fault.times or 1) and exits == []
@@ -160,7 +141,7 @@ async def test_a_transient_error_that_lasts_is_raised_for_the_callers_retry(
     fault = _inject(emulator, Fault("/jobs", 503, method="POST", times=None))
     try:
         with pytest.raises(TransientApiError, match="503"):
-            await backend.launch("wf-u", "map", [1], _spec())
+            await backend.launch("wf-u", "map", [1], map_only_spec())
     finally:
         await backend.stop_all()
     assert fault.hits == 1 + backend.kube.retries and exits == []
@@ -175,7 +156,7 @@ async def test_each_namespace_is_polled_swept_and_stopped_on_its_own(
     exits: list[Exit] = []
     backend = _backend(api_client, namespace, exits, extra=(denied,))
     try:
-        assert await backend.launch("wf-n", "map", [1], _spec()) == 1
+        assert await backend.launch("wf-n", "map", [1], map_only_spec()) == 1
         fault = _inject(
             emulator,
             Fault(

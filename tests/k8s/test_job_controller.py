@@ -15,13 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import map_only_spec
 from kmock_plus import EmulatorProcess, EmulatorThread
 from kubelet import ProcessKubelet
 from kubernetes import client as k8s
 
-from jetreduce.contract.events import SubmitOptions
-from jetreduce.contract.records import StoredSpec
-from jetreduce.contract.workflow.parse import parse_workflow
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.kubernetes import KubernetesBackend, build_map_job, job_name
 from jetreduce.runtime.settings import NatsSettings
@@ -206,16 +204,6 @@ async def test_the_jobs_own_pod_failure_policy_decides(
 
 
 # -- the backend on such Jobs ---------------------------------------------------------------
-WORKFLOW = """
-name: policy-check
-mode: mapreduce
-map:
-  input: items.json
-  json_path: "$.items[*]"
-  max_parallel: 3
-  agent_template:
-    - shell: "true"
-"""
 
 Exit = tuple[str, str, int, int, bool, int, str]
 
@@ -243,10 +231,7 @@ async def _backend_run(
         api_client=api,
         on_exit=on_exit,
     )
-    spec = StoredSpec(
-        workflow=parse_workflow(WORKFLOW, source="t.yml").workflow,
-        options=SubmitOptions(backend="kubernetes"),
-    )
+    spec = map_only_spec()
     name = job_name("wf-p", "map")
     async with _kubelet(api, ns, tmp_path) as kubelet:
         kubelet.exits[name] = exits

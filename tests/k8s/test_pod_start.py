@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import map_only_spec
 from kmock_plus import EmulatorThread
 from kubelet import ProcessKubelet
 from kubernetes import client as k8s
 
-from jetreduce.contract.events import JobStatus, PodFailed, SubmitOptions
-from jetreduce.contract.records import StoredSpec
-from jetreduce.contract.workflow.parse import parse_workflow
+from jetreduce.contract.events import JobStatus, PodFailed
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.kubernetes import KubernetesBackend, job_name
 from jetreduce.runtime.settings import NatsSettings
@@ -27,16 +26,6 @@ from support import wait_for
 
 pytestmark = pytest.mark.anyio
 
-WORKFLOW = """
-name: start-check
-mode: mapreduce
-map:
-  input: items.json
-  json_path: "$.items[*]"
-  max_parallel: 2
-  agent_template:
-    - shell: "true"
-"""
 JOB = job_name("wf-s", "map")
 
 Exit = tuple[str, str, int, int, bool, int, str]
@@ -76,10 +65,7 @@ async def _run(
         on_exit=on_exit,
         on_status=on_status,
     )
-    spec = StoredSpec(
-        workflow=parse_workflow(WORKFLOW, source="t.yml").workflow,
-        options=SubmitOptions(backend="kubernetes"),
-    )
+    spec = map_only_spec()
     kubelet = ProcessKubelet(api, ns, tmp_path, poll_s=0.05, nice=0, retry_s=0.05)
     fault(kubelet)
     stop = asyncio.Event()
