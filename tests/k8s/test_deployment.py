@@ -11,12 +11,12 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from kustomize import OVERLAYS, container_env, render
 from typer.testing import CliRunner
 
 import jetreduce.cli.app as cli
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.kubernetes import build_map_job
+from kustomize import OVERLAYS, container_env, render
 
 K8S_SERVICES = ("launcher", "janitor")
 
@@ -73,6 +73,25 @@ def test_launcher_and_janitor_run_the_kubernetes_backend(
         assert k8s.service_account in accounts
         assert k8s.resources.ephemeral_storage_limit and k8s.workdir_size_limit
     assert served["launcher"]["k8s"] == served["janitor"]["k8s"]
+    # Each runs as its own account, bound to its own Role; the others have no token.
+    for name in ("planner", "aggregator", "launcher", "janitor"):
+        pod = served[name]["pod"]
+        if name in K8S_SERVICES:
+            assert pod["serviceAccountName"] == f"jetreduce-{name}"
+            assert pod["automountServiceAccountToken"] is True
+        else:
+            assert pod["serviceAccountName"] == "jetreduce"
+            assert pod["automountServiceAccountToken"] is False
+    bound = {
+        (d["metadata"]["name"], s["name"])
+        for d in docs
+        if d["kind"] == "RoleBinding"
+        for s in d["subjects"]
+    }
+    assert bound == {
+        ("jetreduce-launcher", "jetreduce-launcher"),
+        ("jetreduce-janitor", "jetreduce-janitor"),
+    }
 
 
 @pytest.mark.parametrize("target", OVERLAYS)

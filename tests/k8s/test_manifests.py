@@ -163,8 +163,13 @@ def test_kustomize_renders_and_validates(target: str) -> None:
     for version in VERSIONS:
         for doc in docs:
             _validate(doc, version)
+    namespaces = [d for d in docs if d["kind"] == "Namespace"]
+    assert [n["metadata"]["name"] for n in namespaces] == ["jetreduce"]
+    labels = namespaces[0]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
     for doc in docs:
-        assert doc["metadata"].get("namespace") == "jetreduce"  # all namespaced
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == "jetreduce"  # all namespaced
         if doc["kind"] in ("Deployment", "StatefulSet"):
             pod = doc["spec"]["template"]["spec"]
             assert pod["securityContext"]["runAsNonRoot"] is True
@@ -213,3 +218,33 @@ def test_every_phase_job_gets_the_deadline_of_its_time_budget(
     )
     deadline = job["spec"].get("activeDeadlineSeconds")
     assert deadline == (None if expected is None else expected + FULL.deadline_margin_s)
+
+
+def test_an_extra_workflow_namespace_gets_the_roles_bound_to_the_installations_accounts() -> None:
+    docs = _render("examples/workflow-namespace")
+    for version in VERSIONS:
+        for doc in docs:
+            _validate(doc, version)
+    kinds = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert set(kinds) == {
+        ("Namespace", "team-a"),
+        ("ServiceAccount", "jetreduce-agent"),
+        ("Role", "jetreduce-launcher"),
+        ("Role", "jetreduce-janitor"),
+        ("RoleBinding", "jetreduce-launcher"),
+        ("RoleBinding", "jetreduce-janitor"),
+    }
+    assert (
+        kinds[("Namespace", "team-a")]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+        == "restricted"
+    )
+    for name in ("jetreduce-launcher", "jetreduce-janitor"):
+        binding = kinds[("RoleBinding", name)]
+        assert binding["metadata"]["namespace"] == "team-a"
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": name, "namespace": "jetreduce"}
+        ]
+    # The same Roles as in the installation's own namespace: one definition.
+    base = {(d["kind"], d["metadata"]["name"]): d for d in _render("base")}
+    for key in (("Role", "jetreduce-launcher"), ("Role", "jetreduce-janitor")):
+        assert kinds[key]["rules"] == base[key]["rules"]

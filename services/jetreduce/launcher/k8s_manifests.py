@@ -10,10 +10,12 @@ Objects per workflow (all in the workflow's namespace, all labelled
      ├── Job jr-<slug>-map-2 …     the same, relaunched after the first failed as a whole
      └── Job jr-<slug>-reduce      Indexed, completions 1
 
-Children carry an ``ownerReference`` to the root, so deleting the root ConfigMap lets the
-garbage collector remove everything; :meth:`KubernetesBackend.stop` does not rely on that and
-deletes by label (one ``deletecollection`` per kind), which also catches children whose root
-was never created. Setup and reduce are Indexed Jobs of one completion so that every agent
+Children carry an ``ownerReference`` to the root (created first, so every child has one),
+so deleting the root ConfigMap lets the garbage collector remove everything;
+:meth:`KubernetesBackend.stop` deletes the Jobs by label (their pods get their grace period
+at once) and the root by name, and leaves the Secret to the collector: the Role needs no
+``deletecollection`` on ConfigMaps or Secrets, nor any read of a Secret.
+Setup and reduce are Indexed Jobs of one completion so that every agent
 pod reads ``JOB_COMPLETION_INDEX`` the same way.
 
 The builders (:func:`build_root_configmap`, :func:`build_secret`, :func:`build_map_job`,

@@ -276,8 +276,9 @@ class KubernetesBackend:
 
     async def stop(self, wf: str, phase: str | None = None, grace_s: float = 10.0) -> None:
         """Delete the workflow's Jobs (of ``phase``, or all, with Background propagation so
-        their pods get their grace period) and, for the whole workflow, its ConfigMaps and
-        Secrets. Idempotent; ``grace_s`` is unused: pods have ``terminationGracePeriodSeconds``."""
+        their pods get their grace period) and, for the whole workflow, its root ConfigMap
+        (the garbage collector then removes its Secret).
+        Idempotent; ``grace_s`` is unused: pods have ``terminationGracePeriodSeconds``."""
         selector = f"{WORKFLOW_LABEL}={workflow_slug(wf)},{INSTALLATION_LABEL}={self.installation}"
         if phase is not None:
             selector += f",{PHASE_LABEL}={phase}"
@@ -295,16 +296,36 @@ class KubernetesBackend:
                 propagation_policy="Background",
             )
             if phase is None:
-                for delete in (
-                    self.kube.core.delete_collection_namespaced_secret,
-                    self.kube.core.delete_collection_namespaced_config_map,
-                ):
-                    await self.kube.call(delete, ns, label_selector=selector)
+                await self._delete_root(wf, ns)
 
         await self._each_namespace("stop", stop_in)
         for name, seen in list(self._seen.items()):
             if seen.wf == wf and (phase is None or seen.phase == phase):
                 del self._seen[name]
+
+    async def _delete_root(self, wf: str, ns: str) -> None:
+        """The workflow's root ConfigMap, by name (no deletecollection in the services' own
+        namespace, whose ConfigMaps hold the installation's settings), if it is this
+        installation's (another one sharing the namespace may have a workflow of the same
+        id), guarded by its uid. The garbage collector takes its children, the Secret
+        included."""
+        try:
+            root = await self.kube.call(
+                self.kube.core.read_namespaced_config_map, root_name(wf), ns
+            )
+        except PermanentApiError as exc:
+            if exc.status == 404:
+                return
+            raise
+        meta = root.get("metadata") or {}
+        if (meta.get("labels") or {}).get(INSTALLATION_LABEL) != self.installation:
+            return
+        await self.kube.call(
+            self.kube.core.delete_namespaced_config_map,
+            root_name(wf),
+            ns,
+            body={"propagationPolicy": "Background", "preconditions": {"uid": meta.get("uid")}},
+        )
 
     async def _each_namespace(
         self, what: str, do: Callable[[str], Awaitable[None]], *, all_failed_only: bool = False
@@ -346,10 +367,11 @@ class KubernetesBackend:
         found: set[str] = set()
 
         async def list_in(ns: str) -> None:
+            # Not Secrets: every one is owned by its workflow's root ConfigMap (created
+            # first), so the roots find them, and nothing here may read a Secret.
             for lister in (
                 self.kube.batch.list_namespaced_job,
                 self.kube.core.list_namespaced_config_map,
-                self.kube.core.list_namespaced_secret,
             ):
                 listed = await self.kube.call(lister, ns, label_selector=self._mine)
                 for item in listed.get("items", []):
