@@ -82,6 +82,18 @@ def test_launcher_and_janitor_run_the_kubernetes_backend(
         else:
             assert pod["serviceAccountName"] == "jetreduce"
             assert pod["automountServiceAccountToken"] is False
+    # Probes on the port the service serves /healthz and /readyz on.
+    for name, info in served.items():
+        (container,) = info["pod"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["health"] == int(env["JETREDUCE_HEALTH_PORT"]), name
+        for probe, path in (
+            ("startupProbe", "/healthz"),
+            ("livenessProbe", "/healthz"),
+            ("readinessProbe", "/readyz"),
+        ):
+            assert container[probe]["httpGet"] == {"path": path, "port": "health"}, (name, probe)
     bound = {
         (d["metadata"]["name"], s["name"])
         for d in docs

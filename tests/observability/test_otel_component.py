@@ -54,7 +54,11 @@ def test_otel_component_renders_validates_and_wires_every_service(
         env = {e["name"]: e for e in container["env"]}
         assert set(WIRED) <= set(env)
         assert "JETREDUCE_NATS_URL" in env  # the base's variables are kept
-        assert container["ports"] == [{"name": "metrics", "containerPort": 9464, "protocol": "TCP"}]
+        # Added beside the base's health port (its probes name it), not over it.
+        assert container["ports"] == [
+            {"name": "health", "containerPort": 8080},
+            {"name": "metrics", "containerPort": 9464, "protocol": "TCP"},
+        ]
         assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9464"
         ref = env["OTEL_EXPORTER_OTLP_ENDPOINT"]["valueFrom"]["configMapKeyRef"]["name"]
         assert ref == "jetreduce-otel"
