@@ -10,6 +10,7 @@ The schema check is structural; the semantic rules it cannot see are asserted se
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import kubernetes_validate
@@ -27,6 +28,7 @@ from jetreduce.launcher.kubernetes import (
     build_secret,
     phase_timeout_s,
 )
+from kustomize import KUSTOMIZE
 from kustomize import render as _render
 
 VERSIONS = ("1.31.0", "1.37.0")
@@ -248,3 +250,22 @@ def test_an_extra_workflow_namespace_gets_the_roles_bound_to_the_installations_a
     base = {(d["kind"], d["metadata"]["name"]): d for d in _render("base")}
     for key in (("Role", "jetreduce-launcher"), ("Role", "jetreduce-janitor")):
         assert kinds[key]["rules"] == base[key]["rules"]
+
+
+_EXACT_TAG = re.compile(r":\d+\.\d+\.\d+(-[a-z0-9.]+)?(@sha256:[0-9a-f]{64})?$")
+
+
+def test_prod_and_nats_images_are_pinned() -> None:
+    """No mutable tag where it matters: every prod image, and NATS in dev, names an exact
+    release (``X.Y.Z``, optionally with a digest); the dev overlay's own image is a local
+    build (``jetreduce:dev``, loaded into kind)."""
+    for target in ("overlays/prod", "overlays/dev"):
+        for doc in _render(target):
+            if doc["kind"] not in ("Deployment", "StatefulSet"):
+                continue
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                if target == "overlays/dev" and c["image"] == "jetreduce:dev":
+                    continue
+                assert _EXACT_TAG.search(c["image"]), (target, c["image"])
+    values = yaml.safe_load((KUSTOMIZE / "overlays/prod/nats-values.yaml").read_text())
+    assert re.fullmatch(r"\d+\.\d+\.\d+-alpine", values["container"]["image"]["tag"])
