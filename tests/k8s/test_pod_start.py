@@ -8,17 +8,22 @@ phase up with that reason once the startup deadline has passed."""
 from __future__ import annotations
 
 import asyncio
+import json
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import map_only_spec
+from harness import map_only_spec, orchestrator, stored_events
 from kmock_plus import EmulatorThread
 from kubelet import ProcessKubelet
 from kubernetes import client as k8s
 
-from jetreduce.contract.events import JobStatus, PodFailed
+from jetreduce.cli.submit import submit
+from jetreduce.cli.watch import Watcher
+from jetreduce.contract import events as ev
+from jetreduce.contract.events import JobStatus, PodFailed, SubmitOptions
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.kubernetes import KubernetesBackend, job_name
 from jetreduce.runtime.settings import NatsSettings
@@ -153,3 +158,85 @@ async def test_pods_that_run_are_not_given_up(
 ) -> None:
     exits, statuses = await _run(api_client, namespace, tmp_path, {}, until_given_up=False)
     assert exits == [] and statuses == []
+
+
+# -- a whole workflow -----------------------------------------------------------------------
+WORKFLOW = """
+name: cannot-start
+mode: mapreduce
+map:
+  input: items.json
+  json_path: "$.items[*]"
+  max_parallel: 4
+  agent_template:
+    - shell: "true"
+"""
+
+
+async def test_a_workflow_whose_agents_cannot_start_fails_with_the_missing_objects_name(
+    nats_url: str,
+    prefix: str,
+    workdir: Path,
+    tmp_path: Path,
+    emulator: EmulatorThread,
+    api_client: k8s.ApiClient,
+    namespace: str,
+) -> None:
+    """Through the real services: the agents' NATS credentials Secret does not exist. The
+    workflow fails within the startup deadline, the reason names the Secret, the pods'
+    reasons are on ``agent.pod_failed``, and nothing is left in the cluster."""
+    (workdir / "items.json").write_text(json.dumps({"items": list(range(8))}))
+    settings = NatsSettings(url=nats_url, prefix=prefix)
+    backend = KubernetesBackend(
+        settings,
+        KubernetesSettings(
+            namespace=namespace,
+            image="jetreduce:test",
+            poll_interval_s=0.2,
+            startup_deadline_s=2.0,
+            nats_env_secret="agent-nats",
+        ),
+        api_client=api_client,
+    )
+    kubelet = ProcessKubelet(api_client, namespace, tmp_path, poll_s=0.05, nice=0, retry_s=0.1)
+    stop = asyncio.Event()
+    task = asyncio.create_task(kubelet.run(stop))
+    wf = f"cs-{secrets.token_hex(3)}"
+    try:
+        async with orchestrator(settings, backend, sweep_every_s=1) as ctx:
+            watcher = Watcher(ctx.nc, ctx.subjects, wf, show_events=False, tty=False)
+            await watcher.start()
+            started = asyncio.get_running_loop().time()
+            try:
+                await submit(
+                    ctx.nc,
+                    ctx.subjects,
+                    WORKFLOW,
+                    SubmitOptions(workdir=str(workdir), backend="kubernetes"),
+                    workflow_id=wf,
+                    source="test",
+                )
+                done = await watcher.until_done(30)
+            finally:
+                await watcher.stop()
+            took = asyncio.get_running_loop().time() - started
+            failed = await stored_events(ctx, ctx.subjects.agent("pod_failed", wf))
+
+            def nothing_left() -> bool:
+                return not any(
+                    emulator.live(r, namespace)
+                    for r in ("batch/v1/jobs", "v1/configmaps", "v1/secrets", "v1/pods")
+                )
+
+            await wait_for(nothing_left, timeout_s=15)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await backend.stop_all()
+    assert isinstance(done, ev.WorkflowFailed), done
+    # The first phase's agents (a setup phase reads the uploaded input) never start.
+    assert " agents could not start within 2s: " in done.reason, done.reason
+    assert 'CreateContainerConfigError: secret "agent-nats" not found' in done.reason
+    assert took < 15, took
+    assert {e.reason for e in failed} == {"CreateContainerConfigError"}
+    assert kubelet.errors == []
