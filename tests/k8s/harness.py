@@ -10,8 +10,11 @@ from typing import Any
 
 from helpers import read_stream
 from jetreduce.aggregator.service import Aggregator
+from jetreduce.contract.events import SubmitOptions
+from jetreduce.contract.records import StoredSpec
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
+from jetreduce.contract.workflow.parse import parse_workflow
 from jetreduce.janitor.service import Janitor
 from jetreduce.launcher.backend import AgentBackend
 from jetreduce.launcher.kubernetes import KubernetesBackend
@@ -61,3 +64,24 @@ async def orchestrator(
 async def stored_events(ctx: ServiceContext, subject: str) -> list[Any]:
     """Every event stored on ``subject``, in order."""
     return await read_stream(ctx.js, ctx.subjects.events_stream, subject)
+
+
+MAP_ONLY = """
+name: map-only
+mode: mapreduce
+map:
+  input: items.json
+  json_path: "$.items[*]"
+  max_parallel: 3
+  agent_template:
+    - shell: "true"
+"""
+
+
+def map_only_spec() -> StoredSpec:
+    """A stored spec of a one-step map-only workflow, for backend tests that launch Jobs
+    without the services (the slots come from the test)."""
+    return StoredSpec(
+        workflow=parse_workflow(MAP_ONLY, source="t.yml").workflow,
+        options=SubmitOptions(backend="kubernetes"),
+    )

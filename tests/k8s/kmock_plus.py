@@ -7,6 +7,8 @@ adds:
 
 1. label selectors (``=``, ``==``, ``!=``, ``in``, ``notin``, ``key``, ``!key``) on LIST, WATCH
    and DELETE-collection;
+   and field selectors on LIST (``a.b=v``, ``==``, ``!=`` on dotted paths: ``type=Warning``,
+   ``involvedObject.name=jr-x-map``);
 2. DELETE on a collection (``deletecollection``), answering a ``List`` of what went;
 3. ``timeoutSeconds`` on WATCH (the stream ends cleanly, as the real server's does);
 4. server-filled metadata on create: ``namespace`` from the URL, ``uid``, ``resourceVersion``
@@ -14,6 +16,10 @@ adds:
 5. background garbage collection through ``ownerReferences``: deleting an object deletes,
    transitively, every object that names its uid as an owner (the real GC does this
    asynchronously; here it is immediate).
+
+6. injected failures (:class:`Fault`): a request matching a fault's method and path gets an
+   API ``Status`` error (403, 404, 409, 422, 429 with ``Retry-After``, 500…) or has its
+   connection dropped, ``times`` times (or for good), before anything else sees it.
 
 And one change for long runs: ``Cluster.keep_request_log = False`` keeps only the requests in
 flight in kmock's request log. kmock matches each new request to a reaction by scanning that
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import gzip
 import importlib.resources
@@ -88,8 +95,50 @@ def parse_selector(text: str) -> Callable[[Mapping[str, str]], bool]:
     return lambda labels: all(check(labels) for check in checks)
 
 
+def parse_field_selector(text: str) -> Callable[[Mapping[str, Any]], bool]:
+    """A predicate on objects for a field selector (``metadata.name=x,type!=Normal``)."""
+    checks: list[tuple[list[str], str, bool]] = []
+    for raw in filter(None, (p.strip() for p in (text or "").split(","))):
+        negate = "!=" in raw
+        path, value = (s.strip() for s in raw.replace("==", "=").replace("!=", "=").split("=", 1))
+        checks.append((path.split("."), value, negate))
+
+    def match(obj: Mapping[str, Any]) -> bool:
+        for path, value, negate in checks:
+            found: Any = obj
+            for part in path:
+                found = found.get(part) if isinstance(found, Mapping) else None
+            if (str(found if found is not None else "") == value) == negate:
+                return False
+        return True
+
+    return match
+
+
 def _labels(obj: Mapping[str, Any] | None) -> Mapping[str, str]:
     return ((obj or {}).get("metadata") or {}).get("labels") or {}
+
+
+@dataclasses.dataclass
+class Fault:
+    """An injected failure: requests whose method is ``method`` (any if None) and whose path
+    contains ``path`` are answered ``status`` with ``message`` (``drop``: the connection is
+    closed without an answer), ``times`` times (None: every time). ``hits`` counts them."""
+
+    path: str
+    status: int = 500
+    method: str | None = None
+    message: str = "injected"
+    reason: str = "InternalError"
+    retry_after_s: int | None = None
+    drop: bool = False
+    times: int | None = 1
+    hits: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.times is not None and self.hits >= self.times:
+            return False
+        return (self.method is None or self.method == method) and self.path in path
 
 
 class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
@@ -108,6 +157,31 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
         data = importlib.resources.files("kmock._internal").joinpath("resources.json.gz")
         self.resources.load_data(gzip.decompress(data.read_bytes()))
         self._versions = itertools.count(1)
+        self.faults: list[Fault] = []
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        fault = next(
+            (f for f in self.faults if f.matches(raw_request.method, raw_request.path)), None
+        )
+        if fault is None:
+            return await super().__call__(raw_request)
+        fault.hits += 1
+        await raw_request.read()
+        if fault.drop:
+            if raw_request.transport is not None:
+                raw_request.transport.abort()
+            return aiohttp.web.Response(status=500)  # never delivered
+        body = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": fault.message,
+            "reason": fault.reason,
+            "code": fault.status,
+        }
+        headers = {} if fault.retry_after_s is None else {"Retry-After": str(fault.retry_after_s)}
+        return aiohttp.web.json_response(body, status=fault.status, headers=headers)
 
     # -- requests -------------------------------------------------------------------------
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
@@ -207,7 +281,8 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
         listed = await super()._serve_list(request)
         match = parse_selector(request.params.get("labelSelector", ""))
-        listed["items"] = [o for o in listed["items"] if match(_labels(o))]
+        fields = parse_field_selector(request.params.get("fieldSelector", ""))
+        listed["items"] = [o for o in listed["items"] if match(_labels(o)) and fields(o)]
         listed["metadata"] = {"resourceVersion": str(next(self._versions))}
         return listed
 

@@ -10,16 +10,34 @@ writes pod and Job status back (``active``/``succeeded``/``failed``, ``completed
 ``failedIndexes``, ``Complete``/``Failed`` conditions).
 
 Job semantics kept: ``parallelism``, ``completions``, ``backoffLimitPerIndex``,
-``maxFailedIndexes``, ``backoffLimit``, ``activeDeadlineSeconds``, and a ``podFailurePolicy``
-``Ignore`` rule on ``DisruptionTarget`` (an :meth:`ProcessKubelet.evict` is a disruption, a
-:meth:`ProcessKubelet.kill` is a crash). A Job that disappears has its processes terminated
+``maxFailedIndexes``, ``activeDeadlineSeconds``; ``backoffLimit`` with the server's default
+(MaxInt32 when ``backoffLimitPerIndex`` is set, else 6) and checked *before* the per-index
+rules, as the real controller does (``failed > backoffLimit`` fails the Job with
+``BackoffLimitExceeded`` whatever the per-index budgets say); the Job's own ``podFailurePolicy``
+rules, first match wins (``Ignore``, ``FailIndex``, ``FailJob`` → ``PodFailurePolicy``,
+``Count``; ``onExitCodes`` with ``In``/``NotIn`` and an optional container name, exit code 0
+never matching ``NotIn``; ``onPodConditions``). An :meth:`ProcessKubelet.evict` is a
+disruption (the pod gets a ``DisruptionTarget`` condition), a :meth:`ProcessKubelet.kill` is
+a crash. A Job that disappears has its processes terminated
 (SIGTERM, then SIGKILL after the pod's grace period, capped at 10 s).
 :attr:`ProcessKubelet.crash` makes every pod of a named Job exit at once with a given code
-(an image whose entrypoint cannot start), to drive a Job into failure as a whole.
+(an image whose entrypoint cannot start), to drive a Job into failure as a whole;
+:attr:`ProcessKubelet.exits` scripts each attempt's exit code per index.
 Pods run at a lower CPU priority (``nice``, 10 by default) than the test process and the API
 emulator: on a cluster the control plane does not share CPUs with the pods, while here 50
 agents starting at once on 2 cores would otherwise starve both.
-Not modelled: scheduling, images, volumes (emptyDirs become temp dirs), probes, TTL.
+Pod start, as the control plane and the kubelet refuse it: a pod whose ServiceAccount does
+not exist is never created (the Job controller records a ``FailedCreate`` Event on the Job and
+retries); a container whose env (``secretKeyRef``, ``configMapKeyRef``, ``envFrom``) names a
+missing Secret, ConfigMap or key stays ``Pending``, waiting with ``CreateContainerConfigError``;
+a missing Secret or ConfigMap volume leaves it waiting in ``ContainerCreating`` with a
+``FailedMount`` Event on the pod. Each retried every ``retry_s`` until the object appears.
+Injected: :attr:`ProcessKubelet.unschedulable` (pods of a Job stay ``PodScheduled=False``,
+``Unschedulable``) and :attr:`ProcessKubelet.image_errors` (``ErrImagePull``…). The
+``default`` ServiceAccount and the ``accounts`` given are created at start, as the
+ServiceAccount controller and the installation's manifests would. Events are recorded once
+per object, reason and message (the real recorder aggregates repeats into a count).
+Not modelled: real scheduling and images, probes, TTL.
 """
 
 from __future__ import annotations
@@ -63,6 +81,9 @@ class _Attempt:
     disrupted: bool = False
     kill_reason: str | None = None
     """The container's terminated reason to report instead of ``Error`` (``OOMKilled``)."""
+    container: str = ""
+    created: bool = False
+    done: bool = False
 
 
 @dataclass
@@ -75,6 +96,8 @@ class _JobRun:
     succeeded: set[int] = field(default_factory=set)
     failed_indexes: set[int] = field(default_factory=set)
     failures: dict[int, int] = field(default_factory=dict)
+    tries: dict[int, int] = field(default_factory=dict)
+    """Pods started per index (ignored failures included)."""
     failed_pods: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_status: dict[str, Any] | None = None
@@ -96,6 +119,8 @@ class ProcessKubelet:
         poll_s: float = 0.1,
         log_dir: Path | None = None,
         nice: int = 10,
+        accounts: tuple[str, ...] = ("jetreduce-agent",),
+        retry_s: float = 0.2,
     ) -> None:
         self.batch = k8s.BatchV1Api(api)
         self.core = k8s.CoreV1Api(api)
@@ -116,6 +141,16 @@ class ProcessKubelet:
         self.crash: dict[str, int] = {}
         """Job name → exit code every pod of that Job ends with at once (set before the Job
         starts): a crash loop, which uses up the Job's per-index backoff."""
+        self.accounts = accounts
+        self.retry_s = retry_s
+        self.unschedulable: dict[str, str] = {}
+        """Job name → the scheduler's message for its pods, which then never schedule."""
+        self.image_errors: dict[str, tuple[str, str]] = {}
+        """Image → (waiting reason, message): pulling it fails (``ErrImagePull``…)."""
+        self._recorded: set[tuple[str, str, str]] = set()
+        self.exits: dict[str, Callable[[int, int], int | None]] = {}
+        """Job name → (index, attempt number from 0) → the exit code that pod ends with at
+        once, or None to run the container's command."""
 
     # -- API (blocking client, off the loop) ------------------------------------------------
     async def _api(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
@@ -132,6 +167,10 @@ class ProcessKubelet:
 
     # -- controller loop --------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        for account in ("default", *self.accounts):
+            body = {"metadata": {"name": account}, "automountServiceAccountToken": False}
+            with contextlib.suppress(ApiException):  # 409: there already
+                await self._api(self.core.create_namespaced_service_account, self.namespace, body)
         try:
             while not stop.is_set():
                 listed = await self._api(self.batch.list_namespaced_job, self.namespace)
@@ -184,7 +223,9 @@ class ProcessKubelet:
         parallelism = int(spec.get("parallelism") or 1)
         per_index = spec.get("backoffLimitPerIndex")
         max_failed = spec.get("maxFailedIndexes")
-        backoff_limit = int(spec.get("backoffLimit", 6))
+        # The API server's default: MaxInt32 with per-index backoff, else 6.
+        backoff_limit = int(spec.get("backoffLimit", 2**31 - 1 if per_index is not None else 6))
+        rules = (spec.get("podFailurePolicy") or {}).get("rules") or []
         deadline = spec.get("activeDeadlineSeconds")
         pending = list(range(completions))
         slots = asyncio.Semaphore(parallelism)
@@ -197,40 +238,54 @@ class ProcessKubelet:
             async with slots:
                 return await self._run_pod(run, index)
 
-        while pending or tasks:
-            while pending:
-                index = pending.pop(0)
-                tasks.add(asyncio.create_task(attempt(index), name=f"{run.name}-{index}"))
-            run.active = len(tasks)
-            await self._write_job_status(run, active=len(tasks))
-            timeout = None if ends_at is None else max(0.0, ends_at - loop.time())
-            done, _ = await asyncio.wait(tasks, timeout=timeout, return_when="FIRST_COMPLETED")
-            if not done:
-                reason = "DeadlineExceeded"
-                break
-            for task in done:
-                tasks.discard(task)
-                index = task.result()
-                attempt_ = run.attempts[index]
-                code = attempt_.proc.returncode if attempt_.proc else -1
-                if code == 0:
-                    run.succeeded.add(index)
-                    continue
-                if attempt_.disrupted:  # podFailurePolicy: Ignore on DisruptionTarget
-                    pending.append(index)
-                    continue
-                run.failed_pods += 1
-                run.failures[index] = run.failures.get(index, 0) + 1
-                if per_index is not None and run.failures[index] > int(per_index):
-                    run.failed_indexes.add(index)
-                else:
-                    pending.append(index)
-            if max_failed is not None and len(run.failed_indexes) > int(max_failed):
-                reason = "MaxFailedIndexesExceeded"
-                break
-            if per_index is None and run.failed_pods > backoff_limit:
-                reason = "BackoffLimitExceeded"
-                break
+        try:
+            while pending or tasks:
+                while pending:
+                    index = pending.pop(0)
+                    tasks.add(asyncio.create_task(attempt(index), name=f"{run.name}-{index}"))
+                await self._write_job_status(run)
+                timeout = None if ends_at is None else max(0.0, ends_at - loop.time())
+                done, _ = await asyncio.wait(tasks, timeout=timeout, return_when="FIRST_COMPLETED")
+                if not done:
+                    reason = "DeadlineExceeded"
+                    break
+                for task in done:
+                    tasks.discard(task)
+                    index = task.result()
+                    attempt_ = run.attempts[index]
+                    code = attempt_.proc.returncode if attempt_.proc else -1
+                    if code == 0:
+                        run.succeeded.add(index)
+                        continue
+                    action = policy_action(rules, attempt_.container, code, attempt_.disrupted)
+                    if action == "Ignore":  # retried, counted nowhere
+                        pending.append(index)
+                        continue
+                    run.failed_pods += 1
+                    run.failures[index] = run.failures.get(index, 0) + 1
+                    if action == "FailJob":
+                        reason = "PodFailurePolicy"
+                    elif action == "FailIndex" or (
+                        per_index is not None and run.failures[index] > int(per_index)
+                    ):
+                        run.failed_indexes.add(index)
+                    else:
+                        pending.append(index)
+                # The controller's order: a FailJob rule, then backoffLimit, then the per-index
+                # rules (so a finite backoffLimit binds before the per-index budgets do).
+                if reason is not None:
+                    break
+                if run.failed_pods > backoff_limit:
+                    reason = "BackoffLimitExceeded"
+                    break
+                if max_failed is not None and len(run.failed_indexes) > int(max_failed):
+                    reason = "MaxFailedIndexesExceeded"
+                    break
+        except asyncio.CancelledError:  # the Job was deleted: its pods go with it
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         if reason is None and run.failed_indexes:
             reason = "FailedIndexes"
         if tasks:  # the Job failed: stop what still runs
@@ -255,6 +310,7 @@ class ProcessKubelet:
         async with run.lock:
             if condition is not None:
                 run.condition = (condition, reason or "Completed")
+            run.active = sum(1 for a in run.attempts.values() if a.created and not a.done)
             status: dict[str, Any] = {
                 "active": run.active if active is None else active,
                 "ready": sum(
@@ -308,11 +364,17 @@ class ProcessKubelet:
             },
             "spec": template["spec"],
         }
-        attempt = _Attempt(index, name)
+        attempt = _Attempt(index, name, container=template["spec"]["containers"][0]["name"])
         run.attempts[index] = attempt
+        tries = run.tries.get(index, 0)
+        run.tries[index] = tries + 1
+        await self._admit(run, pod)
         await self._api(self.core.create_namespaced_pod, self.namespace, pod)
+        attempt.created = True
+        await self._patch_pod(name, {"phase": "Pending"})
+        await self._write_job_status(run)
         container = template["spec"]["containers"][0]
-        env = await self._resolve_env(container.get("env") or [], pod)
+        env = await self._until_startable(run, pod, container)
         root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.scratch))
         for mount in container.get("volumeMounts") or []:  # emptyDirs as temp dirs
             (root / mount["name"]).mkdir(exist_ok=True)
@@ -320,8 +382,11 @@ class ProcessKubelet:
         argv = self.command(
             list(container.get("command") or []) + list(container.get("args") or [])
         )
+        scripted = self.exits[run.name](index, tries) if run.name in self.exits else None
         if run.name in self.crash:
-            argv = ["sh", "-c", f"exit {self.crash[run.name]}"]
+            scripted = self.crash[run.name]
+        if scripted is not None:
+            argv = ["sh", "-c", f"exit {scripted}"]
         if self.nice:
             # Through nice(1), not a preexec_fn: that would make Python fork this whole
             # process (threads and all) on the event loop instead of vfork-and-exec.
@@ -376,6 +441,7 @@ class ProcessKubelet:
                 {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}
             ]
         await self._patch_pod(name, status)
+        attempt.done = True
         await self._write_job_status(run)
         return index
 
@@ -385,12 +451,128 @@ class ProcessKubelet:
                 self.core.patch_namespaced_pod_status, name, self.namespace, {"status": status}
             )
 
-    async def _resolve_env(
-        self, entries: list[dict[str, Any]], pod: dict[str, Any]
+    # -- pod start ----------------------------------------------------------------------------
+    async def _record(self, kind: str, name: str, reason: str, message: str) -> None:
+        """A Warning Event about ``kind``/``name``, once per object, reason and message."""
+        if (name, reason, message) in self._recorded:
+            return
+        self._recorded.add((name, reason, message))
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{name}.{secrets.token_hex(8)}", "namespace": self.namespace},
+            "involvedObject": {"kind": kind, "name": name, "namespace": self.namespace},
+            "reason": reason,
+            "message": message,
+            "type": "Warning",
+            "count": 1,
+            "source": {"component": "job-controller" if kind == "Job" else "kubelet"},
+        }
+        await self._api(self.core.create_namespaced_event, self.namespace, body)
+
+    async def _exists(self, read: Callable[..., Any], name: str) -> bool:
+        try:
+            await self._api(read, name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def _admit(self, run: _JobRun, pod: dict[str, Any]) -> None:
+        """Until the pod's ServiceAccount exists, the Job controller's create is refused:
+        a ``FailedCreate`` Event on the Job, no pod."""
+        account = pod["spec"].get("serviceAccountName") or "default"
+        while not await self._exists(self.core.read_namespaced_service_account, account):
+            await self._record(
+                "Job",
+                run.name,
+                "FailedCreate",
+                f'Error creating: pods "{pod["metadata"]["name"]}" is forbidden: error looking '
+                f'up service account {self.namespace}/{account}: serviceaccount "{account}" '
+                "not found",
+            )
+            await asyncio.sleep(self.retry_s)
+
+    async def _until_startable(
+        self, run: _JobRun, pod: dict[str, Any], container: dict[str, Any]
     ) -> dict[str, str]:
+        """The container's resolved env once it can start; until then the pod is Pending with
+        the reason the scheduler or kubelet would give, retried every ``retry_s``."""
+        name = pod["metadata"]["name"]
+        last: dict[str, Any] | None = None
+        while True:
+            status: dict[str, Any]
+            if run.name in self.unschedulable:
+                status = {
+                    "phase": "Pending",
+                    "conditions": [
+                        {
+                            "type": "PodScheduled",
+                            "status": "False",
+                            "reason": "Unschedulable",
+                            "message": self.unschedulable[run.name],
+                        }
+                    ],
+                }
+            elif container["image"] in self.image_errors:
+                status = _waiting(container["name"], *self.image_errors[container["image"]])
+            elif missing := await self._missing_volume(pod):
+                await self._record(
+                    "Pod", name, "FailedMount", f"MountVolume.SetUp failed for volume {missing}"
+                )
+                status = _waiting(container["name"], "ContainerCreating", "")
+            else:
+                try:
+                    return await self._resolve_env(container, pod)
+                except _ConfigError as exc:
+                    status = _waiting(container["name"], "CreateContainerConfigError", str(exc))
+            if status != last:
+                await self._patch_pod(name, status)
+                last = status
+            await asyncio.sleep(self.retry_s)
+
+    async def _missing_volume(self, pod: dict[str, Any]) -> str | None:
+        for volume in pod["spec"].get("volumes") or []:
+            if "secret" in volume:
+                secret = volume["secret"]["secretName"]
+                if not await self._exists(self.core.read_namespaced_secret, secret):
+                    return f'"{volume["name"]}" : secret "{secret}" not found'
+            if "configMap" in volume:
+                cm = volume["configMap"]["name"]
+                if not await self._exists(self.core.read_namespaced_config_map, cm):
+                    return f'"{volume["name"]}" : configmap "{cm}" not found'
+        return None
+
+    async def _read_data(self, kind: str, name: str) -> dict[str, str]:
+        """A Secret's (decoded) or ConfigMap's data; :class:`_ConfigError` if it is missing."""
+        read = (
+            self.core.read_namespaced_secret
+            if kind == "secret"
+            else self.core.read_namespaced_config_map
+        )
+        try:
+            obj = await self._api(read, name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise _ConfigError(f'{kind} "{name}" not found') from None
+            raise
+        if kind == "secret":
+            data = {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
+            return {**data, **(obj.get("stringData") or {})}
+        return dict(obj.get("data") or {})
+
+    async def _resolve_env(self, container: dict[str, Any], pod: dict[str, Any]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("JETREDUCE_")}
         env.pop("JOB_COMPLETION_INDEX", None)
-        for entry in entries:
+        for source in container.get("envFrom") or []:
+            for kind, ref in (
+                ("secret", source.get("secretRef")),
+                ("configmap", source.get("configMapRef")),
+            ):
+                if ref is not None:
+                    env.update(await self._read_data(kind, ref["name"]))
+        for entry in container.get("env") or []:
             if "value" in entry:
                 env[entry["name"]] = entry["value"]
                 continue
@@ -400,15 +582,16 @@ class ProcessKubelet:
                 if not m:
                     raise ValueError(f"unsupported fieldRef {source['fieldRef']}")
                 env[entry["name"]] = pod["metadata"]["annotations"][m[1]]
-            elif "secretKeyRef" in source:
-                ref = source["secretKeyRef"]
-                secret = await self._api(
-                    self.core.read_namespaced_secret, ref["name"], self.namespace
-                )
-                if "data" in secret and ref["key"] in secret["data"]:
-                    env[entry["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
-                else:
-                    env[entry["name"]] = secret["stringData"][ref["key"]]
+            elif "secretKeyRef" in source or "configMapKeyRef" in source:
+                kind = "secret" if "secretKeyRef" in source else "configmap"
+                ref = source.get("secretKeyRef") or source["configMapKeyRef"]
+                data = await self._read_data(kind, ref["name"])
+                if ref["key"] not in data:
+                    label = "Secret" if kind == "secret" else "ConfigMap"
+                    raise _ConfigError(
+                        f"couldn't find key {ref['key']} in {label} {self.namespace}/{ref['name']}"
+                    )
+                env[entry["name"]] = data[ref["key"]]
             else:
                 raise ValueError(f"unsupported env source {entry}")
         return env
@@ -447,6 +630,39 @@ class ProcessKubelet:
             for a in r.attempts.values()
             if a.proc is not None and a.proc.returncode is None
         )
+
+
+class _ConfigError(Exception):
+    """The container cannot be configured yet (the kubelet's CreateContainerConfigError)."""
+
+
+def _waiting(container: str, reason: str, message: str) -> dict[str, Any]:
+    state = {"waiting": {"reason": reason, **({"message": message} if message else {})}}
+    return {
+        "phase": "Pending",
+        "containerStatuses": [
+            {"name": container, "ready": False, "restartCount": 0, "state": state}
+        ],
+    }
+
+
+def policy_action(rules: list[dict[str, Any]], container: str, code: int, disrupted: bool) -> str:
+    """The ``podFailurePolicy`` action for a failed pod of one container (its exit code,
+    whether it carries a ``DisruptionTarget`` condition): the first matching rule's, else
+    ``Count``."""
+    for rule in rules:
+        on_codes = rule.get("onExitCodes")
+        if on_codes is not None:
+            if on_codes.get("containerName") not in (None, container):
+                continue
+            values = set(on_codes.get("values") or [])
+            if (code in values) if on_codes["operator"] == "In" else (code not in values):
+                return str(rule["action"])
+        for cond in rule.get("onPodConditions") or []:
+            wanted = cond.get("status", "True") == "True"
+            if cond.get("type") == "DisruptionTarget" and disrupted == wanted:
+                return str(rule["action"])
+    return "Count"
 
 
 def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:

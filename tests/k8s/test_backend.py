@@ -1,6 +1,7 @@
 """The Kubernetes backend against the API emulator over real HTTP (official client, no mocks
 of our code): what ``launch`` creates, what ``stop`` removes, how failures are reported, and
-that every call it makes is allowed by the Role in deploy/kustomize/base/rbac.yaml."""
+that the launcher's and janitor's Roles (deploy/kustomize/components/workflow-namespace)
+grant exactly the calls each makes."""
 
 from __future__ import annotations
 
@@ -22,7 +23,14 @@ from jetreduce.runtime.settings import NatsSettings
 
 pytestmark = pytest.mark.anyio
 
-RBAC = Path(__file__).resolve().parents[2] / "deploy" / "kustomize" / "base" / "rbac.yaml"
+RBAC = (
+    Path(__file__).resolve().parents[2]
+    / "deploy"
+    / "kustomize"
+    / "components"
+    / "workflow-namespace"
+    / "rbac.yaml"
+)
 WORKFLOW = """
 name: backend-check
 mode: mapreduce
@@ -243,37 +251,64 @@ async def test_failed_pods_are_reported_with_exit_code_and_restart_flag(
         await backend.stop_all()
 
 
-async def test_every_call_is_allowed_by_the_role(
-    emulator: EmulatorThread, api_client: k8s.ApiClient, namespace: str
-) -> None:
-    backend = _backend(api_client, namespace)
-    try:
-        await backend.launch("wf-a", "map", [1], _spec())
-        await backend.launch("wf-a", "map", [1], _spec())  # 409 path reads the root
-        await _to_thread(
-            k8s.BatchV1Api(api_client).patch_namespaced_job_status,
-            job_name("wf-a", "map"),
-            namespace,
-            {"status": {"failed": 1}},
-        )
-        await backend.poll_once()
-        await backend.workflows()
-        await backend.stop("wf-a", "map")
-        await backend.stop("wf-a")
-    finally:
-        await backend.stop_all()
-    used = emulator.call(lambda c: {_verb(r) for r in c if r.resource is not None})
-    used.discard(("patch", "jobs"))  # the test's own status write, playing the Job controller
-    allowed = {
+def _role(name: str) -> set[tuple[str, str]]:
+    return {
         (verb, res)
         for doc in yaml.safe_load_all(RBAC.read_text())
-        if doc["kind"] == "Role"
+        if doc["kind"] == "Role" and doc["metadata"]["name"] == name
         for rule in doc["rules"]
         for res in rule["resources"]
         for verb in rule["verbs"]
     }
-    assert used <= allowed, used - allowed
-    assert used >= {("create", "jobs"), ("deletecollection", "jobs"), ("list", "pods")}
+
+
+def _calls_since(emulator: EmulatorThread, mark: int) -> set[tuple[str, str]]:
+    return emulator.call(lambda c: {_verb(r) for r in list(c)[mark:] if r.resource is not None})
+
+
+async def test_each_role_grants_exactly_the_calls_of_its_service(
+    emulator: EmulatorThread, api_client: k8s.ApiClient, namespace: str
+) -> None:
+    """Least privilege, proven both ways: every call the launcher (with its status events)
+    and the janitor (sweep and stop) make is granted by its own Role, and every grant of
+    each Role is used."""
+
+    async def on_status(event: Any) -> None:
+        pass
+
+    launcher = _backend(api_client, namespace, on_status=on_status)
+    janitor = _backend(api_client, namespace)
+    try:
+        mark = emulator.call(lambda c: len(list(c)))
+        await launcher.launch("wf-a", "map", [1], _spec())
+        await launcher.launch("wf-a", "map", [1], _spec())  # finds the phase's Job
+        await launcher.launch("wf-a", "setup", [1], _spec())  # 409 path reads the root
+        await launcher.poll_once()  # starting Jobs: their pods and the Warning events
+        await _to_thread(
+            k8s.BatchV1Api(api_client).patch_namespaced_job_status,
+            job_name("wf-a", "map"),
+            namespace,
+            {"status": {"failed": 1, "active": 1, "ready": 1}},
+        )
+        await launcher.poll_once()  # a failed pod: the pods
+        await launcher.stop("wf-a", "map")  # on map.complete
+        await launcher.stop("wf-a")  # on the workflow's end
+        launcher_calls = _calls_since(emulator, mark)
+        launcher_calls.discard(("patch", "jobs"))  # the test's own write, as the controller
+
+        await launcher.launch("wf-b", "map", [1], _spec())
+        await launcher.stop_all()  # its poller: from here on only the janitor calls
+        mark = emulator.call(lambda c: len(list(c)))
+        assert await janitor.workflows() == {"wf-b"}
+        await janitor.stop("wf-b")
+        janitor_calls = _calls_since(emulator, mark)
+    finally:
+        await launcher.stop_all()
+        await janitor.stop_all()
+    assert launcher_calls == _role("jetreduce-launcher")
+    assert janitor_calls == _role("jetreduce-janitor")
+    assert _count(emulator, namespace) == {"jobs": 0, "configmaps": 0, "secrets": 0}
+    assert not any(res == "secrets" and verb != "create" for verb, res in launcher_calls)
 
 
 def _verb(request: Any) -> tuple[str, str]:

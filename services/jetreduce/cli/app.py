@@ -12,7 +12,6 @@ import atexit
 import contextlib
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from jetreduce.cli import exit_codes
 from jetreduce.cli.dlq import build as build_dlq
 from jetreduce.cli.host import SERVICE_NAMES, ServiceHost
 from jetreduce.cli.item_logs import register as register_logs
+from jetreduce.cli.k8s_settings import kubernetes_settings
 from jetreduce.cli.local_run import DEFAULT_DATA_DIR, busy_message, run_here
 from jetreduce.cli.logs import configure
 from jetreduce.cli.options import (
@@ -280,26 +280,6 @@ def _workspace(workspace: str | None, worktrees: bool) -> str:
     if worktrees and workspace not in (None, "item"):
         raise _fail(f"--worktrees contradicts --workspace {workspace}", exit_codes.USAGE)
     return "item" if worktrees else workspace or "agent"
-
-
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-
-
-def kubernetes_settings(
-    namespace: str | None, image: str | None, workflow_namespaces: list[str]
-) -> KubernetesSettings:
-    """The installation's Kubernetes settings with the command line's choices (namespaces
-    checked here: a typo would otherwise surface only as a workflow's refusal)."""
-    for name in [namespace or "", *workflow_namespaces]:
-        if name and not _DNS_LABEL.fullmatch(name):
-            raise _fail(f"{name!r} is not a Kubernetes namespace name", exit_codes.USAGE)
-    k8s = KubernetesSettings()
-    return replace(
-        k8s,
-        namespace=namespace or k8s.namespace,
-        image=image or k8s.image,
-        workflow_namespaces=tuple(dict.fromkeys(workflow_namespaces)),
-    )
 
 
 def _check_backend(backend: str, namespace: str | None, image: str | None) -> None:

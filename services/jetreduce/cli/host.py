@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from jetreduce.aggregator.service import Aggregator
 from jetreduce.contract.subjects import Subjects
@@ -22,6 +24,8 @@ from jetreduce.launcher.local import LocalBackend
 from jetreduce.launcher.service import AGING_S, Launcher
 from jetreduce.planner.service import Planner
 from jetreduce.runtime.connection import connect
+from jetreduce.runtime.health import health_server
+from jetreduce.runtime.http import RouteServer
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
@@ -32,12 +36,18 @@ from jetreduce.runtime.telemetry import (
 )
 from jetreduce.runtime.telemetry import meter as current_meter
 
-__all__ = ["BACKENDS", "SERVICE_NAMES", "ServiceHost"]
+__all__ = ["BACKENDS", "HEALTH_PORT_ENV", "SERVICE_NAMES", "ServiceHost"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = ("planner", "launcher", "aggregator", "janitor")
 BACKENDS = ("local", "kubernetes")
+HEALTH_PORT_ENV = "JETREDUCE_HEALTH_PORT"
+"""Serve ``/healthz`` and ``/readyz`` on this port (the Deployments set it; unset: none)."""
+NATS_OUTAGE_GRACE_S = 300.0
+"""How long NATS may be unreachable before ``/healthz`` fails (and liveness restarts the
+pod). Shorter outages restart nothing: the services reconnect on their own, and restarting
+every service because NATS is down would only add to the outage."""
 
 
 class _Service(Protocol):
@@ -60,6 +70,7 @@ class ServiceHost:
         default_queue: str | None = None,
         metrics_port: int | None = None,
         metrics_host: str = "0.0.0.0",
+        health_port: int | None = None,
     ) -> None:
         """``metrics_port``: serve Prometheus ``/metrics`` there (0 picks a free port, see
         :attr:`metrics_port`); None serves nothing. The process hosting the aggregator also
@@ -81,6 +92,11 @@ class ServiceHost:
         self.topology = topology
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host
+        env_port = os.environ.get(HEALTH_PORT_ENV)
+        self.health_port = health_port if health_port is not None or not env_port else int(env_port)
+        """``/healthz``/``/readyz`` port (0 picks one); None: ``$JETREDUCE_HEALTH_PORT``."""
+        self.nats_grace_s = NATS_OUTAGE_GRACE_S
+        self._nats_down_since: float | None = None
         self.stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -128,7 +144,16 @@ class ServiceHost:
         ctx = ServiceContext(nc=nc, js=js, subjects=subjects)
         server: MetricsServer | None = None
         observer: EventMetrics | None = None
+        health: RouteServer | None = None
         try:
+            if self.health_port is not None:
+                health = health_server(
+                    lambda: self._unhealthy(nc),
+                    lambda: self._unready(nc),
+                    host=self.metrics_host,
+                    port=self.health_port,
+                )
+                self.health_port = (await health.start()).port
             if self.metrics_port is not None:
                 reader = ensure_prometheus_reader()
                 server = MetricsServer(reader, host=self.metrics_host, port=self.metrics_port)
@@ -148,10 +173,35 @@ class ServiceHost:
                     task.cancel()
             if observer is not None:
                 await observer.stop()
+            if health is not None:
+                await health.close()
             if server is not None:
                 await server.close()
             with contextlib.suppress(Exception):
                 await nc.drain()
+
+    def _unhealthy(self, nc: Any) -> str | None:
+        """Liveness: a hosted service ended (the host then stops: restart it), or NATS has
+        been unreachable longer than :attr:`nats_grace_s`."""
+        ended = [t.get_name() for t in self._tasks if t.done()]
+        if ended and not self.stop.is_set():
+            return f"service(s) ended: {', '.join(ended)}"
+        if nc.is_connected:
+            self._nats_down_since = None
+            return None
+        now = time.monotonic()
+        since = self._nats_down_since = self._nats_down_since or now
+        if now - since > self.nats_grace_s:
+            return f"NATS unreachable for {now - since:.0f}s"
+        return None
+
+    def _unready(self, nc: Any) -> str | None:
+        """Readiness: connected to NATS and every hosted service running."""
+        if self.stop.is_set():
+            return "stopping"
+        if not nc.is_connected:
+            return "NATS not connected"
+        return self._unhealthy(nc)
 
     def _declare_services(self) -> None:
         """``jetreduce_services{service=…} 1`` for each service hosted here: every

@@ -11,12 +11,12 @@ histograms give ``_bucket{le=…}``, ``_sum`` and ``_count``.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 import re
 from typing import Any
+
+from jetreduce.runtime.http import Answer, RouteServer
 
 __all__ = ["MetricsServer", "render"]
 
@@ -94,48 +94,12 @@ def render(data: Any) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-class MetricsServer:
+class MetricsServer(RouteServer):
     """``GET /metrics`` on ``host:port`` (port 0 picks a free one: see :attr:`port`)."""
 
     def __init__(self, reader: Any, *, host: str = "0.0.0.0", port: int = 0) -> None:
+        super().__init__({"/metrics": self._metrics}, host=host, port=port)
         self.reader = reader
-        self.host = host
-        self.requested_port = port
-        self.port = port
-        self._server: asyncio.Server | None = None
 
-    async def start(self) -> MetricsServer:
-        self._server = await asyncio.start_server(self._serve, self.host, self.requested_port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        log.info("metrics: serving http://%s:%d/metrics", self.host, self.port)
-        return self
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-            self._server = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass  # headers: nothing in them matters here
-            parts = request.decode("latin-1").split()
-            if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
-                status, body = "200 OK", render(self.reader.get_metrics_data()).encode()
-            else:
-                status, body = "404 Not Found", b"try /metrics\n"
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {CONTENT_TYPE}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        except Exception as exc:  # a scraper hanging up must not bother the service
-            log.debug("metrics: request failed: %r", exc)
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    def _metrics(self) -> Answer:
+        return "200 OK", CONTENT_TYPE, render(self.reader.get_metrics_data()).encode()
