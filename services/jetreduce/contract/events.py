@@ -46,9 +46,11 @@ __all__ = [
     "QueueStatus",
     "ReduceCompleted",
     "ReduceFailed",
+    "ReduceRestarted",
     "ReduceStarted",
     "SetupCompleted",
     "SetupFailed",
+    "SetupRestarted",
     "SubmitOptions",
     "SubmitReply",
     "WorkItem",
@@ -295,6 +297,28 @@ class MapFailed(_Base, tag="map.failed", kw_only=True):
 
 
 class ReduceStarted(_Base, tag="reduce.started", kw_only=True):
+    attempt: int = 1
+    """Which run of the reduce steps this is: 1, then one more after each run that a crash
+    (or a lost claim) interrupted. Stored once per attempt."""
+
+
+class _Restarted(_Base, kw_only=True):
+    """A phase run by one agent at a time (setup, reduce) starts again after a run that did
+    not finish: the claim of the previous agent expired, was released, or its process is
+    known dead. Its steps run a second time (at-least-once, docs/reliability.md)."""
+
+    attempt: int
+    previous: str
+    """The agent that held the phase's claim before (``host/pid``)."""
+    reason: str
+    """``released`` (handed back on SIGTERM), ``dead`` (its process is gone) or ``expired``."""
+
+
+class SetupRestarted(_Restarted, tag="setup.restarted", kw_only=True):
+    pass
+
+
+class ReduceRestarted(_Restarted, tag="reduce.restarted", kw_only=True):
     pass
 
 
@@ -447,6 +471,8 @@ Event = (
     | MapComplete
     | MapFailed
     | ReduceStarted
+    | ReduceRestarted
+    | SetupRestarted
     | ReduceCompleted
     | ReduceFailed
     | WorkflowCompleted
