@@ -1,6 +1,6 @@
-"""The reduce phase under faults (issue 13): one fault injected about a second into a reduce
-whose step takes ~4 s, with the services as one separate process (``jetreduce services
-up``), agents as its children, and a real nats-server on a fixed port.
+"""The reduce (and setup) phase under faults (issue 13): one fault injected about a second
+into a reduce (or setup) whose step takes ~4 s, with the services as one separate process
+(``jetreduce services up``), agents as its children, and a real nats-server on a fixed port.
 
 For each fault the workflow completes, exactly one terminal workflow event and one
 ``reduce.completed`` (no ``reduce.failed``) are stored, the reduce steps ran at most twice and
@@ -43,11 +43,11 @@ REDUCE_S = 4.0
 """How long the reduce step sleeps (the fault comes ``FAULT_AT_S`` into it)."""
 FAULT_AT_S = 1.0
 STOP_S = 4.0
-FAULTS = ["kill-services", "kill-reduce-agent", "kill-nats", "stop-services"]
+FAULTS = ["kill-services", "kill-agent", "kill-nats", "stop-services"]
 
 REDUCE_PY = """
 import fcntl, json, os, sys, time
-results, attempt, runs, items, sleep_s = sys.argv[1:6]
+results, attempt, runs, items, sleep_s = sys.argv[1:6]  # results "-": setup, none yet
 log = open(runs, "a", buffering=1)
 lock = open(runs + ".lock", "a")
 try:
@@ -55,8 +55,8 @@ try:
     concurrent = False
 except OSError:
     concurrent = True
-ids = sorted(json.loads(line)["item_id"] for line in open(results))
-complete = ids == sorted(f"item_{i}" for i in range(int(items)))
+ids = sorted(json.loads(line)["item_id"] for line in open(results)) if results != "-" else []
+complete = results == "-" or ids == sorted(f"item_{i}" for i in range(int(items)))
 def note(what):
     row = {"event": what, "pid": os.getpid(), "attempt": int(attempt), "t": time.time(),
            "concurrent": concurrent, "complete": complete}
@@ -67,7 +67,8 @@ note("end")
 print(len(ids))
 """
 
-WORKFLOW = """
+WORKFLOWS = {
+    "reduce": """
 name: reduce-faults
 map:
   input: "seq 0 {last}"
@@ -78,7 +79,19 @@ reduce:
   - shell: >-
       {python} {work}/reduce.py ${{map.results_file}} ${{reduce.attempt}}
       {runs} {items} {sleep}
-"""
+""",
+    "setup": """
+name: setup-faults
+setup:
+  - shell: "{python} {work}/reduce.py - ${{setup.attempt}} {runs} {items} {sleep}"
+map:
+  input: "seq 0 {last}"
+  max_parallel: 4
+  agent_template:
+    - shell: "echo out-${{item}}"
+""",
+}
+CASES = [("reduce", f) for f in FAULTS] + [("setup", "kill-services"), ("setup", "kill-agent")]
 
 
 class Services(Cluster):
@@ -135,17 +148,17 @@ def runs_of(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-async def inject(cluster: Services, fault: str, wf: str) -> None:
+async def inject(cluster: Services, fault: str, wf: str, phase: str) -> None:
     if fault == "kill-services":
         cluster.signal_services(signal.SIGKILL)
         await asyncio.to_thread(cluster.services["all"].wait, 10)
         await asyncio.sleep(0.5)
         cluster.start_all()
-    elif fault == "kill-reduce-agent":
-        victims = agents_of(cluster.prefix, wf, "reduce")
-        assert victims, "no reduce agent to kill"
+    elif fault == "kill-agent":
+        victims = agents_of(cluster.prefix, wf, phase)
+        assert victims, f"no {phase} agent to kill"
         for pid in victims:
-            cluster.note(f"SIGKILL reduce agent {pid}")
+            cluster.note(f"SIGKILL {phase} agent {pid}")
             os.kill(pid, signal.SIGKILL)
     elif fault == "kill-nats":
         assert cluster.server is not None
@@ -165,16 +178,18 @@ async def inject(cluster: Services, fault: str, wf: str) -> None:
         raise AssertionError(fault)
 
 
-@pytest.mark.parametrize("fault", FAULTS)
-async def test_reduce_fault(fault: str, cluster: Services, client: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("phase", "fault"), CASES, ids=[f"{p}-{f}" for p, f in CASES])
+async def test_one_agent_phase_under_fault(
+    phase: str, fault: str, cluster: Services, client: Any, tmp_path: Path
+) -> None:
     work = tmp_path / "work"
     work.mkdir()
     (work / "reduce.py").write_text(REDUCE_PY)
     runs = work / "runs.jsonl"
-    wf = f"rf-{fault}"
+    wf = f"rf-{phase}-{fault}"
     s = Subjects(cluster.prefix)
     js = client.jetstream()
-    text = WORKFLOW.format(
+    text = WORKFLOWS[phase].format(
         last=ITEMS - 1, work=work, python=sys.executable, runs=runs, items=ITEMS, sleep=REDUCE_S
     )
     try:
@@ -182,7 +197,7 @@ async def test_reduce_fault(fault: str, cluster: Services, client: Any, tmp_path
         await wait_for(lambda: runs_of(runs), timeout_s=60)
         cluster.note("reduce started")
         await asyncio.sleep(FAULT_AT_S)
-        await inject(cluster, fault, wf)
+        await inject(cluster, fault, wf, phase)
 
         async def ended() -> Any:
             with contextlib.suppress(Exception):
@@ -191,14 +206,14 @@ async def test_reduce_fault(fault: str, cluster: Services, client: Any, tmp_path
 
         end = await wait_for(ended, timeout_s=60, every_s=0.2)
         # A late run would show up here: give the reduce agents a moment to finish.
-        await wait_for(lambda: not agents_of(cluster.prefix, wf, "reduce"), timeout_s=30)
+        await wait_for(lambda: not agents_of(cluster.prefix, wf, phase), timeout_s=30)
         cluster.note(f"terminal: {type(end).__name__}")
 
         records = runs_of(runs)
         starts = [r for r in records if r["event"] == "start"]
         ends = [r for r in records if r["event"] == "end"]
         print(
-            f"\nfault {fault}: reduce runs {len(starts)} (attempts "
+            f"\n{phase} fault {fault}: runs {len(starts)} (attempts "
             f"{[r['attempt'] for r in starts]}), finished {len(ends)}, concurrent "
             f"{sum(r['concurrent'] for r in starts)}, outcome {type(end).__name__}"
         )
@@ -207,20 +222,27 @@ async def test_reduce_fault(fault: str, cluster: Services, client: Any, tmp_path
         for name in ev.TERMINAL_EVENTS:
             terminal += await read_all(js, s.events_stream, s.workflow(name, wf))
         assert len(terminal) == 1, terminal
-        reduce_events = await read_all(js, s.events_stream, s.reduce("*", wf))
-        completed = [e for e in reduce_events if isinstance(e, ev.ReduceCompleted)]
-        assert len(completed) == 1, reduce_events
-        assert completed[0].output == str(ITEMS)
-        assert not [e for e in reduce_events if isinstance(e, ev.ReduceFailed)]
+        subject = s.reduce("*", wf) if phase == "reduce" else s.setup("*", wf)
+        phase_events = await read_all(js, s.events_stream, subject)
+        kinds = (
+            (ev.ReduceCompleted, ev.ReduceFailed, ev.ReduceRestarted)
+            if phase == "reduce"
+            else (ev.SetupCompleted, ev.SetupFailed, ev.SetupRestarted)
+        )
+        completed = [e for e in phase_events if isinstance(e, kinds[0])]
+        assert len(completed) == 1, phase_events
+        assert not [e for e in phase_events if isinstance(e, kinds[1])]
+        if phase == "reduce":
+            assert end.reduce_output == str(ITEMS)
         assert 1 <= len(starts) <= 2, records
         assert not [r for r in starts if r["concurrent"]], f"reduce ran concurrently: {records}"
         assert all(r["complete"] for r in starts), f"a run saw incomplete results: {records}"
         assert [r["attempt"] for r in starts] == list(range(1, len(starts) + 1)), records
-        restarted = [e for e in reduce_events if isinstance(e, ev.ReduceRestarted)]
+        restarted = [e for e in phase_events if isinstance(e, kinds[2])]
         assert [e.attempt for e in restarted] == [r["attempt"] for r in starts[1:]]
-        if fault == "kill-reduce-agent":
+        if fault == "kill-agent":
             # Known dead (same host, process gone): re-run at once, announced as attempt 2.
-            assert len(starts) == 2 and restarted[0].reason == "dead", reduce_events
+            assert len(starts) == 2 and restarted[0].reason == "dead", phase_events
             # Never at once: the second run starts after the first was killed.
             assert starts[1]["t"] > starts[0]["t"] + FAULT_AT_S
     except BaseException:

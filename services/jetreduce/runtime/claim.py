@@ -216,6 +216,14 @@ class Claim:
         self.lost.set()
         return False
 
+    async def finish(self) -> None:
+        """Remove the claim once the phase has its outcome (revision-checked: only if still
+        ours), so that a later run of the phase (a workflow reopened by a DLQ retry) starts
+        again at attempt 1. Left in place if this fails: the next run then counts on."""
+        with contextlib.suppress(Exception):
+            kv = await self._bucket_kv()
+            await kv.delete(self.key, last=self._revision)
+
     async def release(self) -> None:
         """Hand the claim back without an outcome, so a successor takes it at once."""
         with contextlib.suppress(Exception):

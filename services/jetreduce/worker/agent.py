@@ -360,7 +360,7 @@ class Agent:
                 self.ctx.js,
                 restarted,
                 encode(event),
-                headers={"Nats-Msg-Id": f"{restarted}.{taken.attempt}"},
+                headers={"Nats-Msg-Id": f"{restarted}.{taken.attempt}.{os.getpid()}"},
             )
 
         return await run_claimed(
@@ -921,7 +921,7 @@ class Agent:
             self.ctx.js,
             started,
             encode(ReduceStarted(workflow_id=self.wf, attempt=taken.attempt)),
-            headers={"Nats-Msg-Id": f"{started}.{taken.attempt}"},
+            headers={"Nats-Msg-Id": f"{started}.{taken.attempt}.{os.getpid()}"},
         )
         # Reading every result back costs seconds per 100k items: only when a step (or one of
         # its handlers) refers to them. The counts come from map.complete either way.

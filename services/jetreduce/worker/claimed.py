@@ -58,6 +58,9 @@ async def run_claimed(
     taken = waiting.result()
     if taken is None:
         return 0
+    if await decided():  # the previous holder published its outcome just before the take
+        await claim.finish()
+        return 0
     holding = asyncio.Event()
     holder = asyncio.ensure_future(claim.hold(holding))
     work: asyncio.Future[int] | None = None
@@ -68,7 +71,12 @@ async def run_claimed(
         if not work.done() and stop.is_set() and not abort.is_set() and not claim.lost.is_set():
             await _first(work, claim.lost.wait(), abort.wait(), timeout_s=grace_s)
         if work.done():
-            return work.result()
+            code = work.result()
+            if code == 0 and not claim.lost.is_set():
+                holding.set()
+                await holder  # no renewal may race the removal
+                await claim.finish()
+            return code
         work.cancel()  # kills the running step's process group
         with contextlib.suppress(asyncio.CancelledError):
             await work
