@@ -16,7 +16,6 @@ from nats.js.errors import NotFoundError
 
 from jetreduce.contract.events import (
     AgentExited,
-    BadEvent,
     Event,
     MapComplete,
     MapFailed,
@@ -68,6 +67,9 @@ class _Tracked:
     last_terminal: int = -1
     exact: int = 0
     """The last exact count of terminal items."""
+    exact_done: int = 0
+    """Successful items as of the last exact count (never more than there were: dead items
+    are counted after the terminal ones). Progress shows this, never an estimate."""
     next_exact: float = 0.0
 
 
@@ -144,11 +146,18 @@ class Aggregator:
             terminal = await self.count(self.s.terminal_of(wf))
             cost = time.monotonic() - started
             tracked.next_exact = now + max(EXACT_EVERY_MIN_S, cost * EXACT_COST_FACTOR)
-            tracked.exact = terminal
+            tracked.exact = max(tracked.exact, terminal)
+            # Counted after the terminal ones, so at least as many as were dead then.
+            dead = await self.count(self.s.dead_of(wf))
+            tracked.exact_done = max(tracked.exact_done, terminal - dead)
         else:
+            # The queue's depth says nothing true while items are still being enqueued (few
+            # pending looks like many done): it only schedules the next exact count.
             terminal = max(tracked.exact, min(estimate, tracked.total - 1))
-        tracked.history.append((now, terminal))
-        done = terminal - dead
+        # What progress shows: exact counts only, each never less than before, so ``done``
+        # never runs ahead of the results stored and never goes backwards.
+        done = tracked.exact_done
+        tracked.history.append((now, done + dead))
         verdict = policy_verdict(tracked.policy, terminal, dead)
         if verdict is not None:
             await self.publish_progress(wf, tracked, done, dead, "stopped", depth)
@@ -162,8 +171,8 @@ class Aggregator:
                 return
             await self.complete_map(wf, tracked.total, tracked.total - dead, dead)
             return
-        if terminal != tracked.last_terminal or now - tracked.last_progress >= PROGRESS_EVERY_S:
-            tracked.last_terminal = terminal
+        if done + dead != tracked.last_terminal or now - tracked.last_progress >= PROGRESS_EVERY_S:
+            tracked.last_terminal = done + dead
             tracked.last_progress = now
             await self.publish_progress(wf, tracked, done, dead, "mapping", depth)
 
@@ -195,7 +204,7 @@ class Aggregator:
         if len(tracked.history) >= 2:
             (t0, n0), (t1, n1) = tracked.history[0], tracked.history[-1]
             if t1 > t0:
-                rate = (n1 - n0) / (t1 - t0)
+                rate = max(0.0, (n1 - n0) / (t1 - t0))
         left = tracked.total - terminal
         eta = (left / rate) if rate > 0 else None
         pending, in_flight = depth or (0, 0)
@@ -243,11 +252,9 @@ class Aggregator:
     # -- events ---------------------------------------------------------------------------
     async def on_event(self, msg: Msg) -> None:
         """Traced (joining the event's ``traceparent``) and logged with the workflow id."""
-        event = decode(msg.data)
-        if msg.subject.rsplit(".", 1)[-1] != event.workflow_id:
-            # Every subject consumed here ends with its workflow's id: an event about another
-            # workflow on it is forged or misrouted, and must not fail or finish that one.
-            raise BadEvent(f"{msg.subject} carries an event of workflow {event.workflow_id!r}")
+        # Every subject consumed here ends with its workflow's id: an event about another
+        # workflow on it is forged or misrouted, and must not fail or finish that one.
+        event = decode(msg.data, subject=msg.subject)
         attributes = messaging(msg.subject, "process")
         parent = msg.headers or {}
         with (

@@ -506,10 +506,14 @@ def encode(event: Any) -> bytes:
     return _encoder.encode(event)
 
 
-def decode(data: bytes) -> Event:
+def decode(data: bytes, *, subject: str | None = None) -> Event:
     """Decode any event. Raises :class:`BadEvent` (only) on a malformed payload: bad JSON,
     invalid UTF-8 in a string, nesting deeper than msgspec's recursion limit, a wrong type or
-    missing field, or an id that may not be placed in a subject (see the module docstring)."""
+    missing field, or an id that may not be placed in a subject (see the module docstring).
+
+    ``subject``: the subject it was consumed from, one that ends with a workflow id
+    (``workflow.cancel.<wf>``, ``map.complete.<wf>``…): an event about another workflow on
+    it is forged or misrouted, and is refused so it can act on neither."""
     try:
         event: Event = _decoder.decode(data)
     except (
@@ -520,6 +524,8 @@ def decode(data: bytes) -> Event:
     ) as exc:
         raise BadEvent(f"malformed event: {str(exc)[:256]}") from None
     _check_ids(event)
+    if subject is not None and subject.rsplit(".", 1)[-1] != event.workflow_id:
+        raise BadEvent(f"{subject} carries an event of workflow {event.workflow_id[:100]!r}")
     return event
 
 
@@ -541,9 +547,9 @@ def _check_ids(event: Event) -> None:
             raise BadEvent(f"malformed event: index {str(index)[:40]} is out of range")
 
 
-def decode_as(data: bytes, cls: type[T]) -> T:
-    """Decode an event that must be of type ``cls``."""
-    event = decode(data)
+def decode_as(data: bytes, cls: type[T], *, subject: str | None = None) -> T:
+    """Decode an event that must be of type ``cls`` (``subject``: as for :func:`decode`)."""
+    event = decode(data, subject=subject)
     if not isinstance(event, cls):
         raise BadEvent(f"expected {cls.__name__}, got {type(event).__name__}")
     return event

@@ -322,7 +322,7 @@ class Launcher:
             self.mapping.complete.discard(wf)  # a reopened map is not complete any more
             await self.admit_maps(wf)
         elif kind == "map.complete":
-            complete = decode_as(msg.data, MapComplete)
+            complete = decode_as(msg.data, MapComplete, subject=msg.subject)
             await self.backend.stop(wf, "map")
             if self.max_slots is not None:
                 self.mapping.complete.add(wf)

@@ -8,7 +8,8 @@ import itertools
 import logging
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import PRIORITY_LANES, InvalidToken, check_token
 from jetreduce.contract.workflow import WorkflowInvalid, parse_workflow, workflow_text
 from jetreduce.planner.pipeline import InputItems, ItemPipeline, PipelineError
-from jetreduce.queues.base import EnqueueResult, ItemQueue
+from jetreduce.queues.base import ItemQueue
 from jetreduce.queues.factory import open_queue, validate_queue_url
 from jetreduce.runtime.publish import publish_once
 from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
@@ -109,7 +110,7 @@ class Planner:
         """Re-run dead items: forget their terminal record and DLQ entry, re-open the workflow
         if it had ended (its completion events are removed so they can happen again), and
         enqueue them. Safe to repeat: every step is idempotent."""
-        event = decode_as(msg.data, WorkflowRetryRequested)
+        event = decode_as(msg.data, WorkflowRetryRequested, subject=msg.subject)
         wf = event.workflow_id
         record = await self.state.get(wf)
         spec = await self.state.get_spec(wf)
@@ -278,7 +279,7 @@ class Planner:
 
     # -- planning -------------------------------------------------------------------------
     async def on_setup_completed(self, msg: Msg) -> None:
-        event = decode_as(msg.data, SetupCompleted)
+        event = decode_as(msg.data, SetupCompleted, subject=msg.subject)
         wf = event.workflow_id
         record = await self.state.get(wf)
         spec = await self.state.get_spec(wf)
@@ -339,11 +340,24 @@ class Planner:
             **messaging(self.s.work_of(wf), "send"),
             "messaging.batch.message_count": total,
         }
+
+        async def ended() -> bool:
+            record = await self.state.get(wf)
+            return record is None or record.phase.terminal
+
         try:
             with span("enqueue", kind="producer", attributes=attributes):
-                result = await _enqueue_in_chunks(queue, _work_items(wf, items, big), lane)
+                result = await _enqueue_in_chunks(
+                    queue, _work_items(wf, items, big), lane, ended=ended
+                )
         finally:
             beat.cancel()
+        if result.stopped:
+            # The janitor purged when the workflow ended, but this enqueue may have added
+            # items since: now that none can follow, they go too.
+            await queue.purge()
+            log.info("workflow %s ended while its items were enqueued: enqueue stopped", wf)
+            return
         log.info("workflow %s planned: %d items (%d already queued)", wf, total, result.duplicates)
 
     async def _item_is_stored(self, wf: str, index: int) -> bool:
@@ -407,11 +421,28 @@ ENQUEUE_CHUNK = 10_000
 batch in memory, so planning memory stays bounded on every backend."""
 
 
+@dataclass
+class Enqueued:
+    added: int = 0
+    duplicates: int = 0
+    stopped: bool = False
+    """The workflow ended (cancelled, timed out…) before every item was enqueued."""
+
+
 async def _enqueue_in_chunks(
-    queue: ItemQueue, items: Iterator[WorkItem], lane: str
-) -> EnqueueResult:
-    total = EnqueueResult()
+    queue: ItemQueue,
+    items: Iterator[WorkItem],
+    lane: str,
+    *,
+    ended: Callable[[], Awaitable[bool]],
+) -> Enqueued:
+    """Enqueue chunk by chunk; before each, ``ended()`` is asked whether the workflow is over
+    (a cancel during a large enqueue must not leave the rest queued with nobody to run it)."""
+    total = Enqueued()
     while chunk := list(itertools.islice(items, ENQUEUE_CHUNK)):
+        if await ended():
+            total.stopped = True
+            break
         result = await queue.enqueue(chunk, lane=lane)
         total.added += result.added
         total.duplicates += result.duplicates
