@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import deque
@@ -16,6 +15,7 @@ from nats.js.errors import NotFoundError
 
 from jetreduce.contract.events import (
     AgentExited,
+    BadEvent,
     Event,
     MapComplete,
     MapFailed,
@@ -28,10 +28,12 @@ from jetreduce.contract.events import (
     WorkflowPlanned,
     WorkflowReopened,
     decode,
+    decode_as,
     encode,
 )
 from jetreduce.contract.records import Phase, WorkflowRecord
 from jetreduce.contract.workflow.model import ErrorPolicy
+from jetreduce.runtime.counts import count_subjects
 from jetreduce.runtime.publish import is_stored, publish_once, publish_retrying
 from jetreduce.runtime.service import EventConsumer, ServiceContext
 from jetreduce.runtime.state import StateStore
@@ -113,17 +115,8 @@ class Aggregator:
                 await asyncio.wait_for(stop.wait(), TICK_S)
 
     async def count(self, subject_filter: str) -> int:
-        """Distinct subjects matching the filter in RESULTS, counted by the server
-        (research/jetstream.md §2: a huge offset returns the total without the subject map)."""
-        resp = await self.ctx.nc.request(
-            f"$JS.API.STREAM.INFO.{self.s.results_stream}",
-            json.dumps({"subjects_filter": subject_filter, "offset": 1 << 40}).encode(),
-            timeout=10,
-        )
-        body = json.loads(resp.data)
-        if "error" in body:
-            raise RuntimeError(f"stream info: {body['error']}")
-        return int(body.get("total", 0))
+        """Distinct subjects matching the filter in RESULTS (runtime/counts.py)."""
+        return await count_subjects(self.ctx.nc, self.s.results_stream, subject_filter)
 
     async def track(self, wf: str, total: int) -> None:
         spec = await self.state.get_spec(wf)
@@ -163,7 +156,11 @@ class Aggregator:
             await self.publish_progress(wf, tracked, done, dead, "stopped", depth)
             await self.finish_failed(wf, verdict)
             return
-        if terminal >= tracked.total and tracked.exact >= tracked.total:
+        # Every item terminal, and none left queued or leased: a result stored for an item
+        # that has not run (forged: worker/record.py replaces it when the item runs) must
+        # not end the map before it does.
+        idle = depth is None or depth == (0, 0)
+        if terminal >= tracked.total and tracked.exact >= tracked.total and idle:
             if await self._map_failed(wf):
                 # An item failed with fail_workflow (its agent stored map.failed before the
                 # item's item.dead): the workflow fails, the map does not complete.
@@ -246,8 +243,34 @@ class Aggregator:
                 encode(MapComplete(workflow_id=wf, total=total, done=done, dead=dead)),
                 headers=trace_headers(),
             )
+        if not stored and await self._replace_false_completion(wf, total, done, dead):
+            with traced:
+                stored = await publish_once(
+                    self.ctx.js,
+                    subject,
+                    encode(MapComplete(workflow_id=wf, total=total, done=done, dead=dead)),
+                    headers=trace_headers(),
+                )
         if stored:
             log.info("workflow %s: map complete (%d done, %d dead)", wf, done, dead)
+
+    async def _replace_false_completion(self, wf: str, total: int, done: int, dead: int) -> bool:
+        """A ``map.complete`` stored before ours with other counts was forged (the launcher
+        removes those it sees, but may not have yet): remove it so ours can be stored."""
+        try:
+            raw = await self.ctx.js.get_last_msg(self.s.events_stream, self.s.map("complete", wf))
+            found = decode_as(raw.data or b"", MapComplete)
+            if (found.total, found.done, found.dead) == (total, done, dead):
+                return False
+        except NotFoundError:
+            return True  # removed meanwhile
+        except BadEvent:
+            pass
+        log.error("workflow %s: a false map.complete was stored; replacing it", wf)
+        if raw.seq is not None:
+            with contextlib.suppress(NotFoundError):
+                await self.ctx.js.delete_msg(self.s.events_stream, raw.seq)
+        return True
 
     # -- events ---------------------------------------------------------------------------
     async def on_event(self, msg: Msg) -> None:

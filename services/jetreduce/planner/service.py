@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -70,9 +71,19 @@ VISIBILITY_S = 30.0
 class Planner:
     """``default_queue``: the installation's item queue for workflows that name none. It is
     written into the accepted workflow's stored options, so every service and agent uses the
-    same queue whatever their own settings (the URL carries no password: validated)."""
+    same queue whatever their own settings (the URL carries no password: validated).
 
-    def __init__(self, ctx: ServiceContext, *, default_queue: str | None = None) -> None:
+    ``local_workdirs``: agents run on this host (the local backend), so a ``workdir`` the
+    submitter names must be a readable directory here; checked at submission, the problem
+    is in the reply, instead of a setup agent that crashes at every restart."""
+
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        *,
+        default_queue: str | None = None,
+        local_workdirs: bool = False,
+    ) -> None:
         problem = validate_queue_url(default_queue)
         if problem is not None:
             raise ValueError(f"default queue: {problem}")
@@ -80,6 +91,7 @@ class Planner:
         self.s = ctx.subjects
         self.state = StateStore(ctx.js, ctx.subjects)
         self.default_queue = default_queue
+        self.local_workdirs = local_workdirs
 
     async def run(self, stop: asyncio.Event) -> None:
         submits = EventConsumer(
@@ -244,6 +256,11 @@ class Planner:
                 problems.append(Problem(path=f"options.{name}", message="must be positive"))
         if opts.max_attempts is not None and opts.max_attempts < 1:
             problems.append(Problem(path="options.max_attempts", message="must be at least 1"))
+        runs_here = opts.backend == "local" and not opts.namespace and not opts.image
+        if self.local_workdirs and runs_here and opts.workdir:
+            workdir_problem = _workdir_problem(opts.workdir)
+            if workdir_problem is not None:
+                problems.append(Problem(path="options.workdir", message=workdir_problem))
         if problems:
             return problems, [], None
         if opts.queue is None and self.default_queue is not None:
@@ -463,6 +480,15 @@ async def _keep_in_progress(msg: Msg) -> None:
         await asyncio.sleep(10)
         with contextlib.suppress(Exception):
             await msg.in_progress()
+
+
+def _workdir_problem(workdir: str) -> str | None:
+    """Why agents on this host could not run in ``workdir``, or None."""
+    if not os.path.isdir(workdir):
+        return f"{workdir!r} does not exist or is not a directory on the agents' host"
+    if not os.access(workdir, os.R_OK | os.X_OK):
+        return f"{workdir!r} is not readable (permission denied)"
+    return None
 
 
 def _fallback_id(msg: Msg) -> str:

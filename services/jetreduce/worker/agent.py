@@ -60,6 +60,7 @@ from jetreduce.queues.factory import open_queue
 from jetreduce.queues.resilient import ResilientQueue
 from jetreduce.runtime.claim import CLAIM_TTL_S, Claim, Taken
 from jetreduce.runtime.connection import connect
+from jetreduce.runtime.counts import count_subjects
 from jetreduce.runtime.publish import AckMux, is_stored, publish_once, publish_retrying
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
@@ -75,6 +76,7 @@ from jetreduce.runtime.telemetry import (
 from jetreduce.worker.breaker import CircuitBreaker
 from jetreduce.worker.claimed import run_claimed
 from jetreduce.worker.interpolate import Variables, render_shell, render_text
+from jetreduce.worker.record import record_result
 from jetreduce.worker.results import ResultsSpool
 from jetreduce.worker.secrets import (
     EnvironmentProblem,
@@ -302,6 +304,17 @@ class Agent:
             self.stop.set()
 
         async def on_map_complete(_msg: Any) -> None:
+            # Only a true one (anyone who may publish can send one): every item terminal.
+            try:
+                terminal = await count_subjects(
+                    self.ctx.nc, self.s.results_stream, self.s.terminal_of(self.wf)
+                )
+            except Exception as exc:
+                log.warning("agent: map.complete not checked (%r); going on", exc)
+                return
+            if terminal < getattr(self, "total", 0):
+                log.error("agent: false map.complete ignored (%d terminal)", terminal)
+                return
             self.phase_over.set()
             self.stop.set()
 
@@ -727,11 +740,8 @@ class Agent:
                 agent=self.name,
                 output_stored=len(output.encode()) > EVENT_TEXT_LIMIT,
             )
-            won = await self.acks.publish_once(
-                self.s.item_done(self.wf, index),
-                encode(done),
-                guard=self.s.item_terminal(self.wf, index),
-                headers={DURATION_HEADER: f"{duration:.6f}"},
+            won = await record_result(
+                self.acks, self.ctx.js, self.s, done, {DURATION_HEADER: f"{duration:.6f}"}
             )
             if won and done.output_stored:
                 # Written only by the attempt whose result is recorded (a redelivered twin
@@ -786,11 +796,8 @@ class Agent:
             duration_s=duration,
             agent=self.name,
         )
-        stored = await self.acks.publish_once(
-            self.s.item_dead(self.wf, index),
-            encode(dead),
-            guard=self.s.item_terminal(self.wf, index),
-            headers={DURATION_HEADER: f"{duration:.6f}"},
+        stored = await record_result(
+            self.acks, self.ctx.js, self.s, dead, {DURATION_HEADER: f"{duration:.6f}"}
         )
         if stored and self.on_failure != "skip":
             # A stored item stays in the store (the DLQ retry finds it there), not in the entry.
