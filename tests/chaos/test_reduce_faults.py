@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -34,7 +33,7 @@ from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.subjects import Subjects
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.settings import NatsSettings
-from support import env_without_jetreduce, wait_for
+from support import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -98,22 +97,7 @@ class Services(Cluster):
     """The chaos cluster with the four services in one process (``services up``)."""
 
     def start_all(self) -> None:
-        logs = self.root / "logs"
-        logs.mkdir(exist_ok=True)
-        env = env_without_jetreduce() | {"JETREDUCE_PREFIX": self.prefix}
-        with open(logs / "services.log", "ab") as out:
-            self.services["all"] = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "jetreduce", "services", "up"),
-                    *("--nats", self.url, "--log-dir", str(logs / "agents")),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=self.root,
-                start_new_session=True,
-            )
+        self.start_service("all", "services", "up")
 
     def signal_services(self, sig: int) -> None:
         self.note(f"{signal.Signals(sig).name} services")

@@ -237,20 +237,15 @@ class Aggregator:
             "map complete", parent=trace, kind="producer", attributes=attributes, join_only=True
         )
         with traced:
-            stored = await publish_once(
-                self.ctx.js,
-                subject,
-                encode(MapComplete(workflow_id=wf, total=total, done=done, dead=dead)),
-                headers=trace_headers(),
-            )
-        if not stored and await self._replace_false_completion(wf, total, done, dead):
-            with traced:
+            for _ in range(2):  # again once, if a false one was in the way
                 stored = await publish_once(
                     self.ctx.js,
                     subject,
                     encode(MapComplete(workflow_id=wf, total=total, done=done, dead=dead)),
                     headers=trace_headers(),
                 )
+                if stored or not await self._replace_false_completion(wf, total, done, dead):
+                    break
         if stored:
             log.info("workflow %s: map complete (%d done, %d dead)", wf, done, dead)
 
