@@ -170,6 +170,8 @@ class Agent:
         self.scratch = Path(tempfile.mkdtemp(prefix=self.scratch_prefix))
         self.claim: Claim | None = None
         """The setup/reduce claim this agent holds while it runs the phase's steps."""
+        self.total = 0
+        """The map's item count (read when a map agent starts)."""
         self.trace: dict[str, str] = {}
         """Trace headers this agent's phase continues (read once from a stored event); empty
         when tracing is off or the workflow is not traced."""
@@ -312,7 +314,7 @@ class Agent:
             except Exception as exc:
                 log.warning("agent: map.complete not checked (%r); going on", exc)
                 return
-            if terminal < getattr(self, "total", 0):
+            if terminal < self.total:
                 log.error("agent: false map.complete ignored (%d terminal)", terminal)
                 return
             self.phase_over.set()
@@ -338,13 +340,13 @@ class Agent:
             self.s.claim_key(phase, self.wf),
             ttl_s=self.config.claim_ttl_s,
         )
-        subject = self.s.setup if phase == "setup" else self.s.reduce
-        outcomes = [subject(event, self.wf) for event in ("completed", "failed")]
+        phase_subject = self.s.setup if phase == "setup" else self.s.reduce
+        outcomes = [phase_subject(event, self.wf) for event in ("completed", "failed")]
         state = StateStore(self.ctx.js, self.s)
 
         async def decided() -> bool:
-            for subject in outcomes:
-                if await is_stored(self.ctx.js, self.s.events_stream, subject):
+            for outcome in outcomes:
+                if await is_stored(self.ctx.js, self.s.events_stream, outcome):
                     return True
             record = await state.get(self.wf)
             return record is None or record.phase.terminal
@@ -368,7 +370,7 @@ class Agent:
                 previous=taken.previous,
                 reason=taken.reason,
             )
-            restarted = subject("restarted", self.wf)
+            restarted = phase_subject("restarted", self.wf)
             await publish_retrying(
                 self.ctx.js,
                 restarted,
