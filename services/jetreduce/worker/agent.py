@@ -74,7 +74,7 @@ from jetreduce.runtime.telemetry import (
     tracing_enabled,
 )
 from jetreduce.worker.breaker import CircuitBreaker
-from jetreduce.worker.claimed import run_claimed
+from jetreduce.worker.claimed import EXIT_SIGTERM, run_claimed
 from jetreduce.worker.interpolate import Variables, render_shell, render_text
 from jetreduce.worker.record import record_result
 from jetreduce.worker.results import ResultsSpool
@@ -96,7 +96,6 @@ log = logging.getLogger(__name__)
 INPUT_COMMAND_TIMEOUT_S = 300.0
 BATCH_WAIT_S = 0.005
 """With nearly every slot busy, wait this long for more to free up before pulling."""
-EXIT_SIGTERM = 143
 DEFAULT_LEASE_S = 30.0
 """Lease of a work item unless the submission set ``lease_s``; heartbeats at a third."""
 ERROR_TAIL = 2048

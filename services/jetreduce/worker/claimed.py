@@ -19,9 +19,11 @@ from collections.abc import Awaitable, Callable
 
 from jetreduce.runtime.claim import Claim, Taken
 
-__all__ = ["run_claimed"]
+__all__ = ["EXIT_SIGTERM", "run_claimed"]
 
 EXIT_SIGTERM = 143
+"""An agent's exit code when stopped (SIGTERM) before its phase ended: not a success, so the
+launcher or the Job controller starts another in its place."""
 
 
 async def _first(*aws: Awaitable[object], timeout_s: float | None = None) -> None:
