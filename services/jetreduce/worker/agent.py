@@ -163,10 +163,9 @@ class Agent:
         """The workflow ended (cancelled, failed…): in-flight steps are killed at once."""
         self.scratch_prefix = f"jetreduce-{self.wf}-{config.phase}{config.index}-"
         if config.phase not in CLAIMED_PHASES:
-            # Setup and reduce clean up after a predecessor only once they hold the claim: it
-            # may still be running, and its files (the map results) are its own.
+            # Setup and reduce clean up after a predecessor only once they hold the claim.
             _remove_leftovers(self.scratch_prefix)
-        self.scratch = Path(tempfile.mkdtemp(prefix=self.scratch_prefix))
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"{self.scratch_prefix}{os.getpid()}-"))
         self.claim: Claim | None = None
         """The setup/reduce claim this agent holds while it runs the phase's steps."""
         self.total = 0
@@ -1017,11 +1016,29 @@ def _traced_by(subjects: Subjects, config: AgentConfig) -> str:
 def _remove_leftovers(prefix: str, keep: Path | None = None) -> None:
     """Remove the scratch directories (spills, spools, workspaces) a predecessor with the
     same phase and index left: one killed (SIGKILL, OOM) had no chance to. Map agents do it
-    at start (one agent per index runs on a host at a time); setup and reduce agents once
-    they hold the phase's claim (runtime/claim.py), so no running predecessor loses them."""
+    at start, setup and reduce agents once they hold the phase's claim (runtime/claim.py).
+    A directory whose owner (the pid in its name) still runs is kept: a predecessor may live
+    on, orphaned, finishing its items within its grace period after the launcher that
+    started it died, while a new launcher starts an agent with the same index."""
     for leftover in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
-        if leftover != keep:
-            shutil.rmtree(leftover, ignore_errors=True)
+        if leftover == keep or _owner_runs(leftover.name.removeprefix(prefix)):
+            continue
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _owner_runs(rest: str) -> bool:
+    """Whether the process named by ``<pid>-…`` (a scratch directory's name after its
+    prefix) runs; False for a name without one (left by an older version)."""
+    pid = rest.split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _failure(message: str) -> StepsResult:
