@@ -32,6 +32,7 @@ from pathlib import Path
 from types import TracebackType
 
 from jetreduce.runtime.orphans import die_with_parent
+from jetreduce.runtime.permissions import ROLES, server_users
 
 __all__ = [
     "DataDirBusy",
@@ -174,8 +175,12 @@ class EmbeddedServer:
         extra_args: list[str] | None = None,
         startup_timeout_s: float = 15.0,
         command: str = "jetreduce",
+        roles: str | None = None,
     ) -> None:
-        """``command``: what holds the store, for whoever finds it busy."""
+        """``command``: what holds the store, for whoever finds it busy. ``roles``: a subject
+        prefix ("" for none); give services, agents and clients users of their own, with the
+        allow-lists of runtime/permissions.py for that installation, on loopback too; their
+        credentials go to ``<role>.env`` in ``data_dir`` (mode 0600)."""
         self._tmp: str | None = None
         if data_dir is None:
             self._tmp = tempfile.mkdtemp(prefix="jetreduce-nats-")
@@ -189,6 +194,8 @@ class EmbeddedServer:
         self.credentials_file: Path | None = None
         self.extra_args = extra_args or []
         self.startup_timeout_s = startup_timeout_s
+        self.roles = roles
+        self.role_passwords: dict[str, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.monitor_url = ""
@@ -300,10 +307,13 @@ class EmbeddedServer:
         return bool(self.url) and self._healthy()
 
     def _authorization(self) -> str:
-        """On loopback only local processes can connect, as on any developer's machine.
+        """Per-role users (``roles``), else: on loopback only local processes can connect,
+        as on any developer's machine.
         Listening beyond it, a server without credentials would hand the work queue to the
         network: generate a user and password, write them to ``client.env`` (mode 0600)
         for the services and CLI (``set -a; . client.env``), and never log them."""
+        if self.roles is not None:
+            return self._role_users(self.roles)
         if self.host in LOOPBACK:
             return ""
         self.user = "jetreduce"
@@ -319,6 +329,17 @@ class EmbeddedServer:
             f"  password: {json.dumps(self.password)}\n"
             "}\n"
         )
+
+    def _role_users(self, prefix: str) -> str:
+        if not self.role_passwords:  # a restart keeps them: clients reconnect as before
+            self.role_passwords = {role: secrets.token_urlsafe(24) for role in ROLES}
+        for role, password in self.role_passwords.items():
+            _write_private(
+                self.data_dir / f"{role}.env",
+                f"JETREDUCE_NATS_USER={role}\nJETREDUCE_NATS_PASSWORD={password}\n",
+            )
+        users = server_users(prefix, self.role_passwords)
+        return "authorization {\n  users: " + json.dumps(users) + "\n}\n"
 
     def _healthy(self) -> bool:
         try:

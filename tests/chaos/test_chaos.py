@@ -171,7 +171,8 @@ class Cluster:
         self.start_server()
         self.note("nats-server back")
 
-    def start_service(self, name: str) -> None:
+    def start_service(self, name: str, *command: str) -> None:
+        """``jetreduce service NAME`` (or ``jetreduce COMMAND``, kept as ``name``)."""
         logs = self.root / "logs"
         logs.mkdir(exist_ok=True)
         env = env_without_jetreduce() | {"JETREDUCE_PREFIX": self.prefix}
@@ -181,8 +182,7 @@ class Cluster:
                     sys.executable,
                     "-m",
                     "jetreduce",
-                    "service",
-                    name,
+                    *(command or ("service", name)),
                     "--nats",
                     self.url,
                     "--log-dir",

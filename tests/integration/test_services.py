@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -259,3 +261,39 @@ async def test_an_event_on_another_workflows_subject_is_refused(nats_url: str, p
             await wait_for(other_failed, timeout_s=10)
         victim = await state.get("victim")
     assert victim is not None and victim.phase == Phase.SETUP
+
+
+async def test_planner_rejects_a_workdir_agents_cannot_use(
+    nats_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """Local backend: a missing or unreadable ``workdir`` is a problem in the reply, not a
+    setup agent restarted until it gives up (issue 13)."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0)
+    async with context(nats_url, prefix) as ctx, running(Planner(ctx, local_workdirs=True)):
+        for n, workdir in enumerate([tmp_path / "missing", tmp_path / "a-file", locked]):
+            if workdir.name == "a-file":
+                workdir.write_text("")
+            if workdir == locked and os.access(locked, os.R_OK):
+                continue  # root reads anything: nothing to prove here
+            with pytest.raises(SubmitRejected) as info:
+                await submit(
+                    ctx.nc,
+                    ctx.subjects,
+                    WORKFLOW,
+                    ev.SubmitOptions(workdir=str(workdir)),
+                    workflow_id=f"wd-{n}",
+                    source="t",
+                )
+            (problem,) = info.value.reply.problems
+            assert problem.path == "options.workdir" and str(workdir) in problem.message
+        ok = await submit(
+            ctx.nc,
+            ctx.subjects,
+            WORKFLOW,
+            ev.SubmitOptions(workdir=str(tmp_path)),
+            workflow_id="wd-ok",
+            source="t",
+        )
+        assert ok.accepted
+    locked.chmod(0o700)

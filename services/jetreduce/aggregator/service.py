@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import deque
@@ -29,10 +28,12 @@ from jetreduce.contract.events import (
     WorkflowPlanned,
     WorkflowReopened,
     decode,
+    decode_as,
     encode,
 )
 from jetreduce.contract.records import Phase, WorkflowRecord
 from jetreduce.contract.workflow.model import ErrorPolicy
+from jetreduce.runtime.counts import count_subjects
 from jetreduce.runtime.publish import is_stored, publish_once, publish_retrying
 from jetreduce.runtime.service import EventConsumer, ServiceContext
 from jetreduce.runtime.state import StateStore
@@ -68,6 +69,9 @@ class _Tracked:
     last_terminal: int = -1
     exact: int = 0
     """The last exact count of terminal items."""
+    exact_done: int = 0
+    """Successful items as of the last exact count (never more than there were: dead items
+    are counted after the terminal ones). Progress shows this, never an estimate."""
     next_exact: float = 0.0
 
 
@@ -111,17 +115,8 @@ class Aggregator:
                 await asyncio.wait_for(stop.wait(), TICK_S)
 
     async def count(self, subject_filter: str) -> int:
-        """Distinct subjects matching the filter in RESULTS, counted by the server
-        (research/jetstream.md §2: a huge offset returns the total without the subject map)."""
-        resp = await self.ctx.nc.request(
-            f"$JS.API.STREAM.INFO.{self.s.results_stream}",
-            json.dumps({"subjects_filter": subject_filter, "offset": 1 << 40}).encode(),
-            timeout=10,
-        )
-        body = json.loads(resp.data)
-        if "error" in body:
-            raise RuntimeError(f"stream info: {body['error']}")
-        return int(body.get("total", 0))
+        """Distinct subjects matching the filter in RESULTS (runtime/counts.py)."""
+        return await count_subjects(self.ctx.nc, self.s.results_stream, subject_filter)
 
     async def track(self, wf: str, total: int) -> None:
         spec = await self.state.get_spec(wf)
@@ -144,17 +139,28 @@ class Aggregator:
             terminal = await self.count(self.s.terminal_of(wf))
             cost = time.monotonic() - started
             tracked.next_exact = now + max(EXACT_EVERY_MIN_S, cost * EXACT_COST_FACTOR)
-            tracked.exact = terminal
+            tracked.exact = max(tracked.exact, terminal)
+            # Counted after the terminal ones, so at least as many as were dead then.
+            dead = await self.count(self.s.dead_of(wf))
+            tracked.exact_done = max(tracked.exact_done, terminal - dead)
         else:
+            # The queue's depth says nothing true while items are still being enqueued (few
+            # pending looks like many done): it only schedules the next exact count.
             terminal = max(tracked.exact, min(estimate, tracked.total - 1))
-        tracked.history.append((now, terminal))
-        done = terminal - dead
+        # What progress shows: exact counts only, each never less than before, so ``done``
+        # never runs ahead of the results stored and never goes backwards.
+        done = tracked.exact_done
+        tracked.history.append((now, done + dead))
         verdict = policy_verdict(tracked.policy, terminal, dead)
         if verdict is not None:
             await self.publish_progress(wf, tracked, done, dead, "stopped", depth)
             await self.finish_failed(wf, verdict)
             return
-        if terminal >= tracked.total and tracked.exact >= tracked.total:
+        # Every item terminal, and none left queued or leased: a result stored for an item
+        # that has not run (forged: worker/record.py replaces it when the item runs) must
+        # not end the map before it does.
+        idle = depth is None or depth == (0, 0)
+        if terminal >= tracked.total and tracked.exact >= tracked.total and idle:
             if await self._map_failed(wf):
                 # An item failed with fail_workflow (its agent stored map.failed before the
                 # item's item.dead): the workflow fails, the map does not complete.
@@ -162,8 +168,8 @@ class Aggregator:
                 return
             await self.complete_map(wf, tracked.total, tracked.total - dead, dead)
             return
-        if terminal != tracked.last_terminal or now - tracked.last_progress >= PROGRESS_EVERY_S:
-            tracked.last_terminal = terminal
+        if done + dead != tracked.last_terminal or now - tracked.last_progress >= PROGRESS_EVERY_S:
+            tracked.last_terminal = done + dead
             tracked.last_progress = now
             await self.publish_progress(wf, tracked, done, dead, "mapping", depth)
 
@@ -195,7 +201,7 @@ class Aggregator:
         if len(tracked.history) >= 2:
             (t0, n0), (t1, n1) = tracked.history[0], tracked.history[-1]
             if t1 > t0:
-                rate = (n1 - n0) / (t1 - t0)
+                rate = max(0.0, (n1 - n0) / (t1 - t0))
         left = tracked.total - terminal
         eta = (left / rate) if rate > 0 else None
         pending, in_flight = depth or (0, 0)
@@ -231,23 +237,42 @@ class Aggregator:
             "map complete", parent=trace, kind="producer", attributes=attributes, join_only=True
         )
         with traced:
-            stored = await publish_once(
-                self.ctx.js,
-                subject,
-                encode(MapComplete(workflow_id=wf, total=total, done=done, dead=dead)),
-                headers=trace_headers(),
-            )
+            for _ in range(2):  # again once, if a false one was in the way
+                stored = await publish_once(
+                    self.ctx.js,
+                    subject,
+                    encode(MapComplete(workflow_id=wf, total=total, done=done, dead=dead)),
+                    headers=trace_headers(),
+                )
+                if stored or not await self._replace_false_completion(wf, total, done, dead):
+                    break
         if stored:
             log.info("workflow %s: map complete (%d done, %d dead)", wf, done, dead)
+
+    async def _replace_false_completion(self, wf: str, total: int, done: int, dead: int) -> bool:
+        """A ``map.complete`` stored before ours with other counts was forged (the launcher
+        removes those it sees, but may not have yet): remove it so ours can be stored."""
+        try:
+            raw = await self.ctx.js.get_last_msg(self.s.events_stream, self.s.map("complete", wf))
+            found = decode_as(raw.data or b"", MapComplete)
+            if (found.total, found.done, found.dead) == (total, done, dead):
+                return False
+        except NotFoundError:
+            return True  # removed meanwhile
+        except BadEvent:
+            pass
+        log.error("workflow %s: a false map.complete was stored; replacing it", wf)
+        if raw.seq is not None:
+            with contextlib.suppress(NotFoundError):
+                await self.ctx.js.delete_msg(self.s.events_stream, raw.seq)
+        return True
 
     # -- events ---------------------------------------------------------------------------
     async def on_event(self, msg: Msg) -> None:
         """Traced (joining the event's ``traceparent``) and logged with the workflow id."""
-        event = decode(msg.data)
-        if msg.subject.rsplit(".", 1)[-1] != event.workflow_id:
-            # Every subject consumed here ends with its workflow's id: an event about another
-            # workflow on it is forged or misrouted, and must not fail or finish that one.
-            raise BadEvent(f"{msg.subject} carries an event of workflow {event.workflow_id!r}")
+        # Every subject consumed here ends with its workflow's id: an event about another
+        # workflow on it is forged or misrouted, and must not fail or finish that one.
+        event = decode(msg.data, subject=msg.subject)
         attributes = messaging(msg.subject, "process")
         parent = msg.headers or {}
         with (

@@ -104,7 +104,11 @@ class ServiceHost:
         built: dict[str, _Service] = {}
         for name in self.names:
             if name == "planner":
-                built[name] = Planner(ctx, default_queue=self.default_queue)
+                built[name] = Planner(
+                    ctx,
+                    default_queue=self.default_queue,
+                    local_workdirs=self.backend == "local",
+                )
             elif name == "launcher":
                 built[name] = Launcher(
                     ctx,

@@ -46,9 +46,11 @@ __all__ = [
     "QueueStatus",
     "ReduceCompleted",
     "ReduceFailed",
+    "ReduceRestarted",
     "ReduceStarted",
     "SetupCompleted",
     "SetupFailed",
+    "SetupRestarted",
     "SubmitOptions",
     "SubmitReply",
     "WorkItem",
@@ -295,6 +297,28 @@ class MapFailed(_Base, tag="map.failed", kw_only=True):
 
 
 class ReduceStarted(_Base, tag="reduce.started", kw_only=True):
+    attempt: int = 1
+    """Which run of the reduce steps this is: 1, then one more after each run that a crash
+    (or a lost claim) interrupted. Stored once per attempt."""
+
+
+class _Restarted(_Base, kw_only=True):
+    """A phase run by one agent at a time (setup, reduce) starts again after a run that did
+    not finish: the claim of the previous agent expired, was released, or its process is
+    known dead. Its steps run a second time (at-least-once, docs/reliability.md)."""
+
+    attempt: int
+    previous: str
+    """The agent that held the phase's claim before (``host/pid``)."""
+    reason: str
+    """``released`` (handed back on SIGTERM), ``dead`` (its process is gone) or ``expired``."""
+
+
+class SetupRestarted(_Restarted, tag="setup.restarted", kw_only=True):
+    pass
+
+
+class ReduceRestarted(_Restarted, tag="reduce.restarted", kw_only=True):
     pass
 
 
@@ -447,6 +471,8 @@ Event = (
     | MapComplete
     | MapFailed
     | ReduceStarted
+    | ReduceRestarted
+    | SetupRestarted
     | ReduceCompleted
     | ReduceFailed
     | WorkflowCompleted
@@ -480,10 +506,14 @@ def encode(event: Any) -> bytes:
     return _encoder.encode(event)
 
 
-def decode(data: bytes) -> Event:
+def decode(data: bytes, *, subject: str | None = None) -> Event:
     """Decode any event. Raises :class:`BadEvent` (only) on a malformed payload: bad JSON,
     invalid UTF-8 in a string, nesting deeper than msgspec's recursion limit, a wrong type or
-    missing field, or an id that may not be placed in a subject (see the module docstring)."""
+    missing field, or an id that may not be placed in a subject (see the module docstring).
+
+    ``subject``: the subject it was consumed from, one that ends with a workflow id
+    (``workflow.cancel.<wf>``, ``map.complete.<wf>``…): an event about another workflow on
+    it is forged or misrouted, and is refused so it can act on neither."""
     try:
         event: Event = _decoder.decode(data)
     except (
@@ -494,6 +524,8 @@ def decode(data: bytes) -> Event:
     ) as exc:
         raise BadEvent(f"malformed event: {str(exc)[:256]}") from None
     _check_ids(event)
+    if subject is not None and subject.rsplit(".", 1)[-1] != event.workflow_id:
+        raise BadEvent(f"{subject} carries an event of workflow {event.workflow_id[:100]!r}")
     return event
 
 
@@ -515,9 +547,9 @@ def _check_ids(event: Event) -> None:
             raise BadEvent(f"malformed event: index {str(index)[:40]} is out of range")
 
 
-def decode_as(data: bytes, cls: type[T]) -> T:
-    """Decode an event that must be of type ``cls``."""
-    event = decode(data)
+def decode_as(data: bytes, cls: type[T], *, subject: str | None = None) -> T:
+    """Decode an event that must be of type ``cls`` (``subject``: as for :func:`decode`)."""
+    event = decode(data, subject=subject)
     if not isinstance(event, cls):
         raise BadEvent(f"expected {cls.__name__}, got {type(event).__name__}")
     return event

@@ -14,7 +14,7 @@ import msgspec
 from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.workflow.model import Workflow
 
-__all__ = ["Phase", "StoredSpec", "WorkflowRecord"]
+__all__ = ["Phase", "PhaseClaim", "StoredSpec", "WorkflowRecord"]
 
 
 class Phase(StrEnum):
@@ -63,3 +63,23 @@ class StoredSpec(msgspec.Struct, kw_only=True):
     workflow: Workflow
     options: SubmitOptions
     captures: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class PhaseClaim(msgspec.Struct, kw_only=True):
+    """Who runs a workflow's setup or reduce steps now (runtime/claim.py). Written only with
+    create-only or revision-checked writes, so of two agents racing for it one wins."""
+
+    holder: str
+    """``host/pid`` of the agent that holds it."""
+    host: str
+    pid: int
+    boot: str = ""
+    """The holder process's start time as the kernel gives it (``/proc/<pid>/stat``): with the
+    pid, names the process, so a successor on the same host can tell it is gone even if
+    the pid was reused."""
+    attempt: int
+    """Runs of the phase's steps so far, this one included."""
+    expires_ts: float
+    """Wall-clock time after which a successor may take the claim (renewed before then)."""
+    released: bool = False
+    """Handed back without an outcome (SIGTERM): a successor takes it at once."""

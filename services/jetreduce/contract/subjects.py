@@ -134,6 +134,15 @@ class Subjects:
     def objects_bucket(self) -> str:
         return self._name("OBJECTS")
 
+    @property
+    def claims_bucket(self) -> str:
+        """Who runs a one-agent phase (setup, reduce) of a workflow now (runtime/claim.py)."""
+        return self._name("CLAIMS")
+
+    def claim_key(self, phase: str, wf: str) -> str:
+        """The key of a workflow's phase claim in :attr:`claims_bucket`."""
+        return f"{check_token(phase, 'phase')}.{check_token(wf)}"
+
     # -- submissions ----------------------------------------------------------------------
     @property
     def submit(self) -> str:

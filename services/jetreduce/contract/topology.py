@@ -128,7 +128,12 @@ async def declare(
         await _declare_stream(js, config)
     storage = StorageType.MEMORY if settings.memory else StorageType.FILE
     max_age = settings.retention_days * DAY_S
-    for bucket, history in ((subjects.workflows_bucket, 5), (subjects.specs_bucket, 1)):
+    buckets = (
+        (subjects.workflows_bucket, 5),
+        (subjects.specs_bucket, 1),
+        (subjects.claims_bucket, 1),
+    )
+    for bucket, history in buckets:
         try:
             await js.key_value(bucket)
         except BucketNotFoundError:

@@ -165,7 +165,8 @@ class Janitor:
             await self.ctx.js.delete_msg(self.s.work_stream, seq)
 
     async def on_event(self, msg: Msg) -> None:
-        event = decode(msg.data)
+        # ``workflow.cancel.<A>`` carrying workflow B must cancel neither.
+        event = decode(msg.data, subject=msg.subject)
         wf = event.workflow_id
         if isinstance(event, WorkflowCancelRequested):
             await self.cancel(wf, event.reason)

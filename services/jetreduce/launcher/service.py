@@ -25,6 +25,7 @@ from jetreduce.contract.events import (
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.launcher.admission import Candidate, admit
 from jetreduce.launcher.backend import AgentBackend
+from jetreduce.runtime.counts import count_subjects
 from jetreduce.runtime.publish import is_stored, publish_retrying
 from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
 from jetreduce.runtime.state import StateStore
@@ -322,7 +323,9 @@ class Launcher:
             self.mapping.complete.discard(wf)  # a reopened map is not complete any more
             await self.admit_maps(wf)
         elif kind == "map.complete":
-            complete = decode_as(msg.data, MapComplete)
+            complete = decode_as(msg.data, MapComplete, subject=msg.subject)
+            if not await self._map_is_complete(wf, record, complete, msg):
+                return
             await self.backend.stop(wf, "map")
             if self.max_slots is not None:
                 self.mapping.complete.add(wf)
@@ -332,6 +335,29 @@ class Launcher:
                 return
             await self.state.transition(wf, Phase.REDUCING)
             await self._launch(wf, "reduce", [1], spec)
+
+    async def _map_is_complete(
+        self, wf: str, record: WorkflowRecord, complete: MapComplete, msg: Msg
+    ) -> bool:
+        """Whether ``map.complete`` is true: its counts add up to the planned total and the
+        server holds exactly that many terminal items (one exact count, only now). A false
+        one (forged: anyone who may publish can) is removed from the stream, so that the
+        aggregator's true one can be stored and the map agents are admitted as before."""
+        total = record.total
+        terminal = await count_subjects(self.ctx.nc, self.s.results_stream, self.s.terminal_of(wf))
+        if complete.total == total == terminal and complete.done + complete.dead == total:
+            return True
+        log.error(
+            "workflow %s: map.complete refused (says %d of %d, planned %s, %d terminal)",
+            wf,
+            complete.done + complete.dead,
+            complete.total,
+            total,
+            terminal,
+        )
+        with contextlib.suppress(Exception):
+            await self.ctx.js.delete_msg(self.s.events_stream, msg.metadata.sequence.stream)
+        return False
 
     async def _launch(self, wf: str, phase: str, slots: list[int], spec: StoredSpec) -> None:
         refusal = self.backend.refusal(spec)

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import PRIORITY_LANES, InvalidToken, check_token
 from jetreduce.contract.workflow import WorkflowInvalid, parse_workflow, workflow_text
 from jetreduce.planner.pipeline import InputItems, ItemPipeline, PipelineError
-from jetreduce.queues.base import EnqueueResult, ItemQueue
+from jetreduce.queues.base import ItemQueue
 from jetreduce.queues.factory import open_queue, validate_queue_url
 from jetreduce.runtime.publish import publish_once
 from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
@@ -69,9 +71,19 @@ VISIBILITY_S = 30.0
 class Planner:
     """``default_queue``: the installation's item queue for workflows that name none. It is
     written into the accepted workflow's stored options, so every service and agent uses the
-    same queue whatever their own settings (the URL carries no password: validated)."""
+    same queue whatever their own settings (the URL carries no password: validated).
 
-    def __init__(self, ctx: ServiceContext, *, default_queue: str | None = None) -> None:
+    ``local_workdirs``: agents run on this host (the local backend), so a ``workdir`` the
+    submitter names must be a readable directory here; checked at submission, the problem
+    is in the reply, instead of a setup agent that crashes at every restart."""
+
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        *,
+        default_queue: str | None = None,
+        local_workdirs: bool = False,
+    ) -> None:
         problem = validate_queue_url(default_queue)
         if problem is not None:
             raise ValueError(f"default queue: {problem}")
@@ -79,6 +91,7 @@ class Planner:
         self.s = ctx.subjects
         self.state = StateStore(ctx.js, ctx.subjects)
         self.default_queue = default_queue
+        self.local_workdirs = local_workdirs
 
     async def run(self, stop: asyncio.Event) -> None:
         submits = EventConsumer(
@@ -109,7 +122,7 @@ class Planner:
         """Re-run dead items: forget their terminal record and DLQ entry, re-open the workflow
         if it had ended (its completion events are removed so they can happen again), and
         enqueue them. Safe to repeat: every step is idempotent."""
-        event = decode_as(msg.data, WorkflowRetryRequested)
+        event = decode_as(msg.data, WorkflowRetryRequested, subject=msg.subject)
         wf = event.workflow_id
         record = await self.state.get(wf)
         spec = await self.state.get_spec(wf)
@@ -243,6 +256,11 @@ class Planner:
                 problems.append(Problem(path=f"options.{name}", message="must be positive"))
         if opts.max_attempts is not None and opts.max_attempts < 1:
             problems.append(Problem(path="options.max_attempts", message="must be at least 1"))
+        runs_here = opts.backend == "local" and not opts.namespace and not opts.image
+        if self.local_workdirs and runs_here and opts.workdir:
+            workdir_problem = _workdir_problem(opts.workdir)
+            if workdir_problem is not None:
+                problems.append(Problem(path="options.workdir", message=workdir_problem))
         if problems:
             return problems, [], None
         if opts.queue is None and self.default_queue is not None:
@@ -278,7 +296,7 @@ class Planner:
 
     # -- planning -------------------------------------------------------------------------
     async def on_setup_completed(self, msg: Msg) -> None:
-        event = decode_as(msg.data, SetupCompleted)
+        event = decode_as(msg.data, SetupCompleted, subject=msg.subject)
         wf = event.workflow_id
         record = await self.state.get(wf)
         spec = await self.state.get_spec(wf)
@@ -339,11 +357,24 @@ class Planner:
             **messaging(self.s.work_of(wf), "send"),
             "messaging.batch.message_count": total,
         }
+
+        async def ended() -> bool:
+            record = await self.state.get(wf)
+            return record is None or record.phase.terminal
+
         try:
             with span("enqueue", kind="producer", attributes=attributes):
-                result = await _enqueue_in_chunks(queue, _work_items(wf, items, big), lane)
+                result = await _enqueue_in_chunks(
+                    queue, _work_items(wf, items, big), lane, ended=ended
+                )
         finally:
             beat.cancel()
+        if result.stopped:
+            # The janitor purged when the workflow ended, but this enqueue may have added
+            # items since: now that none can follow, they go too.
+            await queue.purge()
+            log.info("workflow %s ended while its items were enqueued: enqueue stopped", wf)
+            return
         log.info("workflow %s planned: %d items (%d already queued)", wf, total, result.duplicates)
 
     async def _item_is_stored(self, wf: str, index: int) -> bool:
@@ -407,11 +438,28 @@ ENQUEUE_CHUNK = 10_000
 batch in memory, so planning memory stays bounded on every backend."""
 
 
+@dataclass
+class Enqueued:
+    added: int = 0
+    duplicates: int = 0
+    stopped: bool = False
+    """The workflow ended (cancelled, timed out…) before every item was enqueued."""
+
+
 async def _enqueue_in_chunks(
-    queue: ItemQueue, items: Iterator[WorkItem], lane: str
-) -> EnqueueResult:
-    total = EnqueueResult()
+    queue: ItemQueue,
+    items: Iterator[WorkItem],
+    lane: str,
+    *,
+    ended: Callable[[], Awaitable[bool]],
+) -> Enqueued:
+    """Enqueue chunk by chunk; before each, ``ended()`` is asked whether the workflow is over
+    (a cancel during a large enqueue must not leave the rest queued with nobody to run it)."""
+    total = Enqueued()
     while chunk := list(itertools.islice(items, ENQUEUE_CHUNK)):
+        if await ended():
+            total.stopped = True
+            break
         result = await queue.enqueue(chunk, lane=lane)
         total.added += result.added
         total.duplicates += result.duplicates
@@ -432,6 +480,15 @@ async def _keep_in_progress(msg: Msg) -> None:
         await asyncio.sleep(10)
         with contextlib.suppress(Exception):
             await msg.in_progress()
+
+
+def _workdir_problem(workdir: str) -> str | None:
+    """Why agents on this host could not run in ``workdir``, or None."""
+    if not os.path.isdir(workdir):
+        return f"{workdir!r} does not exist or is not a directory on the agents' host"
+    if not os.access(workdir, os.R_OK | os.X_OK):
+        return f"{workdir!r} is not readable (permission denied)"
+    return None
 
 
 def _fallback_id(msg: Msg) -> str:

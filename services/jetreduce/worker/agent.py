@@ -22,6 +22,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,11 @@ from jetreduce.contract.events import (
     QueueStatus,
     ReduceCompleted,
     ReduceFailed,
+    ReduceRestarted,
     ReduceStarted,
     SetupCompleted,
     SetupFailed,
+    SetupRestarted,
     decode_as,
     encode,
     item_object,
@@ -55,8 +58,10 @@ from jetreduce.contract.workflow.model import RetryConfig, Step
 from jetreduce.queues.base import Lease
 from jetreduce.queues.factory import open_queue
 from jetreduce.queues.resilient import ResilientQueue
+from jetreduce.runtime.claim import CLAIM_TTL_S, Claim, Taken
 from jetreduce.runtime.connection import connect
-from jetreduce.runtime.publish import AckMux, publish_once, publish_retrying
+from jetreduce.runtime.counts import count_subjects
+from jetreduce.runtime.publish import AckMux, is_stored, publish_once, publish_retrying
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
@@ -69,7 +74,9 @@ from jetreduce.runtime.telemetry import (
     tracing_enabled,
 )
 from jetreduce.worker.breaker import CircuitBreaker
+from jetreduce.worker.claimed import EXIT_SIGTERM, run_claimed
 from jetreduce.worker.interpolate import Variables, render_shell, render_text
+from jetreduce.worker.record import record_result
 from jetreduce.worker.results import ResultsSpool
 from jetreduce.worker.secrets import (
     EnvironmentProblem,
@@ -89,11 +96,12 @@ log = logging.getLogger(__name__)
 INPUT_COMMAND_TIMEOUT_S = 300.0
 BATCH_WAIT_S = 0.005
 """With nearly every slot busy, wait this long for more to free up before pulling."""
-EXIT_SIGTERM = 143
 DEFAULT_LEASE_S = 30.0
 """Lease of a work item unless the submission set ``lease_s``; heartbeats at a third."""
 ERROR_TAIL = 2048
 EVENT_TEXT_LIMIT = 64 * 1024
+CLAIMED_PHASES = ("setup", "reduce")
+"""Phases whose steps one agent at a time runs, under a claim (runtime/claim.py)."""
 RESULTS_REF = re.compile(r"map\.results(?!_file)")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 """Captures whose names can be environment variables (``x.exit_code`` stays a variable)."""
@@ -107,7 +115,10 @@ class AgentConfig:
     index: int = 0
     slots: int = 1
     grace_s: float = 20.0
-    """On SIGTERM: how long in-flight items may finish before they are handed back."""
+    """On SIGTERM: how long in-flight items (or setup/reduce steps) may finish before they
+    are handed back."""
+    claim_ttl_s: float = CLAIM_TTL_S
+    """Time to live of a setup/reduce claim (runtime/claim.py)."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> AgentConfig:
@@ -119,6 +130,7 @@ class AgentConfig:
                 index=int(env.get("JOB_COMPLETION_INDEX", env.get("JETREDUCE_AGENT_INDEX", "0"))),
                 slots=int(env.get("JETREDUCE_SLOTS", "1")),
                 grace_s=float(env.get("JETREDUCE_GRACE_S", "20")),
+                claim_ttl_s=float(env.get("JETREDUCE_CLAIM_TTL_S", str(CLAIM_TTL_S))),
             )
         except KeyError as exc:
             raise SystemExit(f"agent: missing environment variable {exc}") from None
@@ -162,7 +174,15 @@ class Agent:
         self.signalled = False
         self.abort = asyncio.Event()
         """The workflow ended (cancelled, failed…): in-flight steps are killed at once."""
-        self.scratch = _fresh_scratch(f"jetreduce-{self.wf}-{config.phase}{config.index}-")
+        self.scratch_prefix = f"jetreduce-{self.wf}-{config.phase}{config.index}-"
+        if config.phase not in CLAIMED_PHASES:
+            # Setup and reduce clean up after a predecessor only once they hold the claim.
+            _remove_leftovers(self.scratch_prefix)
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"{self.scratch_prefix}{os.getpid()}-"))
+        self.claim: Claim | None = None
+        """The setup/reduce claim this agent holds while it runs the phase's steps."""
+        self.total = 0
+        """The map's item count (read when a map agent starts)."""
         self.trace: dict[str, str] = {}
         """Trace headers this agent's phase continues (read once from a stored event); empty
         when tracing is off or the workflow is not traced."""
@@ -297,6 +317,17 @@ class Agent:
             self.stop.set()
 
         async def on_map_complete(_msg: Any) -> None:
+            # Only a true one (anyone who may publish can send one): every item terminal.
+            try:
+                terminal = await count_subjects(
+                    self.ctx.nc, self.s.results_stream, self.s.terminal_of(self.wf)
+                )
+            except Exception as exc:
+                log.warning("agent: map.complete not checked (%r); going on", exc)
+                return
+            if terminal < self.total:
+                log.error("agent: false map.complete ignored (%d terminal)", terminal)
+                return
             self.phase_over.set()
             self.stop.set()
 
@@ -310,8 +341,76 @@ class Agent:
             )
         self._end_subs = subs
 
+    # -- setup and reduce: one agent at a time --------------------------------------------
+    async def _claimed(self, phase: str, body: Callable[[Taken], Awaitable[int]]) -> int:
+        """Run ``body`` (the phase's steps) holding the phase's claim (worker/claimed.py)."""
+        await self._watch_end(also_map_complete=False)
+        self.claim = Claim(
+            self.ctx.js,
+            self.s.claims_bucket,
+            self.s.claim_key(phase, self.wf),
+            ttl_s=self.config.claim_ttl_s,
+        )
+        phase_subject = self.s.setup if phase == "setup" else self.s.reduce
+        outcomes = [phase_subject(event, self.wf) for event in ("completed", "failed")]
+        state = StateStore(self.ctx.js, self.s)
+
+        async def decided() -> bool:
+            for outcome in outcomes:
+                if await is_stored(self.ctx.js, self.s.events_stream, outcome):
+                    return True
+            record = await state.get(self.wf)
+            return record is None or record.phase.terminal
+
+        async def taken_hook(taken: Taken) -> None:
+            # The predecessor is gone (or fenced): what it left in scratch is not in use.
+            _remove_leftovers(self.scratch_prefix, keep=self.scratch)
+            if taken.previous is None:
+                return
+            log.warning(
+                "%s attempt %d: the previous run (%s) ended without an outcome (%s)",
+                phase,
+                taken.attempt,
+                taken.previous,
+                taken.reason,
+            )
+            kind = SetupRestarted if phase == "setup" else ReduceRestarted
+            event = kind(
+                workflow_id=self.wf,
+                attempt=taken.attempt,
+                previous=taken.previous,
+                reason=taken.reason,
+            )
+            restarted = phase_subject("restarted", self.wf)
+            await publish_retrying(
+                self.ctx.js,
+                restarted,
+                encode(event),
+                headers={"Nats-Msg-Id": f"{restarted}.{taken.attempt}.{os.getpid()}"},
+            )
+
+        return await run_claimed(
+            self.claim,
+            decided=decided,
+            body=body,
+            taken_hook=taken_hook,
+            stop=self.stop,
+            abort=self.abort,
+            grace_s=self.config.grace_s,
+        )
+
+    async def _still_held(self) -> bool:
+        """Right before an outcome is published: is the claim still this agent's? (One that
+        lost it was cut off for longer than its time to live: a successor runs the phase.)"""
+        return self.claim is None or await self.claim.renew()
+
     # -- setup ----------------------------------------------------------------------------
     async def run_setup(self) -> int:
+        return await self._claimed("setup", self._run_setup)
+
+    async def _run_setup(self, taken: Taken) -> int:
+        self.vars_base["setup.attempt"] = taken.attempt
+        self.env["SETUP_ATTEMPT"] = str(taken.attempt)
         setup = self.spec.workflow.setup
         steps = setup.steps if setup else []
         deadline = (time.monotonic() + setup.timeout_s) if setup and setup.timeout_s else None
@@ -353,6 +452,8 @@ class Agent:
         size = path.stat().st_size
         with open(path, "rb") as f:
             await store.put(name, f)
+        if not await self._still_held():
+            return EXIT_SIGTERM
         await publish_once(
             self.ctx.js,
             self.s.setup("completed", self.wf),
@@ -429,6 +530,8 @@ class Agent:
         return spooled, True, None
 
     async def _setup_failed(self, error: str, code: int | None) -> None:
+        if not await self._still_held():
+            return
         await publish_once(
             self.ctx.js,
             self.s.setup("failed", self.wf),
@@ -656,11 +759,8 @@ class Agent:
                 agent=self.name,
                 output_stored=len(output.encode()) > EVENT_TEXT_LIMIT,
             )
-            won = await self.acks.publish_once(
-                self.s.item_done(self.wf, index),
-                encode(done),
-                guard=self.s.item_terminal(self.wf, index),
-                headers={DURATION_HEADER: f"{duration:.6f}"},
+            won = await record_result(
+                self.acks, self.ctx.js, self.s, done, {DURATION_HEADER: f"{duration:.6f}"}
             )
             if won and done.output_stored:
                 # Written only by the attempt whose result is recorded (a redelivered twin
@@ -715,11 +815,8 @@ class Agent:
             duration_s=duration,
             agent=self.name,
         )
-        stored = await self.acks.publish_once(
-            self.s.item_dead(self.wf, index),
-            encode(dead),
-            guard=self.s.item_terminal(self.wf, index),
-            headers={DURATION_HEADER: f"{duration:.6f}"},
+        stored = await record_result(
+            self.acks, self.ctx.js, self.s, dead, {DURATION_HEADER: f"{duration:.6f}"}
         )
         if stored and self.on_failure != "skip":
             # A stored item stays in the store (the DLQ retry finds it there), not in the entry.
@@ -838,14 +935,19 @@ class Agent:
 
     # -- reduce ---------------------------------------------------------------------------
     async def run_reduce(self) -> int:
+        return await self._claimed("reduce", self._run_reduce)
+
+    async def _run_reduce(self, taken: Taken) -> int:
         reduce = self.spec.workflow.reduce
         steps = reduce.steps if reduce else []
         msg = await self.ctx.js.get_last_msg(self.s.events_stream, self.s.map("complete", self.wf))
         complete = decode_as(msg.data or b"", MapComplete)
-        await publish_once(
+        started = self.s.reduce("started", self.wf)
+        await publish_retrying(  # once per attempt
             self.ctx.js,
-            self.s.reduce("started", self.wf),
-            encode(ReduceStarted(workflow_id=self.wf)),
+            started,
+            encode(ReduceStarted(workflow_id=self.wf, attempt=taken.attempt)),
+            headers={"Nats-Msg-Id": f"{started}.{taken.attempt}.{os.getpid()}"},
         )
         # Reading every result back costs seconds per 100k items: only when a step (or one of
         # its handlers) refers to them. The counts come from map.complete either way.
@@ -865,6 +967,7 @@ class Agent:
                     "map.successful": spool.done,
                     "map.failed": spool.dead,
                     "map.results_file": str(results_file),
+                    "reduce.attempt": taken.attempt,
                 }
             )
             if any(RESULTS_REF.search(_step_text(s)) for s in steps):
@@ -875,6 +978,7 @@ class Agent:
                     "MAP_SUCCESSFUL": str(spool.done),
                     "MAP_FAILED": str(spool.dead),
                     "MAP_RESULTS_FILE": str(results_file),
+                    "REDUCE_ATTEMPT": str(taken.attempt),
                 }
             )
         finally:
@@ -886,6 +990,8 @@ class Agent:
             result = await self._steps(steps, variables, deadline=None)
         outcomes, failed = result.outcomes, result.failed
         output = "\n".join(o.stdout.rstrip("\n") for o in outcomes if o.stdout)
+        if not await self._still_held():
+            return EXIT_SIGTERM
         if failed is not None:
             error = self._describe(steps, result)
             detail = _error_tail(failed).strip()
@@ -926,13 +1032,32 @@ def _traced_by(subjects: Subjects, config: AgentConfig) -> str:
     return subjects.workflow("accepted", config.workflow_id)
 
 
-def _fresh_scratch(prefix: str) -> Path:
-    """This agent's scratch directory (spills, spools, its own workspaces), after removing
-    what a predecessor with the same phase and index left: one killed (SIGKILL, OOM) had no
-    chance to, and only one agent per index runs on a host at a time."""
+def _remove_leftovers(prefix: str, keep: Path | None = None) -> None:
+    """Remove the scratch directories (spills, spools, workspaces) a predecessor with the
+    same phase and index left: one killed (SIGKILL, OOM) had no chance to. Map agents do it
+    at start, setup and reduce agents once they hold the phase's claim (runtime/claim.py).
+    A directory whose owner (the pid in its name) still runs is kept: a predecessor may live
+    on, orphaned, finishing its items within its grace period after the launcher that
+    started it died, while a new launcher starts an agent with the same index."""
     for leftover in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        if leftover == keep or _owner_runs(leftover.name.removeprefix(prefix)):
+            continue
         shutil.rmtree(leftover, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def _owner_runs(rest: str) -> bool:
+    """Whether the process named by ``<pid>-…`` (a scratch directory's name after its
+    prefix) runs; False for a name without one (left by an older version)."""
+    pid = rest.split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _failure(message: str) -> StepsResult:

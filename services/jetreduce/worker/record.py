@@ -1,0 +1,88 @@
+"""Recording an item's terminal result, first write wins — among those who may write it.
+
+``item.done`` / ``item.dead`` are create-only across both subjects of an item, so a twin
+(an agent whose lease expired and whose item another agent ran again) never overwrites the
+result recorded first. But anyone who can publish could store a result first for an item
+that is not theirs (before it even runs), and the real one would then be dropped. So when
+its write is refused, the agent looks at what is stored. It keeps it only if it can be a
+twin's: written by an agent, at an earlier delivery of the item than this one (a lease it
+held before this one was given out), or by this very agent and attempt (a retried
+publish), or the janitor's ``AgentCrashed`` verdict. Anything else (no agent, an attempt
+that cannot have happened yet: at the first delivery nothing can be stored) is removed,
+and the agent's own result is stored in its place.
+
+This bounds what a forger can do without the per-role permissions that keep others from
+publishing results at all: a false result survives only if it names an earlier attempt
+that did happen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from jetreduce.contract.events import BadEvent, ItemDead, ItemDone, decode, encode
+from jetreduce.contract.subjects import Subjects
+from jetreduce.runtime.publish import AckMux
+
+__all__ = ["record_result"]
+
+log = logging.getLogger(__name__)
+
+_TRIES = 3
+
+
+async def record_result(
+    acks: AckMux,
+    js: JetStreamContext,
+    s: Subjects,
+    result: ItemDone | ItemDead,
+    headers: dict[str, str],
+) -> bool:
+    """Store ``result`` create-only; True if it is the item's result now."""
+    wf, index = result.workflow_id, result.index
+    subject = s.item_done(wf, index) if isinstance(result, ItemDone) else s.item_dead(wf, index)
+    payload = encode(result)
+    for _ in range(_TRIES):
+        guard = s.item_terminal(wf, index)
+        if await acks.publish_once(subject, payload, guard=guard, headers=headers):
+            return True
+        if not await _remove_false(js, s, result):
+            return False
+    return False
+
+
+async def _remove_false(js: JetStreamContext, s: Subjects, mine: ItemDone | ItemDead) -> bool:
+    """Remove the stored result of ``mine``'s item if no agent with a lease can have written
+    it; True if removed (or gone), False if it stands."""
+    wf, index = mine.workflow_id, mine.index
+    for subject in (s.item_done(wf, index), s.item_dead(wf, index)):
+        try:
+            raw = await js.get_last_msg(s.results_stream, subject)
+        except NotFoundError:
+            continue
+        try:
+            stored = decode(raw.data or b"", subject=subject)
+        except BadEvent:
+            stored = None
+        if isinstance(stored, ItemDone | ItemDead) and _possible(stored, mine):
+            return False
+        log.error("item %d: a result no lease of it can have written was stored; replaced", index)
+        if raw.seq is not None:
+            with contextlib.suppress(NotFoundError):
+                await js.delete_msg(s.results_stream, raw.seq)
+        return True
+    return True  # nothing stored (removed meanwhile): try again
+
+
+def _possible(stored: ItemDone | ItemDead, mine: ItemDone | ItemDead) -> bool:
+    if isinstance(stored, ItemDead) and stored.error_type == "AgentCrashed" and not stored.agent:
+        return True  # the janitor's, for an item whose agents kept dying
+    if stored.index != mine.index or not stored.agent:
+        return False
+    if stored.agent == mine.agent:
+        return stored.attempts == mine.attempts
+    return 1 <= stored.attempts < mine.attempts
