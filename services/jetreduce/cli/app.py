@@ -1014,9 +1014,17 @@ def server(
             "written to DATA_DIR/nats/client.env (mode 0600); clients need them."
         ),
     ] = "127.0.0.1",
+    cluster: Annotated[
+        int, typer.Option(help="Run N routed nodes on loopback (ports PORT..PORT+N-1).")
+    ] = 0,
 ) -> None:
     """Run the embedded nats-server in the foreground until Ctrl-C (loopback by default)."""
     from jetreduce.embedded import EmbeddedServer
+
+    if cluster:
+        from jetreduce.cluster import serve_cluster
+
+        return serve_cluster(data_dir / "cluster", cluster, port, typer.echo)
 
     srv = EmbeddedServer(data_dir / "nats", port=port, host=host).start()
     typer.echo(srv.url)
