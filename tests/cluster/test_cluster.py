@@ -7,15 +7,21 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.js.api import StreamConfig
 
 from jetreduce.cluster import LocalCluster
+from jetreduce.contract.records import Phase, WorkflowRecord
+from jetreduce.contract.subjects import Subjects
+from jetreduce.contract.topology import TopologySettings, declare
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.settings import NatsSettings
-from support import env_without_jetreduce
+from jetreduce.runtime.state import StateStore
+from support import env_without_jetreduce, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -47,6 +53,57 @@ def _jetreduce(
         env=env,
         timeout=timeout_s,
     )
+
+
+async def test_client_command_works_with_first_node_down(
+    nats_cluster: LocalCluster, cluster_url: str, prefix: str
+) -> None:
+    s = Subjects(prefix)
+    # The victim leads nothing (not the meta group, none of this test's streams), so its loss
+    # costs no raft election (4-9 s) and the test measures the client's fail-over alone.
+    leader = nats_cluster.meta_leader()
+    victim = next(n for n in nats_cluster.nodes if n.name != leader)
+    nc = await connect(NatsSettings(url=cluster_url, prefix=prefix), forever=False)
+    try:
+        js = nc.jetstream()
+        await declare(js, s, TopologySettings(replicas=3))
+        now = time.time()
+        record = WorkflowRecord(
+            workflow_id="wf-ha", name="ha", phase=Phase.MAPPING, created_ts=now, updated_ts=now
+        )
+        assert await StateStore(js, s).create(record)
+        await _lead_elsewhere(nc, js, prefix, victim.name)
+    finally:
+        await nc.close()
+    victim.kill()
+    urls = [victim.url] + [n.url for n in nats_cluster.nodes if n is not victim]
+    env = env_without_jetreduce()
+    # nats-py shuffles the list, so the dead node is tried first in some runs and not in
+    # others: both commands must succeed either way.
+    out = _jetreduce("--prefix", prefix, "status", "wf-ha", "--nats", ",".join(urls), env=env)
+    assert out.returncode == 0, out.stderr
+    assert "wf-ha" in out.stdout and "mapping" in out.stdout
+    listed = _jetreduce("--prefix", prefix, "--nats", ",".join(urls), "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "wf-ha" in listed.stdout
+
+
+async def _lead_elsewhere(nc: Any, js: Any, prefix: str, victim: str) -> None:
+    """Step every stream of ``prefix`` led by ``victim`` down until another node leads it."""
+
+    async def moved() -> bool:
+        for info in await js.streams_info():
+            name = info.config.name or ""
+            if f"{prefix.upper()}_JR_" not in name:  # streams, KV_ and OBJ_ buckets
+                continue
+            current = await js.stream_info(name)
+            if current.cluster is None or current.cluster.leader in (None, victim):
+                if current.cluster is not None and current.cluster.leader == victim:
+                    await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{name}", b"", timeout=5)
+                return False
+        return True
+
+    await wait_for(moved, timeout_s=20, every_s=0.1)
 
 
 async def test_server_cluster_command_runs_three_nodes_until_ctrl_c(tmp_path: Path) -> None:
