@@ -57,6 +57,9 @@ THRESHOLD_MIN_ITEMS = 10
 EXACT_EVERY_MIN_S = 2.0
 EXACT_COST_FACTOR = 20.0
 """An exact count that took c seconds is repeated at most every 20·c seconds (≤ 5 % load)."""
+RESCAN_S = 2.0
+"""How often the workflow records are read again to find mapping workflows this replica does
+not count yet (as cheap as the janitor's timeout sweep, which reads them every second)."""
 
 
 @dataclass
@@ -76,16 +79,14 @@ class _Tracked:
 
 
 class Aggregator:
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, *, rescan_s: float = RESCAN_S) -> None:
         self.ctx = ctx
         self.s = ctx.subjects
         self.state = StateStore(ctx.js, ctx.subjects)
         self.active: dict[str, _Tracked] = {}
+        self.rescan_s = rescan_s
 
     async def run(self, stop: asyncio.Event) -> None:
-        for record in await self.state.list():
-            if record.phase == Phase.MAPPING and record.total is not None:
-                await self.track(record.workflow_id, record.total)
         consumer = EventConsumer(
             self.ctx,
             stream=self.s.events_stream,
@@ -102,7 +103,41 @@ class Aggregator:
             ],
             handler=self.on_event,
         )
-        await asyncio.gather(consumer.run(stop), self._ticker(stop))
+        await asyncio.gather(consumer.run(stop), self._ticker(stop), self._rescanner(stop))
+
+    async def _rescanner(self, stop: asyncio.Event) -> None:
+        """Rebuild the set of counted workflows from the records, on start and every
+        ``rescan_s``. ``workflow.planned`` reaches one replica of the shared durable
+        consumer: if that one dies, the others must still find the workflow, or it stays
+        ``mapping`` forever (issue 19)."""
+        while not stop.is_set():
+            try:
+                await self.rescan()
+            except Exception:
+                log.exception("aggregator: reading the workflow records failed")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.rescan_s)
+
+    async def rescan(self) -> None:
+        """Count every mapping workflow whose ``map.complete`` is not stored yet; stop
+        counting those that left the map phase (another replica completed or failed them,
+        or they were cancelled)."""
+        read_at = time.monotonic()
+        mapping: dict[str, int] = {}
+        for record in await self.state.list():
+            if record.phase == Phase.MAPPING and record.total is not None:
+                mapping[record.workflow_id] = record.total
+        # Not one tracked since the read began (an event may have just planned or reopened it).
+        for wf in [
+            wf for wf, t in self.active.items() if wf not in mapping and t.started < read_at
+        ]:
+            self.active.pop(wf, None)
+        for wf, total in mapping.items():
+            if wf in self.active:
+                continue
+            if await is_stored(self.ctx.js, self.s.events_stream, self.s.map("complete", wf)):
+                continue  # counted to the end already; the launcher moves it on
+            await self.track(wf, total)
 
     async def _ticker(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -957,9 +957,17 @@ def server(
             "written to DATA_DIR/nats/client.env (mode 0600); clients need them."
         ),
     ] = "127.0.0.1",
+    cluster: Annotated[
+        int, typer.Option(help="Run N routed nodes on loopback (ports PORT..PORT+N-1).")
+    ] = 0,
 ) -> None:
     """Run the embedded nats-server in the foreground until Ctrl-C (loopback by default)."""
     from jetreduce.embedded import DataDirBusy, EmbeddedServer
+
+    if cluster:
+        from jetreduce.cluster import serve_cluster
+
+        return serve_cluster(data_dir / "cluster", cluster, port, typer.echo)
 
     try:
         srv = EmbeddedServer(

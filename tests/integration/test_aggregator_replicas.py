@@ -1,0 +1,77 @@
+"""Aggregator replicas share one durable consumer, so ``workflow.planned`` reaches one of
+them: every replica must still find and count every mapping workflow from the records, at
+any time (issue 19: when the replica that saw the event died, the workflow hung)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+
+from jetreduce.aggregator.service import Aggregator
+from jetreduce.contract import events as ev
+from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
+from jetreduce.contract.workflow import parse_workflow
+from jetreduce.runtime.state import StateStore
+from support import wait_for
+
+from .test_services import context, running
+
+pytestmark = pytest.mark.anyio
+
+WORKFLOW = """
+name: replicas
+map:
+  input: items.json
+  agent_template:
+    - shell: "echo ${item}"
+"""
+
+
+async def _mapping(state: StateStore, wf: str, total: int) -> None:
+    spec = StoredSpec(workflow=parse_workflow(WORKFLOW).workflow, options=ev.SubmitOptions())
+    await state.put_spec(wf, spec)
+    now = time.time()
+    record = WorkflowRecord(
+        workflow_id=wf, name="replicas", phase=Phase.MAPPING, created_ts=now, updated_ts=now
+    )
+    record.total = total
+    assert await state.create(record)
+
+
+async def test_a_running_replica_counts_a_workflow_planned_while_another_had_the_event(
+    nats_url: str, prefix: str
+) -> None:
+    async with context(nats_url, prefix) as ctx:
+        s, state = ctx.subjects, StateStore(ctx.js, ctx.subjects)
+        aggregator = Aggregator(ctx, rescan_s=0.2)
+        async with running(aggregator):
+            # Planned after this replica started, its workflow.planned consumed by a replica
+            # that then died: no event will ever tell this one.
+            await _mapping(state, "wf-lost", 2)
+            for index in range(2):
+                done = ev.ItemDone(
+                    workflow_id="wf-lost",
+                    index=index,
+                    item_id=f"item_{index}",
+                    output="",
+                    exit_code=0,
+                    duration_s=0.0,
+                    attempts=1,
+                )
+                await ctx.js.publish(s.item_done("wf-lost", index), ev.encode(done))
+
+            async def completed() -> bool:
+                with contextlib.suppress(Exception):
+                    await ctx.js.get_last_msg(s.events_stream, s.map("complete", "wf-lost"))
+                    return True
+                return False
+
+            await wait_for(completed, 10)
+
+            # One another replica ended (here: failed) is no longer counted by this one.
+            await _mapping(state, "wf-ended", 5)
+            await wait_for(lambda: "wf-ended" in aggregator.active, 10)
+            await state.transition("wf-ended", Phase.FAILED, reason="failed elsewhere")
+            await wait_for(lambda: "wf-ended" not in aggregator.active, 10)
