@@ -553,8 +553,8 @@ def resume_cmd(
     ] = False,
 ) -> None:
     """Continue a workflow whose `jetreduce run` was interrupted or killed: from JetStream
-    state, running only items that are not terminal yet. A cancelled, failed or finished
-    workflow cannot be resumed (exit 2, with the reason)."""
+    state, running only items that are not terminal yet. A cancelled, failed or timed-out
+    workflow cannot be resumed (exit 2, with the reason); a completed one's outcome is shown."""
     code = asyncio.run(
         run_here(
             None,
