@@ -247,7 +247,8 @@ def test_an_idle_janitor_keeps_the_consumer_count_flat(
         time.sleep(6)  # idle: six deadline checks
         after = _kv_consumers(nats_url, prefix)
         assert janitor.proc.poll() is None, janitor.stderr
-    assert after <= before, (before, after)
+    # At most its own watch, should it have been set up only after the first count.
+    assert after - before <= 1, (before, after)
 
 
 # -- 3: a cancelled workflow is no longer tracked ---------------------------------------------
