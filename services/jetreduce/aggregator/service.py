@@ -76,6 +76,7 @@ class _Tracked:
     """Successful items as of the last exact count (never more than there were: dead items
     are counted after the terminal ones). Progress shows this, never an estimate."""
     next_exact: float = 0.0
+    next_record_check: float = 0.0
 
 
 class Aggregator:
@@ -143,11 +144,28 @@ class Aggregator:
         while not stop.is_set():
             for wf in list(self.active):
                 try:
+                    if await self._ended(wf):
+                        continue
                     await self.check(wf)
                 except Exception:
                     log.exception("aggregator: counting %s failed", wf)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), TICK_S)
+
+    async def _ended(self, wf: str) -> bool:
+        """Whether ``wf`` was cancelled, timed out or failed elsewhere (its record says so,
+        read about once a second): it then leaves the active set, so no progress (with an
+        ETA) and no counting go on for it."""
+        tracked = self.active.get(wf)
+        now = time.monotonic()
+        if tracked is None or now < tracked.next_record_check:
+            return tracked is None
+        tracked.next_record_check = now + PROGRESS_EVERY_S
+        record = await self.state.get(wf)
+        if record is None or record.phase.terminal:
+            self.active.pop(wf, None)
+            return True
+        return False
 
     async def count(self, subject_filter: str) -> int:
         """Distinct subjects matching the filter in RESULTS (runtime/counts.py)."""

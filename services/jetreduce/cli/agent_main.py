@@ -6,20 +6,33 @@ as a pod's would."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 
+from jetreduce.cli import exit_codes
 from jetreduce.cli.logs import configure
 from jetreduce.runtime import telemetry
+from jetreduce.runtime.connection import CONNECT_TIMEOUT_ENV, ConnectFailed
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.worker.agent import AgentConfig, run_agent
+
+AGENT_CONNECT_TIMEOUT_S = 120.0
+"""An agent's first connection waits longer than a command's (unless
+``JETREDUCE_CONNECT_TIMEOUT_S`` says otherwise): a pod may start while the network or NATS is
+still coming up, and failing it would spend its Job's retries on that."""
 
 
 def main() -> int:
     configure()
+    os.environ.setdefault(CONNECT_TIMEOUT_ENV, str(AGENT_CONNECT_TIMEOUT_S))
     settings = NatsSettings.from_env()
     config = AgentConfig.from_env()
     telemetry.configure(f"jetreduce-agent-{config.phase}")
     try:
         return asyncio.run(run_agent(settings, config))
+    except ConnectFailed as exc:
+        logging.getLogger(__name__).error("agent: %s", exc)
+        return exit_codes.UNREACHABLE
     finally:
         telemetry.shutdown()  # flush the last spans before the process ends
 

@@ -533,8 +533,8 @@ def resume_cmd(
     ] = False,
 ) -> None:
     """Continue a workflow whose `jetreduce run` was interrupted or killed: from JetStream
-    state, running only items that are not terminal yet. A cancelled, failed or finished
-    workflow cannot be resumed (exit 2, with the reason)."""
+    state, running only items that are not terminal yet. A cancelled, failed or timed-out
+    workflow cannot be resumed (exit 2, with the reason); a completed one's outcome is shown."""
     code = asyncio.run(
         run_here(
             None,
@@ -683,13 +683,18 @@ def status(
                 body.pop("reduce_output", None)
                 if progress is not None:
                     body["progress"] = msgspec.to_builtins(progress)
+                    if rec.phase.terminal:
+                        body["progress"]["eta_s"] = None
                 typer.echo(json.dumps(body))
             else:
                 line = (
                     f"{rec.workflow_id}  {rec.phase.value:<10} {printable(rec.name)}  "
                     f"total={rec.total if rec.total is not None else '?'}"
                 )
-                if progress is not None:
+                if progress is not None and rec.phase.terminal:
+                    # Its last progress is history: counts, but no rate or ETA.
+                    line += f"  done={progress.done} failed={progress.dead}"
+                elif progress is not None:
                     line += f"  {describe(progress)}"
                 elif rec.total is not None:
                     line += f"  done={rec.done} failed={rec.dead}"

@@ -26,6 +26,7 @@ from jetreduce.cli.text import printable
 from jetreduce.cli.upload import submit_with_upload
 from jetreduce.cli.watch import Watcher
 from jetreduce.contract.events import SubmitOptions
+from jetreduce.contract.records import Phase
 from jetreduce.contract.subjects import Subjects
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.runtime.connection import ConnectFailed, connect
@@ -35,6 +36,7 @@ from jetreduce.runtime.state import StateStore
 __all__ = ["DEFAULT_DATA_DIR", "INTERRUPT_GRACE_S", "busy_message", "run_here"]
 
 DEFAULT_DATA_DIR = ".jetreduce"
+_NOT_RESUMABLE = frozenset({Phase.CANCELLED, Phase.FAILED, Phase.TIMED_OUT})
 INTERRUPT_GRACE_S = 2.0
 """``run``: how long an interrupted run's in-flight items may finish (``JETREDUCE_GRACE_S``)."""
 
@@ -99,8 +101,7 @@ def _print_resumable(why: str, wf: str, nats: str | None, data_dir: Path) -> Non
         where = f" --data-dir {data_dir}"
     typer.echo(
         f"\n{why}: workflow {wf} stopped, not cancelled. Continue it with:\n"
-        f"  jetreduce resume {wf}{where}\n"
-        f"or end it for good with: jetreduce cancel {wf}{where}",
+        f"  jetreduce resume {wf}{where}",
         err=True,
     )
 
@@ -152,7 +153,7 @@ async def _run_in(
     k8s: KubernetesSettings | None,
     upload: Path | None,
 ) -> int | None:
-    """The body of :func:`_run`; None when a signal stopped the workflow's run."""
+    """The body of :func:`run_here`; None when a signal stopped the workflow's run."""
     server = None
     # Ctrl-C must be prompt: in-flight items get this long to finish before they are handed
     # back (and run again on resume), unless the user chose otherwise. Agents read it from
@@ -170,7 +171,9 @@ async def _run_in(
                 watcher = Watcher(nc, subjects, wf, show_events=not quiet, quiet=quiet)
                 await watcher.start()
                 record = await StateStore(nc.jetstream(), subjects).get(wf) if resume else None
-                if record is not None and record.phase.terminal:
+                # A completed workflow's outcome is shown again (a rerun of the same command
+                # is harmless); one that ended otherwise cannot be continued: say why.
+                if record is not None and record.phase in _NOT_RESUMABLE:
                     reason = f" ({printable(record.reason)})" if record.reason else ""
                     typer.echo(
                         f"workflow {wf} cannot be resumed: it is {record.phase.value}{reason}; "

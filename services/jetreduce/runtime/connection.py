@@ -20,7 +20,13 @@ from nats.aio.client import Client
 
 from jetreduce.runtime.settings import NatsSettings
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT_S", "ConnectFailed", "connect", "connect_timeout_s"]
+__all__ = [
+    "CONNECT_TIMEOUT_ENV",
+    "DEFAULT_CONNECT_TIMEOUT_S",
+    "ConnectFailed",
+    "connect",
+    "connect_timeout_s",
+]
 
 log = logging.getLogger(__name__)
 
