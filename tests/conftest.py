@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO / "services"))
 import hygiene  # noqa: E402
 from backends import aws_env, redis_server, sqs_server  # noqa: E402, F401 - fixtures
 from jetreduce.embedded import EmbeddedServer  # noqa: E402
+from jetreduce.runtime.orphans import reaper  # noqa: E402
 from support import env_without_jetreduce, wait_for  # noqa: E402, F401 - re-exported
 
 
@@ -77,6 +78,14 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         f"test-time budget: wall {wall:.0f} s, {verdict} the {BUDGET_S:.0f} s budget; "
         f"test time {total:.0f} s; slowest tier {tiers[0][0]} ({by_tier})"
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_reaper() -> None:
+    """The reaper of agents' step sessions (runtime/orphans.py) is one process per process
+    that starts agents, alive as long as it: started with the session, so the leak check
+    counts it as the session's and not as the first test's that starts an agent."""
+    reaper().start()
 
 
 @pytest.fixture(scope="session")

@@ -102,6 +102,11 @@ class SessionReaper:
             )
         return self._proc
 
+    def start(self) -> None:
+        """Start the reaper process now rather than on first use (it is a process-wide
+        singleton that lives as long as this process: tests start it with their session)."""
+        self._pipe()
+
     def _send(self, line: str) -> None:
         proc = self._pipe()
         if proc is None or proc.stdin is None:
