@@ -23,7 +23,7 @@ from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.local import LocalBackend
 from jetreduce.launcher.service import AGING_S, Launcher
 from jetreduce.planner.service import Planner
-from jetreduce.runtime.connection import connect
+from jetreduce.runtime.connection import close_quietly, connect
 from jetreduce.runtime.health import health_server
 from jetreduce.runtime.http import RouteServer
 from jetreduce.runtime.service import ServiceContext
@@ -181,8 +181,7 @@ class ServiceHost:
                 await health.close()
             if server is not None:
                 await server.close()
-            with contextlib.suppress(Exception):
-                await nc.drain()
+            await close_quietly(nc)
 
     def _unhealthy(self, nc: Any) -> str | None:
         """Liveness: a hosted service ended (the host then stops: restart it), or NATS has

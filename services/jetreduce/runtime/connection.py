@@ -24,6 +24,7 @@ __all__ = [
     "CONNECT_TIMEOUT_ENV",
     "DEFAULT_CONNECT_TIMEOUT_S",
     "ConnectFailed",
+    "close_quietly",
     "connect",
     "connect_timeout_s",
 ]
@@ -128,3 +129,22 @@ async def connect(
     nc.options["max_reconnect_attempts"] = -1 if forever else 5
     nc.options["reconnect_time_wait"] = 1
     return nc
+
+
+async def close_quietly(nc: Client) -> None:
+    """Drain ``nc`` if it is connected, else close it; never raises, and leaves no task behind.
+
+    ``drain`` refuses while the client is reconnecting (the server is down), and nats-py's
+    ``close`` gives up half-way when flushing pending data on a dead transport fails, before
+    it stops its subscriptions' readers: those would wait for messages for the rest of the
+    process. A service host that stops during an outage must still end cleanly."""
+    with contextlib.suppress(Exception):
+        await nc.drain()
+    if nc.is_closed:
+        return
+    with contextlib.suppress(Exception):
+        await nc.close()
+    for sub in list(getattr(nc, "_subs", {}).values()):  # what close() did not reach
+        task = getattr(sub, "_wait_for_msgs_task", None)
+        if task is not None and not task.done():
+            task.cancel()
