@@ -127,7 +127,7 @@ def leaked_since(
         new = {
             key: pid
             for key, pid in snapshot()[1].items()
-            if key not in before[1] and key not in _long_lived
+            if key not in before[1] and not _belongs_to_long_lived(pid)
         }
         if not new or time.monotonic() > deadline:
             break
@@ -142,6 +142,20 @@ def leaked_since(
 _long_lived: set[ProcKey] = set()
 """Processes that fixtures of a wider scope than the test started (a session's redis-server,
 started lazily by the first test that asks): theirs to stop, not a leak of that test."""
+
+
+def _belongs_to_long_lived(pid: int) -> bool:
+    """``pid`` is long-lived, or a descendant of one (a kept services process's agents and
+    helpers are its business: it stops them)."""
+    hops = 0
+    while pid > 1 and hops < 64:
+        stat = _stat(pid)
+        if stat is None:
+            return False
+        if (pid, stat[2]) in _long_lived:
+            return True
+        pid, hops = stat[1], hops + 1
+    return False
 
 
 def keep(pid: int) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+import hygiene
 from chaos.test_chaos import Cluster, agents_of, read_all, stored_terminal_event
 from jetreduce.cli.submit import submit
 from jetreduce.contract import events as ev
@@ -94,10 +95,18 @@ CASES = [("reduce", f) for f in FAULTS] + [("setup", "kill-services"), ("setup",
 
 
 class Services(Cluster):
-    """The chaos cluster with the four services in one process (``services up``)."""
+    """The chaos cluster with the four services in one process (``services up``). It is the
+    module's (every fault restarts what it hurts): what a test restarts stays the module's,
+    not a process that test leaked (tests/hygiene.py)."""
 
     def start_all(self) -> None:
         self.start_service("all", "services", "up")
+        hygiene.keep(self.services["all"].pid)
+
+    def start_server(self) -> None:
+        super().start_server()
+        assert self.server is not None and self.server.proc is not None
+        hygiene.keep(self.server.proc.pid)
 
     def signal_services(self, sig: int) -> None:
         self.note(f"{signal.Signals(sig).name} services")
