@@ -222,6 +222,17 @@ async def test_admission_reads_no_record_but_the_events_own(
             subjects.workflow("planned", "urgent"),
             ev.encode(ev.WorkflowPlanned(workflow_id="urgent", total=2, max_parallel=2)),
         )
+        for i in range(2):  # the launcher acts on a map.complete the results agree with
+            done = ev.ItemDone(
+                workflow_id="busy",
+                index=i,
+                item_id=f"item_{i}",
+                output="",
+                exit_code=0,
+                duration_s=0.0,
+                attempts=1,
+            )
+            await ctx.js.publish(subjects.item_done("busy", i), ev.encode(done))
         await ctx.js.publish(
             subjects.map("complete", "busy"),
             ev.encode(ev.MapComplete(workflow_id="busy", total=2, done=2, dead=0)),
