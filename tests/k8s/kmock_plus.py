@@ -21,6 +21,11 @@ adds:
    API ``Status`` error (403, 404, 409, 422, 429 with ``Retry-After``, 500…) or has its
    connection dropped, ``times`` times (or for good), before anything else sees it.
 
+7. with ``Cluster.namespaces`` set, a CREATE in a namespace not in it is refused as the real
+   server refuses one in a namespace that does not exist: 404, ``namespaces "x" not found``
+   (a LIST there answers an empty list, as it does for real). A set stands in for Namespace
+   objects, which kmock cannot serve (its path parser has no cluster-scoped collections).
+
 And one change for long runs: ``Cluster.keep_request_log = False`` keeps only the requests in
 flight in kmock's request log. kmock matches each new request to a reaction by scanning that
 whole log (``request in filter``, oldest first), so with the log kept every request costs
@@ -145,6 +150,10 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
     """The emulator with label selectors, deletecollection, watch timeouts, server metadata
     and ownerReference GC (see the module docstring)."""
 
+    namespaces: set[str] | None = None
+    """The namespaces that exist; None (the default): any, so tests need not create the
+    namespaces they use."""
+
     keep_request_log = True
     """False: kmock's request log holds only requests in flight (see the module docstring);
     the log can then not be inspected."""
@@ -171,17 +180,8 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
             if raw_request.transport is not None:
                 raw_request.transport.abort()
             return aiohttp.web.Response(status=500)  # never delivered
-        body = {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": fault.message,
-            "reason": fault.reason,
-            "code": fault.status,
-        }
         headers = {} if fault.retry_after_s is None else {"Retry-After": str(fault.retry_after_s)}
-        return aiohttp.web.json_response(body, status=fault.status, headers=headers)
+        return _status(fault.status, fault.reason, fault.message, **headers)
 
     # -- requests -------------------------------------------------------------------------
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
@@ -195,6 +195,13 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
             self._inflight.discard(id(request))
 
     async def _serve(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        if (
+            self.namespaces is not None
+            and request.action == enums.action.CREATE
+            and request.namespace
+            and request.namespace not in self.namespaces
+        ):
+            return _status(404, "NotFound", f'namespaces "{request.namespace}" not found')
         if request.resource is not None and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if request.action == enums.action.CREATE:
@@ -307,6 +314,20 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
         finally:
             with contextlib.suppress(Exception):
                 await events.aclose()  # type: ignore[attr-defined]
+
+
+def _status(code: int, reason: str, message: str, **headers: str) -> aiohttp.web.Response:
+    """An API ``Status`` error answer."""
+    body = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+    return aiohttp.web.json_response(body, status=code, headers=headers)
 
 
 def _now() -> str:

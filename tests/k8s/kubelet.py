@@ -37,7 +37,9 @@ Injected: :attr:`ProcessKubelet.unschedulable` (pods of a Job stay ``PodSchedule
 ``default`` ServiceAccount and the ``accounts`` given are created at start, as the
 ServiceAccount controller and the installation's manifests would. Events are recorded once
 per object, reason and message (the real recorder aggregates repeats into a count).
-Not modelled: real scheduling and images, probes, TTL.
+TTL-after-finished: a finished Job with ``ttlSecondsAfterFinished`` is deleted that long
+(times ``ttl_scale``) after its condition, its pods with it (Background propagation).
+Not modelled: real scheduling and images, probes.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ class ProcessKubelet:
         nice: int = 10,
         accounts: tuple[str, ...] = ("jetreduce-agent",),
         retry_s: float = 0.2,
+        ttl_scale: float = 1.0,
     ) -> None:
         self.batch = k8s.BatchV1Api(api)
         self.core = k8s.CoreV1Api(api)
@@ -143,6 +146,8 @@ class ProcessKubelet:
         starts): a crash loop, which uses up the Job's per-index backoff."""
         self.accounts = accounts
         self.retry_s = retry_s
+        self.ttl_scale = ttl_scale
+        self._expiring: set[asyncio.Task[None]] = set()
         self.unschedulable: dict[str, str] = {}
         """Job name → the scheduler's message for its pods, which then never schedule."""
         self.image_errors: dict[str, tuple[str, str]] = {}
@@ -197,6 +202,8 @@ class ProcessKubelet:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.poll_s)
         finally:
+            for task in self._expiring:
+                task.cancel()
             for run in list(self.jobs.values()):
                 await self._terminate(run, grace_s=5)
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -295,6 +302,22 @@ class ProcessKubelet:
             await asyncio.wait(tasks, timeout=10)
         condition = "Complete" if reason is None else "Failed"
         await self._write_job_status(run, active=0, condition=condition, reason=reason)
+        ttl = spec.get("ttlSecondsAfterFinished")
+        if ttl is not None:
+            task = asyncio.create_task(self._expire(run.name, float(ttl) * self.ttl_scale))
+            self._expiring.add(task)
+            task.add_done_callback(self._expiring.discard)
+
+    async def _expire(self, job: str, after_s: float) -> None:
+        """The TTL-after-finished controller: delete the finished Job, its pods with it."""
+        await asyncio.sleep(after_s)
+        with contextlib.suppress(ApiException):  # deleted meanwhile
+            await self._api(
+                self.batch.delete_namespaced_job,
+                job,
+                self.namespace,
+                propagation_policy="Background",
+            )
 
     async def _write_job_status(
         self,
