@@ -26,6 +26,12 @@ adds:
    (a LIST there answers an empty list, as it does for real). A set stands in for Namespace
    objects, which kmock cannot serve (its path parser has no cluster-scoped collections).
 
+8. RBAC, with ``Cluster.rbac`` set (:func:`rbac_from` builds it from rendered Roles and
+   RoleBindings): a request carrying ``Authorization: Bearer <service account>`` may make only
+   the (verb, resource) calls that account's Roles grant in the request's namespace, else 403
+   with the server's message. Requests without a token (the test, the process kubelet: the
+   control plane) are not restricted.
+
 And one change for long runs: ``Cluster.keep_request_log = False`` keeps only the requests in
 flight in kmock's request log. kmock matches each new request to a reaction by scanning that
 whole log (``request in filter``, oldest first), so with the log kept every request costs
@@ -120,6 +126,41 @@ def parse_field_selector(text: str) -> Callable[[Mapping[str, Any]], bool]:
     return match
 
 
+def request_verb(request: rendering.Request) -> tuple[str, str]:
+    """The RBAC (verb, resource plural) of a request."""
+    method = str(request.method.value).upper()
+    plural = request.resource.plural
+    if method == "GET":
+        verb = "watch" if request.params.get("watch") else "get" if request.name else "list"
+    elif method == "DELETE":
+        verb = "delete" if request.name else "deletecollection"
+    else:
+        verb = {"POST": "create", "PATCH": "patch", "PUT": "update"}[method]
+    return verb, plural
+
+
+def rbac_from(docs: list[dict[str, Any]]) -> dict[str, dict[str, set[tuple[str, str]]]]:
+    """What rendered Roles and RoleBindings grant: service account name → namespace →
+    (verb, resource) pairs."""
+    roles = {
+        (d["metadata"].get("namespace", ""), d["metadata"]["name"]): {
+            (verb, res)
+            for rule in d["rules"]
+            for res in rule["resources"]
+            for verb in rule["verbs"]
+        }
+        for d in docs
+        if d["kind"] == "Role"
+    }
+    granted: dict[str, dict[str, set[tuple[str, str]]]] = {}
+    for binding in (d for d in docs if d["kind"] == "RoleBinding"):
+        ns = binding["metadata"].get("namespace", "")
+        rules = roles.get((ns, binding["roleRef"]["name"]), set())
+        for subject in binding["subjects"]:
+            granted.setdefault(subject["name"], {}).setdefault(ns, set()).update(rules)
+    return granted
+
+
 def _labels(obj: Mapping[str, Any] | None) -> Mapping[str, str]:
     return ((obj or {}).get("metadata") or {}).get("labels") or {}
 
@@ -153,6 +194,9 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
     namespaces: set[str] | None = None
     """The namespaces that exist; None (the default): any, so tests need not create the
     namespaces they use."""
+
+    rbac: dict[str, dict[str, set[tuple[str, str]]]] | None = None
+    """Service account → namespace → granted (verb, resource plural); None: no RBAC."""
 
     keep_request_log = True
     """False: kmock's request log holds only requests in flight (see the module docstring);
@@ -195,6 +239,18 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
             self._inflight.discard(id(request))
 
     async def _serve(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        if self.rbac is not None and request.resource is not None:
+            auth = {k.lower(): v for k, v in request.headers.items()}.get("authorization", "")
+            account = auth.removeprefix("Bearer ").strip()
+            verb, plural = request_verb(request)
+            granted = self.rbac.get(account, {}).get(request.namespace or "", set())
+            if account and (verb, plural) not in granted:
+                return _status(
+                    403,
+                    "Forbidden",
+                    f'{plural} is forbidden: User "system:serviceaccount:{account}" cannot '
+                    f'{verb} resource "{plural}" in the namespace "{request.namespace}"',
+                )
         if (
             self.namespaces is not None
             and request.action == enums.action.CREATE
