@@ -159,9 +159,10 @@ class KubernetesBackend(JobPoller):
 
     def refusal(self, spec: StoredSpec) -> str | None:
         """Only workflows that ask for pods (``backend: kubernetes``), in a namespace of this
-        installation. A ``local`` workflow is refused rather than run as pods: its
-        submitter expects its commands on the submitter's disk (``workdir``), which pods
-        do not have, so it would fail later and less clearly."""
+        installation, with an image it lets workflows choose (``workflow_images``). A
+        ``local`` workflow is refused rather than run as pods: its submitter expects its
+        commands on the submitter's disk (``workdir``), which pods do not have, so it would
+        fail later and less clearly."""
         opts = spec.options
         if opts.backend != "kubernetes":
             return (
@@ -173,6 +174,12 @@ class KubernetesBackend(JobPoller):
             return (
                 f"could not start: namespace {opts.namespace!r} is not one this installation "
                 f"may use ({', '.join(self.settings.namespaces)})"
+            )
+        allowed = self.settings.workflow_images
+        if opts.image and allowed is not None and not _image_allowed(opts.image, allowed):
+            return (
+                f"could not start: image {opts.image!r} is not one this installation lets "
+                f"workflows choose ({', '.join(allowed) or 'none'})"
             )
         return None
 
@@ -360,3 +367,9 @@ class KubernetesBackend(JobPoller):
             self.kube.core.read_namespaced_config_map, body["metadata"]["name"], settings.namespace
         )
         return existing
+
+
+def _image_allowed(image: str, allowed: tuple[str, ...]) -> bool:
+    """``image`` is one of ``allowed``, an entry ending in ``*`` matching any image that
+    starts with the rest (``registry.example/team/*``)."""
+    return any(image.startswith(a[:-1]) if a.endswith("*") else image == a for a in allowed)
