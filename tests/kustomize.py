@@ -3,6 +3,7 @@ and reading a rendered pod's container as the kubelet would hand it its settings
 
 from __future__ import annotations
 
+import base64
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,12 @@ def render(target: str | Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
+def secret_data(docs: list[dict[str, Any]], name: str) -> dict[str, str]:
+    """A rendered Secret's decoded data (a missing one fails, as the kubelet would)."""
+    (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == name]
+    return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+
+
 def container_env(
     docs: list[dict[str, Any]],
     deployment: Mapping[str, Any],
@@ -36,7 +43,8 @@ def container_env(
     root: Path,
 ) -> dict[str, str]:
     """The container's environment as its pod would get it: literal values, ConfigMap keys
-    (a missing ConfigMap or key fails, as the kubelet would refuse to start the container)
+    and Secret keys (a missing object or key fails, as the kubelet would refuse to start the
+    container)
     and ``metadata.namespace``. ConfigMap volumes are written under ``root`` and every
     variable naming a path under their mount points is moved there."""
     configmaps = {
@@ -52,13 +60,16 @@ def container_env(
         if "configMapKeyRef" in source:
             ref = source["configMapKeyRef"]
             env[var["name"]] = configmaps[ref["name"]][ref["key"]]
+        elif "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            env[var["name"]] = secret_data(docs, ref["name"])[ref["key"]]
         elif source.get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
             env[var["name"]] = deployment["metadata"]["namespace"]
         else:
             raise AssertionError(f"unsupported env source {source}")
     volumes = {v["name"]: v for v in pod.get("volumes") or []}
     for mount in container.get("volumeMounts") or []:
-        volume = volumes[mount["name"]]
+        volume = volumes.get(mount["name"], {})  # absent: a StatefulSet's claim template
         if "configMap" not in volume:
             continue
         local = root / mount["name"]

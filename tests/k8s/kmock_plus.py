@@ -21,6 +21,17 @@ adds:
    API ``Status`` error (403, 404, 409, 422, 429 with ``Retry-After``, 500…) or has its
    connection dropped, ``times`` times (or for good), before anything else sees it.
 
+7. with ``Cluster.namespaces`` set, a CREATE in a namespace not in it is refused as the real
+   server refuses one in a namespace that does not exist: 404, ``namespaces "x" not found``
+   (a LIST there answers an empty list, as it does for real). A set stands in for Namespace
+   objects, which kmock cannot serve (its path parser has no cluster-scoped collections).
+
+8. RBAC, with ``Cluster.rbac`` set (:func:`rbac_from` builds it from rendered Roles and
+   RoleBindings): a request carrying ``Authorization: Bearer <service account>`` may make only
+   the (verb, resource) calls that account's Roles grant in the request's namespace, else 403
+   with the server's message. Requests without a token (the test, the process kubelet: the
+   control plane) are not restricted.
+
 And one change for long runs: ``Cluster.keep_request_log = False`` keeps only the requests in
 flight in kmock's request log. kmock matches each new request to a reaction by scanning that
 whole log (``request in filter``, oldest first), so with the log kept every request costs
@@ -115,6 +126,41 @@ def parse_field_selector(text: str) -> Callable[[Mapping[str, Any]], bool]:
     return match
 
 
+def request_verb(request: rendering.Request) -> tuple[str, str]:
+    """The RBAC (verb, resource plural) of a request."""
+    method = str(request.method.value).upper()
+    plural = request.resource.plural
+    if method == "GET":
+        verb = "watch" if request.params.get("watch") else "get" if request.name else "list"
+    elif method == "DELETE":
+        verb = "delete" if request.name else "deletecollection"
+    else:
+        verb = {"POST": "create", "PATCH": "patch", "PUT": "update"}[method]
+    return verb, plural
+
+
+def rbac_from(docs: list[dict[str, Any]]) -> dict[str, dict[str, set[tuple[str, str]]]]:
+    """What rendered Roles and RoleBindings grant: service account name → namespace →
+    (verb, resource) pairs."""
+    roles = {
+        (d["metadata"].get("namespace", ""), d["metadata"]["name"]): {
+            (verb, res)
+            for rule in d["rules"]
+            for res in rule["resources"]
+            for verb in rule["verbs"]
+        }
+        for d in docs
+        if d["kind"] == "Role"
+    }
+    granted: dict[str, dict[str, set[tuple[str, str]]]] = {}
+    for binding in (d for d in docs if d["kind"] == "RoleBinding"):
+        ns = binding["metadata"].get("namespace", "")
+        rules = roles.get((ns, binding["roleRef"]["name"]), set())
+        for subject in binding["subjects"]:
+            granted.setdefault(subject["name"], {}).setdefault(ns, set()).update(rules)
+    return granted
+
+
 def _labels(obj: Mapping[str, Any] | None) -> Mapping[str, str]:
     return ((obj or {}).get("metadata") or {}).get("labels") or {}
 
@@ -145,6 +191,13 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
     """The emulator with label selectors, deletecollection, watch timeouts, server metadata
     and ownerReference GC (see the module docstring)."""
 
+    namespaces: set[str] | None = None
+    """The namespaces that exist; None (the default): any, so tests need not create the
+    namespaces they use."""
+
+    rbac: dict[str, dict[str, set[tuple[str, str]]]] | None = None
+    """Service account → namespace → granted (verb, resource plural); None: no RBAC."""
+
     keep_request_log = True
     """False: kmock's request log holds only requests in flight (see the module docstring);
     the log can then not be inspected."""
@@ -171,17 +224,8 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
             if raw_request.transport is not None:
                 raw_request.transport.abort()
             return aiohttp.web.Response(status=500)  # never delivered
-        body = {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": fault.message,
-            "reason": fault.reason,
-            "code": fault.status,
-        }
         headers = {} if fault.retry_after_s is None else {"Retry-After": str(fault.retry_after_s)}
-        return aiohttp.web.json_response(body, status=fault.status, headers=headers)
+        return _status(fault.status, fault.reason, fault.message, **headers)
 
     # -- requests -------------------------------------------------------------------------
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
@@ -195,6 +239,25 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
             self._inflight.discard(id(request))
 
     async def _serve(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        if self.rbac is not None and request.resource is not None:
+            auth = {k.lower(): v for k, v in request.headers.items()}.get("authorization", "")
+            account = auth.removeprefix("Bearer ").strip()
+            verb, plural = request_verb(request)
+            granted = self.rbac.get(account, {}).get(request.namespace or "", set())
+            if account and (verb, plural) not in granted:
+                return _status(
+                    403,
+                    "Forbidden",
+                    f'{plural} is forbidden: User "system:serviceaccount:{account}" cannot '
+                    f'{verb} resource "{plural}" in the namespace "{request.namespace}"',
+                )
+        if (
+            self.namespaces is not None
+            and request.action == enums.action.CREATE
+            and request.namespace
+            and request.namespace not in self.namespaces
+        ):
+            return _status(404, "NotFound", f'namespaces "{request.namespace}" not found')
         if request.resource is not None and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if request.action == enums.action.CREATE:
@@ -307,6 +370,20 @@ class Cluster(kmock.KubernetesEmulator):  # type: ignore[misc]
         finally:
             with contextlib.suppress(Exception):
                 await events.aclose()  # type: ignore[attr-defined]
+
+
+def _status(code: int, reason: str, message: str, **headers: str) -> aiohttp.web.Response:
+    """An API ``Status`` error answer."""
+    body = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+    return aiohttp.web.json_response(body, status=code, headers=headers)
 
 
 def _now() -> str:

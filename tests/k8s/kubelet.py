@@ -37,7 +37,12 @@ Injected: :attr:`ProcessKubelet.unschedulable` (pods of a Job stay ``PodSchedule
 ``default`` ServiceAccount and the ``accounts`` given are created at start, as the
 ServiceAccount controller and the installation's manifests would. Events are recorded once
 per object, reason and message (the real recorder aggregates repeats into a count).
-Not modelled: real scheduling and images, probes, TTL.
+A failed index that is retried waits the controller's per-index backoff (scaled by
+``backoff_scale``), and its failure enters ``status.failed`` only once the replacement pod
+exists (as observed on the real controller); a failure that ends its index counts at once.
+TTL-after-finished: a finished Job with ``ttlSecondsAfterFinished`` is deleted that long
+(times ``ttl_scale``) after its condition, its pods with it (Background propagation).
+Not modelled: real scheduling and images, probes.
 """
 
 from __future__ import annotations
@@ -99,6 +104,9 @@ class _JobRun:
     tries: dict[int, int] = field(default_factory=dict)
     """Pods started per index (ignored failures included)."""
     failed_pods: int = 0
+    owed: set[int] = field(default_factory=set)
+    """Indexes whose last pod failed and will be retried: their failure enters
+    ``status.failed`` when the replacement pod is created, as the real controller's does."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_status: dict[str, Any] | None = None
     started: list[tuple[int, int]] = field(default_factory=list)
@@ -121,6 +129,8 @@ class ProcessKubelet:
         nice: int = 10,
         accounts: tuple[str, ...] = ("jetreduce-agent",),
         retry_s: float = 0.2,
+        ttl_scale: float = 1.0,
+        backoff_scale: float = 0.0,
     ) -> None:
         self.batch = k8s.BatchV1Api(api)
         self.core = k8s.CoreV1Api(api)
@@ -143,6 +153,11 @@ class ProcessKubelet:
         starts): a crash loop, which uses up the Job's per-index backoff."""
         self.accounts = accounts
         self.retry_s = retry_s
+        self.ttl_scale = ttl_scale
+        self.backoff_scale = backoff_scale
+        """The controller's per-index backoff (10 s, doubling, at most 6 min) times this
+        before a failed index's next pod; 0 (the default) retries at once."""
+        self._expiring: set[asyncio.Task[None]] = set()
         self.unschedulable: dict[str, str] = {}
         """Job name → the scheduler's message for its pods, which then never schedule."""
         self.image_errors: dict[str, tuple[str, str]] = {}
@@ -197,6 +212,8 @@ class ProcessKubelet:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.poll_s)
         finally:
+            for task in self._expiring:
+                task.cancel()
             for run in list(self.jobs.values()):
                 await self._terminate(run, grace_s=5)
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -235,6 +252,9 @@ class ProcessKubelet:
         ends_at = None if deadline is None else loop.time() + float(deadline)
 
         async def attempt(index: int) -> int:
+            failures = run.failures.get(index, 0)
+            if failures and self.backoff_scale:  # the per-index backoff, scaled down
+                await asyncio.sleep(self.backoff_scale * min(360.0, 10.0 * 2 ** (failures - 1)))
             async with slots:
                 return await self._run_pod(run, index)
 
@@ -261,7 +281,6 @@ class ProcessKubelet:
                     if action == "Ignore":  # retried, counted nowhere
                         pending.append(index)
                         continue
-                    run.failed_pods += 1
                     run.failures[index] = run.failures.get(index, 0) + 1
                     if action == "FailJob":
                         reason = "PodFailurePolicy"
@@ -269,13 +288,16 @@ class ProcessKubelet:
                         per_index is not None and run.failures[index] > int(per_index)
                     ):
                         run.failed_indexes.add(index)
-                    else:
+                    else:  # counted in status.failed once its replacement exists
+                        run.owed.add(index)
                         pending.append(index)
+                        continue
+                    run.failed_pods += 1
                 # The controller's order: a FailJob rule, then backoffLimit, then the per-index
                 # rules (so a finite backoffLimit binds before the per-index budgets do).
                 if reason is not None:
                     break
-                if run.failed_pods > backoff_limit:
+                if run.failed_pods + len(run.owed) > backoff_limit:
                     reason = "BackoffLimitExceeded"
                     break
                 if max_failed is not None and len(run.failed_indexes) > int(max_failed):
@@ -286,6 +308,8 @@ class ProcessKubelet:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        run.failed_pods += len(run.owed)  # retries that will not come: counted now
+        run.owed.clear()
         if reason is None and run.failed_indexes:
             reason = "FailedIndexes"
         if tasks:  # the Job failed: stop what still runs
@@ -295,6 +319,22 @@ class ProcessKubelet:
             await asyncio.wait(tasks, timeout=10)
         condition = "Complete" if reason is None else "Failed"
         await self._write_job_status(run, active=0, condition=condition, reason=reason)
+        ttl = spec.get("ttlSecondsAfterFinished")
+        if ttl is not None:
+            task = asyncio.create_task(self._expire(run.name, float(ttl) * self.ttl_scale))
+            self._expiring.add(task)
+            task.add_done_callback(self._expiring.discard)
+
+    async def _expire(self, job: str, after_s: float) -> None:
+        """The TTL-after-finished controller: delete the finished Job, its pods with it."""
+        await asyncio.sleep(after_s)
+        with contextlib.suppress(ApiException):  # deleted meanwhile
+            await self._api(
+                self.batch.delete_namespaced_job,
+                job,
+                self.namespace,
+                propagation_policy="Background",
+            )
 
     async def _write_job_status(
         self,
@@ -371,6 +411,9 @@ class ProcessKubelet:
         await self._admit(run, pod)
         await self._api(self.core.create_namespaced_pod, self.namespace, pod)
         attempt.created = True
+        if index in run.owed:  # the failure this pod replaces now shows in status.failed
+            run.owed.discard(index)
+            run.failed_pods += 1
         await self._patch_pod(name, {"phase": "Pending"})
         await self._write_job_status(run)
         container = template["spec"]["containers"][0]

@@ -11,10 +11,14 @@ import kubernetes_validate
 import pytest
 import typer
 import yaml
+from harness import map_only_spec
+from kubernetes import client as k8s
 
 from jetreduce.cli.k8s_settings import kubernetes_settings
+from jetreduce.contract.events import SubmitOptions
+from jetreduce.contract.records import StoredSpec
 from jetreduce.launcher.k8s_settings import FILE_KEYS, SettingsFileError, from_file_data
-from jetreduce.launcher.kubernetes import agent_nats_env, build_map_job
+from jetreduce.launcher.kubernetes import KubernetesBackend, agent_nats_env, build_map_job
 from jetreduce.runtime.settings import NatsSettings
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "kubernetes.md"
@@ -159,3 +163,31 @@ def test_every_key_is_documented() -> None:
         *(f"nats.{k}" for k in ("url", "filesSecret", "filesMount", "credentialsSecret", "env")),
     ]
     assert [k for k in keys if f"`{k}`" not in text] == []
+
+
+@pytest.mark.parametrize(
+    ("allowed", "image", "refused"),
+    [
+        (None, "anything:1", False),  # the default: any image
+        ([], "anything:1", True),  # none: the installation's image only
+        ([], None, False),
+        (["registry.example/team/*", "jetreduce:2.0.0"], "registry.example/team/x:1", False),
+        (["registry.example/team/*", "jetreduce:2.0.0"], "jetreduce:2.0.0", False),
+        (["registry.example/team/*"], "docker.io/evil:latest", True),
+    ],
+)
+def test_a_workflows_own_image_only_where_the_installation_allows_it(
+    allowed: list[str] | None, image: str | None, refused: bool
+) -> None:
+    settings = from_file_data({"workflowImages": allowed})
+    backend = KubernetesBackend(
+        NatsSettings(url="nats://127.0.0.1:1"), settings, api_client=k8s.ApiClient()
+    )
+    spec = StoredSpec(
+        workflow=map_only_spec().workflow,
+        options=SubmitOptions(backend="kubernetes", image=image),
+    )
+    reason = backend.refusal(spec)
+    assert (reason is not None) == refused, reason
+    if refused:
+        assert f"image {image!r} is not one this installation lets workflows choose" in reason

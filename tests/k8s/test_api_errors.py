@@ -174,3 +174,23 @@ async def test_each_namespace_is_polled_swept_and_stopped_on_its_own(
     finally:
         await backend.stop_all()
     assert exits == []
+
+
+async def test_a_namespace_that_does_not_exist_fails_the_workflow_with_the_apis_message(
+    emulator: EmulatorThread, api_client: k8s.ApiClient, namespace: str
+) -> None:
+    """Not injected: the emulator refuses a create in a missing namespace as the server does
+    (and answers a list there with nothing)."""
+    assert emulator.cluster is not None
+    emulator.cluster.namespaces = set()
+    exits: list[Exit] = []
+    backend = _backend(api_client, namespace, exits)
+    try:
+        assert await backend.launch("wf-m", "map", [1], map_only_spec()) == 0
+        emulator.cluster.namespaces.add(namespace)  # kubectl create namespace
+        assert await backend.launch("wf-m2", "map", [1], map_only_spec()) == 1
+    finally:
+        await backend.stop_all()
+    (final,) = exits
+    assert final[:6] == ("wf-m", "map", -1, -1, False, 0)
+    assert f'404 Not Found: namespaces "{namespace}" not found' in final[6], final

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kmock_plus import EmulatorThread
+from kmock_plus import EmulatorThread, request_verb
 from kubernetes import client as k8s
 
 from jetreduce.contract.events import SubmitOptions
@@ -263,7 +263,9 @@ def _role(name: str) -> set[tuple[str, str]]:
 
 
 def _calls_since(emulator: EmulatorThread, mark: int) -> set[tuple[str, str]]:
-    return emulator.call(lambda c: {_verb(r) for r in list(c)[mark:] if r.resource is not None})
+    return emulator.call(
+        lambda c: {request_verb(r) for r in list(c)[mark:] if r.resource is not None}
+    )
 
 
 async def test_each_role_grants_exactly_the_calls_of_its_service(
@@ -309,18 +311,6 @@ async def test_each_role_grants_exactly_the_calls_of_its_service(
     assert janitor_calls == _role("jetreduce-janitor")
     assert _count(emulator, namespace) == {"jobs": 0, "configmaps": 0, "secrets": 0}
     assert not any(res == "secrets" and verb != "create" for verb, res in launcher_calls)
-
-
-def _verb(request: Any) -> tuple[str, str]:
-    method = str(request.method.value).upper()
-    plural = request.resource.plural
-    if method == "GET":
-        verb = "watch" if request.params.get("watch") else "get" if request.name else "list"
-    elif method == "DELETE":
-        verb = "delete" if request.name else "deletecollection"
-    else:
-        verb = {"POST": "create", "PATCH": "patch", "PUT": "update"}[method]
-    return verb, plural
 
 
 def _failed_pod(job: str, index: int, code: int) -> dict[str, Any]:

@@ -267,3 +267,92 @@ async def test_a_job_that_fails_after_its_phase_is_decided_is_left_alone(
     assert jobs == {job_name("wf-p", "map")}
     assert got and not any(not e[4] and e[5] == 0 for e in got), got
     assert not backend.running("wf-p", "map")
+
+
+async def test_a_finished_job_goes_after_its_ttl_and_the_backend_lets_it_go(
+    emulator: EmulatorThread, api_client: k8s.ApiClient, namespace: str, tmp_path: Path
+) -> None:
+    exits: list[Any] = []
+
+    async def on_exit(*args: Any) -> None:
+        exits.append(args)
+
+    backend = KubernetesBackend(
+        NatsSettings(url="nats://127.0.0.1:1", prefix="ttl"),
+        KubernetesSettings(
+            namespace=namespace,
+            image="jetreduce:test",
+            poll_interval_s=3600,
+            ttl_seconds_after_finished=1,
+        ),
+        api_client=api_client,
+        on_exit=on_exit,
+    )
+    name = job_name("wf-ttl", "map")
+    kubelet = ProcessKubelet(api_client, namespace, tmp_path, poll_s=0.05, nice=0, ttl_scale=0.3)
+    kubelet.exits[name] = lambda index, attempt: 0
+    stop = asyncio.Event()
+    task = asyncio.create_task(kubelet.run(stop))
+    try:
+        assert await backend.launch("wf-ttl", "map", [1, 1], map_only_spec()) == 2
+        await wait_for(lambda: _condition(emulator, namespace, name), timeout_s=20)
+        await backend.poll_once()
+        assert not backend.running("wf-ttl", "map")  # complete
+
+        def gone() -> bool:
+            return not emulator.live("batch/v1/jobs", namespace) and not emulator.live(
+                "v1/pods", namespace
+            )
+
+        await wait_for(gone, timeout_s=10)
+        await backend.poll_once()  # the Job is gone: forgotten, nothing reported
+        assert backend._seen == {} and exits == []
+    finally:
+        await backend.stop("wf-ttl")
+        await backend.stop_all()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_a_failure_is_counted_once_its_replacement_exists_after_the_backoff(
+    emulator: EmulatorThread, api_client: k8s.ApiClient, namespace: str, tmp_path: Path
+) -> None:
+    """Index 0 fails once. While its per-index backoff (10 s scaled to 0.5 s) runs, the
+    failed pod is there and ``status.failed`` is still 0; the count comes with the
+    replacement pod, as on the real controller."""
+    job = copy.deepcopy(_agents_job(2))
+    job["metadata"]["namespace"] = namespace
+    name = job["metadata"]["name"]
+    seen: list[tuple[int, int, bool]] = []
+    """(status.failed, pods of index 0, one of them failed), as observed."""
+    kubelet = ProcessKubelet(
+        api_client, namespace, tmp_path, poll_s=0.05, nice=0, backoff_scale=0.05
+    )
+    kubelet.exits[name] = lambda index, attempt: 1 if index == 0 and attempt == 0 else 0
+    stop = asyncio.Event()
+    task = asyncio.create_task(kubelet.run(stop))
+    try:
+        await asyncio.to_thread(
+            k8s.BatchV1Api(api_client).create_namespaced_job, namespace, job, _preload_content=False
+        )
+
+        def observe() -> bool:
+            jobs = emulator.live("batch/v1/jobs", namespace)
+            failed = int(((jobs[0].get("status") or {}) if jobs else {}).get("failed") or 0)
+            pods = [
+                p
+                for p in emulator.live("v1/pods", namespace)
+                if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0"
+            ]
+            crashed = any((p.get("status") or {}).get("phase") == "Failed" for p in pods)
+            seen.append((failed, len(pods), crashed))
+            return _condition(emulator, namespace, name) is not None
+
+        await wait_for(observe, timeout_s=20, every_s=0.02)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert kubelet.errors == []
+    assert (0, 1, True) in seen  # the backoff: failed pod there, not counted yet
+    assert all(pods == 2 for failed, pods, _ in seen if failed == 1)
+    assert seen[-1][0] == 1

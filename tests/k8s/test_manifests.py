@@ -235,6 +235,7 @@ def test_an_extra_workflow_namespace_gets_the_roles_bound_to_the_installations_a
         ("Role", "jetreduce-janitor"),
         ("RoleBinding", "jetreduce-launcher"),
         ("RoleBinding", "jetreduce-janitor"),
+        ("NetworkPolicy", "jetreduce-agents"),
     }
     assert (
         kinds[("Namespace", "team-a")]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]

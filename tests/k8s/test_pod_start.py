@@ -34,6 +34,7 @@ pytestmark = pytest.mark.anyio
 JOB = job_name("wf-s", "map")
 
 Exit = tuple[str, str, int, int, bool, int, str]
+DEADLINE_S = 2.5
 
 
 async def _run(
@@ -60,7 +61,9 @@ async def _run(
         "image": "jetreduce:test",
         "command": ("sleep", "30"),
         "poll_interval_s": 3600,
-        "startup_deadline_s": 1.0,
+        # Long enough for a loaded machine's kubelet to have written why the pods wait
+        # (else "no pod started" would be the reason), short enough for a quick test.
+        "startup_deadline_s": DEADLINE_S,
         **settings,
     }
     backend = KubernetesBackend(
@@ -85,7 +88,7 @@ async def _run(
         if until_given_up:
             await wait_for(given_up, timeout_s=15, every_s=0.1)
         else:
-            for _ in range(15):  # 1.5 s: past the startup deadline
+            for _ in range(int(DEADLINE_S * 10) + 5):  # past the startup deadline
                 assert not await given_up(), exits
                 await asyncio.sleep(0.1)
     finally:
@@ -149,7 +152,7 @@ async def test_a_pod_that_cannot_start_fails_the_phase_with_the_apis_reason(
         assert sorted(s.index for s in reported) == [0, 1]
     final = [e for e in exits if not e[4] and e[5] == 0]
     assert len(final) == 1, exits
-    assert final[0][6].startswith(f"could not start within 1s: {reason}: "), final
+    assert final[0][6].startswith(f"could not start within {DEADLINE_S:g}s: {reason}: "), final
     assert names in final[0][6] and JOB in final[0][6]
 
 
@@ -193,7 +196,7 @@ async def test_a_workflow_whose_agents_cannot_start_fails_with_the_missing_objec
             namespace=namespace,
             image="jetreduce:test",
             poll_interval_s=0.2,
-            startup_deadline_s=2.0,
+            startup_deadline_s=DEADLINE_S,
             nats_env_secret="agent-nats",
         ),
         api_client=api_client,
@@ -235,7 +238,7 @@ async def test_a_workflow_whose_agents_cannot_start_fails_with_the_missing_objec
         await backend.stop_all()
     assert isinstance(done, ev.WorkflowFailed), done
     # The first phase's agents (a setup phase reads the uploaded input) never start.
-    assert " agents could not start within 2s: " in done.reason, done.reason
+    assert f" agents could not start within {DEADLINE_S:g}s: " in done.reason, done.reason
     assert 'CreateContainerConfigError: secret "agent-nats" not found' in done.reason
     assert took < 15, took
     assert {e.reason for e in failed} == {"CreateContainerConfigError"}

@@ -64,7 +64,12 @@ def test_otel_component_renders_validates_and_wires_every_service(
         assert ref == "jetreduce-otel"
     (otel,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == ref]
     assert otel["data"]["endpoint"].endswith(":4318")
-    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    policy = policies["jetreduce-services"]
+    agent_egress = {
+        p["port"] for r in policies["jetreduce-agents"]["spec"]["egress"] for p in r["ports"]
+    }
+    assert 4318 in agent_egress  # agents export traces to the collector too
     egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])}
     ingress_ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
     assert 4318 in egress_ports and 9464 in ingress_ports and 4222 in egress_ports

@@ -65,6 +65,11 @@ class KubernetesSettings:
     and the janitor's sweep look in each (one call per namespace), since no cluster-wide
     access is wanted. A workflow asking for any other namespace fails with the reason."""
     image: str = "jetreduce:latest"
+    workflow_images: tuple[str, ...] | None = None
+    """The images a workflow may choose for its agents (``--image``): exact names, or
+    prefixes ending in ``*``; empty: none (every workflow runs the installation's image);
+    None: any. A workflow asking for another is refused with the reason. Agents run the
+    workflow's commands either way; what this bounds is which code, from which registry."""
     image_pull_policy: str = "IfNotPresent"
     command: tuple[str, ...] = ("jetreduce", "worker")
     """The agent's argv; the image's entrypoint is ``jetreduce``, so this is explicit."""
@@ -263,6 +268,14 @@ def _number(kind: type[int] | type[float]) -> _Convert:
     return convert
 
 
+def _images(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ValueError("a list of images (or prefixes ending in *), or null for any")
+    return tuple(_string(v) for v in value)
+
+
 def _codes(value: Any) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in value
@@ -312,6 +325,7 @@ FILE_KEYS: dict[str, tuple[str, _Convert]] = {
     "annotations": ("annotations", _string_map),
     "workdirSizeLimit": ("workdir_size_limit", _optional_quantity),
     "tmpSizeLimit": ("tmp_size_limit", _optional_quantity),
+    "workflowImages": ("workflow_images", _images),
     "slotsPerPod": ("slots_per_pod", _number(int)),
     "backoffLimitPerIndex": ("backoff_limit_per_index", _number(int)),
     "maxFailedIndexesRatio": ("max_failed_indexes_ratio", _number(float)),
