@@ -658,7 +658,9 @@ def _run_kill_resume(
     wall-clock time of the kill."""
     env = env_without_jetreduce()
     proc = subprocess.Popen(
-        [*JETREDUCE, "run", str(wf_file), "--id", RES, "--data-dir", str(data), "-q"],
+        # A short lease: what the killed run had in flight runs again after 3 s, not 30.
+        [*JETREDUCE, "run", str(wf_file), "--id", RES, "--data-dir", str(data), "-q"]
+        + ["--lease", "3"],
         cwd=work,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
