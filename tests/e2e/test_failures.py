@@ -644,6 +644,9 @@ def _processes_mentioning(text: str) -> list[int]:
     ]
 
 
+LEASE = ("--lease", "3")
+
+
 def _run_kill_resume(
     work: Path,
     data: Path,
@@ -659,8 +662,7 @@ def _run_kill_resume(
     env = env_without_jetreduce()
     proc = subprocess.Popen(
         # A short lease: what the killed run had in flight runs again after 3 s, not 30.
-        [*JETREDUCE, "run", str(wf_file), "--id", RES, "--data-dir", str(data), "-q"]
-        + ["--lease", "3"],
+        [*JETREDUCE, "run", str(wf_file), "--id", RES, "--data-dir", str(data), "-q", *LEASE],
         cwd=work,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
