@@ -63,13 +63,13 @@ async def test_the_dev_nats_admits_the_services_and_no_one_else(tmp_path: Path) 
         await wait_for(listening, timeout_s=10)
         url = f"nats://127.0.0.1:{port}"
         with pytest.raises(ConnectFailed):
-            await connect(NatsSettings(url=url), forever=False, attempts=1)
+            await connect(NatsSettings(url=url), forever=False, timeout_s=5)
         launcher = _named(docs, "Deployment", "jetreduce-launcher")
         (container,) = launcher["spec"]["template"]["spec"]["containers"]
         resolved = container_env(docs, launcher, container, tmp_path / "launcher")
         settings = NatsSettings.from_env({**resolved, "JETREDUCE_NATS_URL": url})
         assert settings.user == "jetreduce" and settings.password
-        nc = await connect(settings, forever=False, attempts=1)
+        nc = await connect(settings, forever=False, timeout_s=5)
         await nc.close()
         # The password is the Secret's, not a literal anywhere in the manifests.
         auth = secret_data(docs, _named(docs, "Secret", "nats-auth")["metadata"]["name"])
