@@ -9,29 +9,15 @@ appears (its spec read once), and forgotten when the record turns terminal or go
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-
-import msgspec
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 
 from jetreduce.contract.records import WorkflowRecord
-from jetreduce.contract.subjects import Subjects
 from jetreduce.runtime.state import StateStore
 
 __all__ = ["Deadlines"]
 
-log = logging.getLogger(__name__)
-
-_records = msgspec.json.Decoder(WorkflowRecord)
-
 
 class Deadlines:
-    def __init__(self, js: JetStreamContext, subjects: Subjects, state: StateStore) -> None:
-        self._js = js
-        self._bucket = subjects.workflows_bucket
+    def __init__(self, state: StateStore) -> None:
         self._state = state
         self._created: dict[str, float] = {}
         """Running workflows whose spec is still to be read (when created)."""
@@ -39,37 +25,10 @@ class Deadlines:
         """Running workflows with a timeout: (deadline, timeout_s)."""
 
     async def follow(self, stop: asyncio.Event, retry_s: float = 1.0) -> None:
-        """Follow the records until ``stop``; a failed watch is started again (its first
-        deliveries are every record, so nothing missed meanwhile is lost)."""
-        while not stop.is_set():
-            watcher = None
-            try:
-                kv = await self._js.key_value(self._bucket)
-                watcher = await kv.watchall()
-                while not stop.is_set():
-                    try:
-                        entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
-                    except NatsTimeout:
-                        continue
-                    if entry is not None:
-                        self._on_entry(entry)
-            except Exception as exc:
-                log.warning("janitor: watching the workflow records failed (%r)", exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), retry_s)
-            finally:
-                if watcher is not None:
-                    with contextlib.suppress(Exception):
-                        await watcher.stop()  # type: ignore[no-untyped-call]
+        """Follow the records until ``stop``."""
+        await self._state.follow(stop, self._on_record, who="janitor", retry_s=retry_s)
 
-    def _on_entry(self, entry: KeyValue.Entry) -> None:
-        wf = entry.key
-        record = None
-        if entry.operation not in ("DEL", "PURGE") and entry.value:
-            try:
-                record = _records.decode(entry.value)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                log.error("janitor: unreadable workflow record %s ignored", wf)
+    def _on_record(self, wf: str, record: WorkflowRecord | None, revision: int) -> None:
         if record is None or record.phase.terminal:
             self._created.pop(wf, None)
             self._due.pop(wf, None)

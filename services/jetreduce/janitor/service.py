@@ -93,7 +93,7 @@ class Janitor:
     async def _timeouts(self, stop: asyncio.Event) -> None:
         """End workflows that outlived their ``timeout_s`` (checked every second, against
         deadlines that follow the records through one watch: ``janitor/deadlines.py``)."""
-        deadlines = Deadlines(self.ctx.js, self.s, self.state)
+        deadlines = Deadlines(self.state)
         following = asyncio.create_task(deadlines.follow(stop), name="janitor deadlines")
         try:
             while not stop.is_set():

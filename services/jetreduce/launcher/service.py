@@ -7,11 +7,7 @@ import contextlib
 import logging
 import time
 
-import msgspec
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 
 from jetreduce.contract.events import (
     AgentExited,
@@ -41,7 +37,6 @@ AGING_S = 300.0
 RECORDS_READY_S = 30.0
 """Longest wait (s) for the first full read of the workflow records before an admission with
 a slot cap; past it the event is redelivered (or the reconciler tries again)."""
-_records = msgspec.json.Decoder(WorkflowRecord)
 
 
 class MappingRecords:
@@ -52,10 +47,8 @@ class MappingRecords:
     own, so none depends on seeing the events the others handled. Revisions keep it
     monotonic when a direct read and the watch report the same record."""
 
-    def __init__(self, state: StateStore, js: JetStreamContext, bucket: str) -> None:
+    def __init__(self, state: StateStore) -> None:
         self._state = state
-        self._bucket = bucket
-        self._js = js
         self.ready = asyncio.Event()
         """Set once the watch has delivered every record that existed when it started."""
         self.watching = False
@@ -90,46 +83,14 @@ class MappingRecords:
             self.apply(wf, found[0], found[1])
 
     async def watch(self, stop: asyncio.Event, retry_s: float = 1.0) -> None:
-        """Follow the records until ``stop``; a failed watch is started again (its first
-        delivery re-reads every record, so nothing missed in between is lost)."""
+        """Follow the records until ``stop`` (``ready`` once every existing one is in)."""
         self.watching = True
         try:
-            while not stop.is_set():
-                watcher = None
-                try:
-                    kv = await self._js.key_value(self._bucket)
-                    watcher = await kv.watchall()
-                    while not stop.is_set():
-                        try:
-                            entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
-                        except NatsTimeout:
-                            continue
-                        if entry is None:
-                            self.ready.set()
-                            continue
-                        self._on_entry(entry)
-                except Exception as exc:
-                    log.warning("launcher: watching the workflow records failed (%r)", exc)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), retry_s)
-                finally:
-                    if watcher is not None:
-                        with contextlib.suppress(Exception):
-                            await watcher.stop()  # type: ignore[no-untyped-call]
+            await self._state.follow(
+                stop, self.apply, on_caught_up=self.ready.set, who="launcher", retry_s=retry_s
+            )
         finally:
             self.watching = False
-
-    def _on_entry(self, entry: KeyValue.Entry) -> None:
-        revision = entry.revision or 0
-        if entry.operation in ("DEL", "PURGE") or not entry.value:
-            self.apply(entry.key, None, revision)
-            return
-        try:
-            record = _records.decode(entry.value)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            log.error("launcher: unreadable workflow record %s ignored", entry.key)
-            return
-        self.apply(entry.key, record, revision)
 
 
 class Launcher:
@@ -153,7 +114,7 @@ class Launcher:
         self.max_slots = max_slots
         self.aging_s = aging_s
         self._admitting = asyncio.Lock()
-        self.mapping = MappingRecords(self.state, ctx.js, ctx.subjects.workflows_bucket)
+        self.mapping = MappingRecords(self.state)
         backend.on_exit = self._on_agent_exit
         backend.on_status = self._on_status
 

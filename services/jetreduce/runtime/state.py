@@ -6,10 +6,14 @@ quietly when the record has already moved on, so a redelivered event is a no-op.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import Callable
 
 import msgspec
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -17,7 +21,12 @@ from nats.js.kv import KeyValue
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import Subjects
 
-__all__ = ["StateStore"]
+__all__ = ["RecordCallback", "StateStore"]
+
+log = logging.getLogger(__name__)
+
+RecordCallback = Callable[[str, WorkflowRecord | None, int], None]
+"""``(workflow id, record or None when deleted, revision)``: one change of a record."""
 
 _rec_dec = msgspec.json.Decoder(WorkflowRecord)
 _spec_dec = msgspec.json.Decoder(StoredSpec)
@@ -40,6 +49,51 @@ class StateStore:
         if self._specs is None:
             self._specs = await self._js.key_value(self._subjects.specs_bucket)
         return self._specs
+
+    async def follow(
+        self,
+        stop: asyncio.Event,
+        on_record: RecordCallback,
+        *,
+        on_caught_up: Callable[[], None] | None = None,
+        who: str = "",
+        retry_s: float = 1.0,
+    ) -> None:
+        """Follow every workflow record until ``stop`` through one KV watch: instead of
+        listing them (``kv.keys()`` makes a consumer each call, which the server keeps for
+        minutes). ``on_caught_up`` is called when the watch has delivered every record that
+        existed when it started. A failed watch is started again; its first deliveries are
+        every record, so nothing missed meanwhile is lost. An unreadable record is logged
+        and skipped."""
+        while not stop.is_set():
+            watcher = None
+            try:
+                watcher = await (await self._rec_kv()).watchall()
+                while not stop.is_set():
+                    try:
+                        entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
+                    except NatsTimeout:
+                        continue
+                    if entry is None:
+                        if on_caught_up is not None:
+                            on_caught_up()
+                        continue
+                    record = None
+                    if entry.operation not in ("DEL", "PURGE") and entry.value:
+                        try:
+                            record = _rec_dec.decode(entry.value)
+                        except (msgspec.DecodeError, msgspec.ValidationError):
+                            log.error("%s: unreadable workflow record %s ignored", who, entry.key)
+                            continue
+                    on_record(entry.key, record, entry.revision or 0)
+            except Exception as exc:
+                log.warning("%s: watching the workflow records failed (%r)", who, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), retry_s)
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def get(self, wf: str) -> WorkflowRecord | None:
         found = await self.get_with_revision(wf)
