@@ -53,7 +53,7 @@ def fails(i: int) -> bool:
 
 ITEM_SH = """
 if [ $(( $1 % 97 )) -eq 13 ]; then echo "item $1 is bad" >&2; exit 9; fi
-sleep 0.08
+sleep 0.05
 echo out-$1
 """
 
@@ -83,7 +83,7 @@ error_policy:
 reduce:
   # Long enough that the disruption loop (which may itself be busy restarting a service
   # when the map ends) always finds the reduce agent running.
-  - shell: "sleep 5"
+  - shell: "sleep 3"
   - shell: "{python} {work}/reduce.py ${{map.results_file}}"
 """
 
