@@ -47,7 +47,7 @@ RUN_BUDGET_S = 120.0
 """Hard bound on one seed's workflow (submit to terminal event)."""
 
 ITEM_SH = """
-sleep 0.05
+sleep 0.02
 echo "$1" >> {work}/effects
 echo out-$1
 """
