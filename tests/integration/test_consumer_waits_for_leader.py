@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from jetreduce.cli.host import ServiceHost
 from jetreduce.contract.subjects import Subjects
 from jetreduce.embedded import find_nats_server
 from jetreduce.runtime.connection import connect
@@ -82,3 +83,29 @@ async def test_consumer_start_without_an_answering_jetstream_waits_instead_of_fa
         await asyncio.wait_for(task, 5)  # and it still stops when asked
     finally:
         await nc.close()
+
+
+async def test_services_start_without_an_answering_jetstream_waits_instead_of_failing(
+    core_only_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``services up`` declares the topology first: that waits too, and still stops."""
+    host = ServiceHost(NatsSettings(url=core_only_url, prefix=prefix), ("janitor",))
+    entered = asyncio.Event()
+
+    async def start() -> None:
+        async with host.running():
+            entered.set()
+
+    with caplog.at_level(logging.WARNING, logger="jetreduce.cli.host"):
+        task = asyncio.create_task(start())
+
+        def retried_twice() -> bool:
+            if task.done():
+                raise AssertionError(f"the services gave up: {task.exception()!r}")
+            return sum("not answering yet" in r.message for r in caplog.records) >= 2
+
+        await wait_for(retried_twice, timeout_s=15)
+    assert not entered.is_set()
+    host.stop.set()
+    with pytest.raises(Exception):  # noqa: B017 - the last attempt's error, once stopped
+        await asyncio.wait_for(task, 5)

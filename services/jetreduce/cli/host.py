@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
 
+from nats.js import JetStreamContext
+
 from jetreduce.aggregator.service import Aggregator
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import TopologySettings, declare
@@ -22,7 +24,7 @@ from jetreduce.launcher.local import LocalBackend
 from jetreduce.launcher.service import AGING_S, Launcher
 from jetreduce.planner.service import Planner
 from jetreduce.runtime.connection import connect
-from jetreduce.runtime.service import ServiceContext
+from jetreduce.runtime.service import TRANSIENT, ServiceContext
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
 from jetreduce.runtime.telemetry import (
@@ -118,13 +120,33 @@ class ServiceHost:
             return KubernetesBackend(self.settings, self.k8s or KubernetesSettings())
         return LocalBackend(self.settings, log_dir=self.log_dir, max_processes=self.max_processes)
 
+    async def _declare(self, js: JetStreamContext, subjects: Subjects) -> None:
+        """Declare the topology, waiting out a cluster that has no leader for it (an election
+        takes 4-9 s): a replica started then must come up, not die (issue 19: the survivor of
+        two did, and the workflow hung)."""
+        while True:
+            try:
+                await declare(js, subjects, self.topology)
+                return
+            except TRANSIENT as exc:
+                log.warning("services: JetStream not answering yet (%r); retrying", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), 1.0)
+                if self.stop.is_set():
+                    raise
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[ServiceHost]:
         """Start every service; on exit, stop them and close the connection."""
         nc = await connect(self.settings, name="jetreduce-services")
         js = nc.jetstream()
         subjects = Subjects(self.settings.prefix)
-        await declare(js, subjects, self.topology)
+        try:
+            await self._declare(js, subjects)
+        except BaseException:  # stopped while waiting, or a lasting error: no services ran
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise
         ctx = ServiceContext(nc=nc, js=js, subjects=subjects)
         server: MetricsServer | None = None
         observer: EventMetrics | None = None
