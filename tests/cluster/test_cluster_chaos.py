@@ -36,7 +36,7 @@ from jetreduce.contract.subjects import Subjects
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.orphans import die_with_parent
 from jetreduce.runtime.settings import NatsSettings
-from support import env_without_jetreduce
+from support import env_without_jetreduce, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -228,6 +228,11 @@ async def _chaos(run: Run, rng: random.Random) -> None:
     s = Subjects(run.prefix)
     for index in range(2):
         run.start_services(index)
+    # Both replicas up (topology declared, services started) before the workflow exists.
+    logs = [run.root / "logs" / f"services{i}.log" for i in range(2)]
+    await wait_for(
+        lambda: all("jetreduce services running" in p.read_text() for p in logs), timeout_s=60
+    )
     nc = await connect(NatsSettings(url=run.cluster.url, prefix=run.prefix), forever=True)
     js = nc.jetstream()
     try:
