@@ -193,7 +193,8 @@ class LocalCluster:
         node.spawn(routes, self.sync_always)
 
     def wait_ready(self, timeout_s: float | None = None) -> str:
-        """Until every running node is healthy and they agree on one meta leader; its name."""
+        """Until every running node is healthy, they agree on one meta leader, and it sees
+        every other one online and current; its name."""
         deadline = time.monotonic() + (timeout_s or self.startup_timeout_s)
         while True:
             for n in self.nodes:

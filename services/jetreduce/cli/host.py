@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from nats.js import JetStreamContext
+from nats.js.errors import BadRequestError
 
 from jetreduce.aggregator.service import Aggregator
 from jetreduce.contract.subjects import Subjects
@@ -37,6 +38,9 @@ from jetreduce.runtime.telemetry import meter as current_meter
 __all__ = ["BACKENDS", "SERVICE_NAMES", "ServiceHost"]
 
 log = logging.getLogger(__name__)
+
+NO_PEERS_FOR_PLACEMENT = 10005
+"""JetStream's "no suitable peers for placement": a replicated stream's peer is offline."""
 
 SERVICE_NAMES = ("planner", "launcher", "aggregator", "janitor")
 BACKENDS = ("local", "kubernetes")
@@ -121,14 +125,17 @@ class ServiceHost:
         return LocalBackend(self.settings, log_dir=self.log_dir, max_processes=self.max_processes)
 
     async def _declare(self, js: JetStreamContext, subjects: Subjects) -> None:
-        """Declare the topology, waiting out a cluster that has no leader for it (an election
-        takes 4-9 s): a replica started then must come up, not die (issue 19: the survivor of
-        two did, and the workflow hung)."""
+        """Declare the topology, waiting out a cluster that cannot answer yet: no leader (an
+        election takes 4-9 s), or a replica's peer not seen back online after a restart. A
+        replica started then must come up, not die (issue 19: the survivor of two did, and the
+        workflow hung)."""
         while True:
             try:
                 await declare(js, subjects, self.topology)
                 return
-            except TRANSIENT as exc:
+            except (*TRANSIENT, BadRequestError) as exc:
+                if isinstance(exc, BadRequestError) and exc.err_code != NO_PEERS_FOR_PLACEMENT:
+                    raise
                 log.warning("services: JetStream not answering yet (%r); retrying", exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), 1.0)
