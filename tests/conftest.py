@@ -32,7 +32,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # A test's tier is the directory it lives in; `make test-fast` runs the `fast` ones.
-TIERS = ("unit", "fuzz", "integration", "e2e", "chaos", "k8s", "observability")
+TIERS = ("unit", "fuzz", "integration", "e2e", "chaos", "cluster", "k8s", "observability")
 FAST_TIERS = {"unit", "fuzz", "integration"}
 
 

@@ -136,7 +136,9 @@ class ClusterNode:
 
 class LocalCluster:
     """``size`` routed nats-servers with JetStream. A context manager, or ``start()`` /
-    ``stop()``; ``kill(name)`` and ``restart(name)`` are for fault tests."""
+    ``stop()``; ``kill(name)`` and ``restart(name)`` are for fault tests. Call ``start`` and
+    ``restart`` from a long-lived thread: a node dies with the thread that started it
+    (runtime/orphans.py), so one started from ``asyncio.to_thread`` would soon be gone."""
 
     def __init__(
         self,
@@ -191,7 +193,8 @@ class LocalCluster:
         node.spawn(routes, self.sync_always)
 
     def wait_ready(self, timeout_s: float | None = None) -> str:
-        """Until every running node is healthy and they agree on one meta leader; its name."""
+        """Until every running node is healthy, they agree on one meta leader, and it sees
+        every other one online and current; its name."""
         deadline = time.monotonic() + (timeout_s or self.startup_timeout_s)
         while True:
             for n in self.nodes:
@@ -218,13 +221,10 @@ class LocalCluster:
             time.sleep(0.05)
 
     def meta_leader(self) -> str | None:
-        """The meta leader's name, as the first live node that knows one says."""
-        for n in self.nodes:
-            if n.running:
-                leader = n.meta_leader()
-                if leader:
-                    return leader
-        return None
+        """The meta leader's name if every live node agrees on it (None during an election:
+        a node that just rejoined may still name one that is gone)."""
+        leaders = {n.meta_leader() for n in self.nodes if n.running}
+        return leaders.pop() if len(leaders) == 1 else None
 
     def kill(self, name: str) -> None:
         self.node(name).kill()

@@ -13,6 +13,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from nats.js import JetStreamContext
+from nats.js.errors import BadRequestError
+
 from jetreduce.aggregator.service import Aggregator
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import TopologySettings, declare
@@ -26,7 +29,7 @@ from jetreduce.planner.service import Planner
 from jetreduce.runtime.connection import close_quietly, connect
 from jetreduce.runtime.health import health_server
 from jetreduce.runtime.http import RouteServer
-from jetreduce.runtime.service import ServiceContext
+from jetreduce.runtime.service import TRANSIENT, ServiceContext
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
 from jetreduce.runtime.telemetry import (
@@ -39,6 +42,9 @@ from jetreduce.runtime.telemetry import meter as current_meter
 __all__ = ["BACKENDS", "HEALTH_PORT_ENV", "SERVICE_NAMES", "ServiceHost"]
 
 log = logging.getLogger(__name__)
+
+NO_PEERS_FOR_PLACEMENT = 10005
+"""JetStream's "no suitable peers for placement": a replicated stream's peer is offline."""
 
 SERVICE_NAMES = ("planner", "launcher", "aggregator", "janitor")
 BACKENDS = ("local", "kubernetes")
@@ -138,13 +144,35 @@ class ServiceHost:
             return KubernetesBackend(self.settings, self.k8s or KubernetesSettings())
         return LocalBackend(self.settings, log_dir=self.log_dir, max_processes=self.max_processes)
 
+    async def _declare(self, js: JetStreamContext, subjects: Subjects) -> None:
+        """Declare the topology, waiting out a cluster that cannot answer yet: no leader (an
+        election takes 4-9 s), or a replica's peer not seen back online after a restart. A
+        replica started then must come up, not die (issue 19: the survivor of two did, and the
+        workflow hung)."""
+        while True:
+            try:
+                await declare(js, subjects, self.topology)
+                return
+            except (*TRANSIENT, BadRequestError) as exc:
+                if isinstance(exc, BadRequestError) and exc.err_code != NO_PEERS_FOR_PLACEMENT:
+                    raise
+                log.warning("services: JetStream not answering yet (%r); retrying", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), 1.0)
+                if self.stop.is_set():
+                    raise
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[ServiceHost]:
         """Start every service; on exit, stop them and close the connection."""
         nc = await connect(self.settings, name="jetreduce-services")
         js = nc.jetstream()
         subjects = Subjects(self.settings.prefix)
-        await declare(js, subjects, self.topology)
+        try:
+            await self._declare(js, subjects)
+        except BaseException:  # stopped while waiting, or a lasting error: no services ran
+            await close_quietly(nc)
+            raise
         ctx = ServiceContext(nc=nc, js=js, subjects=subjects)
         server: MetricsServer | None = None
         observer: EventMetrics | None = None

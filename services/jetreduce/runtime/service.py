@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from jetreduce.contract.events import BadEvent
 from jetreduce.contract.subjects import Subjects
@@ -33,6 +34,9 @@ from jetreduce.contract.subjects import Subjects
 __all__ = ["EventConsumer", "Handler", "Retry", "ServiceContext"]
 
 log = logging.getLogger(__name__)
+
+TRANSIENT = (NatsTimeout, asyncio.TimeoutError, ServiceUnavailableError, NoRespondersError)
+"""What a JetStream API call raises while the cluster has no leader for it."""
 
 Handler = Callable[[Msg], Awaitable[None]]
 
@@ -97,8 +101,19 @@ class EventConsumer:
             await self.ctx.js.add_consumer(self.stream, config)
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.ensure()
-        sub = await self.ctx.js.pull_subscribe_bind(self.durable, stream=self.stream)
+        while True:
+            try:
+                await self.ensure()
+                sub = await self.ctx.js.pull_subscribe_bind(self.durable, stream=self.stream)
+                break
+            except TRANSIENT as exc:
+                # A cluster electing a leader (4-9 s after one dies) answers nothing: a
+                # replica that starts then must wait, not die (issue 19: the survivor of two
+                # died so, and the workflow hung).
+                log.warning("%s: consumer not reachable yet (%r); retrying", self.durable, exc)
+                await _sleep_or_stop(stop, 1.0)
+                if stop.is_set():
+                    return
         try:
             while not stop.is_set():
                 try:

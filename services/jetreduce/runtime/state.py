@@ -15,7 +15,7 @@ from collections.abc import Callable
 import msgspec
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
@@ -177,11 +177,7 @@ class StateStore:
         return await self.update(wf, change)
 
     async def list(self) -> list[WorkflowRecord]:
-        kv = await self._rec_kv()
-        try:
-            keys = await kv.keys()
-        except Exception:  # nats-py raises NoKeysError on an empty bucket
-            return []
+        keys = await _keys(await self._rec_kv())
         out = []
         for key in keys:
             rec = await self.get(key)
@@ -202,3 +198,22 @@ class StateStore:
         if entry.value is None:
             return None
         return _spec_dec.decode(entry.value)
+
+
+KEYS_ATTEMPTS = 3
+
+
+async def _keys(kv: KeyValue) -> list[str]:
+    """Every key; [] only for an empty bucket. On a cluster the ordered consumer behind
+    ``keys()`` can be placed on a node that has just died and time out: ask again (a new
+    consumer lands elsewhere). A failure is never reported as "no workflows": callers
+    would act on it (``jetreduce list`` printed nothing, issue 19)."""
+    for attempt in range(KEYS_ATTEMPTS):
+        try:
+            return await kv.keys()
+        except NoKeysError:
+            return []
+        except (NatsTimeout, TimeoutError):
+            if attempt == KEYS_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
