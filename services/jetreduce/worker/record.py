@@ -5,15 +5,17 @@
 result recorded first. But anyone who can publish could store a result first for an item
 that is not theirs (before it even runs), and the real one would then be dropped. So when
 its write is refused, the agent looks at what is stored. It keeps it only if it can be a
-twin's: written by an agent, at an earlier delivery of the item than this one (a lease it
-held before this one was given out), or by this very agent and attempt (a retried
-publish), or the janitor's ``AgentCrashed`` verdict. Anything else (no agent, an attempt
-that cannot have happened yet: at the first delivery nothing can be stored) is removed,
-and the agent's own result is stored in its place.
+twin's: written by an agent at another delivery of the item than this one (an earlier
+lease that expired while its agent still ran, or a later one given out when this agent's
+own lease expired: the usual case, since the later delivery often finishes first), or by
+this very agent (a retried publish, or another of its slots), or the janitor's
+``AgentCrashed`` verdict. Anything else (no agent, no attempt, another agent claiming this very delivery)
+is removed, and the agent's own result is stored in its place.
 
 This bounds what a forger can do without the per-role permissions that keep others from
-publishing results at all: a false result survives only if it names an earlier attempt
-that did happen.
+publishing results at all: a result stored before the item's first delivery finishes is
+replaced unless it names another delivery; one that does stands (which delivery numbers
+happened is known only to the server).
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ def _possible(stored: ItemDone | ItemDead, mine: ItemDone | ItemDead) -> bool:
         return True  # the janitor's, for an item whose agents kept dying
     if stored.index != mine.index or not stored.agent:
         return False
-    if stored.agent == mine.agent:
-        return stored.attempts == mine.attempts
-    return 1 <= stored.attempts < mine.attempts
+    if stored.attempts < 1:
+        return False
+    # This agent (a retried publish, or another of its slots holding another delivery), or
+    # another agent at another delivery, whether its lease came before ours or after (ours
+    # expired while we ran). Never two agents at the same delivery.
+    return stored.agent == mine.agent or stored.attempts != mine.attempts
