@@ -8,6 +8,7 @@ run again."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -192,3 +193,22 @@ async def test_a_phase_decided_while_waiting_is_not_run(js: Any, prefix: str) ->
     await first.finish()
     assert await asyncio.wait_for(waiting, 5) == 0
     assert not steps.started.is_set()
+
+
+async def test_renewals_at_once_do_not_fence_their_own_holder(js: Any, prefix: str) -> None:
+    """The holding loop and a check before an outcome may renew at the same moment: both
+    must succeed (sent with one expected revision, the second would be refused)."""
+    holder = claim(js, prefix)
+    assert await holder.acquire(undecided) == Taken(1)
+    assert await asyncio.gather(*(holder.renew() for _ in range(4))) == [True] * 4
+    assert not holder.lost.is_set()
+    other = claim(js, prefix, host="elsewhere")
+    assert await asyncio.wait_for(other._try_take(), 5) is None  # still held
+
+
+async def test_a_holder_gives_up_before_a_successor_may_take_over(js: Any, prefix: str) -> None:
+    """Renewals that cannot get through stop the holder before its claim expires."""
+    holder = claim(js, prefix, ttl_s=2.0)
+    assert await holder.acquire(undecided) == Taken(1)
+    holder._valid_until = time.monotonic() - 1  # its time to live is up
+    assert not await holder.renew() and holder.lost.is_set()

@@ -46,6 +46,11 @@ CLAIM_TTL_S = 15.0
 """Default time to live of a claim (``JETREDUCE_CLAIM_TTL_S``): how long a successor waits
 for a holder that vanished without trace (its host is gone). Renewed every third of it."""
 
+SAFETY_S = 1.0
+"""A holder gives the claim up this long before it would expire (a quarter of a shorter
+time to live): the margin between its clock running out and a successor's (same TTL,
+counted from the last write)."""
+
 POLL_S = 0.5
 """How often a waiting successor looks at the claim (and at the phase's outcome)."""
 
@@ -113,6 +118,10 @@ class Claim:
         self._revision = 0
         self._attempt = 0
         self._valid_until = 0.0
+        self._safety_s = min(SAFETY_S, ttl_s / 4)
+        self._renewing = asyncio.Lock()
+        """One renewal at a time: two sent with the same expected revision would have the
+        second refused, and the holder would take itself for fenced."""
         """Monotonic time until which the last successful write keeps the claim ours."""
 
     async def _bucket_kv(self) -> KeyValue:
@@ -188,8 +197,11 @@ class Claim:
         return."""
         every = self.ttl_s / 3
         while not stop.is_set():
+            # Wake in time to give up before a successor may take it (failed renewals keep
+            # it only while its time to live lasts).
+            wait = max(0.0, min(every, self._valid_until - self._safety_s - time.monotonic()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every)
+                await asyncio.wait_for(stop.wait(), wait)
             if stop.is_set():
                 return
             if not await self.renew():
@@ -198,23 +210,31 @@ class Claim:
     async def renew(self) -> bool:
         """One revision-checked renewal; False (and :attr:`lost` set) if the claim is no
         longer ours. An error leaves it ours while its time to live lasts."""
-        started = time.monotonic()
-        try:
-            kv = await self._bucket_kv()
-            self._revision = await kv.update(
-                self.key, self._record(self._attempt), last=self._revision
-            )
-            self._valid_until = started + self.ttl_s
-            return True
-        except KeyWrongLastSequenceError:
-            log.error("claim %s: taken by another agent; this one stops", self.key)
-        except Exception as exc:
-            if time.monotonic() < self._valid_until - 1.0:
-                log.warning("claim %s: renewal failed (%r); still held", self.key, exc)
+        async with self._renewing:
+            if self.lost.is_set():
+                return False
+            started = time.monotonic()
+            try:
+                # Bounded by what is left of the claim: a write stuck in a partition must not
+                # outlast it (a successor may take the claim once it has expired).
+                left = self._valid_until - self._safety_s - started
+                if left <= 0:
+                    raise TimeoutError("no time left to renew")
+                kv = await self._bucket_kv()
+                self._revision = await asyncio.wait_for(
+                    kv.update(self.key, self._record(self._attempt), last=self._revision), left
+                )
+                self._valid_until = started + self.ttl_s
                 return True
-            log.error("claim %s: not renewed in time (%r); this one stops", self.key, exc)
-        self.lost.set()
-        return False
+            except KeyWrongLastSequenceError:
+                log.error("claim %s: taken by another agent; this one stops", self.key)
+            except Exception as exc:
+                if time.monotonic() < self._valid_until - self._safety_s:
+                    log.warning("claim %s: renewal failed (%r); still held", self.key, exc)
+                    return True
+                log.error("claim %s: not renewed in time (%r); this one stops", self.key, exc)
+            self.lost.set()
+            return False
 
     async def finish(self) -> None:
         """Remove the claim once the phase has its outcome (revision-checked: only if still

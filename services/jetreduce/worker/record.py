@@ -9,8 +9,8 @@ twin's: written by an agent at another delivery of the item than this one (an ea
 lease that expired while its agent still ran, or a later one given out when this agent's
 own lease expired: the usual case, since the later delivery often finishes first), or by
 this very agent (a retried publish, or another of its slots), or the janitor's
-``AgentCrashed`` verdict. Anything else (no agent, no attempt, another agent claiming this very delivery)
-is removed, and the agent's own result is stored in its place.
+``AgentCrashed`` verdict. Anything else (no agent, no attempt, another agent claiming this
+very delivery) is removed, and the agent's own result is stored in its place.
 
 This bounds what a forger can do without the per-role permissions that keep others from
 publishing results at all: a result stored before the item's first delivery finishes is
