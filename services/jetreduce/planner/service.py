@@ -453,16 +453,19 @@ async def _enqueue_in_chunks(
     *,
     ended: Callable[[], Awaitable[bool]],
 ) -> Enqueued:
-    """Enqueue chunk by chunk; before each, ``ended()`` is asked whether the workflow is over
-    (a cancel during a large enqueue must not leave the rest queued with nobody to run it)."""
+    """Enqueue chunk by chunk; before each, and once after the last, ``ended()`` is asked
+    whether the workflow is over (a cancel during a large enqueue must not leave the rest
+    queued with nobody to run it; one that came while the last chunk went in, after the
+    janitor's purge, must not leave that chunk)."""
     total = Enqueued()
     while chunk := list(itertools.islice(items, ENQUEUE_CHUNK)):
         if await ended():
             total.stopped = True
-            break
+            return total
         result = await queue.enqueue(chunk, lane=lane)
         total.added += result.added
         total.duplicates += result.duplicates
+    total.stopped = await ended()
     return total
 
 
