@@ -235,9 +235,21 @@ class LocalCluster:
         node.stop()
         self._spawn(node)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop every node at once (one after another, each one's shutdown would wait on
+        the leaders it steps down from), SIGKILL what is still running after ``timeout_s``."""
         for n in self.nodes:
-            n.stop()
+            if n.proc is not None and n.proc.poll() is None:
+                n.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for n in self.nodes:
+            if n.proc is not None:
+                try:
+                    n.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    n.proc.kill()
+                    n.proc.wait()
+                n.proc = None
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None

@@ -176,8 +176,29 @@ class StateStore:
 
         return await self.update(wf, change)
 
+    async def _record_keys(self) -> list[str]:
+        """Every workflow id, from the server's count of the bucket's subjects: no consumer,
+        where ``kv.keys()`` made one per call that the server kept for minutes (every
+        replica's periodic re-reading of the records piled them up). Deleted records are
+        among them (their delete marker is a message): ``list`` skips what reads as none.
+        Past one page of subjects (the server details at most ``SUBJECT_PAGE``), the keys
+        are listed the old way."""
+        bucket = self._subjects.workflows_bucket
+        for attempt in range(KEYS_ATTEMPTS):  # an election on a cluster times a request out
+            try:
+                info = await self._js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.>")
+                break
+            except (NatsTimeout, TimeoutError):
+                if attempt == KEYS_ATTEMPTS - 1:
+                    raise
+        subjects = info.state.subjects or {}
+        if len(subjects) >= SUBJECT_PAGE:
+            return await _keys(await self._rec_kv())
+        cut = len(f"$KV.{bucket}.")
+        return [subject[cut:] for subject in subjects]
+
     async def list(self) -> list[WorkflowRecord]:
-        keys = await _keys(await self._rec_kv())
+        keys = await self._record_keys()
         out = []
         for key in keys:
             rec = await self.get(key)
@@ -199,6 +220,9 @@ class StateStore:
             return None
         return _spec_dec.decode(entry.value)
 
+
+SUBJECT_PAGE = 100_000
+"""The most subjects a JetStream stream-info reply details (nats-server's limit)."""
 
 KEYS_ATTEMPTS = 3
 
