@@ -513,7 +513,9 @@ def decode(data: bytes, *, subject: str | None = None) -> Event:
 
     ``subject``: the subject it was consumed from, one that ends with a workflow id
     (``workflow.cancel.<wf>``, ``map.complete.<wf>``…): an event about another workflow on
-    it is forged or misrouted, and is refused so it can act on neither."""
+    it, or of another type than the subject names (a ``map.complete`` payload published on
+    ``map.failed.<wf>``, which others may publish), is forged or misrouted, and is refused
+    so it can act on neither."""
     try:
         event: Event = _decoder.decode(data)
     except (
@@ -524,8 +526,12 @@ def decode(data: bytes, *, subject: str | None = None) -> Event:
     ) as exc:
         raise BadEvent(f"malformed event: {str(exc)[:256]}") from None
     _check_ids(event)
-    if subject is not None and subject.rsplit(".", 1)[-1] != event.workflow_id:
-        raise BadEvent(f"{subject} carries an event of workflow {event.workflow_id[:100]!r}")
+    if subject is not None:
+        if subject.rsplit(".", 1)[-1] != event.workflow_id:
+            raise BadEvent(f"{subject} carries an event of workflow {event.workflow_id[:100]!r}")
+        kind = type(event).__struct_config__.tag
+        if f".{kind}." not in f".{subject}":
+            raise BadEvent(f"{subject} carries a {kind} event")
     return event
 
 

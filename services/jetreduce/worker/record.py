@@ -66,8 +66,8 @@ async def _remove_false(js: JetStreamContext, s: Subjects, mine: ItemDone | Item
             raw = await js.get_last_msg(s.results_stream, subject)
         except NotFoundError:
             continue
-        try:
-            stored = decode(raw.data or b"", subject=subject)
+        try:  # an item's subject ends with its index, not a workflow id: checked below
+            stored = decode(raw.data or b"")
         except BadEvent:
             stored = None
         if isinstance(stored, ItemDone | ItemDead) and _possible(stored, mine):
@@ -83,7 +83,7 @@ async def _remove_false(js: JetStreamContext, s: Subjects, mine: ItemDone | Item
 def _possible(stored: ItemDone | ItemDead, mine: ItemDone | ItemDead) -> bool:
     if isinstance(stored, ItemDead) and stored.error_type == "AgentCrashed" and not stored.agent:
         return True  # the janitor's, for an item whose agents kept dying
-    if stored.index != mine.index or not stored.agent:
+    if (stored.workflow_id, stored.index) != (mine.workflow_id, mine.index) or not stored.agent:
         return False
     if stored.attempts < 1:
         return False
