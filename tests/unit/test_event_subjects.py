@@ -18,7 +18,7 @@ def test_the_event_its_subject_names_is_accepted() -> None:
 
 
 def test_another_kind_of_event_on_a_subject_is_refused() -> None:
-    with pytest.raises(ev.BadEvent, match="carries a map.complete event"):
+    with pytest.raises(ev.BadEvent, match=r"carries a map\.complete event"):
         ev.decode(COMPLETE, subject=s.map("failed", "wf"))
     with pytest.raises(ev.BadEvent):
         ev.decode(COMPLETE, subject=s.agent("exited", "wf"))
