@@ -93,6 +93,10 @@ def classify(name: str, exc: Exception) -> KubernetesBackendError:
         detail = str(json.loads(exc.body or "{}").get("message") or "")
     text = f"kubernetes {name}: {status} {exc.reason}" + (f": {detail}" if detail else "")
     text = text[:MESSAGE_LIMIT]
+    if status == 409:  # exists, or a precondition lost: the caller decides, no retry helps
+        return KubernetesBackendError(text, status)
+    if status == 403 and "exceeded quota" in detail:  # capacity that may clear, as in the poller
+        return TransientApiError(text, status, None)
     if status in PERMANENT_STATUSES:
         return PermanentApiError(text, status)
     retry_after: float | None = None
