@@ -106,11 +106,12 @@ def _cmdline(pid: int) -> str:
 _snapshot: tuple[int, dict[ProcKey, int]] = (-2, {})
 
 
-def snapshot() -> tuple[int, dict[ProcKey, int]]:
-    """(fork count, our processes), scanned again only if anything forked since the last."""
+def snapshot(fresh: bool = False) -> tuple[int, dict[ProcKey, int]]:
+    """(fork count, our processes), scanned again only if anything forked since the last
+    (nothing new can have started then) or ``fresh`` (to see what has exited since)."""
     global _snapshot
     count = forks()
-    if count != _snapshot[0]:
+    if fresh or count != _snapshot[0]:
         _snapshot = (count, ours())
     return _snapshot
 
@@ -126,7 +127,7 @@ def leaked_since(
     while True:
         new = {
             key: pid
-            for key, pid in snapshot()[1].items()
+            for key, pid in snapshot(fresh=True)[1].items()
             if key not in before[1] and not _belongs_to_long_lived(pid)
         }
         if not new or time.monotonic() > deadline:

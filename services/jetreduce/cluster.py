@@ -28,7 +28,7 @@ from typing import Any
 from jetreduce.embedded import find_nats_server
 from jetreduce.runtime.orphans import die_with_parent
 
-__all__ = ["ClusterNode", "LocalCluster", "serve_cluster"]
+__all__ = ["ClusterNode", "LocalCluster"]
 
 CLUSTER_NAME = "jetreduce"
 
@@ -264,18 +264,3 @@ class LocalCluster:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def serve_cluster(data_dir: Path, size: int, base_port: int, echo: Any) -> None:
-    """``jetreduce server --cluster N``: start (client ports ``base_port`` and up, or free
-    ones for -1), print the client URLs (one line, as ``--nats`` takes them), run until
-    Ctrl-C or a node dies, stop every node."""
-    cluster = LocalCluster(data_dir, size=size, base_port=base_port).start()
-    echo(cluster.url)
-    try:
-        while all(n.running for n in cluster.nodes):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        cluster.stop()

@@ -150,6 +150,9 @@ def _server_cluster(data_dir: Path) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         env=env_without_jetreduce(),
+        # As a shell starts a background job: SIGINT ignored, so Python installs no
+        # KeyboardInterrupt. Ctrl-C (a supervisor's SIGINT) must stop the cluster anyway.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
 
 

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -48,7 +47,7 @@ from jetreduce.cli.options import (
 )
 from jetreduce.cli.outcome import show_outcome, terminal_code
 from jetreduce.cli.session import Target, run_connected
-from jetreduce.cli.signals import Signals
+from jetreduce.cli.signals import Signals, block_until_signalled
 from jetreduce.cli.submit import (
     SubmitRejected,
     format_problems,
@@ -969,10 +968,16 @@ def server(
     """Run the embedded nats-server in the foreground until Ctrl-C (loopback by default)."""
     from jetreduce.embedded import DataDirBusy, EmbeddedServer
 
-    if cluster:
-        from jetreduce.cluster import serve_cluster
+    if cluster:  # client ports PORT and up (free ones for -1), one line of URLs for --nats
+        from jetreduce.cluster import LocalCluster
 
-        return serve_cluster(data_dir / "cluster", cluster, port, typer.echo)
+        nodes = LocalCluster(data_dir / "cluster", size=cluster, base_port=port).start()
+        try:
+            typer.echo(nodes.url)
+            block_until_signalled(lambda: all(n.running for n in nodes.nodes))
+        finally:
+            nodes.stop()
+        return
 
     try:
         srv = EmbeddedServer(
@@ -988,10 +993,7 @@ def server(
             err=True,
         )
     try:
-        while srv.proc is not None and srv.proc.poll() is None:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        block_until_signalled(lambda: srv.proc is not None and srv.proc.poll() is None)
     finally:
         srv.stop()
 

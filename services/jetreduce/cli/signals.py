@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
+from collections.abc import Callable
 from types import TracebackType
 
 from jetreduce.cli import exit_codes
 
-__all__ = ["Signals"]
+__all__ = ["Signals", "block_until_signalled"]
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM)
 
@@ -73,3 +75,27 @@ class Signals:
     @property
     def exit_code(self) -> int:
         return exit_codes.TERMINATED if self.terminated else exit_codes.INTERRUPTED
+
+
+def block_until_signalled(alive: Callable[[], bool], poll_s: float = 0.5) -> int | None:
+    """Block (no event loop: the foreground servers) while ``alive()``, until SIGINT or
+    SIGTERM; the signal received, or None if ``alive()`` turned false.
+
+    Handlers of its own, not Python's ``KeyboardInterrupt``: a shell starts background jobs
+    with SIGINT ignored, Python then installs no handler for it, and Ctrl-C (or a
+    supervisor's SIGINT) would be lost. SIGTERM must stop the servers cleanly too."""
+    received: list[int] = []
+    woken = threading.Event()
+
+    def on_signal(sig: int, _frame: object) -> None:
+        received.append(sig)
+        woken.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in _HANDLED}
+    try:
+        while alive() and not woken.wait(poll_s):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return received[0] if received else None
