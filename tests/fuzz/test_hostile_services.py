@@ -229,6 +229,9 @@ async def test_a_handler_that_always_fails_is_terminated_after_max_deliver(
     async with consumer_on(nats_url, prefix, handler, max_deliver=2) as (ctx, _):
         event = ev.WorkflowFailed(workflow_id="wf-p", reason="x")
         await ctx.js.publish(ctx.subjects.workflow("failed", "wf-p"), ev.encode(event))
+        # Both deliveries first (right after the publish the consumer can still read as
+        # settled), then settled: no third one.
+        await wait_for(lambda: len(calls) >= 2, 30, every_s=0.05)
         await wait_for(lambda: _settled(ctx), 30, every_s=0.1)
         assert calls == [1, 2]
     dropped = [r for r in caplog.records if r.levelno == logging.ERROR]
