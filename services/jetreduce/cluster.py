@@ -117,8 +117,17 @@ class ClusterNode:
         return str(leader) if leader else None
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        self.terminate()
+        self.reap(timeout_s)
+
+    def terminate(self) -> None:
+        """SIGTERM: the server shuts down cleanly (``reap`` waits for it)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+
+    def reap(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the process to end, then SIGKILL it."""
+        if self.proc is not None:
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -239,17 +248,10 @@ class LocalCluster:
         """Stop every node at once (one after another, each one's shutdown would wait on
         the leaders it steps down from), SIGKILL what is still running after ``timeout_s``."""
         for n in self.nodes:
-            if n.proc is not None and n.proc.poll() is None:
-                n.proc.send_signal(signal.SIGTERM)
+            n.terminate()
         deadline = time.monotonic() + timeout_s
         for n in self.nodes:
-            if n.proc is not None:
-                try:
-                    n.proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    n.proc.kill()
-                    n.proc.wait()
-                n.proc = None
+            n.reap(max(0.1, deadline - time.monotonic()))
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
