@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -33,10 +34,33 @@ __all__ = ["ClusterNode", "LocalCluster"]
 CLUSTER_NAME = "jetreduce"
 
 
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _free_port() -> int:
+    """A port free now, below the kernel's ephemeral range: a port the kernel handed out
+    (bind to 0) is soon handed out again as the source port of some outgoing connection,
+    and the node that binds it a moment later fails with "address already in use"."""
+    floor = _ephemeral_floor()
+    for _ in range(100):
+        port = random.randrange(10000, max(10001, floor))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class PortTaken(RuntimeError):
+    """A node could not bind one of its ports: someone took it after it was chosen."""
 
 
 def _get_json(url: str, timeout_s: float = 1.0) -> Any:
@@ -54,6 +78,7 @@ class ClusterNode:
     cluster_port: int = field(default_factory=_free_port)
     monitor_port: int = field(default_factory=_free_port)
     proc: subprocess.Popen[bytes] | None = None
+    _log_start: int = 0
 
     @property
     def url(self) -> str:
@@ -91,6 +116,7 @@ class ClusterNode:
         conf = self.data_dir / "nats-server.conf"
         conf.write_text(self.config(routes, sync_always))
         with open(self.data_dir / "nats-server.log", "ab") as log_file:
+            self._log_start = log_file.tell()
             self.proc = subprocess.Popen(
                 [find_nats_server(), "-c", str(conf)],
                 stdout=log_file,
@@ -99,6 +125,18 @@ class ClusterNode:
                 start_new_session=True,
                 preexec_fn=die_with_parent,
             )
+
+    def port_taken(self) -> bool:
+        try:
+            log = (self.data_dir / "nats-server.log").read_bytes()[self._log_start :]
+        except OSError:
+            return False
+        return b"address already in use" in log
+
+    def new_ports(self, client_too: bool) -> None:
+        self.cluster_port, self.monitor_port = _free_port(), _free_port()
+        if client_too:
+            self.port = _free_port()
 
     def healthy(self) -> bool:
         try:
@@ -168,6 +206,7 @@ class LocalCluster:
         self.sync_always = sync_always
         self.startup_timeout_s = startup_timeout_s
         self.nodes = [ClusterNode(f"n{i + 1}", self.data_dir / f"n{i + 1}") for i in range(size)]
+        self._fixed_ports = base_port > 0
         if base_port > 0:  # stable client URLs for users: base, base+1, ...
             for i, n in enumerate(self.nodes):
                 n.port = base_port + i
@@ -187,15 +226,27 @@ class LocalCluster:
                 return n
         raise KeyError(f"no node named {name!r}")
 
-    def start(self) -> LocalCluster:
-        try:
-            for n in self.nodes:
-                self._spawn(n)
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def start(self, attempts: int = 3) -> LocalCluster:
+        """Start every node and wait until the cluster is ready. A port taken between
+        choosing it and binding it is chosen again (``attempts`` times in all); client
+        ports fixed by ``base_port`` are kept, so one of those taken fails every attempt."""
+        for attempt in range(attempts):
+            try:
+                for n in self.nodes:
+                    self._spawn(n)
+                self.wait_ready()
+                return self
+            except PortTaken:
+                self._halt()
+                if attempt == attempts - 1:
+                    self.stop()
+                    raise
+                for n in self.nodes:
+                    n.new_ports(client_too=not self._fixed_ports)
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def _spawn(self, node: ClusterNode) -> None:
         routes = [n.cluster_port for n in self.nodes if n is not node]
@@ -208,7 +259,8 @@ class LocalCluster:
         while True:
             for n in self.nodes:
                 if n.proc is not None and n.proc.poll() is not None:
-                    raise RuntimeError(
+                    error = PortTaken if n.port_taken() else RuntimeError
+                    raise error(
                         f"nats-server {n.name} exited with {n.proc.returncode}; "
                         f"see {n.data_dir / 'nats-server.log'}"
                     )
@@ -245,6 +297,13 @@ class LocalCluster:
         self._spawn(node)
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop every node and remove a temporary data directory."""
+        self._halt(timeout_s)
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def _halt(self, timeout_s: float = 10.0) -> None:
         """Stop every node at once (one after another, each one's shutdown would wait on
         the leaders it steps down from), SIGKILL what is still running after ``timeout_s``."""
         for n in self.nodes:
@@ -252,9 +311,6 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         for n in self.nodes:
             n.reap(max(0.1, deadline - time.monotonic()))
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
 
     def __enter__(self) -> LocalCluster:
         return self.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,13 +15,14 @@ from typing import Any
 import pytest
 from nats.js.api import StreamConfig
 
-from jetreduce.cluster import LocalCluster
+from jetreduce.cluster import LocalCluster, PortTaken
 from jetreduce.contract.records import Phase, WorkflowRecord
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import TopologySettings, declare
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
+from backends import free_port
 from support import env_without_jetreduce, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -167,3 +169,24 @@ def _children(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(entry))
     return found
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["chosen", "fixed"])
+def test_a_port_taken_after_it_was_chosen(tmp_path: Path, fixed: bool) -> None:
+    """Another process binds a node's port between choosing it and starting the node
+    (fresh clone run 5: "bind: address already in use" failed the whole cluster tier). A
+    chosen port is chosen again; a client port the user fixed is an error that says so."""
+    cluster = LocalCluster(tmp_path, size=3, base_port=free_port() if fixed else -1)
+    taken = cluster.nodes[1].port if fixed else cluster.nodes[1].cluster_port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        if fixed:
+            with pytest.raises(PortTaken, match="n2 exited"):
+                cluster.start()
+            assert not any(n.running for n in cluster.nodes)
+            return
+        with cluster:
+            assert cluster.nodes[1].cluster_port != taken
+            assert all(n.running for n in cluster.nodes)
+            assert cluster.meta_leader() is not None
