@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from nats.js.api import StreamConfig
 
+from backends import free_port
 from jetreduce.cluster import LocalCluster, PortTaken
 from jetreduce.contract.records import Phase, WorkflowRecord
 from jetreduce.contract.subjects import Subjects
@@ -22,7 +23,6 @@ from jetreduce.contract.topology import TopologySettings, declare
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
-from backends import free_port
 from support import env_without_jetreduce, wait_for
 
 pytestmark = pytest.mark.anyio
