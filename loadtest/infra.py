@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jetreduce.cluster import LocalCluster
 from jetreduce.embedded import EmbeddedServer
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "cpu_seconds",
     "free_port",
     "moto_server",
+    "nats_cluster",
     "nats_server",
     "peak_rss_mb",
     "profiled",
@@ -142,6 +144,20 @@ def nats_server(sync_always: bool = False) -> Iterator[EmbeddedServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def nats_cluster(sync_always: bool = False) -> Iterator[LocalCluster]:
+    """A fresh local 3-node cluster (``jetreduce.cluster``, its own temp stores)."""
+    with LocalCluster(sync_always=sync_always) as cluster:
+        yield cluster
+
+
+def server_pids(server: EmbeddedServer | LocalCluster) -> list[int]:
+    """The nats-server process(es) behind a scenario's server or cluster."""
+    if isinstance(server, LocalCluster):
+        return [n.proc.pid for n in server.nodes if n.proc is not None]
+    return [server.proc.pid] if server.proc is not None else []
 
 
 def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
@@ -275,6 +291,7 @@ def services_process(
     *,
     services: str = "planner,launcher,aggregator,janitor",
     max_processes: int | None = None,
+    stream_replicas: int = 1,
     extra_env: dict[str, str] | None = None,
 ) -> Iterator[ServicesProcess]:
     """``python -m loadtest.services_host`` in its own session; agents are its children."""
@@ -295,6 +312,8 @@ def services_process(
     ]
     if max_processes is not None:
         argv += ["--max-processes", str(max_processes)]
+    if stream_replicas != 1:
+        argv += ["--stream-replicas", str(stream_replicas)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("JETREDUCE_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.update(extra_env or {})

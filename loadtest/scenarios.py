@@ -20,7 +20,6 @@ import secrets
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,15 +45,29 @@ from loadtest.infra import (
     MemorySampler,
     cpu_seconds,
     moto_server,
+    nats_cluster,
     nats_server,
     peak_rss_mb,
     profiled,
     redis_server,
+    server_pids,
     services_process,
 )
 from loadtest.report import Result, rounded
 
-__all__ = ["SCENARIOS", "Run"]
+__all__ = [
+    "DISPATCH_PARALLEL",
+    "Run",
+    "agents",
+    "backends",
+    "dispatch",
+    "efficiency",
+    "enqueue",
+    "latency",
+    "memory",
+    "peer",
+    "shell",
+]
 
 
 @dataclass
@@ -349,17 +362,30 @@ def _dispatch_once(
     extra_env: dict[str, str] | None = None,
     sampler: bool = False,
     sync_always: bool = False,
+    cluster: bool = False,
+    stream_replicas: int = 1,
 ) -> dict[str, Any]:
-    """One no-op workflow end to end on a fresh server and services process."""
+    """One no-op workflow end to end on a fresh server (or local 3-node cluster) and
+    services process."""
+    servers = nats_cluster if cluster else nats_server
     with (
-        nats_server(sync_always=sync_always) as server,
-        services_process(server.url, max_processes=max_processes, extra_env=extra_env) as svc,
+        servers(sync_always=sync_always) as server,
+        services_process(
+            server.url,
+            max_processes=max_processes,
+            stream_replicas=stream_replicas,
+            extra_env=extra_env,
+        ) as svc,
         profiled(svc.pid, run.profile(profile) if profile else None),
     ):
         mem = MemorySampler(svc.pid).start() if sampler else None
         idle_mb = svc.peak_rss_mb()
-        server_pid = server.proc.pid if server.proc else 0
-        cpu0 = (cpu_seconds(svc.pid), cpu_seconds(server_pid)[0], time.process_time())
+        pids = server_pids(server)
+
+        def server_cpu() -> float:
+            return sum(cpu_seconds(pid)[0] for pid in pids)
+
+        cpu0 = (cpu_seconds(svc.pid), server_cpu(), time.process_time())
         try:
             f = asyncio.run(
                 follow_workflow(
@@ -377,7 +403,7 @@ def _dispatch_once(
         e2e = f.since_submit(f.outcome) or 0.0
         # Let the launcher reap the reduce agent, so its CPU lands in the children's total.
         time.sleep(0.5)
-        (svc_own, svc_kids), srv = cpu_seconds(svc.pid), cpu_seconds(server_pid)[0]
+        (svc_own, svc_kids), srv = cpu_seconds(svc.pid), server_cpu()
         cpu = {
             "services": svc_own - cpu0[0][0],
             "agents": svc_kids - cpu0[0][1],
@@ -400,8 +426,8 @@ def _dispatch_once(
             "cpu_of_2_cores": round(sum(cpu.values()) / (2 * e2e), 3) if e2e else None,
             "services_idle_rss_mb": round(idle_mb, 1),
             "services_peak_rss_mb": round(svc.peak_rss_mb(), 1),
-            "nats_server_peak_rss_mb": round(peak_rss_mb(server.proc.pid), 1)
-            if server.proc
+            "nats_server_peak_rss_mb": round(max(peak_rss_mb(pid) for pid in pids), 1)
+            if pids
             else None,
         }
         if mem is not None:
@@ -803,46 +829,3 @@ def peer(run: Run) -> Result:
         f"({n:,} no-op items, submit→reduce result)",
         quick=run.quick,
     )
-
-
-# -- 10. durability -----------------------------------------------------------------------------
-def durability(run: Run) -> Result:
-    """The dispatch scenario under the embedded server's default lazy fsync and under
-    ``sync_interval: always`` (what the prod overlay sets: DESIGN.md's durability note), in
-    the same run; the ratio is what fsync on every write costs here."""
-    n = run.size(50_000, 5_000)
-    start = time.monotonic()
-    lazy = _dispatch_once(run, n, DISPATCH_PARALLEL)
-    always = _dispatch_once(run, n, DISPATCH_PARALLEL, sync_always=True, profile="durability")
-    lazy_rate, always_rate = lazy["e2e_per_s"] or 0.0, always["e2e_per_s"] or 0.0
-    outcomes = [lazy["outcome"], always["outcome"]]
-    return Result(
-        name="durability",
-        figure=always_rate,
-        unit="items/s",
-        ceiling=lazy_rate,
-        ceiling_what="default lazy fsync, same size",
-        ratio=round(always_rate / lazy_rate, 3) if lazy_rate else None,
-        target="both complete (measured trade-off)",
-        passed=all(o.endswith("completed") for o in outcomes),
-        wall_s=round(time.monotonic() - start, 1),
-        params={"items": n},
-        details={"lazy": lazy, "sync_always": always},
-        summary=f"sync_interval always {always_rate:,.0f} vs lazy {lazy_rate:,.0f} items/s "
-        f"e2e ({n:,} no-op items)",
-        quick=run.quick,
-    )
-
-
-SCENARIOS: dict[str, Callable[[Run], Result]] = {
-    "enqueue": enqueue,
-    "dispatch": dispatch,
-    "latency": latency,
-    "agents": agents,
-    "efficiency": efficiency,
-    "shell": shell,
-    "memory": memory,
-    "backends": backends,
-    "peer": peer,
-    "durability": durability,
-}

@@ -19,6 +19,7 @@ import signal
 from pathlib import Path
 
 from jetreduce.cli.host import SERVICE_NAMES, ServiceHost
+from jetreduce.contract.topology import TopologySettings
 from jetreduce.runtime.settings import NatsSettings
 
 
@@ -29,6 +30,7 @@ async def _main(args: argparse.Namespace) -> int:
         names,
         log_dir=Path(args.log_dir) if args.log_dir else None,
         max_processes=args.max_processes,
+        topology=TopologySettings(replicas=args.stream_replicas),
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -45,6 +47,7 @@ def main() -> None:
     parser.add_argument("--ready-file", required=True)
     parser.add_argument("--log-dir", default="")
     parser.add_argument("--max-processes", type=int, default=None)
+    parser.add_argument("--stream-replicas", type=int, default=1)
     parser.add_argument("--services", default=",".join(SERVICE_NAMES))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")

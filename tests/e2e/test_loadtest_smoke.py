@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,9 +21,9 @@ SCENARIOS = ["enqueue", "dispatch", "latency", "efficiency", "shell"]
 """The ones needing only the test extra (memory is long; backends and peer need bench)."""
 
 
-def test_quick_harness_run_reports_every_scenario(tmp_path: Path) -> None:
+def _quick(*scenarios: str) -> list[dict[str, Any]]:
     done = subprocess.run(
-        [sys.executable, "-m", "loadtest", *SCENARIOS, "--quick", "--no-report"],
+        [sys.executable, "-m", "loadtest", *scenarios, "--quick", "--no-report"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -31,10 +32,25 @@ def test_quick_harness_run_reports_every_scenario(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert [r["name"] for r in results] == SCENARIOS
+    assert [r["name"] for r in results] == list(scenarios)
+    return results
+
+
+def test_quick_harness_run_reports_every_scenario() -> None:
+    results = _quick(*SCENARIOS)
     for r in results:
         assert r["error"] is None, (r["name"], r["error"])
         assert r["quick"] is True
         assert isinstance(r["figure"], int | float) and r["figure"] > 0, r
         outcome = r["details"].get("outcome")
         assert outcome in (None, "workflow.completed"), (r["name"], outcome)
+
+
+def test_cluster_scenario_runs_r1_r3_and_fsync_on_a_three_node_cluster() -> None:
+    """Its own test (and process) so that it runs beside the others under xdist."""
+    (result,) = _quick("cluster")
+    assert result["error"] is None and result["passed"] is True, result
+    rates = result["details"]["rates_per_s"]
+    assert set(rates) == {"single_r1", "cluster_r1", "cluster_r3", "cluster_r3_sync_always"}
+    assert all(rate > 0 for rate in rates.values()), rates
+    assert result["details"]["cluster_r3"]["outcome"] == "workflow.completed"

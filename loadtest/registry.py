@@ -1,0 +1,36 @@
+"""Every scenario by name, in the order ``all`` runs them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from loadtest.durability import cluster, durability
+from loadtest.report import Result
+from loadtest.scenarios import (
+    Run,
+    agents,
+    backends,
+    dispatch,
+    efficiency,
+    enqueue,
+    latency,
+    memory,
+    peer,
+    shell,
+)
+
+__all__ = ["SCENARIOS"]
+
+SCENARIOS: dict[str, Callable[[Run], Result]] = {
+    "enqueue": enqueue,
+    "dispatch": dispatch,
+    "latency": latency,
+    "agents": agents,
+    "efficiency": efficiency,
+    "shell": shell,
+    "memory": memory,
+    "backends": backends,
+    "peer": peer,
+    "durability": durability,
+    "cluster": cluster,
+}
