@@ -29,7 +29,7 @@ from typing import Any
 from jetreduce.embedded import find_nats_server
 from jetreduce.runtime.orphans import die_with_parent
 
-__all__ = ["ClusterNode", "LocalCluster"]
+__all__ = ["ClusterNode", "LocalCluster", "PortTaken", "free_port"]
 
 CLUSTER_NAME = "jetreduce"
 
@@ -41,7 +41,7 @@ def _ephemeral_floor() -> int:
         return 32768
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A port free now, below the kernel's ephemeral range: a port the kernel handed out
     (bind to 0) is soon handed out again as the source port of some outgoing connection,
     and the node that binds it a moment later fails with "address already in use"."""
@@ -74,9 +74,9 @@ class ClusterNode:
 
     name: str
     data_dir: Path
-    port: int = field(default_factory=_free_port)
-    cluster_port: int = field(default_factory=_free_port)
-    monitor_port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
+    cluster_port: int = field(default_factory=free_port)
+    monitor_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     _log_start: int = 0
 
@@ -134,9 +134,9 @@ class ClusterNode:
         return b"address already in use" in log
 
     def new_ports(self, client_too: bool) -> None:
-        self.cluster_port, self.monitor_port = _free_port(), _free_port()
+        self.cluster_port, self.monitor_port = free_port(), free_port()
         if client_too:
-            self.port = _free_port()
+            self.port = free_port()
 
     def healthy(self) -> bool:
         try:

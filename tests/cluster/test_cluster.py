@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from nats.js.api import StreamConfig
 
-from backends import free_port
 from jetreduce.cluster import LocalCluster, PortTaken
+from jetreduce.cluster import free_port as free_port
 from jetreduce.contract.records import Phase, WorkflowRecord
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import TopologySettings, declare
@@ -176,10 +176,15 @@ def test_a_port_taken_after_it_was_chosen(tmp_path: Path, fixed: bool) -> None:
     """Another process binds a node's port between choosing it and starting the node
     (fresh clone run 5: "bind: address already in use" failed the whole cluster tier). A
     chosen port is chosen again; a client port the user fixed is an error that says so."""
-    cluster = LocalCluster(tmp_path, size=3, base_port=free_port() if fixed else -1)
-    taken = cluster.nodes[1].port if fixed else cluster.nodes[1].cluster_port
     with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", taken))
+        for _ in range(20):  # a base whose second port is free for the squatter to take
+            cluster = LocalCluster(tmp_path, size=3, base_port=free_port() if fixed else -1)
+            taken = cluster.nodes[1].port if fixed else cluster.nodes[1].cluster_port
+            try:
+                squatter.bind(("127.0.0.1", taken))
+                break
+            except OSError:
+                continue
         squatter.listen()
         if fixed:
             with pytest.raises(PortTaken, match="n2 exited"):
