@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 from nats.js.api import StreamConfig
 
-from jetreduce.cluster import LocalCluster, PortTaken
-from jetreduce.cluster import free_port as free_port
+from jetreduce.cluster import LocalCluster, PortTaken, free_port
 from jetreduce.contract.records import Phase, WorkflowRecord
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import TopologySettings, declare
