@@ -33,8 +33,8 @@ from jetreduce.cli.submit import submit
 from jetreduce.cli.watch import Watcher
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import SubmitOptions
-from jetreduce.launcher.k8s_settings import KubernetesSettings, from_file_data
 from jetreduce.launcher.k8s_manifests import secret_name
+from jetreduce.launcher.k8s_settings import KubernetesSettings, from_file_data
 from jetreduce.launcher.kubernetes import KubernetesBackend, job_name
 from jetreduce.runtime.settings import NatsSettings
 from kustomize import render
@@ -70,6 +70,19 @@ def shipped_agent_settings(overlay: str = "overlays/dev") -> KubernetesSettings:
     ]
     (text,) = config["data"].values()
     return from_file_data(yaml.safe_load(text))
+
+
+def _stalled(kubelet: ProcessKubelet, job: str, tmp_path: Path) -> str:
+    """What the kubelet saw when no item finished: a failure once seen under load here."""
+    run = kubelet.jobs.get(job) or kubelet.finished.get(job)
+    logs = sorted((tmp_path / "pod-logs").glob("*.log"))
+    tails = [f"{p.name}: {p.read_text()[-400:]}" for p in logs if p.stat().st_size][:5]
+    return (
+        f"no item finished: {len(logs)} pods, alive {kubelet.processes_alive()}, "
+        f"started {None if run is None else len(run.started)}, "
+        f"failures {None if run is None else run.failures}, errors {kubelet.errors}, "
+        f"slowest API call {kubelet.slowest_api_s:.1f}s; logs: {tails}"
+    )
 
 
 async def test_shipped_agents_fail_fast_on_a_missing_secret_and_a_non_retriable_index(
@@ -147,7 +160,10 @@ async def test_shipped_agents_fail_fast_on_a_missing_secret_and_a_non_retriable_
                     lambda: kubelet.attempt(map_job, CRASHED_INDEX) is not None,
                     timeout_s=60,
                 )
-                await wait_for(lambda: len(finished) >= 20, timeout_s=90)
+                try:
+                    await wait_for(lambda: len(finished) >= 20, timeout_s=90)
+                except AssertionError:
+                    raise AssertionError(_stalled(kubelet, map_job, tmp_path)) from None
                 await asyncio.to_thread(core.delete_namespaced_secret, secret, namespace)
                 kubelet.kill(map_job, CRASHED_INDEX, signal.SIGKILL)
                 faulted_at, done_at_fault = time.monotonic(), len(finished)
