@@ -67,8 +67,7 @@ def cluster(run: Run) -> Result:
     n = run.size(50_000, 2_000)
     start = time.monotonic()
     runs = {
-        name: _dispatch_once(run, n, DISPATCH_PARALLEL, **kw)
-        for name, kw in CLUSTER_RUNS.items()
+        name: _dispatch_once(run, n, DISPATCH_PARALLEL, **kw) for name, kw in CLUSTER_RUNS.items()
     }
     rates = {name: r["e2e_per_s"] or 0.0 for name, r in runs.items()}
     base, r3 = rates["single_r1"], rates["cluster_r3"]

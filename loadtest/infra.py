@@ -28,6 +28,7 @@ from jetreduce.embedded import EmbeddedServer
 __all__ = [
     "MemorySampler",
     "ServicesProcess",
+    "agent_pids",
     "cpu_seconds",
     "free_port",
     "moto_server",
@@ -36,6 +37,7 @@ __all__ = [
     "peak_rss_mb",
     "profiled",
     "redis_server",
+    "server_pids",
     "services_process",
     "stop_group",
 ]
@@ -99,6 +101,11 @@ def _agent_phase(pid: int) -> str | None:
     except OSError:
         pass
     return None
+
+
+def agent_pids(services_pid: int, phase: str = "map") -> list[int]:
+    """The live agent processes of ``phase`` the services process started."""
+    return [c for c in _children(services_pid) if _agent_phase(c) == phase]
 
 
 @dataclass

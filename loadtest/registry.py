@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from loadtest.agents1000 import agents1000
 from loadtest.durability import cluster, durability
 from loadtest.report import Result
 from loadtest.scenarios import (
@@ -33,4 +34,5 @@ SCENARIOS: dict[str, Callable[[Run], Result]] = {
     "peer": peer,
     "durability": durability,
     "cluster": cluster,
+    "agents1000": agents1000,
 }
