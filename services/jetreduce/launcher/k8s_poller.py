@@ -70,6 +70,8 @@ class JobPoller:
     installation: str
     on_exit: ExitCallback | None
     on_status: StatusCallback | None
+    may_act: Callable[[], bool]
+    """The launcher's leadership fence: no poll, relaunch or report without it."""
     _seen: dict[str, JobSeen]
     """Job name → what the poller last saw."""
     _mine: str
@@ -114,7 +116,8 @@ class JobPoller:
         last_error = ""
         while not self._stopping.is_set():
             try:
-                await self.poll_once()
+                if self.may_act():  # a poll reports and relaunches: the leader's alone
+                    await self.poll_once()
                 last_error = ""
             except Exception as exc:
                 if str(exc) != last_error:  # log a repeating failure once
@@ -411,6 +414,8 @@ class JobPoller:
             workflow_image=bool(image),
         )
         # 409: another launcher replica (or this one before a restart) got there first.
+        if not self.may_act():
+            return
         await self.kube.create(self.kube.batch.create_namespaced_job, body)
         name = body["metadata"]["name"]
         self._seen.setdefault(
