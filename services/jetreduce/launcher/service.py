@@ -44,6 +44,8 @@ from jetreduce.contract.events import (
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.launcher.admission import Candidate, admit
 from jetreduce.launcher.backend import AgentBackend
+from jetreduce.launcher.mapping import MappingRecords
+from jetreduce.launcher.reported import Reported
 from jetreduce.runtime.counts import count_subjects
 from jetreduce.runtime.leadership import LEASE_TTL_S, Leadership, NotLeader
 from jetreduce.runtime.publish import is_stored, publish_retrying
@@ -72,60 +74,6 @@ SHUTDOWN_GRACE_S = 10.0
 LEADER_WORK_BOUND_S = 1.0
 """After its term ends, how long a leader lets an event handler in flight finish (each of
 its actions is fenced) before it is cancelled and the agents are stopped."""
-
-
-class MappingRecords:
-    """The records of the workflows in their map phase, kept by a watch of the workflow
-    records (the KV bucket), so that an admission with a slot cap reads no record but the
-    one its event is about. The watch first delivers every current record (as the full
-    read of a restarted launcher did), then each change; every launcher replica keeps its
-    own, so none depends on seeing the events the others handled. Revisions keep it
-    monotonic when a direct read and the watch report the same record."""
-
-    def __init__(self, state: StateStore) -> None:
-        self._state = state
-        self.ready = asyncio.Event()
-        """Set once the watch has delivered every record that existed when it started."""
-        self.watching = False
-        self._mapping: dict[str, WorkflowRecord] = {}
-        self._revision: dict[str, int] = {}
-        """Of every record seen (an int per workflow, kept after it maps: a read that
-        raced a newer change must not bring an old phase back)."""
-        self.priority: dict[str, str] = {}
-        """Workflow → its priority (from the spec, read once while it maps)."""
-        self.complete: set[str] = set()
-        """Mapping workflows whose ``map.complete`` is stored (seen by an admission)."""
-
-    def records(self) -> list[WorkflowRecord]:
-        return list(self._mapping.values())
-
-    def apply(self, wf: str, record: WorkflowRecord | None, revision: int) -> None:
-        """``record`` (None: deleted) at ``revision``, unless a newer one was applied."""
-        if revision <= self._revision.get(wf, 0):
-            return
-        self._revision[wf] = revision
-        if record is not None and record.phase == Phase.MAPPING and record.total:
-            self._mapping[wf] = record
-            return
-        self._mapping.pop(wf, None)
-        self.priority.pop(wf, None)
-        self.complete.discard(wf)
-
-    async def refresh(self, wf: str) -> None:
-        """Read ``wf``'s record now (an event is about it; the watch may not have it yet)."""
-        found = await self._state.get_with_revision(wf)
-        if found is not None:
-            self.apply(wf, found[0], found[1])
-
-    async def watch(self, stop: asyncio.Event, retry_s: float = 1.0) -> None:
-        """Follow the records until ``stop`` (``ready`` once every existing one is in)."""
-        self.watching = True
-        try:
-            await self._state.follow(
-                stop, self.apply, on_caught_up=self.ready.set, who="launcher", retry_s=retry_s
-            )
-        finally:
-            self.watching = False
 
 
 class Launcher:
@@ -160,6 +108,7 @@ class Launcher:
             name="launcher",
             ttl_s=float(os.environ.get(LEASE_TTL_ENV, "") or LEASE_TTL_S),
         )
+        self.reported = Reported(ctx.js, self.s)
         backend.on_exit = self._on_agent_exit
         backend.on_status = self._on_status
         backend.may_act = self.leadership.may_act
@@ -181,6 +130,7 @@ class Launcher:
         rebuilt from JetStream, never inherited) until ``term`` ends; then stop this
         process's agents (quickly if the lease was lost: a successor may start soon)."""
         self.mapping.complete.clear()  # re-learnt from the stored events as admissions ask
+        self.reported.reset()  # likewise the status reports (launcher/reported.py)
         work: asyncio.Future[Any] = asyncio.gather(self._consume(term), self._reconciler(term))
         ended: asyncio.Future[Any] = asyncio.ensure_future(term.wait())
         try:
@@ -357,6 +307,7 @@ class Launcher:
         if kind.startswith("workflow.") and kind.split(".")[1] in _TERMINAL:
             self.leadership.check()
             await self.backend.stop(wf)
+            self.reported.forget(wf)
             if self.max_slots is not None:
                 await self.admit_maps(wf)  # its slots are free
             return
@@ -493,5 +444,13 @@ class Launcher:
         (the event's tag names its subject)."""
         if not self.leadership.may_act():
             return  # a standby's poller is stopped; this is a leader stepping down
+        if await self.reported.stored(event):
+            return  # reported by an earlier leader (or this one in an earlier term)
         kind = "job" if isinstance(event, JobStatus) else "pod_failed"
-        await publish_retrying(self.ctx.js, self.s.agent(kind, event.workflow_id), encode(event))
+        try:
+            await publish_retrying(
+                self.ctx.js, self.s.agent(kind, event.workflow_id), encode(event)
+            )
+        except BaseException:
+            self.reported.unmark(event)
+            raise
