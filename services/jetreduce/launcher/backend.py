@@ -44,6 +44,10 @@ class AgentBackend(Protocol):
     relaunching a Job, a poll that reports): the launcher sets it to its leadership's fence,
     so a replica that does not lead, or no longer may, starts nothing and reports nothing.
     Backends start with one that always allows."""
+    earlier_failures: Callable[[str], Awaitable[set[str]]] | None
+    """Set by the launcher: workflow → names of the pods whose failure is stored already
+    (an earlier leader reported it), so that a new leader does not report their exits
+    again. Unused by backends whose agents die with their launcher."""
 
     def plan(self, parallel: int) -> list[int]:
         """How ``parallel`` agent slots are spread over processes/pods (slots per agent)."""

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -119,6 +119,7 @@ class KubernetesBackend(JobPoller):
         self.on_exit = on_exit
         self.on_status = on_status
         self.may_act: Callable[[], bool] = lambda: True
+        self.earlier_failures: Callable[[str], Awaitable[set[str]]] | None = None
         self._seen: dict[str, JobSeen] = {}
         """Job name → what the poller last saw."""
         self._poller: asyncio.Task[None] | None = None

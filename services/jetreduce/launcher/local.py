@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +114,8 @@ class LocalBackend:
         """Unused: a child process has no status beyond its exit (``on_exit``)."""
         self.may_act: Callable[[], bool] = _always
         """Asked before an agent is restarted (the launcher's leadership fence)."""
+        self.earlier_failures: Callable[[str], Awaitable[set[str]]] | None = None
+        """Unused: a new leader's local agents are its own."""
         self.command = command
         self._agents: dict[tuple[str, str], list[_Running]] = {}
 

@@ -112,6 +112,7 @@ class Launcher:
         backend.on_exit = self._on_agent_exit
         backend.on_status = self._on_status
         backend.may_act = self.leadership.may_act
+        backend.earlier_failures = self.reported.earlier_pods
         self.reconciles = 0
         """Full reconciliations done (the first of a term is its take-over)."""
 
