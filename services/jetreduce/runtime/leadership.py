@@ -34,6 +34,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -59,6 +61,18 @@ Lead = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 """The leader's work: runs until the event (the end of its term) is set, then cleans up."""
 
 
+def process_host() -> str:
+    """The hostname and this process's PID namespace: the claim takes a lease from a holder
+    on the same "host" whose pid is gone, and two containers may share a hostname (host
+    networking) without seeing each other's processes: each would think the other dead."""
+    name = socket.gethostname()
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return name
+    return f"{name}~{ns.removeprefix('pid:[').removesuffix(']')}"
+
+
 class NotLeader(Exception):
     """Raised by :meth:`Leadership.check` in a replica that may not act now."""
 
@@ -80,6 +94,7 @@ class Leadership:
         host: str | None = None,
     ) -> None:
         safety = min(LEASE_SAFETY_S, ttl_s / 4) if safety_s is None else safety_s
+        host = host or process_host()
         self.name = name
         self.poll_s = poll_s
         self.claim = Claim(js, bucket, key, ttl_s=ttl_s, safety_s=safety, holder=holder, host=host)
