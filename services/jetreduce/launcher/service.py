@@ -90,7 +90,8 @@ class Launcher:
         leadership: Leadership | None = None,
     ) -> None:
         """``leadership``: this replica's lease (default: the installation's launcher lease,
-        held as ``host/pid``; tests running two launchers in one process pass their own)."""
+        held as ``host/pid``, see runtime/leadership.py; tests running two launchers in one
+        process pass their own)."""
         if max_slots is not None and max_slots < 1:
             raise ValueError(f"max_slots must be at least 1, got {max_slots}")
         self.ctx = ctx
