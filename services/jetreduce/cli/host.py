@@ -255,6 +255,16 @@ class ServiceHost:
                 callbacks=[lambda _o: observations],
                 description="Services hosted by this process",
             )
+            if "launcher" in self.names:
+                meter.create_observable_gauge(
+                    "jetreduce.launcher.leader",
+                    callbacks=[lambda _o: [Observation(int(self._launcher_leads()))]],
+                    description="1 if this process's launcher leads its replicas, else 0",
+                )
+
+    def _launcher_leads(self) -> bool:
+        launcher = self._services.get("launcher")
+        return isinstance(launcher, Launcher) and launcher.leadership.leading
 
     async def _guard(self, name: str, service: _Service) -> None:
         try:
