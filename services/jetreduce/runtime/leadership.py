@@ -36,7 +36,6 @@ import contextlib
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -102,11 +101,6 @@ class Leadership:
         """Set when the current term ends (None: not leading)."""
         self.terms = 0
         """Terms won by this replica so far."""
-        self.changed = asyncio.Event()
-        """Set at every change of :attr:`leading` (tests and health wait on it; cleared by
-        whoever waits)."""
-        self.since: float | None = None
-        """Monotonic time this replica's current term began (None: not leading)."""
 
     @property
     def holder(self) -> str:
@@ -148,7 +142,6 @@ class Leadership:
             if taken is None:
                 return
             self.terms += 1
-            self.since = time.monotonic()
             if taken.previous is None:
                 log.info("%s: leading (%s)", self.name, self.holder)
             else:
@@ -169,7 +162,6 @@ class Leadership:
         """Set once ``lead`` has cleaned up: renewals go on until then (a shutdown that
         stops agents for longer than the lease lasts must not let a successor start)."""
         self._term = term
-        self.changed.set()
         holding = asyncio.create_task(self.claim.hold(renewing), name=f"{self.name} lease")
         acting = asyncio.create_task(lead(term), name=f"{self.name} leader")
         lost = asyncio.create_task(self.claim.lost.wait())
@@ -185,7 +177,6 @@ class Leadership:
                     "%s: lease lost (not renewed in time, or taken); stepping down", self.name
                 )
             term.set()
-            self.changed.set()
             with contextlib.suppress(Exception):
                 await acting  # its own error is raised below
         finally:
@@ -196,8 +187,6 @@ class Leadership:
             with contextlib.suppress(asyncio.CancelledError):
                 await holding
             self._term = None
-            self.since = None
-            self.changed.set()
         if stop.is_set():
             await self.claim.release()  # revision-checked: only if still ours
             log.info("%s: lease released (%s)", self.name, self.holder)
