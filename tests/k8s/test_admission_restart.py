@@ -4,6 +4,7 @@ nats-server for the workflow records, the API emulator for Jobs; no pods needed.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ from jetreduce.runtime.connection import connect
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
+from support import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -88,13 +90,18 @@ async def test_restarted_launcher_counts_jobs_left_running_before_admitting(
 
         after = _backend(api_client, namespace, prefix)
         launcher = Launcher(ctx, after, max_slots=2)
+        stop = asyncio.Event()
+        running = asyncio.create_task(launcher.run(stop))
         try:
-            await launcher.admit_maps()
+            # Its first act as leader: a full reconciliation, admissions included.
+            await wait_for(lambda: launcher.reconciles >= 1 or running.done(), timeout_s=30)
+            assert not running.done(), running
             jobs: list[dict[str, Any]] = emulator.live("batch/v1/jobs", namespace)
             assert {j["metadata"]["name"] for j in jobs} == {job_name("busy", "map")}
             assert after.running("busy", "map")
             assert not after.running("eager", "map")
         finally:
-            await after.stop_all()
+            stop.set()
+            await asyncio.wait_for(running, 30)
     finally:
         await nc.drain()

@@ -85,6 +85,7 @@ async def test_metrics_endpoint_during_and_after_a_run(
     assert sample(text, "jetreduce_queue_pending", '{lane="p1"}') == 0
     assert sample(text, "jetreduce_circuit_agents", '{state="open"}') == 0
     assert sample(text, "jetreduce_services", '{service="aggregator"}') == 1
+    assert sample(text, "jetreduce_launcher_leader") == 1  # the only launcher leads
 
 
 def test_json_formatter_carries_bound_ids() -> None:

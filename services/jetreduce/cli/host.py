@@ -105,6 +105,7 @@ class ServiceHost:
         self._nats_down_since: float | None = None
         self.stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._services: dict[str, _Service] = {}
 
     def _build(self, ctx: ServiceContext) -> dict[str, _Service]:
         built: dict[str, _Service] = {}
@@ -184,6 +185,7 @@ class ServiceHost:
                     lambda: self._unready(nc),
                     host=self.metrics_host,
                     port=self.health_port,
+                    detail=self._leadership,
                 )
                 self.health_port = (await health.start()).port
             if self.metrics_port is not None:
@@ -194,7 +196,8 @@ class ServiceHost:
                 self._declare_services()
             if current_meter() is not None and "aggregator" in self.names:
                 observer = await EventMetrics(nc, subjects, StateStore(js, subjects)).start()
-            for name, service in self._build(ctx).items():
+            self._services = self._build(ctx)
+            for name, service in self._services.items():
                 self._tasks.append(asyncio.create_task(self._guard(name, service), name=name))
             yield self
         finally:
@@ -234,6 +237,11 @@ class ServiceHost:
             return "NATS not connected"
         return self._unhealthy(nc)
 
+    def _leadership(self) -> list[str]:
+        """``launcher: leading (…)`` or ``launcher: standing by (…)`` on ``/readyz``."""
+        launcher = self._services.get("launcher")
+        return [launcher.leadership.describe()] if isinstance(launcher, Launcher) else []
+
     def _declare_services(self) -> None:
         """``jetreduce_services{service=…} 1`` for each service hosted here: every
         endpoint answers something, and a scrape shows what runs where."""
@@ -247,6 +255,16 @@ class ServiceHost:
                 callbacks=[lambda _o: observations],
                 description="Services hosted by this process",
             )
+            if "launcher" in self.names:
+                meter.create_observable_gauge(
+                    "jetreduce.launcher.leader",
+                    callbacks=[lambda _o: [Observation(int(self._launcher_leads()))]],
+                    description="1 if this process's launcher leads its replicas, else 0",
+                )
+
+    def _launcher_leads(self) -> bool:
+        launcher = self._services.get("launcher")
+        return isinstance(launcher, Launcher) and launcher.leadership.leading
 
     async def _guard(self, name: str, service: _Service) -> None:
         try:

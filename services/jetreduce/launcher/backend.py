@@ -39,6 +39,15 @@ class AgentBackend(Protocol):
     name: str
     on_exit: ExitCallback | None
     on_status: StatusCallback | None
+    may_act: Callable[[], bool]
+    """Asked before an action the backend takes on its own (restarting an agent,
+    relaunching a Job, a poll that reports): the launcher sets it to its leadership's fence,
+    so a replica that does not lead, or no longer may, starts nothing and reports nothing.
+    Backends start with one that always allows."""
+    earlier_failures: Callable[[str], Awaitable[set[str]]] | None
+    """Set by the launcher: workflow → names of the pods whose failure is stored already
+    (an earlier leader reported it), so that a new leader does not report their exits
+    again. Unused by backends whose agents die with their launcher."""
 
     def plan(self, parallel: int) -> list[int]:
         """How ``parallel`` agent slots are spread over processes/pods (slots per agent)."""
@@ -62,4 +71,7 @@ class AgentBackend(Protocol):
     async def stop(self, wf: str, phase: str | None = None, grace_s: float = 10.0) -> None:
         """Stop a workflow's agents (of one phase, or all) and remove what was created."""
 
-    async def stop_all(self, grace_s: float = 10.0) -> None: ...
+    async def stop_all(self, grace_s: float = 10.0) -> None:
+        """Stop acting: the launcher stops or steps down. Local agents are stopped (they
+        must not outlive the leadership that counts them); Kubernetes Jobs are left to the
+        next leader, and what the poller knew is forgotten (a later term lists afresh)."""

@@ -70,6 +70,11 @@ class JobPoller:
     installation: str
     on_exit: ExitCallback | None
     on_status: StatusCallback | None
+    may_act: Callable[[], bool]
+    """The launcher's leadership fence: no poll, relaunch or report without it."""
+    earlier_failures: Callable[[str], Awaitable[set[str]]] | None
+    """Workflow → pods whose failure is already stored (reported by an earlier leader): a
+    new leader's first poll counts them without reporting their exits again."""
     _seen: dict[str, JobSeen]
     """Job name → what the poller last saw."""
     _mine: str
@@ -114,7 +119,8 @@ class JobPoller:
         last_error = ""
         while not self._stopping.is_set():
             try:
-                await self.poll_once()
+                if self.may_act():  # a poll reports and relaunches: the leader's alone
+                    await self.poll_once()
                 last_error = ""
             except Exception as exc:
                 if str(exc) != last_error:  # log a repeating failure once
@@ -411,6 +417,8 @@ class JobPoller:
             workflow_image=bool(image),
         )
         # 409: another launcher replica (or this one before a restart) got there first.
+        if not self.may_act():
+            return
         await self.kube.create(self.kube.batch.create_namespaced_job, body)
         name = body["metadata"]["name"]
         self._seen.setdefault(
@@ -442,12 +450,15 @@ class JobPoller:
             done = int(status.get("succeeded") or 0) + len(failed_indexes)
             remaining = max(1, completions - done)
         reported = 0
+        earlier = await self._earlier(seen.wf)
         for pod in pods.get("items", []):
             meta = pod.get("metadata", {})
             pod_status = pod.get("status") or {}
             if pod_status.get("phase") != "Failed" or meta.get("name") in seen.reported_pods:
                 continue
             seen.reported_pods.add(meta.get("name", ""))
+            if meta.get("name") in earlier:
+                continue  # reported by an earlier leader: this one only counts it
             index = pod_index(meta)
             code = exit_code(pod_status)
             restart = relaunch if job_failed else index not in failed_indexes
@@ -473,6 +484,16 @@ class JobPoller:
             )
             reported += 1
         return reported
+
+    async def _earlier(self, wf: str) -> set[str]:
+        """Pods of ``wf`` whose failure an earlier launcher (leader) reported already."""
+        if self.earlier_failures is None:
+            return set()
+        try:
+            return await self.earlier_failures(wf)
+        except Exception:
+            log.exception("earlier_failures callback failed")
+            return set()
 
     async def _pod_events(self, job: str, seen: JobSeen, pods: Mapping[str, Any]) -> None:
         """One ``PodFailed`` per pod that failed or was disrupted (evicted, preempted,

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -117,6 +118,8 @@ class KubernetesBackend(JobPoller):
         self.secret_source = secret_source
         self.on_exit = on_exit
         self.on_status = on_status
+        self.may_act: Callable[[], bool] = lambda: True
+        self.earlier_failures: Callable[[str], Awaitable[set[str]]] | None = None
         self._seen: dict[str, JobSeen] = {}
         """Job name → what the poller last saw."""
         self._poller: asyncio.Task[None] | None = None
@@ -251,6 +254,8 @@ class KubernetesBackend(JobPoller):
             timeout_s=phase_timeout_s(spec, phase),
             workflow_image=bool(spec.options.image),
         )
+        if not self.may_act():  # the launcher's fence, asked again after the calls above
+            return 0
         created = await self.kube.create(self.kube.batch.create_namespaced_job, job)
         name = job["metadata"]["name"]
         self._seen.setdefault(name, JobSeen(wf, phase, namespace=ns))
@@ -312,14 +317,18 @@ class KubernetesBackend(JobPoller):
 
     async def stop_all(self, grace_s: float = 10.0) -> None:
         """Stop watching; leave every Job running. Unlike local child processes, pods do not
-        die with the launcher, and deleting them on a launcher restart (an upgrade) would
-        throw away all work in flight; the next launcher finds them by label."""
+        die with the launcher, and deleting them on a launcher restart (an upgrade) or a
+        change of leader would throw away all work in flight; the next leader finds them
+        by label. What the poller saw is forgotten: should this replica lead again, it
+        lists afresh before it counts slots (:meth:`sync`)."""
         self._stopping.set()
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
+        self._polled.clear()
+        self._seen.clear()
 
     # -- janitor support ------------------------------------------------------------------
     async def workflows(self) -> set[str]:

@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +112,10 @@ class LocalBackend:
         self.on_exit = on_exit
         self.on_status: StatusCallback | None = None
         """Unused: a child process has no status beyond its exit (``on_exit``)."""
+        self.may_act: Callable[[], bool] = _always
+        """Asked before an agent is restarted (the launcher's leadership fence)."""
+        self.earlier_failures: Callable[[str], Awaitable[set[str]]] | None = None
+        """Unused: a new leader's local agents are its own."""
         self.command = command
         self._agents: dict[tuple[str, str], list[_Running]] = {}
 
@@ -241,7 +246,7 @@ class LocalBackend:
             else:
                 run.restarts += 1
                 await asyncio.sleep(min(10.0, 0.5 * 2 ** (run.restarts - 1)))
-            if run.stopping:
+            if run.stopping or not self.may_act():
                 return
 
     async def stop(self, wf: str, phase: str | None = None, grace_s: float = 10.0) -> None:
@@ -269,6 +274,10 @@ class LocalBackend:
             await asyncio.wait(pending, timeout=5)
             for task in pending:
                 task.cancel()
+
+
+def _always() -> bool:
+    return True
 
 
 def _signal_group(proc: asyncio.subprocess.Process | None, sig: int) -> None:

@@ -1,13 +1,36 @@
-"""Launcher service: see the package docstring."""
+"""Launcher service: see the package docstring.
+
+**One leader among replicas** (runtime/leadership.py). Every launcher replica follows the
+workflow records (:class:`MappingRecords`), but only the one holding the launcher's lease
+acts: consumes the launcher's events, admits workflows, starts and stops agents, runs the
+reconciler and (through the backend) the Kubernetes poller. Every action asks
+:meth:`Leadership.may_act` first (the fence), and the backend asks it before it relaunches a
+Job or restarts an agent. A standby does not pull from the durable ``launcher`` consumer at
+all, so no event is acked and dropped by a replica that would not act on it: the events
+wait in the consumer for the leader. A new leader does not rely on them either: its term
+starts with a full reconciliation from JetStream (records, specs, stored phase events) and
+the backend (Kubernetes Jobs), so events the dead leader had pulled but not acked (they
+come back after the consumer's ack wait) change nothing it has not already done.
+
+Agents of a dead leader: local agents die with their launcher's process
+(runtime/orphans.py ``die_with_parent``), so a new leader on another process counts none
+of them; a leader that loses its lease while alive stops its agents within the lease's
+safety margin, before a successor may take over. Kubernetes Jobs outlive their launcher:
+the new leader's first admission waits for a full listing (``backend.sync()``), so their
+slots count as used, never as free.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import time
+from typing import Any
 
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 
 from jetreduce.contract.events import (
     AgentExited,
@@ -21,7 +44,10 @@ from jetreduce.contract.events import (
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.launcher.admission import Candidate, admit
 from jetreduce.launcher.backend import AgentBackend
+from jetreduce.launcher.mapping import MappingRecords
+from jetreduce.launcher.reported import Reported
 from jetreduce.runtime.counts import count_subjects
+from jetreduce.runtime.leadership import LEASE_TTL_S, Leadership, NotLeader
 from jetreduce.runtime.publish import is_stored, publish_retrying
 from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
 from jetreduce.runtime.state import StateStore
@@ -37,60 +63,17 @@ AGING_S = 300.0
 RECORDS_READY_S = 30.0
 """Longest wait (s) for the first full read of the workflow records before an admission with
 a slot cap; past it the event is redelivered (or the reconciler tries again)."""
-
-
-class MappingRecords:
-    """The records of the workflows in their map phase, kept by a watch of the workflow
-    records (the KV bucket), so that an admission with a slot cap reads no record but the
-    one its event is about. The watch first delivers every current record (as the full
-    read of a restarted launcher did), then each change; every launcher replica keeps its
-    own, so none depends on seeing the events the others handled. Revisions keep it
-    monotonic when a direct read and the watch report the same record."""
-
-    def __init__(self, state: StateStore) -> None:
-        self._state = state
-        self.ready = asyncio.Event()
-        """Set once the watch has delivered every record that existed when it started."""
-        self.watching = False
-        self._mapping: dict[str, WorkflowRecord] = {}
-        self._revision: dict[str, int] = {}
-        """Of every record seen (an int per workflow, kept after it maps: a read that
-        raced a newer change must not bring an old phase back)."""
-        self.priority: dict[str, str] = {}
-        """Workflow → its priority (from the spec, read once while it maps)."""
-        self.complete: set[str] = set()
-        """Mapping workflows whose ``map.complete`` is stored (seen by an admission)."""
-
-    def records(self) -> list[WorkflowRecord]:
-        return list(self._mapping.values())
-
-    def apply(self, wf: str, record: WorkflowRecord | None, revision: int) -> None:
-        """``record`` (None: deleted) at ``revision``, unless a newer one was applied."""
-        if revision <= self._revision.get(wf, 0):
-            return
-        self._revision[wf] = revision
-        if record is not None and record.phase == Phase.MAPPING and record.total:
-            self._mapping[wf] = record
-            return
-        self._mapping.pop(wf, None)
-        self.priority.pop(wf, None)
-        self.complete.discard(wf)
-
-    async def refresh(self, wf: str) -> None:
-        """Read ``wf``'s record now (an event is about it; the watch may not have it yet)."""
-        found = await self._state.get_with_revision(wf)
-        if found is not None:
-            self.apply(wf, found[0], found[1])
-
-    async def watch(self, stop: asyncio.Event, retry_s: float = 1.0) -> None:
-        """Follow the records until ``stop`` (``ready`` once every existing one is in)."""
-        self.watching = True
-        try:
-            await self._state.follow(
-                stop, self.apply, on_caught_up=self.ready.set, who="launcher", retry_s=retry_s
-            )
-        finally:
-            self.watching = False
+LEASE_TTL_ENV = "JETREDUCE_LAUNCHER_LEASE_TTL_S"
+"""The launcher lease's time to live (default ``LEASE_TTL_S``, 10 s): how long a standby
+waits for a leader that vanished without trace (another host; a frozen process)."""
+STEP_DOWN_GRACE_S = 1.0
+"""A leader that lost its lease gives its local agents this long to hand their items back
+(SIGTERM) before it kills them: well inside the lease's safety margin (3 s)."""
+SHUTDOWN_GRACE_S = 10.0
+"""A stopping leader (SIGTERM) gives its agents this long; it renews its lease meanwhile."""
+LEADER_WORK_BOUND_S = 1.0
+"""After its term ends, how long a leader lets an event handler in flight finish (each of
+its actions is fenced) before it is cancelled and the agents are stopped."""
 
 
 class Launcher:
@@ -104,7 +87,11 @@ class Launcher:
         *,
         max_slots: int | None = None,
         aging_s: float = AGING_S,
+        leadership: Leadership | None = None,
     ) -> None:
+        """``leadership``: this replica's lease (default: the installation's launcher lease,
+        held as ``host/pid``, see runtime/leadership.py; tests running two launchers in one
+        process pass their own)."""
         if max_slots is not None and max_slots < 1:
             raise ValueError(f"max_slots must be at least 1, got {max_slots}")
         self.ctx = ctx
@@ -115,10 +102,55 @@ class Launcher:
         self.aging_s = aging_s
         self._admitting = asyncio.Lock()
         self.mapping = MappingRecords(self.state)
+        self.leadership = leadership or Leadership(
+            ctx.js,
+            self.s.claims_bucket,
+            self.s.claim_key("leader", "launcher"),
+            name="launcher",
+            ttl_s=float(os.environ.get(LEASE_TTL_ENV, "") or LEASE_TTL_S),
+        )
+        self.reported = Reported(ctx.js, self.s)
         backend.on_exit = self._on_agent_exit
         backend.on_status = self._on_status
+        backend.may_act = self.leadership.may_act
+        backend.earlier_failures = self.reported.earlier_pods
+        self.reconciles = 0
+        """Full reconciliations done (the first of a term is its take-over)."""
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Follow the records (every replica), and act while this replica leads."""
+        try:
+            loops = [self.leadership.run(stop, self._lead)]
+            if self.max_slots is not None:
+                loops.insert(0, self.mapping.watch(stop))  # first: admissions wait for it
+            await asyncio.gather(*loops)
+        finally:
+            await self.backend.stop_all()
+
+    async def _lead(self, term: asyncio.Event) -> None:
+        """One term as leader: consume the events and reconcile (at once: the view is
+        rebuilt from JetStream, never inherited) until ``term`` ends; then stop this
+        process's agents (quickly if the lease was lost: a successor may start soon)."""
+        self.mapping.complete.clear()  # re-learnt from the stored events as admissions ask
+        self.reported.reset()  # likewise the status reports (launcher/reported.py)
+        work: asyncio.Future[Any] = asyncio.gather(self._consume(term), self._reconciler(term))
+        ended: asyncio.Future[Any] = asyncio.ensure_future(term.wait())
+        try:
+            await asyncio.wait({work, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                work.result()  # raises what ended it; returning early is the caller's error
+                return
+            with contextlib.suppress(TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(work), LEADER_WORK_BOUND_S)
+        finally:
+            ended.cancel()
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+            lost = not self.leadership.claim.left()
+            await self.backend.stop_all(STEP_DOWN_GRACE_S if lost else SHUTDOWN_GRACE_S)
+
+    async def _consume(self, term: asyncio.Event) -> None:
         filters = [
             self.s.workflow("accepted", "*"),
             self.s.workflow("planned", "*"),
@@ -133,13 +165,7 @@ class Launcher:
             filters=filters,
             handler=self.on_event,
         )
-        try:
-            loops = [consumer.run(stop), self._reconciler(stop)]
-            if self.max_slots is not None:
-                loops.insert(0, self.mapping.watch(stop))  # first: admissions wait for it
-            await asyncio.gather(*loops)
-        finally:
-            await self.backend.stop_all()
+        await consumer.run(term)
 
     async def _reconciler(self, stop: asyncio.Event) -> None:
         """Re-drive on start and periodically: a launcher that restarted (or a ``run`` that
@@ -148,6 +174,9 @@ class Launcher:
         while not stop.is_set():
             try:
                 await self.reconcile()
+                self.reconciles += 1
+            except NotLeader:
+                return  # the term is ending: the next leader reconciles
             except Exception:
                 log.exception("launcher: reconcile failed")
             with contextlib.suppress(asyncio.TimeoutError):
@@ -168,6 +197,8 @@ class Launcher:
                 self.s.reduce("completed", wf)
             ):
                 await self._launch(wf, "reduce", [1], spec)
+            elif record.phase == Phase.MAPPING and record.total:
+                await self._stored_map_complete(record, spec)
         await self.admit_maps()
 
     async def admit_maps(self, changed: str | None = None) -> None:
@@ -175,6 +206,7 @@ class Launcher:
         them without a slot cap, else by priority while slots are free. ``changed`` names
         the workflow an event was about: without a cap, it is the only one to look at; with
         one, it is the only record read (the others come from :class:`MappingRecords`)."""
+        self.leadership.check()  # before sync(): a standby's poller does not list
         records = await self._admission_records(changed)
         async with self._admitting:
             await self.backend.sync()  # a restarted launcher must see what still runs
@@ -264,10 +296,20 @@ class Launcher:
         return await is_stored(self.ctx.js, self.s.events_stream, subject)
 
     async def on_event(self, msg: Msg) -> None:
+        """Handle one event, if this replica leads (else it goes back for the leader)."""
+        try:
+            self.leadership.check()
+            await self._on_event(msg)
+        except NotLeader:
+            raise Retry("this launcher no longer leads", delay_s=1.0) from None
+
+    async def _on_event(self, msg: Msg) -> None:
         kind = ".".join(msg.subject.split(".")[-3:-1])
         wf = msg.subject.rsplit(".", 1)[-1]
         if kind.startswith("workflow.") and kind.split(".")[1] in _TERMINAL:
+            self.leadership.check()
             await self.backend.stop(wf)
+            self.reported.forget(wf)
             if self.max_slots is not None:
                 await self.admit_maps(wf)  # its slots are free
             return
@@ -285,20 +327,44 @@ class Launcher:
             await self.admit_maps(wf)
         elif kind == "map.complete":
             complete = decode_as(msg.data, MapComplete, subject=msg.subject)
-            if not await self._map_is_complete(wf, record, complete, msg):
-                return
-            await self.backend.stop(wf, "map")
-            if self.max_slots is not None:
-                self.mapping.complete.add(wf)
-                await self.admit_maps(wf)
-            reduce = spec.workflow.reduce
-            if reduce is None or not reduce.steps or complete.total == 0:
-                return
-            await self.state.transition(wf, Phase.REDUCING)
-            await self._launch(wf, "reduce", [1], spec)
+            await self._map_complete(wf, record, spec, complete, msg.metadata.sequence.stream)
+
+    async def _map_complete(
+        self, wf: str, record: WorkflowRecord, spec: StoredSpec, complete: MapComplete, seq: int
+    ) -> None:
+        """A stored ``map.complete`` (stream sequence ``seq``): stop the map agents, free
+        their slots and start the reduce. From the event, or from the reconciler when the
+        workflow still maps (the leader that pulled the event died before handling it)."""
+        if not await self._map_is_complete(wf, record, complete, seq):
+            return
+        self.leadership.check()
+        await self.backend.stop(wf, "map")
+        if self.max_slots is not None:
+            self.mapping.complete.add(wf)
+            await self.admit_maps(wf)
+        reduce = spec.workflow.reduce
+        if reduce is None or not reduce.steps or complete.total == 0:
+            return
+        await self.state.transition(wf, Phase.REDUCING)
+        await self._launch(wf, "reduce", [1], spec)
+
+    async def _stored_map_complete(self, record: WorkflowRecord, spec: StoredSpec) -> None:
+        """Reconciler: a mapping workflow whose ``map.complete`` is stored is handled as the
+        event would be (idempotent), instead of waiting for its redelivery."""
+        wf = record.workflow_id
+        try:
+            stored = await self.ctx.js.get_last_msg(
+                self.s.events_stream, self.s.map("complete", wf)
+            )
+        except NotFoundError:
+            return
+        if stored.data is None or stored.seq is None:
+            return
+        complete = decode_as(stored.data, MapComplete, subject=self.s.map("complete", wf))
+        await self._map_complete(wf, record, spec, complete, stored.seq)
 
     async def _map_is_complete(
-        self, wf: str, record: WorkflowRecord, complete: MapComplete, msg: Msg
+        self, wf: str, record: WorkflowRecord, complete: MapComplete, seq: int
     ) -> bool:
         """Whether ``map.complete`` is true: its counts add up to the planned total and the
         server holds exactly that many terminal items (one exact count, only now). A false
@@ -317,10 +383,11 @@ class Launcher:
             terminal,
         )
         with contextlib.suppress(Exception):
-            await self.ctx.js.delete_msg(self.s.events_stream, msg.metadata.sequence.stream)
+            await self.ctx.js.delete_msg(self.s.events_stream, seq)
         return False
 
     async def _launch(self, wf: str, phase: str, slots: list[int], spec: StoredSpec) -> None:
+        self.leadership.check()  # the fence: no agent is started on an expiring lease
         refusal = self.backend.refusal(spec)
         if refusal is not None:
             # Not run elsewhere instead: the final agent.exited fails the workflow with why
@@ -355,6 +422,9 @@ class Launcher:
         remaining: int,
         reason: str = "",
     ) -> None:
+        if not self.leadership.may_act():
+            log.info("workflow %s: %s agent %d exit not reported (not leading)", wf, phase, index)
+            return
         await publish_retrying(
             self.ctx.js,
             self.s.agent("exited", wf),
@@ -374,5 +444,15 @@ class Launcher:
     async def _on_status(self, event: JobStatus | PodFailed) -> None:
         """Publish a backend's Job/pod status as ``agent.job.<wf>`` / ``agent.pod_failed.<wf>``
         (the event's tag names its subject)."""
+        if not self.leadership.may_act():
+            return  # a standby's poller is stopped; this is a leader stepping down
+        if await self.reported.stored(event):
+            return  # reported by an earlier leader (or this one in an earlier term)
         kind = "job" if isinstance(event, JobStatus) else "pod_failed"
-        await publish_retrying(self.ctx.js, self.s.agent(kind, event.workflow_id), encode(event))
+        try:
+            await publish_retrying(
+                self.ctx.js, self.s.agent(kind, event.workflow_id), encode(event)
+            )
+        except BaseException:
+            self.reported.unmark(event)
+            raise

@@ -104,25 +104,43 @@ class Claim:
         ttl_s: float = CLAIM_TTL_S,
         host: str | None = None,
         pid: int | None = None,
+        holder: str | None = None,
+        safety_s: float | None = None,
     ) -> None:
+        """``holder``: the name written in the claim (default ``host/pid``; two holders in
+        one process need distinct ones). ``safety_s``: how long before its expiry a holder
+        that could not renew gives the claim up (default :data:`SAFETY_S`, at most a
+        quarter of ``ttl_s``): a holder with more to undo when it loses (a launcher stopping
+        its agents) asks for more."""
         self._js = js
         self._bucket = bucket
         self.key = key
         self.ttl_s = ttl_s
         self.host = host or socket.gethostname()
         self.pid = os.getpid() if pid is None else pid
-        self.holder = f"{self.host}/{self.pid}"
+        self.holder = holder or f"{self.host}/{self.pid}"
         self.lost = asyncio.Event()
         """Set when this holder may no longer run the phase (taken, or not renewed in time)."""
         self._kv: KeyValue | None = None
         self._revision = 0
         self._attempt = 0
         self._valid_until = 0.0
-        self._safety_s = min(SAFETY_S, ttl_s / 4)
+        self._safety_s = min(SAFETY_S, ttl_s / 4) if safety_s is None else safety_s
+        if not 0 <= self._safety_s < ttl_s / 2:
+            raise ValueError(f"safety_s must be under half of ttl_s, got {safety_s}")
         self._renewing = asyncio.Lock()
         """One renewal at a time: two sent with the same expected revision would have the
         second refused, and the holder would take itself for fenced."""
         """Monotonic time until which the last successful write keeps the claim ours."""
+
+    def left(self) -> float:
+        """Seconds this holder may still act on the claim (its last successful write, less
+        the safety margin); 0 once lost. Read from the monotonic clock, not from the
+        renewing task: a process that was paused (SIGSTOP) sees at once that its time ran
+        out, before its renewal has been tried."""
+        if self.lost.is_set() or self._attempt == 0:
+            return 0.0
+        return max(0.0, self._valid_until - self._safety_s - time.monotonic())
 
     async def _bucket_kv(self) -> KeyValue:
         if self._kv is None:
