@@ -1,10 +1,12 @@
 """Per-role NATS users (runtime/permissions.py) on an embedded server started with ``roles``:
-each forgery of issue 13 is refused by the server for the role that must not make it, and
-the same publish by the role that may is stored."""
+each forgery of issue 13 is refused by the server for the role that must not make it, the
+same publish by the role that may is stored, and the real code path of each role works with
+its own user (the whole of ``jetreduce run``: tests/e2e/test_roles.py)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,13 +14,17 @@ from typing import Any
 import nats
 import pytest
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import BadRequestError
 
 from jetreduce.contract import events as ev
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
 from jetreduce.embedded import EmbeddedServer
+from jetreduce.queues.jetstream import JetStreamQueue
 from jetreduce.runtime.permissions import ROLES
 from jetreduce.runtime.publish import is_stored
+from jetreduce.runtime.service import ServiceContext
 
 pytestmark = pytest.mark.anyio
 
@@ -56,7 +62,7 @@ async def as_role(server: EmbeddedServer, role: str) -> AsyncIterator[tuple[Any,
 async def stored_by(nc: Any, errors: list[str], subject: str, payload: bytes) -> bool:
     """Publish through JetStream; True if stored, False if the server refused it."""
     try:
-        await nc.jetstream().publish(subject, payload, timeout=1.0)
+        await nc.jetstream().publish(subject, payload, timeout=0.3)
     except NatsTimeout:
         await nc.flush()
         assert any("permissions violation" in e.lower() for e in errors), errors
@@ -114,3 +120,139 @@ async def test_credentials_are_private_files(server: EmbeddedServer) -> None:
         assert path.stat().st_mode & 0o777 == 0o600
     with pytest.raises(Exception):  # noqa: B017 - no anonymous access with roles
         await nats.connect(server.url, allow_reconnect=False, max_reconnect_attempts=0)
+
+
+async def refused(nc: Any, errors: list[str], subject: str, payload: bytes = b"") -> bool:
+    """A request the server refuses to deliver (no reply, and a permissions violation for
+    exactly this subject); False if anything answered."""
+    try:
+        await nc.request(subject, payload, timeout=0.2)
+    except NatsTimeout:
+        await nc.flush()
+        return any(
+            "permissions violation" in e.lower() and subject.lower() in e.lower() for e in errors
+        )
+    return False
+
+
+def _work_item(index: int) -> bytes:
+    return ev.encode(ev.WorkItem(workflow_id=WF, index=index, item=index))
+
+
+async def test_no_client_or_agent_may_consume_the_work_queue(
+    server: EmbeddedServer, prefix: str
+) -> None:
+    """Reading is not harmless on the work stream. A consumer with AckNone there would remove
+    each message as it delivers it: the server refuses to create one on a work-queue stream
+    (10098, shown here as the services, who may create anything). But any consumer that pulls
+    spends the items' deliveries (``max_deliver``: they end dead-lettered) and a consumer
+    whose filter overlaps a workflow's keeps the planner from creating that workflow's own;
+    so neither clients nor agents may create consumers there, and clients may not pull."""
+    s = Subjects(prefix)
+    async with as_role(server, "services") as (nc, _):
+        js = nc.jetstream()
+        await declare(js, s)
+        for index in range(3):
+            await js.publish(s.work("p1", WF, index), _work_item(index))
+        with pytest.raises(BadRequestError) as refusal:
+            await js.add_consumer(
+                s.work_stream,
+                ConsumerConfig(
+                    ack_policy=AckPolicy.NONE, filter_subject=s.work_of(WF), deliver_subject="x"
+                ),
+            )
+        assert refusal.value.err_code == 10098  # "workqueue stream requires explicit ack"
+        assert (await js.stream_info(s.work_stream)).state.messages == 3
+    create = json.dumps(
+        {"stream_name": s.work_stream, "config": {"ack_policy": "none", "deliver_subject": "x"}}
+    ).encode()
+    for role in ("clients", "agents"):
+        async with as_role(server, role) as (nc, errors):
+            for subject in (
+                f"$JS.API.CONSUMER.CREATE.{s.work_stream}",
+                f"$JS.API.CONSUMER.CREATE.{s.work_stream}.drain.{s.work_of(WF)}",
+                f"$JS.API.CONSUMER.DURABLE.CREATE.{s.work_stream}.drain",
+                f"$JS.API.STREAM.PURGE.{s.work_stream}",
+            ):
+                assert await refused(nc, errors, subject, create), (role, subject)
+            if role == "clients":  # nor pull from the workflow's own consumer
+                subject = f"$JS.API.CONSUMER.MSG.NEXT.{s.work_stream}.{s.work_consumer(WF)}"
+                assert await refused(nc, errors, subject, b"1"), subject
+
+
+async def test_agents_run_the_map_as_themselves(server: EmbeddedServer, prefix: str) -> None:
+    """The real queue code path of a map agent works as ``agents`` (lease, heartbeat, ack,
+    retry, dead), once the services made the workflow's consumer; the launcher's events,
+    deleting a result, writing workflow records or specs are refused."""
+    s = Subjects(prefix)
+    async with as_role(server, "services") as (nc, _):
+        ctx = ServiceContext(nc=nc, js=nc.jetstream(), subjects=s)
+        await declare(ctx.js, s)
+        queue = JetStreamQueue(ctx, WF)
+        await queue.prepare(visibility_s=30, max_attempts=3, parallel=2)
+        await queue.enqueue(ev.WorkItem(workflow_id=WF, index=i, item=i) for i in range(3))
+        stored = await ctx.js.publish(s.item_done(WF, 9), b"{}")
+    async with as_role(server, "agents") as (nc, errors):
+        ctx = ServiceContext(nc=nc, js=nc.jetstream(), subjects=s)
+        agents = JetStreamQueue(ctx, WF)
+        leases = await agents.lease(3, 5)
+        assert sorted(lease.item.index for lease in leases) == [0, 1, 2]
+        await agents.heartbeat(leases[0])
+        await agents.ack(leases[0])
+        await agents.retry(leases[1], 0.01)
+        await agents.dead(leases[2], "no")
+        (again,) = await agents.lease(1, 5)
+        assert again.item.index == 1 and again.attempt == 2
+        await agents.ack(again)
+        await agents.close()
+        await nc.flush()
+        assert not errors, errors
+        exited = ev.encode(
+            ev.AgentExited(workflow_id=WF, phase="map", index=0, exit_code=0, restarted=False)
+        )
+        assert not await stored_by(nc, errors, s.agent("exited", WF), exited)
+        assert not await stored_by(nc, errors, s.agent("launched", WF), b"{}")
+        assert not await stored_by(nc, errors, f"$KV.{s.specs_bucket}.{WF}", b"{}")
+        delete = json.dumps({"seq": stored.seq}).encode()
+        assert await refused(nc, errors, f"$JS.API.STREAM.MSG.DELETE.{s.results_stream}", delete)
+        assert await refused(nc, errors, f"$JS.API.STREAM.PURGE.{s.results_stream}")
+        assert await refused(nc, errors, f"$JS.API.STREAM.DELETE.{s.events_stream}")
+        assert await refused(
+            nc, errors, f"$JS.API.STREAM.UPDATE.{s.events_stream}", b'{"name":"x"}'
+        )
+        # What it may: its own phase events, the claims bucket, its queue status.
+        assert await stored_by(nc, errors, s.reduce("started", WF), b"{}")
+        assert await stored_by(nc, errors, s.agent("queue", WF), b"{}")
+    async with as_role(server, "services") as (nc, _):
+        assert await is_stored(nc.jetstream(), s.results_stream, s.item_done(WF, 9))
+        info = await nc.jetstream().stream_info(s.work_stream)
+        assert info.state.messages == 0  # every item acked or terminated by the agent
+
+
+async def test_clients_may_not_write_what_the_services_or_agents_write(
+    server: EmbeddedServer, prefix: str
+) -> None:
+    s = Subjects(prefix)
+    async with as_role(server, "services") as (nc, _):
+        await declare(nc.jetstream(), s)
+    async with as_role(server, "clients") as (nc, errors):
+        for subject in (
+            s.item_dead(WF, 0),
+            s.item_failed(WF, 0),
+            s.map("failed", WF),
+            s.reduce("completed", WF),
+            s.setup("completed", WF),
+            s.workflow("completed", WF),
+            s.agent("exited", WF),
+            s.dlq(WF, 0),
+            s.progress(WF),
+            f"$KV.{s.specs_bucket}.{WF}",
+        ):
+            assert not await stored_by(nc, errors, subject, b"{}"), subject
+        for subject in (
+            f"$JS.API.STREAM.MSG.DELETE.{s.results_stream}",
+            f"$JS.API.STREAM.PURGE.{s.events_stream}",
+            f"$JS.API.STREAM.CREATE.{s.events_stream}",
+            f"$JS.API.CONSUMER.MSG.NEXT.{s.events_stream}.x",
+        ):
+            assert await refused(nc, errors, subject, b"{}"), subject

@@ -29,51 +29,80 @@ __all__ = ["ROLES", "publish_allowed", "server_users"]
 
 ROLES = ("services", "agents", "clients")
 
-_JS_READ = (
-    "$JS.API.INFO",
-    "$JS.API.STREAM.INFO.*",
-    "$JS.API.STREAM.NAMES",
-    "$JS.API.STREAM.LIST",
-    "$JS.API.STREAM.MSG.GET.*",
-    "$JS.API.DIRECT.GET.>",
-    "$JS.API.CONSUMER.CREATE.>",
-    "$JS.API.CONSUMER.INFO.>",
-    "$JS.API.CONSUMER.DELETE.>",
-    "$JS.API.CONSUMER.MSG.NEXT.>",
-    "$JS.FC.>",
-    "_INBOX.>",
-)
-"""Reading streams, KV and objects, with ordered (ephemeral) consumers."""
+
+def _read(stream: str) -> list[str]:
+    """Reading one stream: its info, single messages (direct or not), and ephemeral ordered
+    consumers (created, asked about, deleted on unsubscribe). Nothing here moves a message of
+    a work-queue stream: consumers of ``WORK`` are never in a reader's list."""
+    return [
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.*",
+        f"$JS.API.CONSUMER.DELETE.{stream}.*",
+    ]
 
 
-def _kv(bucket: str) -> str:
-    return f"$KV.{bucket}.>"
+_FLOW = ("$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.FC.>")
+"""Account info and stream names (the client library looks a subject's stream up), flow
+control replies of push consumers."""
+
+
+def _kv(bucket: str) -> list[str]:
+    """Reading and writing a KV bucket's keys."""
+    return [f"$KV.{bucket}.>", *_read(f"KV_{bucket}")]
 
 
 def _objects(bucket: str) -> list[str]:
-    return [f"$O.{bucket}.>", f"$JS.API.STREAM.INFO.OBJ_{bucket}"]
+    """Reading and writing objects; a delete purges the object's chunks."""
+    return [f"$O.{bucket}.>", *_read(f"OBJ_{bucket}"), f"$JS.API.STREAM.PURGE.OBJ_{bucket}"]
+
+
+def _streams(s: Subjects) -> list[str]:
+    return [
+        s.submit_stream,
+        s.events_stream,
+        s.work_stream,
+        s.results_stream,
+        s.progress_stream,
+        s.advisories_stream,
+        s.dlq_stream,
+    ]
 
 
 def publish_allowed(s: Subjects, role: str) -> list[str]:
-    """Subjects (wildcards allowed) that ``role`` may publish to."""
+    """Subjects (wildcards allowed) that ``role`` may publish to. Each entry is a call the
+    code makes (tests/integration/test_permissions.py runs the real code paths as each
+    role, and tests/e2e the whole of ``jetreduce run``, with the server logging any refusal)."""
     if role == "services":
         return [">"]
     if role == "agents":
-        phase_events = [
-            *(s.setup(e, "*") for e in ("completed", "failed", "restarted")),
-            *(s.reduce(e, "*") for e in ("started", "completed", "failed", "restarted")),
-        ]
         return [
-            s.item_terminal("*", "*"),  # item.done, item.dead and item.failed
+            # results (item.done, item.dead) and failed attempts (item.failed)
+            s.item_terminal("*", "*"),
             s.dlq_of("*"),
             s.map("failed", "*"),
-            *phase_events,
-            s.agent("*", "*"),
+            *(s.setup(e, "*") for e in ("completed", "failed", "restarted")),
+            *(s.reduce(e, "*") for e in ("started", "completed", "failed", "restarted")),
+            s.agent("queue", "*"),  # an external queue's status
+            s.agent("circuit", "*"),  # the circuit breaker
             s.telemetry_leases("*"),
-            *_JS_READ,
-            "$JS.ACK.>",
-            f"$JS.API.STREAM.MSG.DELETE.{s.results_stream}",  # a false result (worker/record)
-            _kv(s.claims_bucket),
+            *_FLOW,
+            # An agent checks the topology at start (contract/topology.py ``declare``): the
+            # streams' info only, as they exist (creating or changing one is refused).
+            *(f"$JS.API.STREAM.INFO.{name}" for name in _streams(s)),
+            # the map: pull from the workflow's durable consumer, ack/nak/term/in-progress
+            f"$JS.API.CONSUMER.MSG.NEXT.{s.work_stream}.*",
+            f"$JS.API.CONSUMER.INFO.{s.work_stream}.*",
+            f"$JS.ACK.{s.work_stream}.>",
+            *_read(s.events_stream),  # map.complete (reduce), the workflow's end
+            *_read(s.results_stream),  # the reduce's spool, a stored result (worker/record)
+            *_read(f"KV_{s.workflows_bucket}"),
+            *_read(f"KV_{s.specs_bucket}"),
+            *_kv(s.claims_bucket),
             *_objects(s.objects_bucket),
         ]
     if role == "clients":
@@ -81,8 +110,25 @@ def publish_allowed(s: Subjects, role: str) -> list[str]:
             s.submit,
             s.workflow("cancel", "*"),
             s.workflow("retry", "*"),
-            *_JS_READ,
-            *_objects(s.objects_bucket),
+            *_FLOW,
+            # ``list`` counts queued items from the work stream's info (no message read).
+            *(f"$JS.API.STREAM.INFO.{name}" for name in _streams(s)),
+            *(
+                entry
+                for stream in (
+                    s.submit_stream,
+                    s.events_stream,
+                    s.results_stream,
+                    s.progress_stream,
+                    s.dlq_stream,
+                    f"KV_{s.workflows_bucket}",
+                    f"KV_{s.specs_bucket}",
+                    f"KV_{s.claims_bucket}",
+                )
+                for entry in _read(stream)
+            ),
+            f"$JS.API.STREAM.PURGE.{s.dlq_stream}",  # jetreduce dlq purge
+            *_objects(s.objects_bucket),  # uploads (submit), logs and outputs (reads)
         ]
     raise ValueError(f"unknown role {role!r}: choose from {', '.join(ROLES)}")
 
