@@ -2,21 +2,28 @@
 
 * **services** (planner, launcher, aggregator, janitor): everything; they own the lifecycle.
 * **agents**: their items' results and failed attempts, DLQ entries, ``map.failed``, the
-  events of the one-agent phases they run (setup, reduce), their own status reports, the
-  claims bucket and the object store, and the JetStream API calls those need (reading
-  streams and KV, pulling and acking work). Not ``workflow.*`` (no cancel, no completion),
-  not ``map.complete`` (the aggregator's), not the workflow records.
-* **clients** (the CLI, a ``nats`` user): submit, cancel and retry requests, and read access
-  (stream reads, ordered consumers, KV and object reads, the object uploads of ``submit``).
-  Not results, not phase events, not KV writes.
+  events of the one-agent phases they run (setup, reduce), their own status reports
+  (``agent.queue``, ``agent.circuit``, lease telemetry), the claims bucket and the object
+  store; on the work stream pulls from a workflow's consumer and acks only; reads of what
+  they use. Not ``workflow.*`` (no cancel, no completion), not ``map.complete`` (the
+  aggregator's), not the launcher's ``agent.*`` events, not the workflow records or specs,
+  no deletion of a result, no consumer or purge on the work stream.
+* **clients** (the CLI, a ``nats`` user): submit, cancel and retry requests, object uploads,
+  ``dlq purge``, and reads (stream info, single messages, ordered consumers). Not results,
+  not phase or agent events, not KV writes, no consumer on the work stream: there any pull
+  spends the items' deliveries.
 
+Each entry is a call the role's code makes (tests/integration/test_permissions.py runs them
+as each role; tests/e2e/test_roles.py whole workflows, with no refusal in the server's log).
 Everything not allowed is refused by the server. Subscriptions are open to all three (read
-access; nothing secret travels on NATS). :func:`server_users` renders the users for a
-nats-server ``authorization`` block (the embedded server); the Kubernetes deployment is
-meant to mount the same lists.
+access; nothing secret travels on NATS). :func:`server_users` renders the users for the
+embedded server (``jetreduce run``, ``jetreduce server --roles``); :func:`server_conf` and
+:func:`helm_values` for the Kubernetes deployment (``jetreduce nats-users``, committed in
+deploy/kustomize and compared by a test).
 
-Not covered yet: an agent of one workflow may still write another's results (per-workflow
-credentials would be needed), and the upload a client may write is any object.
+Not covered yet: an agent of one workflow may still write another's results, DLQ entries and
+objects, and pull from another workflow's work consumer (per-workflow credentials or the
+server's permission templates would be needed); a client may write or delete any object.
 """
 
 from __future__ import annotations
