@@ -114,6 +114,7 @@ def test_run_and_the_queries_on_its_store_are_never_refused(tmp_path: Path) -> N
         ["status", "wf-run"],
         ["dlq", "show", "wf-run", "2"],
         ["logs", "wf-run", "2"],
+        ["dlq", "retry", "wf-run"],
         ["dlq", "purge", "wf-run"],
     ):
         done = cli(*query, cwd=tmp_path)

@@ -15,9 +15,11 @@ import nats
 import pytest
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, ObjectNotFoundError
 
+from jetreduce.cli.upload import delete_upload, upload_input
 from jetreduce.contract import events as ev
+from jetreduce.contract.events import input_upload_object
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
 from jetreduce.embedded import EmbeddedServer
@@ -256,3 +258,30 @@ async def test_clients_may_not_write_what_the_services_or_agents_write(
             f"$JS.API.CONSUMER.MSG.NEXT.{s.events_stream}.x",
         ):
             assert await refused(nc, errors, subject, b"{}"), subject
+
+
+async def test_clients_upload_and_remove_a_submission_input(
+    server: EmbeddedServer, prefix: str, tmp_path: Path
+) -> None:
+    """``submit`` of a pod workflow uploads the map input, and removes it if the submission
+    is refused: both work as ``clients`` (cli/upload.py, the real functions); an agent reads
+    it back."""
+    s = Subjects(prefix)
+    source = tmp_path / "items.json"
+    source.write_bytes(b"[1, 2, 3]" * 20000)  # several chunks
+    async with as_role(server, "services") as (nc, _):
+        await declare(nc.jetstream(), s)
+    async with as_role(server, "clients") as (nc, errors):
+        js = nc.jetstream()
+        await upload_input(js, s, WF, source)
+        assert not errors, errors
+    async with as_role(server, "agents") as (nc, errors):
+        store = await nc.jetstream().object_store(s.objects_bucket)
+        assert (await store.get(input_upload_object(WF))).data == source.read_bytes()
+    async with as_role(server, "clients") as (nc, errors):
+        js = nc.jetstream()
+        await delete_upload(js, s, WF)
+        store = await js.object_store(s.objects_bucket)
+        with pytest.raises(ObjectNotFoundError):
+            await store.get(input_upload_object(WF))
+        assert not errors, errors
