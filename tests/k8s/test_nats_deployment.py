@@ -15,6 +15,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -340,3 +341,23 @@ def test_agent_egress_can_be_opened_by_a_component(tmp_path: Path) -> None:
     policies = {d["metadata"]["name"]: d for d in render(overlay) if d["kind"] == "NetworkPolicy"}
     assert policies["jetreduce-agents-egress-open"]["spec"]["egress"] == [{}]
     assert "jetreduce-agents" in policies  # still there: policies add up
+
+
+@pytest.mark.parametrize("prefix", ["", "team.a"])
+def test_the_generated_users_are_a_valid_server_configuration(tmp_path: Path, prefix: str) -> None:
+    """What `jetreduce nats-users [--prefix]` prints is accepted by nats-server (``-t``:
+    check the configuration and exit), with the passwords from its environment."""
+    (tmp_path / "users.conf").write_text(server_conf(prefix))
+    (tmp_path / "nats.conf").write_text('port: -1\ninclude "users.conf"\n')
+    env = {password_variable(role): f"pw-{role}" for role in ROLES}
+    out = subprocess.run(
+        [find_nats_server(), "-t", "-c", str(tmp_path / "nats.conf")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr + out.stdout
+    if prefix:
+        assert '"team.a.item.*.*.*"' in server_conf(prefix)

@@ -112,6 +112,8 @@ def publish_allowed(s: Subjects, role: str) -> list[str]:
             # the map: pull from the workflow's durable consumer, ack/nak/term/in-progress
             f"$JS.API.CONSUMER.MSG.NEXT.{s.work_stream}.*",
             f"$JS.API.CONSUMER.INFO.{s.work_stream}.*",
+            # (ack subjects as a server without a JetStream domain makes them: a domain puts
+            # two tokens before the stream's name, and this would need `$JS.ACK.*.*.WORK.>`)
             f"$JS.ACK.{s.work_stream}.>",
             *_read(s.events_stream),  # map.complete (reduce), the workflow's end
             *_read(s.results_stream),  # the reduce's spool, a stored result (worker/record)
