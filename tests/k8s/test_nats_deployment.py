@@ -361,3 +361,64 @@ def test_the_generated_users_are_a_valid_server_configuration(tmp_path: Path, pr
     assert out.returncode == 0, out.stderr + out.stdout
     if prefix:
         assert '"team.a.item.*.*.*"' in server_conf(prefix)
+
+
+async def test_prod_roles_connect_over_tls_with_what_their_containers_get(tmp_path: Path) -> None:
+    """A nats-server as the prod values configure it (TLS on the client port, the generated
+    users, passwords from the environment as the `nats-users` Secret gives them): the
+    services connect with the settings their rendered containers resolve (URL and CA path
+    moved to this test's server and CA), an agent with what the launcher puts in its pod; a
+    client without TLS or without a user is refused."""
+    from integration.test_auth_tls import _certs
+
+    ca, cert, key = _certs(tmp_path)
+    port = _free_port()
+    (tmp_path / "nats-users.conf").write_text(server_conf(""))
+    (tmp_path / "nats.conf").write_text(
+        f"port: {port}\njetstream {{ store_dir: {json.dumps(str(tmp_path / 'js'))} }}\n"
+        f"tls {{ cert_file: {json.dumps(str(cert))}, key_file: {json.dumps(str(key))} }}\n"
+        'include "nats-users.conf"\n'
+    )
+    docs = with_provided_secrets(render("overlays/prod"))
+    passwords = {
+        role: secret_data(docs, f"jetreduce-{role}-nats")["JETREDUCE_NATS_PASSWORD"]
+        for role in ROLES
+    }
+    proc = await asyncio.create_subprocess_exec(
+        str(find_nats_server()),
+        "-c",
+        str(tmp_path / "nats.conf"),
+        env={password_variable(role): pw for role, pw in passwords.items()},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        await wait_for(listening, timeout_s=10)
+        url = f"tls://127.0.0.1:{port}"
+        services, k8s = _launcher(docs, tmp_path / "launcher")
+        assert services.tls_ca and services.url.startswith("tls://")
+        services = replace(services, url=url, tls_ca=str(ca))
+        nc = await connect(services, forever=False, timeout_s=5)
+        try:
+            await declare(nc.jetstream(), Subjects())
+        finally:
+            await nc.close()
+        agent_env = _agent_env(docs, _agent_job(services, k8s))
+        agent = replace(NatsSettings.from_env(agent_env), url=url, tls_ca=str(ca))
+        assert agent.user == "agents"
+        nc = await connect(agent, forever=False, timeout_s=5)
+        await nc.close()
+        for refused in (
+            replace(services, url=f"nats://127.0.0.1:{port}", tls_ca=None),  # no TLS
+            NatsSettings(url=url, tls_ca=str(ca)),  # no user
+        ):
+            with pytest.raises(ConnectFailed):
+                await connect(refused, forever=False, timeout_s=1)
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
