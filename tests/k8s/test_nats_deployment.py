@@ -140,7 +140,7 @@ async def test_the_dev_nats_gives_each_role_its_own_user(tmp_path: Path) -> None
         await wait_for(listening, timeout_s=10)
         url = f"nats://127.0.0.1:{port}"
         with pytest.raises(ConnectFailed):
-            await connect(NatsSettings(url=url), forever=False, timeout_s=5)
+            await connect(NatsSettings(url=url), forever=False, timeout_s=1)
         services, k8s = _launcher(docs, tmp_path / "launcher")
         services = replace(services, url=url)
         assert services.user == "services" and services.password
