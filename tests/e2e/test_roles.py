@@ -23,6 +23,7 @@ import nats
 import pytest
 from test_cli import cli
 
+from helpers import read_stream
 from jetreduce.cli.host import ServiceHost
 from jetreduce.cli.submit import submit
 from jetreduce.cli.watch import Watcher
@@ -37,12 +38,14 @@ pytestmark = pytest.mark.anyio
 WORKFLOW = """
 name: roles
 setup:
-  - shell: "printf '[1, 2, 3, 4]' > items.json"
+  # the fifth item is larger than a message takes: the planner stores it as an object
+  - shell: "printf '[1, 2, 3, 4, \\"%s\\"]' $(head -c 300000 /dev/zero | tr '\\\\0' y) > items.json"
 map:
   input: items.json
   max_parallel: 2
   agent_template:
-    - shell: "test ${item} -ne 3 && head -c 20000 /dev/zero | tr '\\\\0' x"
+    # outputs beyond an event's text limit (64 KiB) are stored as objects, and read by reduce
+    - shell: "test ${item_index} -ne 2 && head -c 70000 /dev/zero | tr '\\\\0' x"
 reduce:
   - shell: "echo reduced ${map.successful} of ${map.total}"
 error_policy:
@@ -87,10 +90,13 @@ async def test_services_agents_and_client_each_connect_as_their_own_user(
                 )
                 assert reply.accepted, reply
                 end = await asyncio.wait_for(watcher.until_done(), 60)
+                # Read as a client too: the outputs that went to the object store.
+                done = await read_stream(nc.jetstream(), s.results_stream, s.done_of("wf-roles"))
+                assert sum(isinstance(r, ev.ItemDone) and r.output_stored for r in done) == 4
             finally:
                 await nc.close()
         assert isinstance(end, ev.WorkflowCompleted), end
-        assert (end.done, end.dead) == (3, 1)
+        assert (end.done, end.dead) == (4, 1)
         users: dict[str, set[str]] = {}
         for conn in _connections(server):
             name = conn.get("name", "")
@@ -106,7 +112,7 @@ def test_run_and_the_queries_on_its_store_are_never_refused(tmp_path: Path) -> N
     (tmp_path / "roles.yml").write_text(WORKFLOW)
     out = cli("run", "roles.yml", "--id", "wf-run", "--max-attempts", "1", cwd=tmp_path)
     assert out.returncode == 3, out.stderr  # completed, one item dead-lettered
-    assert "reduced 3 of 4" in out.stdout
+    assert "reduced 4 of 5" in out.stdout
     store = tmp_path / ".jetreduce" / "nats"
     for role in ("services", "agents", "clients"):
         assert (store / f"{role}.env").stat().st_mode & 0o777 == 0o600
