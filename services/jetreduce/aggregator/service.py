@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import deque
@@ -34,7 +33,7 @@ from jetreduce.contract.events import (
 )
 from jetreduce.contract.records import Phase, WorkflowRecord
 from jetreduce.contract.workflow.model import ErrorPolicy
-from jetreduce.runtime.counts import count_subjects
+from jetreduce.runtime.counts import count_items_in_range, count_subjects
 from jetreduce.runtime.publish import is_stored, publish_once, publish_retrying
 from jetreduce.runtime.service import EventConsumer, ServiceContext
 from jetreduce.runtime.state import StateStore
@@ -248,29 +247,11 @@ class Aggregator:
             await self.publish_progress(wf, tracked, done, dead, "mapping", depth)
 
     async def _in_range(self, wf: str, total: int) -> tuple[int, int]:
-        """(terminal, dead) items of ``wf`` with an index in ``0..total-1``, from the
-        server's list of the result subjects (paged; O(items), so only when the counts say
-        the map is done)."""
-        terminal = dead = 0
-        offset = 0
-        while True:
-            resp = await self.ctx.nc.request(
-                f"$JS.API.STREAM.INFO.{self.s.results_stream}",
-                json.dumps({"subjects_filter": self.s.terminal_of(wf), "offset": offset}).encode(),
-                timeout=30,
-            )
-            body = json.loads(resp.data)
-            if "error" in body:
-                raise RuntimeError(f"stream info: {body['error']}")
-            subjects = (body.get("state") or {}).get("subjects") or {}
-            for subject in subjects:
-                kind, index = subject.rsplit(".", 3)[1], subject.rsplit(".", 1)[1]
-                if index.isdigit() and int(index) < total:
-                    terminal += 1
-                    dead += kind == "dead"
-            offset += len(subjects)
-            if not subjects or offset >= int(body.get("total", 0)):
-                return terminal, dead
+        """(terminal, dead) items of ``wf`` with an index in ``0..total-1`` (runtime/counts.py:
+        O(items), so only when the counts say the map is done)."""
+        return await count_items_in_range(
+            self.ctx.nc, self.s.results_stream, self.s.terminal_of(wf), total
+        )
 
     async def _map_failed(self, wf: str) -> bool:
         """Whether a ``map.failed`` is stored (agents publish it before the item's

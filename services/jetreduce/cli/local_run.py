@@ -128,7 +128,8 @@ def _as_role(server_dir: Path, role: str, settings: NatsSettings) -> NatsSetting
     from jetreduce.embedded import role_settings
 
     found = role_settings(server_dir, role, settings)
-    assert found is not None, f"the server wrote no credentials for {role}"
+    if found is None:  # the server writes them before it starts: never, unless removed
+        raise RuntimeError(f"no credentials for {role} in {server_dir}")
     return found
 
 
