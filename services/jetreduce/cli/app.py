@@ -46,6 +46,8 @@ from jetreduce.cli.options import (
     settings as make_settings,
 )
 from jetreduce.cli.outcome import show_outcome, terminal_code
+from jetreduce.cli.roles import agent_settings
+from jetreduce.cli.roles import register as register_roles
 from jetreduce.cli.session import Target, run_connected
 from jetreduce.cli.signals import Signals, block_until_signalled
 from jetreduce.cli.submit import (
@@ -839,7 +841,7 @@ def _serve(
     async def go() -> int:
         settings = _settings(nats)
         try:
-            agents = _agent_settings(settings, agent_env)
+            agents = agent_settings(settings, agent_env)
         except OSError as exc:
             typer.echo(f"cannot read --agent-env {agent_env}: {exc.strerror or exc}", err=True)
             return exit_codes.USAGE
@@ -883,16 +885,6 @@ def _serve(
         return exit_codes.OK
 
     return asyncio.run(go())
-
-
-def _agent_settings(settings: NatsSettings, agent_env: Path | None) -> NatsSettings | None:
-    """How local agents connect: as ``agent_env`` says (its identity only; where to connect
-    stays the services'), else as the services do."""
-    if agent_env is None:
-        return None
-    from jetreduce.embedded import read_env_file, with_identity
-
-    return with_identity(settings, read_env_file(agent_env))
 
 
 @app.command()
@@ -1049,27 +1041,8 @@ def server(
         srv.stop()
 
 
-@app.command("nats-users")
-def nats_users(
-    helm: Annotated[
-        bool,
-        typer.Option(
-            "--helm", help="Values for the official NATS Helm chart instead of a config file."
-        ),
-    ] = False,
-) -> None:
-    """Print the NATS users of the three roles (services, agents, clients) with their
-    permissions, for the installation's --prefix: a nats-server config file to include, or
-    Helm values. Passwords are read by the server from its environment
-    (JETREDUCE_SERVICES_PASSWORD, …), never printed. deploy/kustomize ships both
-    (`make nats-users`)."""
-    from jetreduce.runtime.permissions import helm_values, server_conf
-
-    prefix = _Global.settings.prefix
-    typer.echo(helm_values(prefix) if helm else server_conf(prefix), nl=False)
-
-
 app.add_typer(build_dlq(_query_target), name="dlq")
+register_roles(app, lambda: _Global.settings.prefix)
 register_logs(app, _query_target)
 
 
