@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +18,19 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import BadRequestError, ObjectNotFoundError
 
+from jetreduce.cli.host import ServiceHost
+from jetreduce.cli.submit import REPLY_HEADER, SubmitRejected, submit
 from jetreduce.cli.upload import delete_upload, upload_input
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import input_upload_object
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
-from jetreduce.embedded import EmbeddedServer
+from jetreduce.embedded import EmbeddedServer, role_settings
 from jetreduce.queues.jetstream import JetStreamQueue
 from jetreduce.runtime.permissions import ROLES
 from jetreduce.runtime.publish import is_stored
 from jetreduce.runtime.service import ServiceContext
+from jetreduce.runtime.settings import NatsSettings
 
 pytestmark = pytest.mark.anyio
 
@@ -285,3 +289,26 @@ async def test_clients_upload_and_remove_a_submission_input(
         with pytest.raises(ObjectNotFoundError):
             await store.get(input_upload_object(WF))
         assert not errors, errors
+
+
+async def test_the_planner_answers_a_submission_only_on_an_inbox(
+    server: EmbeddedServer, prefix: str, tmp_path: Path
+) -> None:
+    """The reply subject of a submission is the submitter's choice and the planner may
+    publish anything: a client naming ``reduce.completed.<wf>`` would have the planner store
+    its answer there, a publish the client itself is refused. The planner answers on inboxes
+    only; a submission with an inbox gets its answer as before."""
+    s = Subjects(prefix)
+    services = role_settings(server.data_dir, "services", NatsSettings(url=server.url))
+    assert services is not None
+    host = ServiceHost(replace(services, prefix=prefix), names=("planner",), log_dir=tmp_path)
+    async with host.running(), as_role(server, "clients") as (nc, errors):
+        target = s.reduce("completed", "victim")
+        assert not await stored_by(nc, errors, target, b"{}")  # not by itself
+        bad = ev.WorkflowSubmit(workflow_id="wf-x", workflow="name: x\n")
+        await nc.jetstream().publish(s.submit, ev.encode(bad), headers={REPLY_HEADER: target})
+        # The same submission with an inbox is answered (rejected: no map): so the one
+        # before it was handled, and not answered on the stream.
+        with pytest.raises(SubmitRejected):
+            await submit(nc, s, "name: x\n", ev.SubmitOptions(), workflow_id="wf-y", source="t")
+        assert not await is_stored(nc.jetstream(), s.events_stream, target)
