@@ -77,6 +77,7 @@ def _objects(bucket: str) -> list[str]:
 
 
 def _streams(s: Subjects) -> list[str]:
+    """Every stream of the topology, buckets included (contract/topology.py)."""
     return [
         s.submit_stream,
         s.events_stream,
@@ -85,6 +86,10 @@ def _streams(s: Subjects) -> list[str]:
         s.progress_stream,
         s.advisories_stream,
         s.dlq_stream,
+        f"KV_{s.workflows_bucket}",
+        f"KV_{s.specs_bucket}",
+        f"KV_{s.claims_bucket}",
+        f"OBJ_{s.objects_bucket}",
     ]
 
 
@@ -128,19 +133,19 @@ def publish_allowed(s: Subjects, role: str) -> list[str]:
             s.workflow("cancel", "*"),
             s.workflow("retry", "*"),
             *_FLOW,
-            # ``list`` counts queued items from the work stream's info (no message read).
+            # ``status`` and ``list`` check the topology (``declare``: the streams' and buckets'
+            # info; creating one is refused), ``list`` counts queued items from the work
+            # stream's info (no message read).
             *(f"$JS.API.STREAM.INFO.{name}" for name in _streams(s)),
             *(
                 entry
+                # what the commands show: events, results, progress, dead letters, records
                 for stream in (
-                    s.submit_stream,
                     s.events_stream,
                     s.results_stream,
                     s.progress_stream,
                     s.dlq_stream,
                     f"KV_{s.workflows_bucket}",
-                    f"KV_{s.specs_bucket}",
-                    f"KV_{s.claims_bucket}",
                 )
                 for entry in _read(stream)
             ),
