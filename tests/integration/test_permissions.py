@@ -312,3 +312,53 @@ async def test_the_planner_answers_a_submission_only_on_an_inbox(
         with pytest.raises(SubmitRejected):
             await submit(nc, s, "name: x\n", ev.SubmitOptions(), workflow_id="wf-y", source="t")
         assert not await is_stored(nc.jetstream(), s.events_stream, target)
+
+
+async def test_no_client_or_agent_may_change_or_delete_a_services_consumer(
+    server: EmbeddedServer, prefix: str
+) -> None:
+    """Readers create ephemeral consumers only: the services' durable consumers on the
+    events stream (whose loss or change would lose events) cannot be deleted, updated or
+    replaced by a client or an agent."""
+    s = Subjects(prefix)
+    async with as_role(server, "services") as (nc, _):
+        js = nc.jetstream()
+        await declare(js, s)
+        filter_subject = s.workflow("*", "*")
+        await js.add_consumer(
+            s.events_stream,
+            ConsumerConfig(
+                durable_name="launcher",
+                ack_policy=AckPolicy.EXPLICIT,
+                filter_subject=filter_subject,
+            ),
+        )
+    durable = {"durable_name": "launcher", "ack_policy": "explicit", "filter_subject": ">"}
+    update = json.dumps(
+        {"stream_name": s.events_stream, "config": durable, "action": "update"}
+    ).encode()
+    for role in ("clients", "agents"):
+        async with as_role(server, role) as (nc, errors):
+            for subject in (
+                f"$JS.API.CONSUMER.DELETE.{s.events_stream}.launcher",
+                f"$JS.API.CONSUMER.CREATE.{s.events_stream}.launcher",
+                f"$JS.API.CONSUMER.CREATE.{s.events_stream}.launcher.>",
+                f"$JS.API.CONSUMER.DURABLE.CREATE.{s.events_stream}.launcher",
+            ):
+                assert await refused(nc, errors, subject, update), (role, subject)
+            # The one create subject a reader may use takes no durable (the server's rule).
+            answer = await nc.request(
+                f"$JS.API.CONSUMER.CREATE.{s.events_stream}", update, timeout=2
+            )
+            assert json.loads(answer.data)["error"]["err_code"] == 10020
+            # What it is for still works: an ordered consumer reads the stream.
+            before = len(errors)
+            sub = await nc.jetstream().subscribe(
+                s.workflow("*", "*"), stream=s.events_stream, ordered_consumer=True
+            )
+            await sub.unsubscribe()
+            await nc.flush()
+            assert errors[before:] == []
+    async with as_role(server, "services") as (nc, _):
+        info = await nc.jetstream().consumer_info(s.events_stream, "launcher")
+        assert info.config.filter_subject == filter_subject

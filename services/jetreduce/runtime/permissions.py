@@ -47,17 +47,17 @@ ROLES = ("services", "agents", "clients")
 
 def _read(stream: str) -> list[str]:
     """Reading one stream: its info, single messages (direct or not), and ephemeral ordered
-    consumers (created, asked about, deleted on unsubscribe). Nothing here moves a message of
-    a work-queue stream: consumers of ``WORK`` are never in a reader's list."""
+    consumers (created and asked about; they expire when unused). Only the subject without
+    a consumer name: the server refuses a durable there (10020), so no reader can create,
+    change or delete the services' durable consumers. Consumers of ``WORK`` are never in a
+    reader's list."""
     return [
         f"$JS.API.STREAM.INFO.{stream}",
         f"$JS.API.STREAM.MSG.GET.{stream}",
         f"$JS.API.DIRECT.GET.{stream}",
         f"$JS.API.DIRECT.GET.{stream}.>",
         f"$JS.API.CONSUMER.CREATE.{stream}",
-        f"$JS.API.CONSUMER.CREATE.{stream}.>",
         f"$JS.API.CONSUMER.INFO.{stream}.*",
-        f"$JS.API.CONSUMER.DELETE.{stream}.*",
     ]
 
 
