@@ -21,9 +21,11 @@ embedded server (``jetreduce run``, ``jetreduce server --roles``); :func:`server
 :func:`helm_values` for the Kubernetes deployment (``jetreduce nats-users``, committed in
 deploy/kustomize and compared by a test).
 
-Not covered yet: an agent of one workflow may still write another's results, DLQ entries and
-objects, and pull from another workflow's work consumer (per-workflow credentials or the
-server's permission templates would be needed); a client may write or delete any object.
+Not covered yet: an agent of one workflow may still write another's results, DLQ entries,
+phase events, claims and objects, and pull from another workflow's work consumer
+(per-workflow credentials would be needed: the server's permission templates exist only for
+JWT users); a client may write or delete any object (an object's subject carries its name
+base64-encoded, which no wildcard selects).
 """
 
 from __future__ import annotations
