@@ -23,9 +23,9 @@ deploy/kustomize and compared by a test).
 
 Not covered yet: an agent of one workflow may still write another's results, DLQ entries,
 phase events, claims and objects, and pull from another workflow's work consumer
-(per-workflow credentials would be needed: the server's permission templates exist only for
-JWT users); a client may write or delete any object (an object's subject carries its name
-base64-encoded, which no wildcard selects).
+(per-workflow credentials would be needed, e.g. JWT users issued per workflow or an auth
+callout; config-file users carry fixed lists); a client may write or delete any object (an
+object's subject carries its name base64-encoded, which no wildcard selects).
 """
 
 from __future__ import annotations
