@@ -9,7 +9,7 @@ LOCK    = requirements.lock
 UV_VERSION = 0.13.9
 LOCKENV    = .lockenv
 
-.PHONY: run test test-fast lint schemas lock install-check clean
+.PHONY: run test test-fast lint schemas lock install-check clean nats-users
 
 # --no-deps: the lock is the whole dependency set; `pip check` proves it is consistent.
 $(STAMP): pyproject.toml $(LOCK)
@@ -34,6 +34,11 @@ test: $(STAMP) lint install-check
 ## make test-fast: unit, fuzz and the cheap integration tests (≤ 60 s): run it while editing
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m fast $(XDIST)
+
+## make nats-users: regenerate the NATS users of deploy/kustomize from runtime/permissions.py
+nats-users: $(STAMP)
+	$(BIN)/jetreduce nats-users > deploy/kustomize/overlays/dev/nats-users.conf
+	$(BIN)/jetreduce nats-users --helm > deploy/kustomize/overlays/prod/nats-users-values.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check services tests loadtest

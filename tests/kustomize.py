@@ -30,6 +30,31 @@ def render(target: str | Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
+PROVIDED_SECRETS = {
+    "jetreduce-services-nats": {"JETREDUCE_NATS_USER": "services", "JETREDUCE_NATS_PASSWORD": "s"},
+    "jetreduce-agents-nats": {"JETREDUCE_NATS_USER": "agents", "JETREDUCE_NATS_PASSWORD": "a"},
+    "jetreduce-clients-nats": {"JETREDUCE_NATS_USER": "clients", "JETREDUCE_NATS_PASSWORD": "c"},
+    "nats-ca": {"ca.crt": "-----BEGIN CERTIFICATE-----"},
+}
+"""The Secrets an installation creates itself where an overlay ships none (prod: NATS users
+and the CA of NATS's certificate; docs/kubernetes.md, "Secure NATS")."""
+
+
+def with_provided_secrets(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``docs`` plus each of :data:`PROVIDED_SECRETS` they do not hold, as ``kubectl create
+    secret generic`` would make it in the installation's namespace."""
+    shipped = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+    return docs + [
+        {
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": "jetreduce"},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        }
+        for name, data in PROVIDED_SECRETS.items()
+        if name not in shipped
+    ]
+
+
 def secret_data(docs: list[dict[str, Any]], name: str) -> dict[str, str]:
     """A rendered Secret's decoded data (a missing one fails, as the kubelet would)."""
     (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == name]

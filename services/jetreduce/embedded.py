@@ -28,18 +28,24 @@ import sysconfig
 import tempfile
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
 from jetreduce.runtime.orphans import die_with_parent
 from jetreduce.runtime.permissions import ROLES, server_users
+from jetreduce.runtime.settings import NatsSettings
 
 __all__ = [
     "DataDirBusy",
     "EmbeddedServer",
     "ServerNotFound",
     "find_nats_server",
+    "read_env_file",
+    "role_file",
+    "role_settings",
     "serving_url",
+    "with_identity",
 ]
 
 LOCK_RELEASE_WAIT_S = 5.0
@@ -151,6 +157,44 @@ def serving_url(data_dir: str | os.PathLike[str]) -> str | None:
 
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+IDENTITY_FIELDS = ("creds", "nkey_seed", "user", "password", "token", "tls_cert", "tls_key")
+"""The settings that say who connects (as opposed to where): replaced as a whole."""
+
+
+def role_file(data_dir: str | os.PathLike[str], role: str) -> Path:
+    """Where a server started with ``roles`` on ``data_dir`` keeps ``role``'s credentials."""
+    return Path(data_dir) / f"{role}.env"
+
+
+def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """``NAME=value`` lines (blank lines and ``#`` comments skipped), as the server writes
+    them and ``set -a; . FILE`` reads them."""
+    env: dict[str, str] = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            name, value = line.split("=", 1)
+            env[name.strip().removeprefix("export ").strip()] = value.strip()
+    return env
+
+
+def with_identity(settings: NatsSettings, env: dict[str, str]) -> NatsSettings:
+    """``settings`` connecting as the identity ``env`` gives (``JETREDUCE_NATS_USER`` and
+    ``_PASSWORD``, ``_CREDS``, ``_NKEY_SEED``, ``_TOKEN``, ``_TLS_CERT``/``_KEY``), none of
+    ``settings``' own credentials kept: a role never connects with another's secret too."""
+    given = NatsSettings.from_env(env)
+    return replace(settings, **{name: getattr(given, name) for name in IDENTITY_FIELDS})
+
+
+def role_settings(
+    data_dir: str | os.PathLike[str], role: str, settings: NatsSettings
+) -> NatsSettings | None:
+    """``settings`` as ``role`` of the server on ``data_dir``; None if it has no roles."""
+    path = role_file(data_dir, role)
+    if not path.is_file():
+        return None
+    return with_identity(settings, read_env_file(path))
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -314,6 +358,8 @@ class EmbeddedServer:
         for the services and CLI (``set -a; . client.env``), and never log them."""
         if self.roles is not None:
             return self._role_users(self.roles)
+        for role in ROLES:  # another run's: this server has no such users
+            role_file(self.data_dir, role).unlink(missing_ok=True)
         if self.host in LOOPBACK:
             return ""
         self.user = "jetreduce"
@@ -335,7 +381,7 @@ class EmbeddedServer:
             self.role_passwords = {role: secrets.token_urlsafe(24) for role in ROLES}
         for role, password in self.role_passwords.items():
             _write_private(
-                self.data_dir / f"{role}.env",
+                role_file(self.data_dir, role),
                 f"JETREDUCE_NATS_USER={role}\nJETREDUCE_NATS_PASSWORD={password}\n",
             )
         users = server_users(prefix, self.role_passwords)

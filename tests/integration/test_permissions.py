@@ -1,24 +1,36 @@
 """Per-role NATS users (runtime/permissions.py) on an embedded server started with ``roles``:
-each forgery of issue 13 is refused by the server for the role that must not make it, and
-the same publish by the role that may is stored."""
+each forgery of issue 13 is refused by the server for the role that must not make it, the
+same publish by the role that may is stored, and the real code path of each role works with
+its own user (the whole of ``jetreduce run``: tests/e2e/test_roles.py)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import BadRequestError, ObjectNotFoundError
 
+from jetreduce.cli.host import ServiceHost
+from jetreduce.cli.submit import REPLY_HEADER, SubmitRejected, submit
+from jetreduce.cli.upload import delete_upload, upload_input
 from jetreduce.contract import events as ev
+from jetreduce.contract.events import input_upload_object
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
-from jetreduce.embedded import EmbeddedServer
+from jetreduce.embedded import EmbeddedServer, role_settings
+from jetreduce.queues.jetstream import JetStreamQueue
 from jetreduce.runtime.permissions import ROLES
 from jetreduce.runtime.publish import is_stored
+from jetreduce.runtime.service import ServiceContext
+from jetreduce.runtime.settings import NatsSettings
 
 pytestmark = pytest.mark.anyio
 
@@ -56,7 +68,7 @@ async def as_role(server: EmbeddedServer, role: str) -> AsyncIterator[tuple[Any,
 async def stored_by(nc: Any, errors: list[str], subject: str, payload: bytes) -> bool:
     """Publish through JetStream; True if stored, False if the server refused it."""
     try:
-        await nc.jetstream().publish(subject, payload, timeout=1.0)
+        await nc.jetstream().publish(subject, payload, timeout=0.3)
     except NatsTimeout:
         await nc.flush()
         assert any("permissions violation" in e.lower() for e in errors), errors
@@ -114,3 +126,239 @@ async def test_credentials_are_private_files(server: EmbeddedServer) -> None:
         assert path.stat().st_mode & 0o777 == 0o600
     with pytest.raises(Exception):  # noqa: B017 - no anonymous access with roles
         await nats.connect(server.url, allow_reconnect=False, max_reconnect_attempts=0)
+
+
+async def refused(nc: Any, errors: list[str], subject: str, payload: bytes = b"") -> bool:
+    """A request the server refuses to deliver (no reply, and a permissions violation for
+    exactly this subject); False if anything answered."""
+    try:
+        await nc.request(subject, payload, timeout=0.2)
+    except NatsTimeout:
+        await nc.flush()
+        return any(
+            "permissions violation" in e.lower() and subject.lower() in e.lower() for e in errors
+        )
+    return False
+
+
+def _work_item(index: int) -> bytes:
+    return ev.encode(ev.WorkItem(workflow_id=WF, index=index, item=index))
+
+
+async def test_no_client_or_agent_may_consume_the_work_queue(
+    server: EmbeddedServer, prefix: str
+) -> None:
+    """Reading is not harmless on the work stream. A consumer with AckNone there would remove
+    each message as it delivers it: the server refuses to create one on a work-queue stream
+    (10098, shown here as the services, who may create anything). But any consumer that pulls
+    spends the items' deliveries (``max_deliver``: they end dead-lettered) and a consumer
+    whose filter overlaps a workflow's keeps the planner from creating that workflow's own;
+    so neither clients nor agents may create consumers there, and clients may not pull."""
+    s = Subjects(prefix)
+    async with as_role(server, "services") as (nc, _):
+        js = nc.jetstream()
+        await declare(js, s)
+        for index in range(3):
+            await js.publish(s.work("p1", WF, index), _work_item(index))
+        with pytest.raises(BadRequestError) as refusal:
+            await js.add_consumer(
+                s.work_stream,
+                ConsumerConfig(
+                    ack_policy=AckPolicy.NONE, filter_subject=s.work_of(WF), deliver_subject="x"
+                ),
+            )
+        assert refusal.value.err_code == 10098  # "workqueue stream requires explicit ack"
+        assert (await js.stream_info(s.work_stream)).state.messages == 3
+    create = json.dumps(
+        {"stream_name": s.work_stream, "config": {"ack_policy": "none", "deliver_subject": "x"}}
+    ).encode()
+    for role in ("clients", "agents"):
+        async with as_role(server, role) as (nc, errors):
+            for subject in (
+                f"$JS.API.CONSUMER.CREATE.{s.work_stream}",
+                f"$JS.API.CONSUMER.CREATE.{s.work_stream}.drain.{s.work_of(WF)}",
+                f"$JS.API.CONSUMER.DURABLE.CREATE.{s.work_stream}.drain",
+                f"$JS.API.STREAM.PURGE.{s.work_stream}",
+            ):
+                assert await refused(nc, errors, subject, create), (role, subject)
+            if role == "clients":  # nor pull from the workflow's own consumer
+                subject = f"$JS.API.CONSUMER.MSG.NEXT.{s.work_stream}.{s.work_consumer(WF)}"
+                assert await refused(nc, errors, subject, b"1"), subject
+
+
+async def test_agents_run_the_map_as_themselves(server: EmbeddedServer, prefix: str) -> None:
+    """The real queue code path of a map agent works as ``agents`` (lease, heartbeat, ack,
+    retry, dead), once the services made the workflow's consumer; the launcher's events,
+    deleting a result, writing workflow records or specs are refused."""
+    s = Subjects(prefix)
+    async with as_role(server, "services") as (nc, _):
+        ctx = ServiceContext(nc=nc, js=nc.jetstream(), subjects=s)
+        await declare(ctx.js, s)
+        queue = JetStreamQueue(ctx, WF)
+        await queue.prepare(visibility_s=30, max_attempts=3, parallel=2)
+        await queue.enqueue(ev.WorkItem(workflow_id=WF, index=i, item=i) for i in range(3))
+        stored = await ctx.js.publish(s.item_done(WF, 9), b"{}")
+    async with as_role(server, "agents") as (nc, errors):
+        ctx = ServiceContext(nc=nc, js=nc.jetstream(), subjects=s)
+        agents = JetStreamQueue(ctx, WF)
+        leases = await agents.lease(3, 5)
+        assert sorted(lease.item.index for lease in leases) == [0, 1, 2]
+        await agents.heartbeat(leases[0])
+        await agents.ack(leases[0])
+        await agents.retry(leases[1], 0.01)
+        await agents.dead(leases[2], "no")
+        (again,) = await agents.lease(1, 5)
+        assert again.item.index == 1 and again.attempt == 2
+        await agents.ack(again)
+        await agents.close()
+        await nc.flush()
+        assert not errors, errors
+        exited = ev.encode(
+            ev.AgentExited(workflow_id=WF, phase="map", index=0, exit_code=0, restarted=False)
+        )
+        assert not await stored_by(nc, errors, s.agent("exited", WF), exited)
+        assert not await stored_by(nc, errors, s.agent("launched", WF), b"{}")
+        assert not await stored_by(nc, errors, f"$KV.{s.specs_bucket}.{WF}", b"{}")
+        delete = json.dumps({"seq": stored.seq}).encode()
+        assert await refused(nc, errors, f"$JS.API.STREAM.MSG.DELETE.{s.results_stream}", delete)
+        assert await refused(nc, errors, f"$JS.API.STREAM.PURGE.{s.results_stream}")
+        assert await refused(nc, errors, f"$JS.API.STREAM.DELETE.{s.events_stream}")
+        assert await refused(
+            nc, errors, f"$JS.API.STREAM.UPDATE.{s.events_stream}", b'{"name":"x"}'
+        )
+        # What it may: its own phase events, the claims bucket, its queue status.
+        assert await stored_by(nc, errors, s.reduce("started", WF), b"{}")
+        assert await stored_by(nc, errors, s.agent("queue", WF), b"{}")
+    async with as_role(server, "services") as (nc, _):
+        assert await is_stored(nc.jetstream(), s.results_stream, s.item_done(WF, 9))
+        info = await nc.jetstream().stream_info(s.work_stream)
+        assert info.state.messages == 0  # every item acked or terminated by the agent
+
+
+async def test_clients_may_not_write_what_the_services_or_agents_write(
+    server: EmbeddedServer, prefix: str
+) -> None:
+    s = Subjects(prefix)
+    async with as_role(server, "services") as (nc, _):
+        await declare(nc.jetstream(), s)
+    async with as_role(server, "clients") as (nc, errors):
+        for subject in (
+            s.item_dead(WF, 0),
+            s.item_failed(WF, 0),
+            s.map("failed", WF),
+            s.reduce("completed", WF),
+            s.setup("completed", WF),
+            s.workflow("completed", WF),
+            s.agent("exited", WF),
+            s.dlq(WF, 0),
+            s.progress(WF),
+            f"$KV.{s.specs_bucket}.{WF}",
+        ):
+            assert not await stored_by(nc, errors, subject, b"{}"), subject
+        for subject in (
+            f"$JS.API.STREAM.MSG.DELETE.{s.results_stream}",
+            f"$JS.API.STREAM.PURGE.{s.events_stream}",
+            f"$JS.API.STREAM.CREATE.{s.events_stream}",
+            f"$JS.API.CONSUMER.MSG.NEXT.{s.events_stream}.x",
+        ):
+            assert await refused(nc, errors, subject, b"{}"), subject
+
+
+async def test_clients_upload_and_remove_a_submission_input(
+    server: EmbeddedServer, prefix: str, tmp_path: Path
+) -> None:
+    """``submit`` of a pod workflow uploads the map input, and removes it if the submission
+    is refused: both work as ``clients`` (cli/upload.py, the real functions); an agent reads
+    it back."""
+    s = Subjects(prefix)
+    source = tmp_path / "items.json"
+    source.write_bytes(b"[1, 2, 3]" * 20000)  # several chunks
+    async with as_role(server, "services") as (nc, _):
+        await declare(nc.jetstream(), s)
+    async with as_role(server, "clients") as (nc, errors):
+        js = nc.jetstream()
+        await upload_input(js, s, WF, source)
+        assert not errors, errors
+    async with as_role(server, "agents") as (nc, errors):
+        store = await nc.jetstream().object_store(s.objects_bucket)
+        assert (await store.get(input_upload_object(WF))).data == source.read_bytes()
+    async with as_role(server, "clients") as (nc, errors):
+        js = nc.jetstream()
+        await delete_upload(js, s, WF)
+        store = await js.object_store(s.objects_bucket)
+        with pytest.raises(ObjectNotFoundError):
+            await store.get(input_upload_object(WF))
+        assert not errors, errors
+
+
+async def test_the_planner_answers_a_submission_only_on_an_inbox(
+    server: EmbeddedServer, prefix: str, tmp_path: Path
+) -> None:
+    """The reply subject of a submission is the submitter's choice and the planner may
+    publish anything: a client naming ``reduce.completed.<wf>`` would have the planner store
+    its answer there, a publish the client itself is refused. The planner answers on inboxes
+    only; a submission with an inbox gets its answer as before."""
+    s = Subjects(prefix)
+    services = role_settings(server.data_dir, "services", NatsSettings(url=server.url))
+    assert services is not None
+    host = ServiceHost(replace(services, prefix=prefix), names=("planner",), log_dir=tmp_path)
+    async with host.running(), as_role(server, "clients") as (nc, errors):
+        target = s.reduce("completed", "victim")
+        assert not await stored_by(nc, errors, target, b"{}")  # not by itself
+        bad = ev.WorkflowSubmit(workflow_id="wf-x", workflow="name: x\n")
+        await nc.jetstream().publish(s.submit, ev.encode(bad), headers={REPLY_HEADER: target})
+        # The same submission with an inbox is answered (rejected: no map): so the one
+        # before it was handled, and not answered on the stream.
+        with pytest.raises(SubmitRejected):
+            await submit(nc, s, "name: x\n", ev.SubmitOptions(), workflow_id="wf-y", source="t")
+        assert not await is_stored(nc.jetstream(), s.events_stream, target)
+
+
+async def test_no_client_or_agent_may_change_or_delete_a_services_consumer(
+    server: EmbeddedServer, prefix: str
+) -> None:
+    """Readers create ephemeral consumers only: the services' durable consumers on the
+    events stream (whose loss or change would lose events) cannot be deleted, updated or
+    replaced by a client or an agent."""
+    s = Subjects(prefix)
+    async with as_role(server, "services") as (nc, _):
+        js = nc.jetstream()
+        await declare(js, s)
+        filter_subject = s.workflow("*", "*")
+        await js.add_consumer(
+            s.events_stream,
+            ConsumerConfig(
+                durable_name="launcher",
+                ack_policy=AckPolicy.EXPLICIT,
+                filter_subject=filter_subject,
+            ),
+        )
+    durable = {"durable_name": "launcher", "ack_policy": "explicit", "filter_subject": ">"}
+    update = json.dumps(
+        {"stream_name": s.events_stream, "config": durable, "action": "update"}
+    ).encode()
+    for role in ("clients", "agents"):
+        async with as_role(server, role) as (nc, errors):
+            for subject in (
+                f"$JS.API.CONSUMER.DELETE.{s.events_stream}.launcher",
+                f"$JS.API.CONSUMER.CREATE.{s.events_stream}.launcher",
+                f"$JS.API.CONSUMER.CREATE.{s.events_stream}.launcher.>",
+                f"$JS.API.CONSUMER.DURABLE.CREATE.{s.events_stream}.launcher",
+            ):
+                assert await refused(nc, errors, subject, update), (role, subject)
+            # The one create subject a reader may use takes no durable (the server's rule).
+            answer = await nc.request(
+                f"$JS.API.CONSUMER.CREATE.{s.events_stream}", update, timeout=2
+            )
+            assert json.loads(answer.data)["error"]["err_code"] == 10020
+            # What it is for still works: an ordered consumer reads the stream.
+            before = len(errors)
+            sub = await nc.jetstream().subscribe(
+                s.workflow("*", "*"), stream=s.events_stream, ordered_consumer=True
+            )
+            await sub.unsubscribe()
+            await nc.flush()
+            assert errors[before:] == []
+    async with as_role(server, "services") as (nc, _):
+        info = await nc.jetstream().consumer_info(s.events_stream, "launcher")
+        assert info.config.filter_subject == filter_subject

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import jetreduce.cli.app as cli
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.kubernetes import build_map_job
-from kustomize import OVERLAYS, container_env, render
+from kustomize import OVERLAYS, container_env, render, with_provided_secrets
 
 K8S_SERVICES = ("launcher", "janitor")
 
@@ -44,7 +44,7 @@ def _resolved(
         return 0
 
     monkeypatch.setattr(cli, "_serve", record)
-    docs = render(target)
+    docs = with_provided_secrets(render(target))  # prod ships no Secret: the installer's
     for deployment in (d for d in docs if d["kind"] == "Deployment"):
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         env = container_env(docs, deployment, container, tmp_path / deployment["metadata"]["name"])
@@ -73,6 +73,20 @@ def test_launcher_and_janitor_run_the_kubernetes_backend(
         assert k8s.service_account in accounts
         assert k8s.resources.ephemeral_storage_limit and k8s.workdir_size_limit
     assert served["launcher"]["k8s"] == served["janitor"]["k8s"]
+    # NATS: each service as the `services` user; agents get the `agents` user's Secret.
+    secrets = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+    assert served["launcher"]["k8s"].nats_env_secret == "jetreduce-agents-nats" in secrets
+    for name, info in served.items():
+        (container,) = info["pod"]["containers"]
+        refs = {
+            e["name"]: e["valueFrom"]["secretKeyRef"]["name"]
+            for e in container["env"]
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
+        assert refs == {
+            "JETREDUCE_NATS_USER": "jetreduce-services-nats",
+            "JETREDUCE_NATS_PASSWORD": "jetreduce-services-nats",
+        }, name
     # Each runs as its own account, bound to its own Role; the others have no token.
     for name in ("planner", "aggregator", "launcher", "janitor"):
         pod = served[name]["pod"]

@@ -33,7 +33,7 @@ from jetreduce.contract.events import (
 )
 from jetreduce.contract.records import Phase, WorkflowRecord
 from jetreduce.contract.workflow.model import ErrorPolicy
-from jetreduce.runtime.counts import count_subjects
+from jetreduce.runtime.counts import count_items_in_range, count_subjects
 from jetreduce.runtime.publish import is_stored, publish_once, publish_retrying
 from jetreduce.runtime.service import EventConsumer, ServiceContext
 from jetreduce.runtime.state import StateStore
@@ -68,6 +68,8 @@ class _Tracked:
     policy: ErrorPolicy | None = None
     started: float = field(default_factory=time.monotonic)
     history: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=40))
+    next_range: float = 0.0
+    """When the item-by-item count may run again after one found items missing."""
     last_progress: float = 0.0
     last_terminal: int = -1
     exact: int = 0
@@ -214,6 +216,24 @@ class Aggregator:
         # not end the map before it does.
         idle = depth is None or depth == (0, 0)
         if terminal >= tracked.total and tracked.exact >= tracked.total and idle:
+            # Counted once more, item by item: a result stored under an index the workflow
+            # does not have (forged, >= total) must not stand in for one that is missing.
+            if now < tracked.next_range:
+                return
+            started = time.monotonic()
+            terminal, dead = await self._in_range(wf, tracked.total)
+            if terminal < tracked.total:
+                cost = time.monotonic() - started
+                tracked.next_range = now + max(EXACT_EVERY_MIN_S, cost * EXACT_COST_FACTOR)
+                log.warning(
+                    "workflow %s: %d of %d items terminal (results outside 0..%d ignored)",
+                    wf,
+                    terminal,
+                    tracked.total,
+                    tracked.total - 1,
+                )
+                return
+        if terminal >= tracked.total and tracked.exact >= tracked.total and idle:
             if await self._map_failed(wf):
                 # An item failed with fail_workflow (its agent stored map.failed before the
                 # item's item.dead): the workflow fails, the map does not complete.
@@ -225,6 +245,13 @@ class Aggregator:
             tracked.last_terminal = done + dead
             tracked.last_progress = now
             await self.publish_progress(wf, tracked, done, dead, "mapping", depth)
+
+    async def _in_range(self, wf: str, total: int) -> tuple[int, int]:
+        """(terminal, dead) items of ``wf`` with an index in ``0..total-1`` (runtime/counts.py:
+        O(items), so only when the counts say the map is done)."""
+        return await count_items_in_range(
+            self.ctx.nc, self.s.results_stream, self.s.terminal_of(wf), total
+        )
 
     async def _map_failed(self, wf: str) -> bool:
         """Whether a ``map.failed`` is stored (agents publish it before the item's

@@ -46,6 +46,8 @@ from jetreduce.cli.options import (
     settings as make_settings,
 )
 from jetreduce.cli.outcome import show_outcome, terminal_code
+from jetreduce.cli.roles import agent_settings
+from jetreduce.cli.roles import register as register_roles
 from jetreduce.cli.session import Target, run_connected
 from jetreduce.cli.signals import Signals, block_until_signalled
 from jetreduce.cli.submit import (
@@ -792,6 +794,17 @@ WorkflowNamespaces = Annotated[
         "Role must exist there too.",
     ),
 ]
+AgentEnv = Annotated[
+    Path | None,
+    typer.Option(
+        "--agent-env",
+        envvar="JETREDUCE_AGENT_ENV",
+        help="A file of JETREDUCE_NATS_* lines (as `jetreduce server --roles` writes "
+        "agents.env) giving local agents a NATS identity of their own instead of the "
+        "services' (launcher, local backend; on Kubernetes: the agents' "
+        "nats.credentialsSecret setting).",
+    ),
+]
 MetricsPort = Annotated[
     int | None,
     typer.Option(
@@ -816,6 +829,7 @@ def _serve(
     max_slots: int | None = None,
     default_queue: str | None = None,
     metrics_port: int | None = None,
+    agent_env: Path | None = None,
 ) -> int:
     from jetreduce.contract.topology import TopologySettings
 
@@ -827,9 +841,15 @@ def _serve(
     async def go() -> int:
         settings = _settings(nats)
         try:
+            agents = agent_settings(settings, agent_env)
+        except OSError as exc:
+            typer.echo(f"cannot read --agent-env {agent_env}: {exc.strerror or exc}", err=True)
+            return exit_codes.USAGE
+        try:
             host = ServiceHost(
                 settings,
                 names,
+                agents=agents,
                 log_dir=log_dir,
                 backend=backend,
                 k8s=k8s,
@@ -880,6 +900,7 @@ def service(
     queue: DefaultQueue = None,
     metrics_port: MetricsPort = None,
     workflow_namespace: WorkflowNamespaces = None,
+    agent_env: AgentEnv = None,
 ) -> None:
     """Run one service (what a Kubernetes Deployment runs)."""
     if name not in SERVICE_NAMES:
@@ -903,6 +924,7 @@ def services_up(
     queue: DefaultQueue = None,
     metrics_port: MetricsPort = None,
     workflow_namespace: WorkflowNamespaces = None,
+    agent_env: AgentEnv = None,
 ) -> None:
     """Run planner, launcher, aggregator and janitor in one process."""
     _serve_command(SERVICE_NAMES, **locals())
@@ -921,6 +943,7 @@ def _serve_command(
     queue: str | None,
     metrics_port: int | None,
     workflow_namespace: list[str] | None,
+    agent_env: Path | None,
 ) -> NoReturn:
     """What ``service`` and ``services up`` share once their options are parsed."""
     _check_queue(queue)
@@ -936,6 +959,7 @@ def _serve_command(
             max_slots=max_slots,
             default_queue=queue,
             metrics_port=metrics_port,
+            agent_env=agent_env,
         )
     )
 
@@ -964,6 +988,15 @@ def server(
     cluster: Annotated[
         int, typer.Option(help="Run N routed nodes on loopback (ports PORT..PORT+N-1).")
     ] = 0,
+    roles: Annotated[
+        bool,
+        typer.Option(
+            "--roles",
+            help="A user per role (services, agents, clients) with the permissions of "
+            "docs/operations.md; their credentials go to DATA_DIR/nats/ROLE.env (mode 0600). "
+            "Start the services with the services' file and --agent-env with the agents'.",
+        ),
+    ] = False,
 ) -> None:
     """Run the embedded nats-server in the foreground until Ctrl-C (loopback by default)."""
     from jetreduce.embedded import DataDirBusy, EmbeddedServer
@@ -981,11 +1014,21 @@ def server(
 
     try:
         srv = EmbeddedServer(
-            data_dir / "nats", port=port, host=host, command="jetreduce server"
+            data_dir / "nats",
+            port=port,
+            host=host,
+            command="jetreduce server",
+            roles=_Global.settings.prefix if roles else None,
         ).start()
     except DataDirBusy as exc:
         raise _fail(busy_message(data_dir, exc), exit_codes.FAILED) from None
     typer.echo(srv.url)
+    if roles:
+        typer.echo(
+            f"users per role: credentials in {srv.data_dir}/{{services,agents,clients}}.env "
+            f"(services: set -a; . services.env; set +a, and --agent-env agents.env)",
+            err=True,
+        )
     if srv.credentials_file is not None:
         typer.echo(
             f"listening on {host}: clients need the credentials in {srv.credentials_file} "
@@ -999,6 +1042,7 @@ def server(
 
 
 app.add_typer(build_dlq(_query_target), name="dlq")
+register_roles(app, lambda: _Global.settings.prefix)
 register_logs(app, _query_target)
 
 

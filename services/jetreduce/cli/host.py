@@ -77,10 +77,13 @@ class ServiceHost:
         metrics_port: int | None = None,
         metrics_host: str = "0.0.0.0",
         health_port: int | None = None,
+        agents: NatsSettings | None = None,
     ) -> None:
-        """``metrics_port``: serve Prometheus ``/metrics`` there (0 picks a free port, see
-        :attr:`metrics_port`); None serves nothing. The process hosting the aggregator also
-        derives the orchestrator's metrics from its events (``runtime/telemetry``)."""
+        """``agents``: how the launcher's agents connect (their own NATS identity, the
+        ``agents`` role); None: as the services do. ``metrics_port``: serve Prometheus
+        ``/metrics`` there (0 picks a free port, see :attr:`metrics_port`); None serves
+        nothing. The process hosting the aggregator also derives the orchestrator's metrics
+        from its events (``runtime/telemetry``)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
         self.backend = backend
@@ -89,6 +92,7 @@ class ServiceHost:
         if unknown:
             raise ValueError(f"unknown service(s): {', '.join(sorted(unknown))}")
         self.settings = settings
+        self.agents = agents or settings
         self.names = names
         self.log_dir = log_dir
         self.max_processes = max_processes
@@ -142,8 +146,9 @@ class ServiceHost:
             # Imported here: only installations that use it pay for the kubernetes client.
             from jetreduce.launcher.kubernetes import KubernetesBackend
 
-            return KubernetesBackend(self.settings, self.k8s or KubernetesSettings())
-        return LocalBackend(self.settings, log_dir=self.log_dir, max_processes=self.max_processes)
+            # The backend never connects: its settings are what agent pods get.
+            return KubernetesBackend(self.agents, self.k8s or KubernetesSettings())
+        return LocalBackend(self.agents, log_dir=self.log_dir, max_processes=self.max_processes)
 
     async def _declare(self, js: JetStreamContext, subjects: Subjects) -> None:
         """Declare the topology, waiting out a cluster that cannot answer yet: no leader (an

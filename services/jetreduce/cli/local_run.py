@@ -106,12 +106,14 @@ def _print_resumable(why: str, wf: str, nats: str | None, data_dir: Path) -> Non
     )
 
 
-async def _start_server(data_dir: Path) -> Any:
-    """The embedded server on ``data_dir`` (refused at once if another process has it)."""
+async def _start_server(data_dir: Path, prefix: str) -> Any:
+    """The embedded server on ``data_dir`` (refused at once if another process has it), with
+    a user per role (runtime/permissions.py): services, agents and clients each connect as
+    their own, so an agent's steps cannot publish what only the services may."""
     from jetreduce.embedded import DataDirBusy, EmbeddedServer
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = EmbeddedServer(data_dir / "nats", command="jetreduce run")
+    server = EmbeddedServer(data_dir / "nats", command="jetreduce run", roles=prefix)
     try:
         return await server.start_async()
     except DataDirBusy as exc:
@@ -120,6 +122,15 @@ async def _start_server(data_dir: Path) -> Any:
     except (OSError, RuntimeError, TimeoutError) as exc:
         typer.echo(f"cannot start the embedded nats-server: {exc}", err=True)
         raise typer.Exit(exit_codes.FAILED) from None
+
+
+def _as_role(server_dir: Path, role: str, settings: NatsSettings) -> NatsSettings:
+    from jetreduce.embedded import role_settings
+
+    found = role_settings(server_dir, role, settings)
+    if found is None:  # the server writes them before it starts: never, unless removed
+        raise RuntimeError(f"no credentials for {role} in {server_dir}")
+    return found
 
 
 def busy_message(data_dir: Path, exc: Any) -> str:
@@ -160,12 +171,22 @@ async def _run_in(
     # the environment they inherit.
     os.environ.setdefault("JETREDUCE_GRACE_S", str(INTERRUPT_GRACE_S))
     try:
+        services = agents = client = settings
         if nats is None:
-            server = await _start_server(data_dir)
-            settings = replace(settings, url=server.url)
-        host = ServiceHost(settings, log_dir=data_dir.resolve() / "logs", backend=backend, k8s=k8s)
+            server = await _start_server(data_dir, settings.prefix)
+            services, agents, client = (
+                _as_role(server.data_dir, role, replace(settings, url=server.url))
+                for role in ("services", "agents", "clients")
+            )
+        host = ServiceHost(
+            services,
+            log_dir=data_dir.resolve() / "logs",
+            backend=backend,
+            k8s=k8s,
+            agents=agents,
+        )
         async with host.running():
-            nc = await connect(settings, name="jetreduce-cli", forever=False)
+            nc = await connect(client, name="jetreduce-cli", forever=False)
             try:
                 subjects = Subjects(settings.prefix)
                 watcher = Watcher(nc, subjects, wf, show_events=not quiet, quiet=quiet)

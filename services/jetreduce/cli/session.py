@@ -5,7 +5,9 @@ When no server was named (no ``--nats``, no ``JETREDUCE_NATS_URL``) and the work
 holds a ``jetreduce run`` store (``.jetreduce``), a command uses that store: the server
 running on it if there is one (a ``run`` or ``server`` still going), else, for commands that
 only read (``status``, ``list``, ``logs``, ``dlq``), an embedded server started on it for the
-command's duration."""
+command's duration. Such a server has a user per role (runtime/permissions.py): a command
+connects to it as a client (``clients.env`` beside the store), whose rights are submit,
+cancel, retry and reading."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import typer
 from jetreduce.cli import exit_codes
 from jetreduce.cli.signals import Signals
 from jetreduce.contract.subjects import Subjects
-from jetreduce.embedded import DataDirBusy, EmbeddedServer, serving_url
+from jetreduce.embedded import DataDirBusy, EmbeddedServer, role_settings, serving_url
 from jetreduce.runtime.connection import ConnectFailed, connect
 from jetreduce.runtime.settings import NatsSettings
 
@@ -65,7 +67,9 @@ def run_connected(target: NatsSettings | Target, body: Body) -> NoReturn:
         if target.store is not None:
             url = serving_url(target.store / "nats")
             if url is None and target.serve:
-                server = EmbeddedServer(target.store / "nats", command="jetreduce (a query)")
+                server = EmbeddedServer(
+                    target.store / "nats", command="jetreduce (a query)", roles=settings.prefix
+                )
                 try:
                     url = (await server.start_async()).url
                 except DataDirBusy as exc:  # a run started meanwhile: use its server
@@ -75,6 +79,7 @@ def run_connected(target: NatsSettings | Target, body: Body) -> NoReturn:
                     return exit_codes.FAILED
             if url is not None:
                 settings = replace(settings, url=url)
+                settings = role_settings(target.store / "nats", "clients", settings) or settings
         try:
             nc = await connect(settings, name="jetreduce-cli", forever=False)
             try:

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -60,6 +61,8 @@ __all__ = ["REPLY_HEADER", "Planner"]
 
 log = logging.getLogger(__name__)
 
+INBOX_RE = re.compile(r"_INBOX(\.[A-Za-z0-9_-]+)+")
+"""A client's inbox (``nc.new_inbox()``): literal tokens, no wildcard, under ``_INBOX``."""
 REPLY_HEADER = "Jetreduce-Reply"
 """Header naming an inbox: the planner answers a submission there (JetStream keeps no reply
 subjects, so request/reply over a stored subject needs this)."""
@@ -291,8 +294,17 @@ class Planner:
         await self._reply(reply_to, SubmitReply(workflow_id=wf, accepted=False, problems=problems))
 
     async def _reply(self, reply_to: str | None, reply: SubmitReply) -> None:
-        if reply_to:
-            await self.ctx.nc.publish(reply_to, encode(reply))
+        """Answer on the submitter's inbox, and nowhere else: the subject comes from whoever
+        submitted, and the planner may publish anything (a reply to ``reduce.completed.<wf>``
+        would be stored there, in the services' name, where a client may not publish)."""
+        if not reply_to:
+            return
+        if not INBOX_RE.fullmatch(reply_to):
+            log.warning(
+                "submission %s: reply subject is not an inbox; not answered", reply.workflow_id
+            )
+            return
+        await self.ctx.nc.publish(reply_to, encode(reply))
 
     # -- planning -------------------------------------------------------------------------
     async def on_setup_completed(self, msg: Msg) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["count_subjects"]
+__all__ = ["count_items_in_range", "count_subjects"]
 
 
 async def count_subjects(nc: Any, stream: str, subject_filter: str, timeout_s: float = 10) -> int:
@@ -21,3 +21,32 @@ async def count_subjects(nc: Any, stream: str, subject_filter: str, timeout_s: f
     if "error" in body:
         raise RuntimeError(f"stream info: {body['error']}")
     return int(body.get("total", 0))
+
+
+async def count_items_in_range(
+    nc: Any, stream: str, subject_filter: str, total: int, timeout_s: float = 30
+) -> tuple[int, int]:
+    """(items, dead items) among the result subjects matching ``subject_filter``
+    (``…item.<done|dead>.<wf>.<index>``) whose index is in ``0..total-1``: the server's list
+    of subjects, paged. A subject with any other index (one the workflow does not have:
+    forged) is not counted. O(items) on the server and on the wire."""
+    items = dead = 0
+    offset = 0
+    while True:
+        resp = await nc.request(
+            f"$JS.API.STREAM.INFO.{stream}",
+            json.dumps({"subjects_filter": subject_filter, "offset": offset}).encode(),
+            timeout=timeout_s,
+        )
+        body = json.loads(resp.data)
+        if "error" in body:
+            raise RuntimeError(f"stream info: {body['error']}")
+        subjects = (body.get("state") or {}).get("subjects") or {}
+        for subject in subjects:
+            tokens = subject.rsplit(".", 3)
+            if len(tokens) == 4 and tokens[3].isdigit() and int(tokens[3]) < total:
+                items += 1
+                dead += tokens[1] == "dead"
+        offset += len(subjects)
+        if not subjects or offset >= int(body.get("total", 0)):
+            return items, dead

@@ -1,0 +1,72 @@
+"""A result stored under an index the workflow does not have (forged: ``>= total``) is not
+counted towards the map's completion: the aggregator counts the items ``0..total-1`` one by
+one before it completes the map, and completes it once the missing item's result is in."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from jetreduce.aggregator.service import Aggregator
+from jetreduce.contract import events as ev
+from jetreduce.runtime.state import StateStore
+from support import wait_for
+
+from .test_aggregator_replicas import _mapping
+from .test_services import context, running
+
+pytestmark = pytest.mark.anyio
+
+
+def _done(wf: str, index: int) -> ev.ItemDone:
+    return ev.ItemDone(
+        workflow_id=wf,
+        index=index,
+        item_id=f"item_{index}",
+        output="",
+        exit_code=0,
+        duration_s=0.0,
+        attempts=1,
+        agent="a",
+    )
+
+
+async def test_a_result_beyond_the_total_does_not_complete_the_map(
+    nats_url: str, prefix: str
+) -> None:
+    async with context(nats_url, prefix) as ctx:
+        s, state, wf = ctx.subjects, StateStore(ctx.js, ctx.subjects), "wf-range"
+        aggregator = Aggregator(ctx, rescan_s=0.2)
+        async with running(aggregator):
+            await _mapping(state, wf, 3)
+            await wait_for(lambda: wf in aggregator.active, 10)
+            for index in (0, 1, 7):  # 7: no such item; item 2 has not finished
+                await ctx.js.publish(s.item_done(wf, index), ev.encode(_done(wf, index)))
+
+            async def complete() -> ev.MapComplete | None:
+                with contextlib.suppress(Exception):
+                    msg = await ctx.js.get_last_msg(s.events_stream, s.map("complete", wf))
+                    return ev.decode_as(msg.data, ev.MapComplete)
+                return None
+
+            # The distinct count says 3 of 3: the item-by-item count has run and refused.
+            async def counted_three() -> bool:
+                return await aggregator.count(s.terminal_of(wf)) == 3
+
+            await wait_for(counted_three, 10)
+            checks = 0
+            while checks < 8:  # a few ticks of the aggregator after it saw 3 of 3
+                await aggregator.check(wf)
+                checks += 1
+            assert await complete() is None
+            assert wf in aggregator.active
+
+            await ctx.js.publish(s.item_done(wf, 2), ev.encode(_done(wf, 2)))
+
+            async def completed() -> bool:
+                return await complete() is not None
+
+            await wait_for(completed, 10)
+            found = await complete()
+            assert found is not None and (found.total, found.done, found.dead) == (3, 3, 0)
