@@ -24,15 +24,9 @@ from hypothesis import strategies as st
 
 from jetreduce.contract.events import Problem as EventProblem
 from jetreduce.contract.events import WorkflowRejected, encode
-from jetreduce.contract.workflow import (
-    ParseResult,
-    Workflow,
-    WorkflowInvalid,
-    parse_duration,
-    parse_workflow,
-    workflow_text,
-)
-from jetreduce.contract.workflow.parse import MAX_PROBLEMS
+from jetreduce.contract.workflow import Workflow, WorkflowInvalid, parse_duration
+from jetreduce.lang import ParseResult, parse_workflow, workflow_text
+from jetreduce.lang.parse import MAX_PROBLEMS
 
 FUZZ = settings(
     max_examples=60,

@@ -18,7 +18,7 @@ from jetreduce.contract import events as ev
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
-from jetreduce.contract.workflow import parse_workflow
+from jetreduce.lang import parse_workflow
 from jetreduce.planner.service import REPLY_HEADER, Planner
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.service import ServiceContext

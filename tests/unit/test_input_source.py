@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jetreduce.planner.pipeline import (
+from jetreduce.lang.pipeline import (
     InputItems,
     ItemPipeline,
     parse_input_document,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from jetreduce.contract.workflow import parse_workflow
 from jetreduce.contract.workflow.model import Workflow
+from jetreduce.lang import parse_workflow
 from jetreduce.worker.secrets import (
     EnvironmentProblem,
     Masker,

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from jetreduce.contract.workflow import parse_workflow
 from jetreduce.contract.workflow.model import Step
-from jetreduce.worker.interpolate import Variables
+from jetreduce.lang import parse_workflow
+from jetreduce.lang.interpolate import Variables
 from jetreduce.worker.stepflow import (
     StepsResult,
     WhenError,

@@ -12,14 +12,13 @@ import msgspec
 import pytest
 
 from jetreduce.contract.workflow import (
-    ParseResult,
     Problem,
     RetryConfig,
     Workflow,
     WorkflowInvalid,
     parse_duration,
-    parse_workflow,
 )
+from jetreduce.lang import ParseResult, parse_workflow
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "prodigy-examples"
 

@@ -29,7 +29,7 @@ __all__ = ["delete_upload", "input_file", "submit_with_upload", "upload_input"]
 def input_file(workflow: Any, workdir: Path, args: list[str]) -> Path | None:
     """The file ``map.input`` names, if it is one here and now (else it is a command, or a
     file setup will write: nothing to upload)."""
-    from jetreduce.worker.interpolate import Variables, render_text
+    from jetreduce.lang.interpolate import Variables, render_text
     from jetreduce.worker.secrets import positional_args
 
     _, arg_vars = positional_args(args)

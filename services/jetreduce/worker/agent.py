@@ -55,6 +55,7 @@ from jetreduce.contract.records import Phase, StoredSpec
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
 from jetreduce.contract.workflow.model import RetryConfig, Step
+from jetreduce.lang.interpolate import Variables, render_shell, render_text
 from jetreduce.queues.base import Lease
 from jetreduce.queues.factory import open_queue
 from jetreduce.queues.resilient import ResilientQueue
@@ -75,7 +76,6 @@ from jetreduce.runtime.telemetry import (
 )
 from jetreduce.worker.breaker import CircuitBreaker
 from jetreduce.worker.claimed import EXIT_SIGTERM, run_claimed
-from jetreduce.worker.interpolate import Variables, render_shell, render_text
 from jetreduce.worker.record import record_result
 from jetreduce.worker.results import ResultsSpool
 from jetreduce.worker.secrets import (

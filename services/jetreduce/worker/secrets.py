@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from jetreduce.contract.workflow.model import Workflow
-from jetreduce.worker.interpolate import Variables, render_text
+from jetreduce.lang.interpolate import Variables, render_text
 
 __all__ = [
     "MASK",

@@ -41,7 +41,7 @@ from typing import Any, Final
 
 from jetreduce.contract.workflow.durations import parse_duration
 from jetreduce.contract.workflow.model import Step, WriteFile
-from jetreduce.worker.interpolate import Variables, render_value
+from jetreduce.lang.interpolate import Variables, render_value
 from jetreduce.worker.steps import StepOutcome
 
 __all__ = [

@@ -1,8 +1,8 @@
-"""The workflow file contract: Prodigy MapReduce YAML in, a validated `Workflow` out.
+"""The workflow contract: the typed, validated `Workflow` every service reads.
 
 Everything downstream (planner, workers, aggregator) reads `model.Workflow`, never raw YAML;
-`parse_workflow` is the one place where the file's many accepted shapes are folded into it.
-This package does not run anything, resolve item data or interpolate ``${item...}``.
+`jetreduce.lang.parse_workflow` is the one place where the file's many accepted shapes are
+folded into it. This package holds the types (and the problems a parse reports), not the parser.
 """
 
 from jetreduce.contract.workflow.durations import parse_duration
@@ -18,13 +18,11 @@ from jetreduce.contract.workflow.model import (
     Workflow,
     WriteFile,
 )
-from jetreduce.contract.workflow.parse import ParseResult, parse_workflow, workflow_text
 
 __all__ = [
     "CaptureFormat",
     "ErrorPolicy",
     "MapPhase",
-    "ParseResult",
     "Problem",
     "ReducePhase",
     "RetryConfig",
@@ -34,6 +32,4 @@ __all__ = [
     "WorkflowInvalid",
     "WriteFile",
     "parse_duration",
-    "parse_workflow",
-    "workflow_text",
 ]

@@ -1,7 +1,7 @@
 """The parsed, normalised workflow: what every service and agent reads.
 
 A workflow file (Prodigy's MapReduce YAML) has several accepted shapes per section; the parser
-(`jetreduce.contract.workflow.parse`) folds them into these types, so nothing downstream ever
+(`jetreduce.lang.parse`) folds them into these types, so nothing downstream ever
 looks at raw YAML. These structs travel on the wire (inside `workflow.submit` and the spec KV
 entry), so they are msgspec Structs with JSON-friendly fields and stable names, and their JSON
 Schema is generated into `schemas/`.

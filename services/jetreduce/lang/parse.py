@@ -39,7 +39,19 @@ import msgspec
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from jetreduce.contract.workflow._yaml_nodes import (
+from jetreduce.contract.workflow.durations import parse_duration
+from jetreduce.contract.workflow.errors import ERROR, WARNING, Problem, WorkflowInvalid
+from jetreduce.contract.workflow.model import (
+    ErrorPolicy,
+    MapPhase,
+    ReducePhase,
+    RetryConfig,
+    SetupPhase,
+    Step,
+    Workflow,
+    WriteFile,
+)
+from jetreduce.lang._yaml_nodes import (
     BOOL_TAG,
     FLOAT_TAG,
     INT_TAG,
@@ -53,18 +65,6 @@ from jetreduce.contract.workflow._yaml_nodes import (
     index,
     is_null,
     join,
-)
-from jetreduce.contract.workflow.durations import parse_duration
-from jetreduce.contract.workflow.errors import ERROR, WARNING, Problem, WorkflowInvalid
-from jetreduce.contract.workflow.model import (
-    ErrorPolicy,
-    MapPhase,
-    ReducePhase,
-    RetryConfig,
-    SetupPhase,
-    Step,
-    Workflow,
-    WriteFile,
 )
 
 __all__ = ["ParseResult", "parse_workflow", "workflow_text"]
