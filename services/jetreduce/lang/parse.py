@@ -32,7 +32,7 @@ import difflib
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -66,6 +66,13 @@ from jetreduce.lang._yaml_nodes import (
     is_null,
     join,
 )
+from jetreduce.lang.pipeline import (
+    PipelineError,
+    validate_filter,
+    validate_json_path,
+    validate_sort,
+)
+from jetreduce.lang.pipeline.jsonpath import parse_field_path
 
 __all__ = ["ParseResult", "parse_workflow", "workflow_text"]
 
@@ -517,10 +524,10 @@ class _WorkflowParser:
         source = (
             r.string(input_node, "map.input", non_empty=True) if input_node is not None else None
         )
-        json_path = self.optional_string(fields, "json_path", "map") or ""
-        filter_ = self.optional_string(fields, "filter", "map")
-        sort_by = self.optional_string(fields, "sort_by", "map")
-        distinct = self.optional_string(fields, "distinct", "map")
+        json_path = self.expression(fields, "json_path", validate_json_path) or ""
+        filter_ = self.expression(fields, "filter", validate_filter)
+        sort_by = self.expression(fields, "sort_by", validate_sort)
+        distinct = self.expression(fields, "distinct", parse_field_path)
         offset = self.optional_int(fields, "offset", "map", minimum=0)
         max_items = self.optional_int(fields, "max_items", "map", minimum=0)
 
@@ -585,6 +592,21 @@ class _WorkflowParser:
             agent_timeout_s=agent_timeout_s,
             extra=extra,
         )
+
+    def expression(self, fields: Fields, key: str, validate: Callable[[str], object]) -> str | None:
+        """A ``map`` pipeline expression, compiled now so that a typo is refused at submit (at
+        its line and column) instead of failing the workflow after setup has run."""
+        node = fields.take_present(key)
+        path = join("map", key)
+        text = None if node is None else self.r.string(node, path)
+        if text is None or node is None:
+            return None
+        try:
+            validate(text)
+        except PipelineError as exc:
+            self.r.error(path, f"invalid {key} expression: {exc}", node)
+            return None
+        return text
 
     def timeout_config(self, node: Node, path: str) -> float | None:
         """Check Prodigy's ``timeout_config`` block; return its ``agent_timeout_secs``."""
