@@ -65,3 +65,129 @@ def test_the_prodigy_pipeline_expressions_still_parse() -> None:
     )
     m = parse_workflow(text).workflow.map
     assert m.filter is not None and m.sort_by is not None and m.distinct == "file.path"
+
+
+def step_text(modifiers: str) -> str:
+    """A workflow whose one map step carries ``modifiers`` (lines indented as step keys)."""
+    body = "\n".join("      " + line for line in textwrap.dedent(modifiers).strip().splitlines())
+    return HEAD + "  agent_template:\n    - shell: make\n" + body + "\n"
+
+
+STEP = "map.agent_template[0]"
+
+
+@pytest.mark.parametrize(
+    ("modifiers", "path", "position", "fragment"),
+    [
+        # The issue's reproduction: a mapping where a command string belongs.
+        (
+            'on_failure:\n  - shell: "echo handler"',
+            f"{STEP}.on_failure[0]",
+            (7, 11),
+            "on_failure list entries must be command strings, got a mapping",
+        ),
+        ("on_failure: 42", f"{STEP}.on_failure", (6, 19), "expected true, false, a command"),
+        (
+            "on_failure: {shell: a, claude: /b}",
+            f"{STEP}.on_failure",
+            (6, 19),
+            "expected exactly one of shell, claude",
+        ),
+        (
+            "on_failure: {shell: a, max_attempts: many}",
+            f"{STEP}.on_failure.max_attempts",
+            (6, 44),
+            "expected an integer",
+        ),
+        (
+            "on_failure:\n  commands:\n    - {nope: 1}",
+            f"{STEP}.on_failure.commands[0]",
+            (8, 13),
+            "step has no command",
+        ),
+        (
+            "on_failure:\n  commands:\n    - 7",
+            f"{STEP}.on_failure.commands[0]",
+            (8, 13),
+            "expected a command string or a step mapping",
+        ),
+        (
+            "on_failure:\n  commands: [a]\n  fail_workflow: maybe",
+            f"{STEP}.on_failure.fail_workflow",
+            (8, 24),
+            "expected true or false",
+        ),
+        ("on_success: [a, b]", f"{STEP}.on_success", (6, 19), "expected a step mapping"),
+        ("on_success: {claude: ''}", f"{STEP}.on_success.claude", (6, 28), "empty"),
+        (
+            "on_exit_code:\n  one: {shell: x}",
+            f"{STEP}.on_exit_code.one",
+            (7, 9),
+            "'one' is not an exit code",
+        ),
+        (
+            "on_exit_code:\n  2: {timeout: 5}",
+            f"{STEP}.on_exit_code.2",
+            (7, 12),
+            "step has no command",
+        ),
+        ("on_exit_code: [1]", f"{STEP}.on_exit_code", (6, 21), "a mapping of exit codes"),
+        ('when: "${a} =="', f"{STEP}.when", (6, 13), "invalid when expression"),
+        ('when: "(${a}"', f"{STEP}.when", (6, 13), "invalid when expression: missing ')'"),
+        ("when: \"${a} === 1\"", f"{STEP}.when", (6, 13), "invalid when expression"),
+        ("commit_required: sometimes", f"{STEP}.commit_required", (6, 24), "true or false"),
+        ("capture_streams: {stderr: loud}", f"{STEP}.capture_streams.stderr", (6, 33), "true"),
+    ],
+)
+def test_a_bad_handler_or_modifier_is_refused_once_at_its_position(
+    modifiers: str, path: str, position: tuple[int, int], fragment: str
+) -> None:
+    problem = refused(step_text(modifiers))
+    assert problem.path == path
+    assert fragment in problem.message
+    assert (problem.line, problem.column) == position
+    # Said once: the message does not repeat itself (issue 16 saw "x (x)").
+    first = problem.message.split(" (", 1)[0]
+    assert problem.message.count(first) == 1
+
+
+def test_handlers_nested_too_deeply_are_refused() -> None:
+    handler = "{shell: x}"
+    for _ in range(9):
+        handler = "{shell: x, on_success: " + handler + "}"
+    problem = refused(step_text(f"on_success: {handler}"))
+    assert "nested more than 8 deep" in problem.message
+
+
+def test_every_handler_shape_that_runs_parses() -> None:
+    text = step_text(
+        """
+        when: "${item.ok} && !${skip:-false}"
+        commit_required: true
+        capture: out
+        capture_streams: {stderr: true, duration: false}
+        on_success: "echo ok"
+        on_exit_code:
+          3: {shell: "echo three", when: "${x} > 1"}
+          "4": /fix
+        on_failure:
+          commands:
+            - echo a
+            - shell: echo b
+              continue_on_error: true
+              on_failure: true
+          fail_workflow: true
+          timeout: 5s
+          strategy: recovery
+        """
+    )
+    step = parse_workflow(text).workflow.map.agent_template[0]
+    assert step.commit_required and step.when is not None
+    assert step.capture_streams is not None and step.capture_streams.stderr
+    assert step.on_success is not None and step.on_success.shell == "echo ok"
+    assert set(step.on_exit_code) == {3, 4} and step.on_exit_code[4].claude == "/fix"
+    policy = step.on_failure
+    assert policy is not None and policy.fail_workflow and policy.timeout_s == 5.0
+    assert [h.shell for h in policy.handlers] == ["echo a", "echo b"]
+    assert policy.continue_on_error == [False, True]
+    assert policy.handlers[1].on_failure is not None and policy.handlers[1].on_failure.ignore

@@ -12,8 +12,10 @@ import msgspec
 import pytest
 
 from jetreduce.contract.workflow import (
+    OnFailure,
     Problem,
     RetryConfig,
+    Step,
     Workflow,
     WorkflowInvalid,
     parse_duration,
@@ -26,6 +28,11 @@ EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "prodigy-examples"
 INVALID_EXAMPLES = {
     "mapreduce-json-input.yml": (30, "mapping values are not allowed here"),
     "mapreduce-env-example.yml": (23, "env.API_TOKEN"),
+}
+# Further problems of those files, beyond the first: (line, fragment).
+MORE_PROBLEMS = {
+    # A list of step mappings is not one of on_failure's shapes (Prodigy refuses it too).
+    "mapreduce-env-example.yml": [(67, "on_failure list entries must be command strings")],
 }
 
 MINIMAL = """\
@@ -376,8 +383,8 @@ def test_unknown_duration_unit_is_named() -> None:
 
 
 def test_recursive_alias_in_kept_values_is_reported() -> None:
-    problem = step_problem("    - shell: s\n      on_failure: &loop {claude: /x, next: *loop}\n")
-    assert problem.path == "map.agent_template[1].on_failure.next"
+    problem = step_problem("    - shell: s\n      validate: &loop {claude: /x, next: *loop}\n")
+    assert problem.path == "map.agent_template[1].validate.next"
     assert problem.message == "recursive YAML alias"
 
 
@@ -621,12 +628,12 @@ def test_step_modifiers_and_extras() -> None:
     assert first.capture_output is True
     assert (first.capture, first.capture_format, first.working_dir) == ("result", "json", "sub")
     assert first.env == {"LEVEL": "3"}
-    assert first.extra == {
-        "commit_required": True,
-        "when": "${item.ok}",
-        "on_failure": {"claude": "/fix", "max_attempts": 3, "fail_workflow": False},
-        "validate": {"shell": "check", "threshold": 90},
-    }
+    assert first.commit_required is True
+    assert first.when == "${item.ok}"
+    assert first.on_failure == OnFailure(
+        handlers=[Step(claude="/fix")], continue_on_error=[False], max_attempts=3
+    )
+    assert first.extra == {"validate": {"shell": "check", "threshold": 90}}
     assert second.capture_output == "my_var"
     assert second.capture_format == "string"
 
@@ -917,10 +924,13 @@ def test_prodigy_example(path: Path) -> None:
         line, fragment = INVALID_EXAMPLES[path.name]
         with pytest.raises(WorkflowInvalid) as caught:
             parse_workflow(text, source=path.name)
-        problem = caught.value.problems[0]
-        assert len(caught.value.problems) == 1
+        problem, *more = caught.value.problems
         assert problem.line == line
         assert fragment in f"{problem.path} {problem.message}"
+        expected = MORE_PROBLEMS.get(path.name, [])
+        assert [p.line for p in more] == [n for n, _ in expected]
+        for p, (_, text) in zip(more, expected, strict=True):
+            assert text in p.message
     else:
         result = parse_workflow(text, source=path.name)
         assert result.workflow.mode == "mapreduce"
@@ -941,8 +951,9 @@ def test_debtmap_example_details() -> None:
     assert wf.map.max_items == 10
     plan, implement, test, _lint = wf.map.agent_template
     assert plan.capture_output is True and "validate" in plan.extra
-    assert implement.extra["commit_required"] is True
-    assert test.extra["on_failure"]["max_attempts"] == 5
+    assert implement.commit_required is True
+    assert test.on_failure is not None and test.on_failure.max_attempts == 5
+    assert test.on_failure.fail_workflow and test.on_failure.handlers[0].claude is not None
     assert wf.reduce is not None
     write = wf.reduce.steps[4].write_file
     assert write is not None and write.format == "json" and write.create_dirs

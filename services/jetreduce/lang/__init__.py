@@ -10,8 +10,10 @@ submit, with the file's line and column; the services then run what the parser b
 * `pipeline`: ``map.json_path``, ``filter``, ``sort_by``, ``distinct``, ``offset``,
   ``max_items`` (compiled at submit to validate them, run by the planner).
 * `interpolate`: ``${...}`` references and their safe rendering into shell scripts.
+* `when`: a step's condition, parsed at submit, evaluated by the worker.
 """
 
+from jetreduce.lang._steps import MAX_HANDLER_DEPTH
 from jetreduce.lang.parse import ParseResult, parse_workflow, workflow_text
 
-__all__ = ["ParseResult", "parse_workflow", "workflow_text"]
+__all__ = ["MAX_HANDLER_DEPTH", "ParseResult", "parse_workflow", "workflow_text"]

@@ -241,7 +241,7 @@ class Agent:
     ) -> StepOutcome:
         """One command; its output is masked before anyone (captures included) sees it, and a
         ``commit_required`` step must have moved HEAD."""
-        commit_required = bool(step.extra.get("commit_required"))
+        commit_required = step.commit_required
         before = await head(cwd) if commit_required else None
         # Only the kind and the exit code: a step's text or output may hold item data.
         attributes = {"jetreduce.step.kind": step.kind}

@@ -9,8 +9,10 @@ from jetreduce.contract.workflow.durations import parse_duration
 from jetreduce.contract.workflow.errors import Problem, WorkflowInvalid
 from jetreduce.contract.workflow.model import (
     CaptureFormat,
+    CaptureStreams,
     ErrorPolicy,
     MapPhase,
+    OnFailure,
     ReducePhase,
     RetryConfig,
     SetupPhase,
@@ -21,8 +23,10 @@ from jetreduce.contract.workflow.model import (
 
 __all__ = [
     "CaptureFormat",
+    "CaptureStreams",
     "ErrorPolicy",
     "MapPhase",
+    "OnFailure",
     "Problem",
     "ReducePhase",
     "RetryConfig",

@@ -17,8 +17,10 @@ import msgspec
 
 __all__ = [
     "CaptureFormat",
+    "CaptureStreams",
     "ErrorPolicy",
     "MapPhase",
+    "OnFailure",
     "ReducePhase",
     "RetryConfig",
     "SetupPhase",
@@ -41,11 +43,42 @@ class WriteFile(msgspec.Struct, frozen=True, kw_only=True):
     create_dirs: bool = False
 
 
+class CaptureStreams(msgspec.Struct, frozen=True, kw_only=True):
+    """``capture_streams``: which fields a named capture gets besides its value (Prodigy's
+    defaults): ``${NAME.exit_code}``, ``.success``, ``.duration``, ``.stderr``; ``stdout``
+    false with ``stderr`` true captures stderr as the value."""
+
+    stdout: bool = True
+    stderr: bool = False
+    exit_code: bool = True
+    success: bool = True
+    duration: bool = True
+
+
+class OnFailure(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """``on_failure`` folded from any of its five shapes (``true``; a command; a list of
+    commands; ``{commands: [...]}``; ``{shell|claude, max_attempts, fail_workflow}``)."""
+
+    handlers: list[Step] = msgspec.field(default_factory=list)
+    """Steps run when the step fails, in order (a ``/command`` string became a claude step)."""
+    continue_on_error: list[bool] = msgspec.field(default_factory=list)
+    """Per handler: a failing handler does not stop the ones after it."""
+    ignore: bool = False
+    """``on_failure: true``: the failure is ignored."""
+    fail_workflow: bool = False
+    max_attempts: int = 1
+    """Runs of the original step in all, the handlers running after each failed one."""
+    timeout_s: float | None = None
+    """Cap on each handler command (the ``commands`` shape's ``timeout``)."""
+
+
 class Step(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One command of a phase. Exactly one of ``shell`` / ``claude`` / ``write_file`` is set.
 
-    ``extra`` keeps the modifiers this version parses but does not execute yet (for example
-    ``on_failure``), so they survive the round trip through the wire format untouched.
+    The modifiers the worker executes are typed fields, checked by the parser (handlers are
+    full steps, ``when`` has been parsed), so a step that parsed cannot fail at run time for a
+    language reason. ``extra`` keeps the modifiers this version parses but does not execute
+    (``validate``, ``retry``, ``output_file``…), so they survive the wire format untouched.
     """
 
     shell: str | None = None
@@ -58,6 +91,16 @@ class Step(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     capture_format: CaptureFormat = "string"
     working_dir: str | None = None
     env: dict[str, str] = msgspec.field(default_factory=dict)
+    when: str | None = None
+    """A condition in the ``when`` language (`jetreduce.lang.when`), checked by the parser;
+    false skips the step."""
+    on_failure: OnFailure | None = None
+    on_success: Step | None = None
+    on_exit_code: dict[int, Step] = msgspec.field(default_factory=dict)
+    """The step run for an exit code; for a failed step, its success recovers the step."""
+    commit_required: bool = False
+    """A successful run must have moved git HEAD (else the step fails)."""
+    capture_streams: CaptureStreams | None = None
     extra: dict[str, Any] = msgspec.field(default_factory=dict)
 
     @property
