@@ -2,9 +2,10 @@
 
 The map runner leases as many items as it has free slots, runs each through the agent
 template, records the terminal result create-only (first write wins, so a redelivered item is
-never counted twice), then acks. A failed attempt is retried with exponential backoff and
-jitter through a delayed redelivery; after the last attempt the item is dead (``item.dead`` +
-DLQ). The agent exits 0 when the map phase is over or the workflow ended.
+never counted twice), then acks. A failed attempt is retried after the workflow's backoff
+(``retry_config``, any kind) with jitter, through a delayed redelivery; after the last attempt
+the item is dead (``item.dead`` + DLQ). The agent exits 0 when the map phase is over or the
+workflow ended.
 """
 
 from __future__ import annotations
@@ -929,9 +930,9 @@ class Agent:
         return name
 
     def _backoff(self, attempt: int) -> float:
-        r = self.retry
-        base = min(r.max_delay_s, r.initial_delay_s * (r.multiplier ** (attempt - 1)))
-        return base * random.uniform(0.8, 1.2)
+        """The workflow's backoff (any kind, `RetryConfig.delay`) with ±20% jitter, so items
+        that failed together do not all come back at the same instant."""
+        return self.retry.delay(attempt) * random.uniform(0.8, 1.2)
 
     # -- reduce ---------------------------------------------------------------------------
     async def run_reduce(self) -> int:

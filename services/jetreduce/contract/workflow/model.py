@@ -151,6 +151,33 @@ class RetryConfig(msgspec.Struct, frozen=True, kw_only=True):
     increment_s: float | None = None
     """Step of a ``linear`` backoff; None for the other kinds."""
 
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before the attempt after failed attempt ``attempt`` (1-based), by
+        ``backoff`` (n = ``attempt``): ``fixed`` initial; ``linear`` initial + (n-1) *
+        increment; ``exponential`` initial * multiplier^(n-1); ``fibonacci`` initial * F(n)
+        with F = 1, 1, 2, 3, 5…; never more than ``max_delay_s``. No jitter: the caller
+        spreads retries of many items if it wants to."""
+        n = max(1, attempt)
+        initial, cap = self.initial_delay_s, self.max_delay_s
+        if self.backoff == "fixed":
+            seconds = initial
+        elif self.backoff == "linear":
+            seconds = initial + (n - 1) * (self.increment_s or 0.0)
+        elif self.backoff == "fibonacci":
+            a, b = 1, 1
+            for _ in range(n - 1):  # stops growing once past the cap: n may be large
+                if initial * a >= cap:
+                    break
+                a, b = b, a + b
+            seconds = initial * a
+        else:
+            seconds = initial
+            for _ in range(n - 1):  # a loop, not **: 2.0 ** 5000 overflows
+                if seconds >= cap:
+                    break
+                seconds *= self.multiplier
+        return min(cap, seconds)
+
 
 class ErrorPolicy(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     on_item_failure: str = "dlq"
