@@ -68,6 +68,13 @@ def test_validate_refuses_bad_handlers_and_expressions_at_their_position(tmp_pat
     assert "bad.yml:10:22: map.agent_template[0].on_exit_code.one:" in out.stderr
 
 
+def test_validate_warns_that_merge_is_not_run(tmp_path: Path, prodigy_examples: Path) -> None:
+    out = cli("validate", str(prodigy_examples / "workflow-syntax-drift.yml"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+    assert "warning: merge: `merge:` is checked but not run" in out.stderr
+
+
 def test_validate_accepts_the_prodigy_examples(tmp_path: Path, prodigy_examples: Path) -> None:
     out = cli("validate", str(prodigy_examples / "test-mapreduce.yml"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -934,7 +934,8 @@ def test_prodigy_example(path: Path) -> None:
     else:
         result = parse_workflow(text, source=path.name)
         assert result.workflow.mode == "mapreduce"
-        assert result.warnings == []
+        expected = ["merge"] if "\nmerge:" in text else []
+        assert [w.path for w in result.warnings] == expected
 
 
 def test_invalid_example_list_matches_the_files() -> None:
@@ -965,6 +966,18 @@ def test_syntax_drift_example_details() -> None:
     assert wf.error_policy.max_failures == 2
     assert wf.error_policy.extra == {"error_collection": "aggregate"}
     assert len(wf.extra["merge"]) == 5
+
+
+def test_merge_is_warned_about_with_the_reason_at_its_key() -> None:
+    """``merge:`` has nothing to act on here (no session worktree): validate says so instead
+    of ignoring it silently (issue 16)."""
+    text = (EXAMPLES / "workflow-syntax-drift.yml").read_text()
+    (warning,) = parse_workflow(text, source="drift.yml").warnings
+    line = text.splitlines().index("merge:") + 1
+    assert (warning.path, warning.line, warning.column) == ("merge", line, 1)
+    assert "`merge:` is checked but not run" in warning.message
+    assert "no session worktree" in warning.message
+    assert warning.render("drift.yml").startswith(f"drift.yml:{line}:1: warning: merge: ")
 
 
 def test_command_input_example_takes_timeout_config() -> None:

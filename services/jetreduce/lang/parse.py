@@ -84,6 +84,14 @@ _TOP_KEYS = (
     *_TOP_EXTRA,
 )
 
+MERGE_NOT_RUN = (
+    "`merge:` is checked but not run: in Prodigy it replaces the final merge of the session "
+    "worktree into your branch, and jetreduce has no session worktree (setup and reduce run "
+    "in the workflow directory, and each item's commits are merged into the workflow branch "
+    "as soon as the item succeeds), so there is no merge for these commands to replace"
+)
+"""Why a workflow's ``merge:`` does nothing here (docs/prodigy-compatibility.md §3.1)."""
+
 MAX_WORKFLOW_CHARS = 4 * 1024 * 1024
 """Longest workflow text read at all. Real files are a few kilobytes; the YAML parser is pure
 Python (about a second per megabyte), so the bound keeps a hostile submit from holding the
@@ -279,10 +287,13 @@ class _WorkflowParser(StepParser, PolicyParser):
             "merge": self.check_merge,
         }
         for key, check in checks.items():
+            key_node = fields.key_node(key)
             node = fields.take_present(key)
             if node is not None:
                 check(node, key)
                 extra[key] = self.r.plain(node, key)
+                if key == "merge":
+                    self.r.warn(key, MERGE_NOT_RUN, key_node)
         return extra
 
     def check_secrets(self, node: Node, path: str) -> None:
