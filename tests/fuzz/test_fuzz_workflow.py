@@ -303,7 +303,7 @@ def test_alias_bomb_is_rejected_quickly() -> None:
     levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
     for prev, name in zip("abcdefg", "bcdefgh", strict=True):
         levels.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 10) + "]")
-    text = VALID + "secrets:\n" + "".join(f"  {line}\n" for line in levels)
+    text = VALID + "merge:\n" + "".join(f"  {line}\n" for line in levels)
     started = time.monotonic()
     messages = problems_of(text)
     assert time.monotonic() - started < 5

@@ -12,9 +12,11 @@ import msgspec
 import pytest
 
 from jetreduce.contract.workflow import (
+    CircuitBreakerConfig,
     OnFailure,
     Problem,
     RetryConfig,
+    Secret,
     Step,
     Workflow,
     WorkflowInvalid,
@@ -730,10 +732,8 @@ def test_error_policy_and_aliases() -> None:
     assert policy.continue_on_failure is False  # alias overrides error_policy
     assert policy.max_failures == 7
     assert policy.failure_threshold == 0.2
-    assert policy.extra == {
-        "error_collection": "batched:10",
-        "circuit_breaker": {"failure_threshold": 5, "timeout": "30s"},
-    }
+    assert policy.extra == {"error_collection": "batched:10"}
+    assert policy.circuit_breaker == CircuitBreakerConfig(failure_threshold=5, timeout_s=30.0)
     assert policy.retry == RetryConfig(
         max_attempts=4, initial_delay_s=2.0, multiplier=3.0, backoff="exponential"
     )
@@ -810,10 +810,14 @@ def test_prodigy_top_level_extras_are_kept() -> None:
         map: {input: x, agent_template: []}
         """
     )
+    assert wf.secrets == {
+        "TOKEN": Secret(provider="env", key="GH_TOKEN"),
+        "KEY": Secret(provider="file", key="/run/key"),
+    }
+    assert wf.env_files == [".env"]
+    assert wf.profiles == {"dev": {"DEBUG": "true"}}
     assert wf.extra == {
-        "secrets": {"TOKEN": "${env:GH_TOKEN}", "KEY": {"provider": "file", "key": "/run/key"}},
-        "env_files": [".env"],
-        "profiles": {"dev": {"description": "Dev", "DEBUG": "true"}},
+        "profiles": {"dev": {"description": "Dev", "DEBUG": "true"}},  # for cli/app.py
         "merge": {"commands": [{"shell": "git merge"}], "timeout": 900},
     }
 

@@ -8,6 +8,7 @@ from typing import Any
 from yaml.nodes import MappingNode, Node
 
 from jetreduce.contract.workflow.model import (
+    CircuitBreakerConfig,
     ErrorPolicy,
     RetryConfig,
 )
@@ -38,6 +39,7 @@ class PolicyParser(FieldParser):
         values: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         retry = RetryConfig()
+        circuit: CircuitBreakerConfig | None = None
         node = top.take_present("error_policy")
         if node is not None:
             fields = self.r.mapping(node, "error_policy")
@@ -48,8 +50,7 @@ class PolicyParser(FieldParser):
                         self.policy_field(key, value_node, join("error_policy", key), values, extra)
                 breaker = fields.take_present("circuit_breaker")
                 if breaker is not None:
-                    self.check_circuit_breaker(breaker, "error_policy.circuit_breaker")
-                    extra["circuit_breaker"] = self.r.plain(breaker, "error_policy.circuit_breaker")
+                    circuit = self.circuit_breaker(breaker, "error_policy.circuit_breaker")
                 retry_node = fields.take_present("retry_config")
                 if retry_node is not None:
                     retry = self.retry_config(retry_node, "error_policy.retry_config") or retry
@@ -58,7 +59,7 @@ class PolicyParser(FieldParser):
             value_node = top.take_present(key)
             if value_node is not None:
                 self.policy_field(key, value_node, key, values, extra)
-        return ErrorPolicy(**values, retry=retry, extra=extra)
+        return ErrorPolicy(**values, retry=retry, circuit_breaker=circuit, extra=extra)
 
     def policy_field(
         self, key: str, node: Node, path: str, values: dict[str, Any], extra: dict[str, Any]
@@ -120,20 +121,26 @@ class PolicyParser(FieldParser):
         self.r.expected(path, what, node)
         return None
 
-    def check_circuit_breaker(self, node: Node, path: str) -> None:
+    def circuit_breaker(self, node: Node, path: str) -> CircuitBreakerConfig | None:
         fields = self.r.mapping(node, path)
         if fields is None:
-            return
+            return None
+        values: dict[str, Any] = {}
         for key in ("failure_threshold", "success_threshold", "half_open_requests"):
             value = fields.take_present(key)
             if value is not None:
-                self.r.integer(value, join(path, key), minimum=1)
+                count = self.r.integer(value, join(path, key), minimum=1)
+                if count is not None:
+                    values[key] = count
         timeout = fields.take_present("timeout")
         if timeout is not None:
-            self.duration(timeout, join(path, "timeout"), positive=True)
+            seconds = self.duration(timeout, join(path, "timeout"), positive=True)
+            if seconds is not None:
+                values["timeout_s"] = seconds
         self.warn_unknown(
             fields, ("failure_threshold", "success_threshold", "half_open_requests", "timeout")
         )
+        return CircuitBreakerConfig(**values)
 
     def retry_config(self, node: Node, path: str) -> RetryConfig | None:
         """``{max_attempts, backoff: {<kind>: {...}}}``; ``max_delay`` is a jetreduce extension."""

@@ -44,6 +44,7 @@ from jetreduce.contract.workflow.model import (
     Step,
     Workflow,
 )
+from jetreduce.lang._environment import EnvironmentParser
 from jetreduce.lang._policy import POLICY_ALIASES, PolicyParser
 from jetreduce.lang._steps import StepParser
 from jetreduce.lang._yaml_nodes import (
@@ -51,7 +52,6 @@ from jetreduce.lang._yaml_nodes import (
     BoundedLoader,
     Fields,
     Reader,
-    index,
     is_null,
     join,
 )
@@ -70,7 +70,6 @@ SUPPORTED_MODE = "mapreduce"
 _CAPTURE_SOURCES = ("stdout", "stderr", "both", "combined")
 _TIMEOUT_POLICIES = ("PerAgent", "PerCommand", "Hybrid")
 _TIMEOUT_ACTIONS = ("Dlq", "Skip", "Fail", "GracefulTerminate")
-_SECRET_PROVIDERS = ("env", "file", "vault", "aws", "custom")
 _TOP_EXTRA = ("secrets", "env_files", "profiles", "merge")
 _TOP_KEYS = (
     "name",
@@ -220,7 +219,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> Problem:
     return Problem("", f"invalid YAML: {exc}")
 
 
-class _WorkflowParser(StepParser, PolicyParser):
+class _WorkflowParser(StepParser, PolicyParser, EnvironmentParser):
     """One parse: section readers that share the `Reader` (problems) and the variable scope."""
 
     # -- top level -------------------------------------------------------------------------
@@ -248,7 +247,8 @@ class _WorkflowParser(StepParser, PolicyParser):
         reduce_node = fields.take_present("reduce")
         reduce = self.reduce(reduce_node) if reduce_node is not None else None
         error_policy = self.error_policy(fields)
-        extra = self.top_extra(fields)
+        environment = self.environment(fields)
+        extra = {**environment.pop("extra", {}), **self.top_extra(fields)}
         self.warn_unknown(fields, _TOP_KEYS)
 
         if name is None or map_phase is None or error_policy is None:
@@ -261,6 +261,7 @@ class _WorkflowParser(StepParser, PolicyParser):
             setup=setup,
             reduce=reduce,
             error_policy=error_policy,
+            **environment,
             extra=extra,
         )
 
@@ -277,55 +278,33 @@ class _WorkflowParser(StepParser, PolicyParser):
             )
         return SUPPORTED_MODE
 
-    def top_extra(self, fields: Fields) -> dict[str, Any]:
-        """Prodigy's top-level keys the model does not carry: shape-checked, kept verbatim."""
-        extra: dict[str, Any] = {}
-        checks = {
-            "secrets": self.check_secrets,
-            "env_files": self.check_env_files,
-            "profiles": self.check_profiles,
-            "merge": self.check_merge,
+    def environment(self, fields: Fields) -> dict[str, Any]:
+        """The typed ``secrets``, ``env_files`` and ``profiles`` (keyword arguments of
+        `Workflow`)."""
+        values: dict[str, Any] = {}
+        readers = {
+            "secrets": self.secrets,
+            "env_files": self.env_files,
+            "profiles": self.profiles,
         }
-        for key, check in checks.items():
-            key_node = fields.key_node(key)
+        for key, read in readers.items():
             node = fields.take_present(key)
             if node is not None:
-                check(node, key)
-                extra[key] = self.r.plain(node, key)
-                if key == "merge":
-                    self.r.warn(key, MERGE_NOT_RUN, key_node)
+                values[key] = read(node, key)
+                if key == "profiles":  # as written, for cli/app.py's --profile check
+                    values["extra"] = {"profiles": self.r.plain(node, key)}
+        return values
+
+    def top_extra(self, fields: Fields) -> dict[str, Any]:
+        """``merge``: shape-checked, kept verbatim, not run (and warned about)."""
+        extra: dict[str, Any] = {}
+        key_node = fields.key_node("merge")
+        node = fields.take_present("merge")
+        if node is not None:
+            self.check_merge(node, "merge")
+            extra["merge"] = self.r.plain(node, "merge")
+            self.r.warn("merge", MERGE_NOT_RUN, key_node)
         return extra
-
-    def check_secrets(self, node: Node, path: str) -> None:
-        fields = self.r.mapping(node, path, "a mapping of secret names")
-        if fields is None:
-            return
-        for entry in fields.rest():
-            entry_path = join(path, entry.key)
-            if isinstance(entry.value, MappingNode):
-                secret = self.r.mapping(entry.value, entry_path)
-                if secret is None:
-                    continue
-                provider_node = self.require(secret, "provider")
-                if provider_node is not None:
-                    self.choice(provider_node, join(entry_path, "provider"), _SECRET_PROVIDERS)
-                key_node = self.require(secret, "key")
-                if key_node is not None:
-                    self.r.string(key_node, join(entry_path, "key"), non_empty=True)
-            else:
-                self.r.string(entry.value, entry_path)
-
-    def check_env_files(self, node: Node, path: str) -> None:
-        items = self.r.sequence(node, path, "a list of file paths")
-        for i, item in enumerate(items or ()):
-            self.r.string(item, index(path, i), non_empty=True)
-
-    def check_profiles(self, node: Node, path: str) -> None:
-        fields = self.r.mapping(node, path, "a mapping of profile names")
-        if fields is None:
-            return
-        for entry in fields.rest():
-            self.env(entry.value, join(path, entry.key))
 
     def check_merge(self, node: Node, path: str) -> None:
         """``merge`` is a list of steps or ``{commands, timeout}``; a mapping without

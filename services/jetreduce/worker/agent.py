@@ -558,7 +558,7 @@ class Agent:
         self.on_failure = policy.on_item_failure
         if self.on_failure == "skip":
             self.max_attempts = 1  # a skipped item is not retried and not dead-lettered
-        self.breaker = CircuitBreaker.from_config(policy.extra.get("circuit_breaker"))
+        self.breaker = CircuitBreaker.from_config(policy.circuit_breaker)
         self.heartbeat_every = (self.spec.options.lease_s or DEFAULT_LEASE_S) / 3
         self.acks = await AckMux(self.ctx.nc).start()
         beats = asyncio.create_task(self._heartbeats())

@@ -18,11 +18,13 @@ import msgspec
 __all__ = [
     "CaptureFormat",
     "CaptureStreams",
+    "CircuitBreakerConfig",
     "ErrorPolicy",
     "MapPhase",
     "OnFailure",
     "ReducePhase",
     "RetryConfig",
+    "Secret",
     "SetupPhase",
     "Step",
     "Workflow",
@@ -179,13 +181,37 @@ class RetryConfig(msgspec.Struct, frozen=True, kw_only=True):
         return min(cap, seconds)
 
 
+class CircuitBreakerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """``error_policy.circuit_breaker`` (Prodigy's defaults); run by `worker/breaker.py`."""
+
+    failure_threshold: int = 5
+    """Consecutive failed attempts that open the circuit."""
+    success_threshold: int = 3
+    """Successful probes that close it again."""
+    timeout_s: float = 30.0
+    """How long it stays open before probing (half-open)."""
+    half_open_requests: int = 3
+    """Probe items allowed while half-open."""
+
+
 class ErrorPolicy(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     on_item_failure: str = "dlq"
     continue_on_failure: bool = True
     max_failures: int | None = None
     failure_threshold: float | None = None
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    circuit_breaker: CircuitBreakerConfig | None = None
     extra: dict[str, Any] = msgspec.field(default_factory=dict)
+    """Keys parsed but not run (``error_collection``)."""
+
+
+class Secret(msgspec.Struct, frozen=True, kw_only=True):
+    """Where an agent reads a secret's value (the value itself never travels)."""
+
+    provider: str
+    """``env``: the agent's environment variable ``key``; ``file``: the content of file
+    ``key`` (relative to the workflow directory), without its final newline."""
+    key: str
 
 
 class Workflow(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -199,6 +225,12 @@ class Workflow(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     setup: SetupPhase | None = None
     reduce: ReducePhase | None = None
     error_policy: ErrorPolicy = msgspec.field(default_factory=ErrorPolicy)
+    secrets: dict[str, Secret] = msgspec.field(default_factory=dict)
+    """Secret name → where the agent reads it (names and providers only, never values)."""
+    env_files: list[str] = msgspec.field(default_factory=list)
+    """``KEY=value`` files (relative to the workflow directory) read by agents, in order."""
+    profiles: dict[str, dict[str, str]] = msgspec.field(default_factory=dict)
+    """Profile name → its variables (its ``description`` left out)."""
     extra: dict[str, Any] = msgspec.field(default_factory=dict)
-    """Top-level Prodigy keys kept verbatim but not modelled yet (``secrets``, ``env_files``,
-    ``profiles``, ``merge``); the parser has checked their shape."""
+    """Top-level Prodigy keys kept verbatim but not run (``merge``), and ``profiles`` again
+    as written, for callers that have not moved to `profiles` yet (cli/app.py)."""
