@@ -42,6 +42,9 @@ class StepOutcome:
     duration_s: float
     timed_out: bool = False
     error: str = ""
+    kind: str = ""
+    """Why it failed when not by its exit code alone (``worker/outcome.py``'s kinds:
+    ``CommitValidationFailed``, ``MergeConflict``, ``WorktreeError``); empty otherwise."""
 
     @property
     def ok(self) -> bool:
