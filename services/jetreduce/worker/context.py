@@ -54,7 +54,6 @@ __all__ = ["AgentBase", "AgentConfig", "remove_leftovers"]
 log = logging.getLogger(__name__)
 
 
-INPUT_COMMAND_TIMEOUT_S = 300.0
 BATCH_WAIT_S = 0.005
 """With nearly every slot busy, wait this long for more to free up before pulling."""
 DEFAULT_LEASE_S = 30.0

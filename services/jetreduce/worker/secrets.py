@@ -236,10 +236,14 @@ def resolve_environment(
     profile: str | None = None,
     environ: Mapping[str, str] | None = None,
     base_dir: str | Path = ".",
+    with_secrets: bool = True,
 ) -> WorkflowEnvironment:
     """Everything a step's environment and variables get from the workflow file and the
     submission (see the module docstring for the layering). Raises
-    :class:`EnvironmentProblem`; a missing env file is a warning, as in Prodigy."""
+    :class:`EnvironmentProblem`; a missing env file is a warning, as in Prodigy.
+
+    ``with_secrets=False`` leaves the secrets out: what a client (a dry run, an upload) can
+    know of the agent's variables without the agent's own environment and mounts."""
     environ = os.environ if environ is None else environ
     arg_env, arg_vars = positional_args(args)
     file_values: dict[str, str] = {}
@@ -261,7 +265,11 @@ def resolve_environment(
         {k: render_text(v, scope) for k, v in profile_values(workflow.profiles, profile).items()}
     )
     env.update(arg_env)
-    secrets = resolve_secrets(workflow.secrets, environ=environ, base_dir=base_dir)
+    secrets = (
+        resolve_secrets(workflow.secrets, environ=environ, base_dir=base_dir)
+        if with_secrets
+        else {}
+    )
     variables: dict[str, Any] = {**env, **arg_vars, **secrets}
     return WorkflowEnvironment(
         env={**env, **secrets},

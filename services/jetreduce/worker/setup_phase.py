@@ -13,14 +13,14 @@ from jetreduce.contract.events import (
     SetupFailed,
     encode,
 )
-from jetreduce.lang.interpolate import Variables, render_shell, render_text
+from jetreduce.lang.map_input import INPUT_COMMAND_TIMEOUT_S, input_command, input_file
 from jetreduce.runtime.claim import Taken
 from jetreduce.runtime.publish import publish_once
 from jetreduce.runtime.telemetry import (
     trace_headers,
 )
 from jetreduce.worker.claimed import EXIT_SIGTERM
-from jetreduce.worker.context import ENV_NAME, INPUT_COMMAND_TIMEOUT_S, AgentBase
+from jetreduce.worker.context import ENV_NAME, AgentBase
 from jetreduce.worker.outcome import (
     ERROR_TAIL,
     clip,
@@ -118,8 +118,8 @@ class SetupRunner(AgentBase):
         if new_items:
             return Path(self.workdir, new_items[0]), False, None
         source = self.spec.workflow.map.input
-        as_path = Path(self.workdir, render_text(source, Variables(variables)))
-        if as_path.is_file():
+        as_path = input_file(source, variables, self.workdir)
+        if as_path is not None:
             return as_path, False, None
         if self.spec.options.input_upload:
             uploaded = self.scratch / "map-input.uploaded"
@@ -132,7 +132,7 @@ class SetupRunner(AgentBase):
                 why = f"map.input: the uploaded copy ({name}) is unreadable: {exc}"
                 return uploaded, False, why
             return uploaded, False, None
-        cmd = render_shell(source, Variables(variables), spill_dir=self.scratch)
+        cmd = input_command(source, variables, spill_dir=self.scratch)
         spooled = self.scratch / "map-input"
         out = await run_process(
             ["sh", "-c", cmd.script],
