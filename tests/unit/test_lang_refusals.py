@@ -191,3 +191,16 @@ def test_every_handler_shape_that_runs_parses() -> None:
     assert [h.shell for h in policy.handlers] == ["echo a", "echo b"]
     assert policy.continue_on_error == [False, True]
     assert policy.handlers[1].on_failure is not None and policy.handlers[1].on_failure.ignore
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ["(" * 400 + "1" + ")" * 400, "!" * 1000 + "1", " && ".join(["1"] * 300)],
+)
+def test_a_when_too_deep_to_evaluate_is_refused_at_its_position(expression: str) -> None:
+    """Evaluation recurses once per level: a tree deeper than MAX_WHEN_DEPTH would die of
+    RecursionError in the agent, so the parser refuses it (and never recurses itself)."""
+    problem = refused(step_text(f'when: "{expression}"'))
+    assert problem.path == f"{STEP}.when"
+    assert "invalid when expression: nested more than 200 levels deep" in problem.message
+    assert (problem.line, problem.column) == (6, 13)

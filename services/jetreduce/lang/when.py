@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from jetreduce.lang.interpolate import Variables, render_value
 
-__all__ = ["When", "WhenError", "evaluate_when", "parse_when"]
+__all__ = ["MAX_WHEN_DEPTH", "When", "WhenError", "evaluate_when", "parse_when"]
 
 
 class WhenError(ValueError):
@@ -88,11 +88,36 @@ class When:
     root: _Node
 
 
+MAX_WHEN_DEPTH: Final = 200
+"""Deepest expression tree accepted: evaluation recurses once per level, and a condition
+nested deeper than this is no condition a person wrote."""
+
+
 @functools.lru_cache(maxsize=1024)
 def parse_when(text: str) -> When:
     """Parse ``text``; raises `WhenError` naming what is wrong. Cached: the same step's
     condition is evaluated once per item, and it is parsed once per process."""
-    return When(text, _Parser(text).parse())
+    try:
+        root = _Parser(text).parse()
+    except RecursionError:
+        raise WhenError(f"nested more than {MAX_WHEN_DEPTH} levels deep") from None
+    if _depth(root) > MAX_WHEN_DEPTH:
+        raise WhenError(f"nested more than {MAX_WHEN_DEPTH} levels deep")
+    return When(text, root)
+
+
+def _depth(root: _Node) -> int:
+    """Levels of the tree (counted without recursion: it may be a long chain of ``&&``)."""
+    deepest = 0
+    stack: list[tuple[_Node, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(node, _Not):
+            stack.append((node.operand, depth + 1))
+        elif isinstance(node, _Bool | _Cmp):
+            stack.extend(((node.left, depth + 1), (node.right, depth + 1)))
+    return deepest
 
 
 def evaluate_when(expression: str | When, variables: Mapping[str, Any] | Variables) -> bool:
