@@ -458,3 +458,23 @@ async def test_handler_step_with_write_file(tmp_path: Path) -> None:
 """,
     )
     assert result.ok and (tmp_path / "report.txt").read_text() == "failed: 1"
+
+
+async def test_commands_timeout_caps_each_handler(tmp_path: Path) -> None:
+    """``on_failure: {commands, timeout}`` used to crash the agent (dataclasses.replace on a
+    msgspec Struct); found by tests/fuzz/test_fuzz_language.py."""
+    started = time.monotonic()
+    result, _ = await run(
+        tmp_path,
+        "- shell: 'exit 1'\n"
+        "  on_failure:\n"
+        "    commands:\n"
+        "      - shell: 'sleep 5'\n"
+        "      - shell: 'echo second >> log'\n"
+        "    timeout: 0.3\n",
+    )
+    assert time.monotonic() - started < 3
+    assert result.failed_step == 1 and result.reason == "on_failure handler failed"
+    handler = [r for r in result.records if r.role == "on_failure"]
+    assert handler[0].outcome.timed_out and handler[0].step.timeout_s == 0.3
+    assert log(tmp_path) == []  # the first handler failed: the second did not run

@@ -38,6 +38,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from jetreduce.contract.workflow.model import CaptureStreams, OnFailure, Step
 from jetreduce.lang import MAX_HANDLER_DEPTH
 from jetreduce.lang.interpolate import render_value
@@ -220,8 +222,8 @@ class _Flow:
             outcome = await self.execute(step, index, role)
             handled = outcome.exit_code in on_exit and not outcome.timed_out and not outcome.error
             if handled:
-                verdict = await self.nested(
-                    on_exit[outcome.exit_code], index, "on_exit_code", depth
+                verdict = await self.handler(
+                    on_exit[outcome.exit_code], index, depth, "on_exit_code"
                 )
                 if not verdict.ok:
                     return _Verdict(
@@ -234,7 +236,7 @@ class _Flow:
                     return _Verdict(True, outcome)  # the exit code was handled: recovered
             if outcome.ok:
                 if step.on_success is not None:
-                    verdict = await self.nested(step.on_success, index, "on_success", depth)
+                    verdict = await self.handler(step.on_success, index, depth, "on_success")
                     if not verdict.ok:
                         return _Verdict(
                             False, outcome, verdict.fail_workflow, "on_success handler failed"
@@ -257,37 +259,32 @@ class _Flow:
         return _Verdict(False, outcome)
 
     async def handlers(self, policy: OnFailure, index: int, depth: int) -> bool:
+        """``on_failure``'s handlers in order; False if one failed that may not."""
         ok = True
-        for handler, keep_going in zip(policy.handlers, policy.continue_on_error, strict=True):
-            if depth + 1 > MAX_HANDLER_DEPTH:
-                return False
-            verdict = await self.step_capped(handler, index, depth + 1, policy.timeout_s)
+        for step, keep_going in zip(policy.handlers, policy.continue_on_error, strict=True):
+            verdict = await self.handler(step, index, depth, "on_failure", policy.timeout_s)
             if not verdict.ok and not keep_going:
                 return False
             ok = ok and (verdict.ok or keep_going)
         return ok
 
-    async def step_capped(
-        self, step: Step, index: int, depth: int, cap_s: float | None
+    async def handler(
+        self, step: Step, index: int, depth: int, role: str, cap_s: float | None = None
     ) -> _Verdict:
+        """A handler step of a step at ``depth``: the same semantics as any step, its
+        commands capped at ``cap_s`` and recorded under ``role`` (``on_failure``,
+        ``on_success``, ``on_exit_code``)."""
+        if depth + 1 > MAX_HANDLER_DEPTH:  # the parser refuses deeper nesting
+            return _Verdict(False, _error_outcome("handlers nested too deeply"))
         if cap_s is not None and (step.timeout_s is None or step.timeout_s > cap_s):
-            step = dataclasses.replace(step, timeout_s=cap_s)
-        return await self.step_as(step, index, depth, "on_failure")
-
-    async def step_as(self, step: Step, index: int, depth: int, role: str) -> _Verdict:
-        """A handler step: the same semantics, with its records labelled by ``role``."""
+            step = msgspec.structs.replace(step, timeout_s=cap_s)
         start = len(self.records)
-        verdict = await self.step(step, index, depth)
+        verdict = await self.step(step, index, depth + 1)
         for i in range(start, len(self.records)):
             rec = self.records[i]
             if rec.role in ("step", "retry") and rec.step is step:
                 self.records[i] = dataclasses.replace(rec, role=role)
         return verdict
-
-    async def nested(self, step: Step, index: int, role: str, depth: int) -> _Verdict:
-        if depth + 1 > MAX_HANDLER_DEPTH:  # the parser refuses deeper nesting
-            return _Verdict(False, _error_outcome("handlers nested too deeply"))
-        return await self.step_as(step, index, depth + 1, role)
 
 
 def _tries(attempts: int) -> str:
