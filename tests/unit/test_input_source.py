@@ -1,4 +1,4 @@
-"""Streamed input (planner/pipeline/source.py): line-form command output is read line by line,
+"""Streamed input (lang/pipeline/source.py): line-form command output is read line by line,
 twice, and gives exactly the items the whole-document rules give; planning it holds one item
 at a time however many lines there are."""
 
