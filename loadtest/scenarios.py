@@ -32,7 +32,7 @@ from jetreduce.contract import events as ev
 from jetreduce.contract.events import SetupCompleted, SubmitOptions, WorkflowPlanned, WorkItem
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import Subjects
-from jetreduce.contract.workflow import parse_workflow
+from jetreduce.lang import parse_workflow
 from jetreduce.queues.jetstream import JetStreamQueue
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.publish import publish_once

@@ -47,6 +47,34 @@ def test_validate_reports_every_problem_with_position(tmp_path: Path) -> None:
     assert "colour" in out.stderr  # the unknown key is warned about, with its line
 
 
+def test_validate_refuses_bad_handlers_and_expressions_at_their_position(tmp_path: Path) -> None:
+    """Issue 16: these validated ``ok`` and then failed every item at run time."""
+    wf = tmp_path / "bad.yml"
+    wf.write_text(
+        "name: x\nmap:\n  input: items.json\n  filter: 'score >'\n  agent_template:\n"
+        "    - shell: make\n      when: '${a} =='\n"
+        "      on_failure:\n        - shell: 'echo handler'\n"
+        "      on_exit_code: {one: {shell: x}}\n"
+    )
+    out = cli("validate", str(wf), cwd=tmp_path)
+    assert out.returncode == 2, out.stdout
+    assert "invalid workflow (4 problems)" in out.stderr
+    assert "bad.yml:4:11: map.filter: invalid filter expression" in out.stderr
+    assert "bad.yml:7:13: map.agent_template[0].when: invalid when expression" in out.stderr
+    assert (
+        "bad.yml:9:11: map.agent_template[0].on_failure[0]: on_failure list entries must be "
+        "command strings, got a mapping"
+    ) in out.stderr
+    assert "bad.yml:10:22: map.agent_template[0].on_exit_code.one:" in out.stderr
+
+
+def test_validate_warns_that_merge_is_not_run(tmp_path: Path, prodigy_examples: Path) -> None:
+    out = cli("validate", str(prodigy_examples / "workflow-syntax-drift.yml"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+    assert "warning: merge: `merge:` is checked but not run" in out.stderr
+
+
 def test_validate_accepts_the_prodigy_examples(tmp_path: Path, prodigy_examples: Path) -> None:
     out = cli("validate", str(prodigy_examples / "test-mapreduce.yml"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -20,7 +20,7 @@ from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
-from jetreduce.contract.workflow.parse import parse_workflow
+from jetreduce.lang.parse import parse_workflow
 from jetreduce.launcher import service as launcher_service
 from jetreduce.launcher.service import Launcher
 from jetreduce.runtime.connection import connect

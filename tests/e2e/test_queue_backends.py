@@ -16,6 +16,8 @@ import pytest
 
 from backends import RedisServer, free_port
 from helpers import THOUSAND, Harness, read_stream, services
+from jetreduce.cli import exit_codes
+from jetreduce.cli.outcome import terminal_code
 from jetreduce.contract import events as ev
 
 pytestmark = pytest.mark.anyio
@@ -148,3 +150,50 @@ async def test_the_installation_default_queue_is_recorded_with_the_workflow(
     assert done.done == 20 and named.done == 20
     assert spec is not None and spec.options.queue == redis_server.url
     assert named_spec is not None and named_spec.options.queue == "jetstream"
+
+
+CRASHER = """
+name: crasher
+map:
+  input: "echo '[1, 2, 3]'"
+  max_parallel: 2
+  agent_template:
+    - shell: "sh crash.sh ${item}"
+error_policy:
+  retry_config:
+    max_attempts: 1
+"""
+
+
+async def test_an_item_that_keeps_killing_its_agent_is_dead_lettered_on_each_backend(
+    nats_url: str, prefix: str, tmp_path: Path, workdir: Path, queue_url: str
+) -> None:
+    """Issue 16: on Redis and SQS such an item used to be re-run until the launcher's restart
+    budget failed the whole workflow. Each delivery is counted before the item runs: past
+    max_attempts + 3 deliveries without a verdict (JetStream's max_deliver, which the janitor
+    turns into the same dead item) it is dead (AgentCrashed) and the workflow completes."""
+    starts = workdir / "starts"
+    starts.mkdir()
+    # The step's session is its agent's pid (an agent leads its own session): kill it.
+    (workdir / "crash.sh").write_text(
+        f"echo $$ >> {starts}/$1\n"
+        'if [ "$1" = 2 ]; then kill -9 "$(cut -d" " -f6 /proc/$$/stat)"; sleep 30; fi\n'
+        "echo fine $1\n"
+    )
+    async with services(nats_url, prefix, tmp_path) as h:
+        end = await h.run(CRASHER, workdir, timeout_s=90, queue=queue_url, lease_s=1)
+        assert isinstance(end, ev.WorkflowCompleted), h.agent_logs()
+        results = {r.index: r for r in await terminal(h, end.workflow_id)}
+        entries = await read_stream(
+            h.nc.jetstream(), h.subjects.dlq_stream, h.subjects.dlq_of(end.workflow_id)
+        )
+    assert terminal_code(end) == exit_codes.DEAD_ITEMS == 3
+    assert (end.done, end.dead) == (2, 1)
+    dead = results[1]
+    assert isinstance(dead, ev.ItemDead) and dead.error_type == "AgentCrashed"
+    assert dead.attempts == 4
+    assert [(e.index, e.error_type, e.item, e.attempts) for e in entries] == [
+        (1, "AgentCrashed", 2, 4)
+    ]
+    # Run max_attempts + 3 times, as on JetStream; the delivery after that is never run.
+    assert len((starts / "2").read_text().split()) == 4

@@ -24,15 +24,9 @@ from hypothesis import strategies as st
 
 from jetreduce.contract.events import Problem as EventProblem
 from jetreduce.contract.events import WorkflowRejected, encode
-from jetreduce.contract.workflow import (
-    ParseResult,
-    Workflow,
-    WorkflowInvalid,
-    parse_duration,
-    parse_workflow,
-    workflow_text,
-)
-from jetreduce.contract.workflow.parse import MAX_PROBLEMS
+from jetreduce.contract.workflow import Workflow, WorkflowInvalid, parse_duration
+from jetreduce.lang import ParseResult, parse_workflow, workflow_text
+from jetreduce.lang.parse import MAX_PROBLEMS
 
 FUZZ = settings(
     max_examples=60,
@@ -309,7 +303,7 @@ def test_alias_bomb_is_rejected_quickly() -> None:
     levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
     for prev, name in zip("abcdefg", "bcdefgh", strict=True):
         levels.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 10) + "]")
-    text = VALID + "secrets:\n" + "".join(f"  {line}\n" for line in levels)
+    text = VALID + "merge:\n" + "".join(f"  {line}\n" for line in levels)
     started = time.monotonic()
     messages = problems_of(text)
     assert time.monotonic() - started < 5

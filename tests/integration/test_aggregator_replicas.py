@@ -12,7 +12,7 @@ import pytest
 from jetreduce.aggregator.service import Aggregator
 from jetreduce.contract import events as ev
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
-from jetreduce.contract.workflow import parse_workflow
+from jetreduce.lang import parse_workflow
 from jetreduce.runtime.state import StateStore
 from support import wait_for
 

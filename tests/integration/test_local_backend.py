@@ -15,7 +15,7 @@ import pytest
 
 from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.records import StoredSpec
-from jetreduce.contract.workflow.parse import parse_workflow
+from jetreduce.lang.parse import parse_workflow
 from jetreduce.launcher.local import LocalBackend
 from jetreduce.runtime.settings import NatsSettings
 from support import wait_for

@@ -18,7 +18,7 @@ from jetreduce.contract import events as ev
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
-from jetreduce.contract.workflow import parse_workflow
+from jetreduce.lang import parse_workflow
 from jetreduce.planner.service import REPLY_HEADER, Planner
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.service import ServiceContext
@@ -93,6 +93,26 @@ async def test_planner_rejects_with_every_problem_and_keeps_running(
             ctx.subjects.events_stream, ctx.subjects.workflow("rejected", "bad-1")
         )
         assert isinstance(ev.decode(rejected.data), ev.WorkflowRejected)
+
+
+async def test_planner_refuses_bad_handlers_and_pipeline_expressions(
+    nats_url: str, prefix: str
+) -> None:
+    """Submit checks what ``validate`` checks (issue 16: these used to be accepted)."""
+    bad = (
+        "name: x\nmap:\n  input: items.json\n  sort_by: 'score SIDEWAYS'\n  agent_template:\n"
+        "    - shell: make\n      on_failure:\n        - shell: 'echo handler'\n"
+    )
+    async with context(nats_url, prefix) as ctx, running(Planner(ctx)):
+        with pytest.raises(SubmitRejected) as info:
+            await submit(
+                ctx.nc, ctx.subjects, bad, ev.SubmitOptions(), workflow_id="bad-2", source="b.yml"
+            )
+    problems = {(p.path, p.line, p.column) for p in info.value.reply.problems}
+    assert problems == {
+        ("map.sort_by", 4, 12),
+        ("map.agent_template[0].on_failure[0]", 8, 11),
+    }
 
 
 async def test_a_deeply_nested_workflow_object_is_rejected_not_crashed_on(

@@ -14,8 +14,8 @@ from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.records import StoredSpec
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
-from jetreduce.contract.workflow.parse import parse_workflow
 from jetreduce.janitor.service import Janitor
+from jetreduce.lang.parse import parse_workflow
 from jetreduce.launcher.backend import AgentBackend
 from jetreduce.launcher.kubernetes import KubernetesBackend
 from jetreduce.launcher.service import Launcher

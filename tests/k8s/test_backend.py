@@ -16,7 +16,7 @@ from kubernetes import client as k8s
 
 from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.records import StoredSpec
-from jetreduce.contract.workflow.parse import parse_workflow
+from jetreduce.lang.parse import parse_workflow
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.kubernetes import KubernetesBackend, job_name, root_name, secret_name
 from jetreduce.runtime.settings import NatsSettings

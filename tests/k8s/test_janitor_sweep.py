@@ -18,9 +18,9 @@ from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
-from jetreduce.contract.workflow.parse import parse_workflow
 from jetreduce.janitor.k8s_sweep import OrphanSweeper
 from jetreduce.janitor.service import Janitor
+from jetreduce.lang.parse import parse_workflow
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.kubernetes import KubernetesBackend
 from jetreduce.runtime.connection import connect

@@ -19,7 +19,7 @@ import yaml
 
 from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.records import StoredSpec
-from jetreduce.contract.workflow.parse import parse_workflow
+from jetreduce.lang.parse import parse_workflow
 from jetreduce.launcher.k8s_settings import KubernetesSettings, Resources
 from jetreduce.launcher.kubernetes import (
     build_map_job,

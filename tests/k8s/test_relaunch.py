@@ -23,7 +23,7 @@ from jetreduce.cli.watch import Watcher
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.records import StoredSpec
-from jetreduce.contract.workflow.parse import parse_workflow
+from jetreduce.lang.parse import parse_workflow
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.kubernetes import (
     ATTEMPT_ANNOTATION,

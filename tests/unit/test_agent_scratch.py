@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jetreduce.worker.agent import _remove_leftovers
+from jetreduce.worker.context import remove_leftovers
 
 
 def test_only_the_dead_owners_scratch_is_removed(
@@ -27,7 +27,7 @@ def test_only_the_dead_owners_scratch_is_removed(
         for d in (running, gone, old_style, other):
             (d / "agent-0").mkdir(parents=True)
         try:
-            _remove_leftovers(prefix)
+            remove_leftovers(prefix)
         finally:
             alive.kill()
     assert running.is_dir() and other.is_dir()
@@ -40,5 +40,5 @@ def test_the_kept_directory_stays(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     dead.wait()
     mine = tmp_path / f"jetreduce-wf-reduce0-{dead.pid}-x"  # as if its owner had died
     mine.mkdir()
-    _remove_leftovers("jetreduce-wf-reduce0-", keep=mine)
+    remove_leftovers("jetreduce-wf-reduce0-", keep=mine)
     assert mine.is_dir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jetreduce.lang import parse_workflow
 from jetreduce.worker.breaker import CircuitBreaker
 
 
@@ -45,9 +46,22 @@ def test_a_failed_probe_reopens_and_success_resets_the_count() -> None:
     assert b.allowance(1) == 0
 
 
+def breaker_of(config: str) -> CircuitBreaker | None:
+    """The breaker of a workflow whose ``error_policy.circuit_breaker`` is ``config``: the
+    durations are read once, by the parser (one duration rule for the whole language)."""
+    text = (
+        "name: t\nmap:\n  input: x\n  agent_template: []\n"
+        f"error_policy:\n  circuit_breaker: {config}\n"
+    )
+    return CircuitBreaker.from_config(parse_workflow(text).workflow.error_policy.circuit_breaker)
+
+
 def test_config_accepts_prodigy_durations() -> None:
-    b = CircuitBreaker.from_config({"failure_threshold": 4, "timeout": "2s"})
+    b = breaker_of("{failure_threshold: 4, timeout: 2s}")
     assert b is not None and (b.failure_threshold, b.timeout_s) == (4, 2.0)
-    b = CircuitBreaker.from_config({"timeout": {"secs": 1, "nanos": 500_000_000}})
+    b = breaker_of("{timeout: {secs: 1, nanos: 500000000}}")
     assert b is not None and b.timeout_s == 1.5
+    b = breaker_of("{}")
+    assert b is not None and (b.failure_threshold, b.success_threshold) == (5, 3)
+    assert (b.timeout_s, b.half_open_requests) == (30.0, 3)
     assert CircuitBreaker.from_config(None) is None

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from jetreduce.planner.pipeline import PipelineError, compile_filter, validate_filter
+from jetreduce.lang.pipeline import PipelineError, compile_filter, validate_filter
 
 ITEM: dict[str, Any] = {
     "severity": "high",

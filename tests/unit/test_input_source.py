@@ -1,4 +1,4 @@
-"""Streamed input (planner/pipeline/source.py): line-form command output is read line by line,
+"""Streamed input (lang/pipeline/source.py): line-form command output is read line by line,
 twice, and gives exactly the items the whole-document rules give; planning it holds one item
 at a time however many lines there are."""
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jetreduce.planner.pipeline import (
+from jetreduce.lang.pipeline import (
     InputItems,
     ItemPipeline,
     parse_input_document,

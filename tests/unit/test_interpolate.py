@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jetreduce.worker.interpolate import (
+from jetreduce.lang.interpolate import (
     SPILL_THRESHOLD_BYTES,
     InterpolationError,
     ShellCommand,

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from jetreduce.planner.pipeline import PipelineError, select, validate_json_path
-from jetreduce.planner.pipeline.jsonpath import MISSING, lookup, parse_field_path
+from jetreduce.lang.pipeline import PipelineError, select, validate_json_path
+from jetreduce.lang.pipeline.jsonpath import MISSING, lookup, parse_field_path
 
 DOC: dict[str, Any] = {
     "items": [

@@ -1,6 +1,6 @@
 """The layer rules of the package, checked on the source (what an import linter would do):
-contract < runtime, queues < the five services (independent) < cli; backend client libraries
-only in their adapters."""
+contract < lang (the pure workflow language), runtime, queues < the five services (independent)
+< cli; backend client libraries only in their adapters."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "services" / "jetreduce"
 SERVICES = {"planner", "launcher", "worker", "aggregator", "janitor"}
 ALLOWED = {
     "contract": {"contract"},
+    "lang": {"contract", "lang"},
     "runtime": {"contract", "runtime"},
     "queues": {"contract", "runtime", "queues"},
-    **{s: {"contract", "runtime", "queues", s} for s in SERVICES},
+    **{s: {"contract", "lang", "runtime", "queues", s} for s in SERVICES},
     "embedded": {"runtime"},
 }
 CLIENT_LIBS = {
@@ -48,4 +49,15 @@ def test_layers_hold() -> None:
                     problems.append(f"{rel} imports {module}")
             if parts[0] in CLIENT_LIBS and str(rel) not in CLIENT_LIBS[parts[0]]:
                 problems.append(f"{rel} imports {parts[0]} (only {CLIENT_LIBS[parts[0]]} may)")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_language_layer_is_pure() -> None:
+    """lang/ parses and evaluates the workflow language: no NATS, no queue, no process."""
+    forbidden = {"nats", "asyncio", "subprocess", "redis", "boto3", "kubernetes"}
+    problems = []
+    for path in sorted((PACKAGE / "lang").rglob("*.py")):
+        for module in _imports(path):
+            if module.split(".")[0] in forbidden:
+                problems.append(f"{path.relative_to(PACKAGE)} imports {module}")
     assert not problems, "\n".join(problems)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from jetreduce.planner.pipeline import (
+from jetreduce.lang.pipeline import (
     ItemPipeline,
     PipelineError,
     parse_input_document,

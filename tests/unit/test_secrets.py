@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from jetreduce.contract.workflow import parse_workflow
-from jetreduce.contract.workflow.model import Workflow
+from jetreduce.contract.workflow import WorkflowInvalid
+from jetreduce.contract.workflow.model import Secret, Workflow
+from jetreduce.lang import parse_workflow
 from jetreduce.worker.secrets import (
     EnvironmentProblem,
     Masker,
@@ -61,39 +62,61 @@ def test_env_file_errors_name_the_line(bad: str) -> None:
         parse_env_file("OK=1\n" + bad)
 
 
+def secrets_of(yaml_secrets: str) -> dict[str, Secret]:
+    return workflow(f"secrets: {yaml_secrets}\n").secrets
+
+
 def test_secret_forms(tmp_path: Path) -> None:
     (tmp_path / "token.txt").write_text("from-a-file\n")
     environ = {"GH_TOKEN": "gh-secret", "OTHER": "other-secret"}
-    values = resolve_secrets(
-        {
-            "A": "${env:GH_TOKEN}",
-            "B": {"provider": "env", "key": "OTHER"},
-            "C": {"provider": "file", "key": "token.txt"},
-            "D": "GH_TOKEN",
-        },
-        environ=environ,
-        base_dir=tmp_path,
+    spec = secrets_of(
+        '{A: "${env:GH_TOKEN}", B: {provider: env, key: OTHER}, '
+        "C: {provider: file, key: token.txt}, D: GH_TOKEN, E: $OTHER}"
     )
-    assert values == {"A": "gh-secret", "B": "other-secret", "C": "from-a-file", "D": "gh-secret"}
+    assert spec["A"] == Secret(provider="env", key="GH_TOKEN")
+    values = resolve_secrets(spec, environ=environ, base_dir=tmp_path)
+    assert values == {
+        "A": "gh-secret",
+        "B": "other-secret",
+        "C": "from-a-file",
+        "D": "gh-secret",
+        "E": "other-secret",
+    }
 
 
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"A": {"provider": "vault", "key": "x"}}, "provider 'vault' not supported"),
-        ({"A": {"provider": "aws", "key": "x"}}, "provider 'aws' not supported"),
-        ({"A": "${env:NOPE}"}, "NOPE is not set"),
-        ({"A": {"provider": "file", "key": "missing.txt"}}, "cannot read file missing.txt"),
-        ({"A": "literal value!"}, "must not be written"),
+        ('{A: "${env:NOPE}"}', "NOPE is not set"),
+        ("{A: {provider: file, key: missing.txt}}", "cannot read file missing.txt"),
     ],
 )
-def test_secret_errors(tmp_path: Path, spec: dict[str, object], message: str) -> None:
+def test_secret_errors_at_run_time(tmp_path: Path, spec: str, message: str) -> None:
+    """What only the agent can know: its environment and files."""
     with pytest.raises(EnvironmentProblem, match=message):
-        resolve_secrets(spec, environ={}, base_dir=tmp_path)
+        resolve_secrets(secrets_of(spec), environ={}, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("{A: {provider: vault, key: x}}", "provider 'vault' is not supported"),
+        ("{A: {provider: aws, key: x}}", "provider 'aws' is not supported"),
+        ("{A: {provider: env}}", "required key is missing"),
+        ('{A: "literal value!"}', "must not be written"),
+    ],
+)
+def test_secret_errors_at_parse_time(spec: str, message: str) -> None:
+    """What the file gets wrong is refused at validate and submit, not by every agent."""
+    with pytest.raises(WorkflowInvalid, match=message):
+        secrets_of(spec)
 
 
 def test_profiles() -> None:
-    profiles = {"dev": {"description": "d", "URL": "http://dev"}, "prod": {"URL": "http://p"}}
+    profiles = workflow(
+        "profiles:\n  dev: {description: d, URL: 'http://dev'}\n  prod: {URL: 'http://p'}\n"
+    ).profiles
+    assert profiles == {"dev": {"URL": "http://dev"}, "prod": {"URL": "http://p"}}
     assert profile_values(profiles, "dev") == {"URL": "http://dev"}
     assert profile_values(profiles, None) == {}
     with pytest.raises(EnvironmentProblem, match=r"'qa' is not defined \(defined: dev, prod\)"):

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from jetreduce.planner.pipeline import PipelineError, compile_sort, validate_sort
+from jetreduce.lang.pipeline import PipelineError, compile_sort, validate_sort
 
 
 def ids(items: list[dict[str, Any]]) -> list[Any]:

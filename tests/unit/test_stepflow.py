@@ -9,17 +9,12 @@ from typing import Any
 
 import pytest
 
-from jetreduce.contract.workflow import parse_workflow
-from jetreduce.contract.workflow.model import Step
-from jetreduce.worker.interpolate import Variables
-from jetreduce.worker.stepflow import (
-    StepsResult,
-    WhenError,
-    evaluate_when,
-    parse_on_failure,
-    run_steps,
-    step_from_plain,
-)
+from jetreduce.contract.workflow import WorkflowInvalid
+from jetreduce.contract.workflow.model import OnFailure, Step
+from jetreduce.lang import parse_workflow
+from jetreduce.lang.interpolate import Variables
+from jetreduce.lang.when import WhenError, evaluate_when
+from jetreduce.worker.stepflow import StepsResult, run_steps
 from jetreduce.worker.steps import StepOutcome, base_env, run_step
 
 pytestmark = pytest.mark.anyio
@@ -132,9 +127,10 @@ async def test_when_sees_previous_captures(tmp_path: Path) -> None:
     assert result.ok and log(tmp_path) == ["big"]
 
 
-async def test_bad_when_fails_the_step(tmp_path: Path) -> None:
-    result, _ = await run(tmp_path, '- shell: "true"\n  when: "${a} =="')
-    assert result.failed_step == 1 and "when" in result.failed.error  # type: ignore[union-attr]
+def test_a_bad_when_never_reaches_a_step() -> None:
+    """Refused by the parser (at validate and submit), not failed at run time."""
+    with pytest.raises(WorkflowInvalid, match="invalid when expression"):
+        steps_of('- shell: "true"\n  when: "${a} =="')
 
 
 # --- captures --------------------------------------------------------------------------------
@@ -355,16 +351,27 @@ async def test_max_attempts_without_handler(tmp_path: Path) -> None:
     assert result.reason == "failed 3 times"
 
 
+def on_failure_of(value: str) -> OnFailure | None:
+    return steps_of(f"- shell: x\n  on_failure: {value}")[0].on_failure
+
+
 def test_on_failure_shapes() -> None:
-    assert parse_on_failure("/fix it").handlers[0].claude == "/fix it"
-    assert parse_on_failure("make fix").handlers[0].shell == "make fix"
-    policy = parse_on_failure({"claude": "/fix", "max_attempts": 3, "fail_workflow": False})
-    assert policy.max_attempts == 3 and not policy.fail_workflow
-    assert parse_on_failure({"shell": "x", "max_retries": "2"}).max_attempts == 2
-    with pytest.raises(ValueError):
-        parse_on_failure(42)
-    with pytest.raises(ValueError):
-        step_from_plain({"shell": "a", "claude": "/b"})
+    assert on_failure_of("'/fix it'") == OnFailure(
+        handlers=[Step(claude="/fix it")], continue_on_error=[False]
+    )
+    assert on_failure_of("make fix") == OnFailure(
+        handlers=[Step(shell="make fix")], continue_on_error=[False]
+    )
+    assert on_failure_of("true") == OnFailure(ignore=True)
+    assert on_failure_of("false") is None
+    policy = on_failure_of("{claude: /fix, max_attempts: 3, fail_workflow: false}")
+    assert policy is not None and policy.max_attempts == 3 and not policy.fail_workflow
+    policy = on_failure_of("{shell: x, max_retries: '2'}")
+    assert policy is not None and policy.max_attempts == 2
+    with pytest.raises(WorkflowInvalid, match="on_failure"):
+        on_failure_of("42")
+    with pytest.raises(WorkflowInvalid, match="expected exactly one of shell"):
+        on_failure_of("{shell: a, claude: /b}")
 
 
 async def test_timeout_counts_as_failure_and_is_handled(tmp_path: Path) -> None:
@@ -451,3 +458,23 @@ async def test_handler_step_with_write_file(tmp_path: Path) -> None:
 """,
     )
     assert result.ok and (tmp_path / "report.txt").read_text() == "failed: 1"
+
+
+async def test_commands_timeout_caps_each_handler(tmp_path: Path) -> None:
+    """``on_failure: {commands, timeout}`` used to crash the agent (dataclasses.replace on a
+    msgspec Struct); found by tests/fuzz/test_fuzz_language.py."""
+    started = time.monotonic()
+    result, _ = await run(
+        tmp_path,
+        "- shell: 'exit 1'\n"
+        "  on_failure:\n"
+        "    commands:\n"
+        "      - shell: 'sleep 5'\n"
+        "      - shell: 'echo second >> log'\n"
+        "    timeout: 0.3\n",
+    )
+    assert time.monotonic() - started < 3
+    assert result.failed_step == 1 and result.reason == "on_failure handler failed"
+    handler = [r for r in result.records if r.role == "on_failure"]
+    assert handler[0].outcome.timed_out and handler[0].step.timeout_s == 0.3
+    assert log(tmp_path) == []  # the first handler failed: the second did not run

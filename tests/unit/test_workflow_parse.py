@@ -12,14 +12,17 @@ import msgspec
 import pytest
 
 from jetreduce.contract.workflow import (
-    ParseResult,
+    CircuitBreakerConfig,
+    OnFailure,
     Problem,
     RetryConfig,
+    Secret,
+    Step,
     Workflow,
     WorkflowInvalid,
     parse_duration,
-    parse_workflow,
 )
+from jetreduce.lang import ParseResult, parse_workflow
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "prodigy-examples"
 
@@ -27,6 +30,11 @@ EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "prodigy-examples"
 INVALID_EXAMPLES = {
     "mapreduce-json-input.yml": (30, "mapping values are not allowed here"),
     "mapreduce-env-example.yml": (23, "env.API_TOKEN"),
+}
+# Further problems of those files, beyond the first: (line, fragment).
+MORE_PROBLEMS = {
+    # A list of step mappings is not one of on_failure's shapes (Prodigy refuses it too).
+    "mapreduce-env-example.yml": [(67, "on_failure list entries must be command strings")],
 }
 
 MINIMAL = """\
@@ -377,8 +385,8 @@ def test_unknown_duration_unit_is_named() -> None:
 
 
 def test_recursive_alias_in_kept_values_is_reported() -> None:
-    problem = step_problem("    - shell: s\n      on_failure: &loop {claude: /x, next: *loop}\n")
-    assert problem.path == "map.agent_template[1].on_failure.next"
+    problem = step_problem("    - shell: s\n      validate: &loop {claude: /x, next: *loop}\n")
+    assert problem.path == "map.agent_template[1].validate.next"
     assert problem.message == "recursive YAML alias"
 
 
@@ -622,12 +630,12 @@ def test_step_modifiers_and_extras() -> None:
     assert first.capture_output is True
     assert (first.capture, first.capture_format, first.working_dir) == ("result", "json", "sub")
     assert first.env == {"LEVEL": "3"}
-    assert first.extra == {
-        "commit_required": True,
-        "when": "${item.ok}",
-        "on_failure": {"claude": "/fix", "max_attempts": 3, "fail_workflow": False},
-        "validate": {"shell": "check", "threshold": 90},
-    }
+    assert first.commit_required is True
+    assert first.when == "${item.ok}"
+    assert first.on_failure == OnFailure(
+        handlers=[Step(claude="/fix")], continue_on_error=[False], max_attempts=3
+    )
+    assert first.extra == {"validate": {"shell": "check", "threshold": 90}}
     assert second.capture_output == "my_var"
     assert second.capture_format == "string"
 
@@ -724,10 +732,8 @@ def test_error_policy_and_aliases() -> None:
     assert policy.continue_on_failure is False  # alias overrides error_policy
     assert policy.max_failures == 7
     assert policy.failure_threshold == 0.2
-    assert policy.extra == {
-        "error_collection": "batched:10",
-        "circuit_breaker": {"failure_threshold": 5, "timeout": "30s"},
-    }
+    assert policy.extra == {"error_collection": "batched:10"}
+    assert policy.circuit_breaker == CircuitBreakerConfig(failure_threshold=5, timeout_s=30.0)
     assert policy.retry == RetryConfig(
         max_attempts=4, initial_delay_s=2.0, multiplier=3.0, backoff="exponential"
     )
@@ -804,10 +810,14 @@ def test_prodigy_top_level_extras_are_kept() -> None:
         map: {input: x, agent_template: []}
         """
     )
+    assert wf.secrets == {
+        "TOKEN": Secret(provider="env", key="GH_TOKEN"),
+        "KEY": Secret(provider="file", key="/run/key"),
+    }
+    assert wf.env_files == [".env"]
+    assert wf.profiles == {"dev": {"DEBUG": "true"}}
     assert wf.extra == {
-        "secrets": {"TOKEN": "${env:GH_TOKEN}", "KEY": {"provider": "file", "key": "/run/key"}},
-        "env_files": [".env"],
-        "profiles": {"dev": {"description": "Dev", "DEBUG": "true"}},
+        "profiles": {"dev": {"description": "Dev", "DEBUG": "true"}},  # for cli/app.py
         "merge": {"commands": [{"shell": "git merge"}], "timeout": 900},
     }
 
@@ -918,14 +928,18 @@ def test_prodigy_example(path: Path) -> None:
         line, fragment = INVALID_EXAMPLES[path.name]
         with pytest.raises(WorkflowInvalid) as caught:
             parse_workflow(text, source=path.name)
-        problem = caught.value.problems[0]
-        assert len(caught.value.problems) == 1
+        problem, *more = caught.value.problems
         assert problem.line == line
         assert fragment in f"{problem.path} {problem.message}"
+        expected = MORE_PROBLEMS.get(path.name, [])
+        assert [p.line for p in more] == [n for n, _ in expected]
+        for p, (_, text) in zip(more, expected, strict=True):
+            assert text in p.message
     else:
         result = parse_workflow(text, source=path.name)
         assert result.workflow.mode == "mapreduce"
-        assert result.warnings == []
+        expected = ["merge"] if "\nmerge:" in text else []
+        assert [w.path for w in result.warnings] == expected
 
 
 def test_invalid_example_list_matches_the_files() -> None:
@@ -942,8 +956,9 @@ def test_debtmap_example_details() -> None:
     assert wf.map.max_items == 10
     plan, implement, test, _lint = wf.map.agent_template
     assert plan.capture_output is True and "validate" in plan.extra
-    assert implement.extra["commit_required"] is True
-    assert test.extra["on_failure"]["max_attempts"] == 5
+    assert implement.commit_required is True
+    assert test.on_failure is not None and test.on_failure.max_attempts == 5
+    assert test.on_failure.fail_workflow and test.on_failure.handlers[0].claude is not None
     assert wf.reduce is not None
     write = wf.reduce.steps[4].write_file
     assert write is not None and write.format == "json" and write.create_dirs
@@ -955,6 +970,18 @@ def test_syntax_drift_example_details() -> None:
     assert wf.error_policy.max_failures == 2
     assert wf.error_policy.extra == {"error_collection": "aggregate"}
     assert len(wf.extra["merge"]) == 5
+
+
+def test_merge_is_warned_about_with_the_reason_at_its_key() -> None:
+    """``merge:`` has nothing to act on here (no session worktree): validate says so instead
+    of ignoring it silently (issue 16)."""
+    text = (EXAMPLES / "workflow-syntax-drift.yml").read_text()
+    (warning,) = parse_workflow(text, source="drift.yml").warnings
+    line = text.splitlines().index("merge:") + 1
+    assert (warning.path, warning.line, warning.column) == ("merge", line, 1)
+    assert "`merge:` is checked but not run" in warning.message
+    assert "no session worktree" in warning.message
+    assert warning.render("drift.yml").startswith(f"drift.yml:{line}:1: warning: merge: ")
 
 
 def test_command_input_example_takes_timeout_config() -> None:

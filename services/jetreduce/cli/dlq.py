@@ -15,7 +15,7 @@ from jetreduce.cli.options import Nats
 from jetreduce.cli.session import Body, run_connected
 from jetreduce.contract import events as ev
 from jetreduce.contract.subjects import Subjects
-from jetreduce.planner.pipeline import PipelineError, compile_filter
+from jetreduce.lang.pipeline import PipelineError, compile_filter
 
 __all__ = ["build"]
 

@@ -3,7 +3,7 @@
 An item's output lives in three places, each written once by the agent that ran it: every
 failed attempt is an ``item.failed`` event (exit code, error, stderr tail), the terminal
 result is ``item.done`` (its output) or ``item.dead``, and a dead item's full step log is an
-object ``logs/<wf>/<index>`` in the object store (``worker/agent.py`` ``_store_log``). This
+object ``logs/<wf>/<index>`` in the object store (``worker/recording.py`` ``_store_log``). This
 reads them back in that order. Nothing here is a live tail: agents publish on completion.
 """
 

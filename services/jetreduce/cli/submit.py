@@ -27,7 +27,8 @@ from jetreduce.contract.events import (
     encode,
 )
 from jetreduce.contract.subjects import Subjects
-from jetreduce.contract.workflow import ParseResult, WorkflowInvalid, parse_workflow
+from jetreduce.contract.workflow import WorkflowInvalid
+from jetreduce.lang import ParseResult, parse_workflow
 from jetreduce.runtime.telemetry import messaging, span, trace_headers
 
 __all__ = [

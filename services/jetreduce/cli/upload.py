@@ -21,24 +21,28 @@ from nats.js.errors import NotFoundError
 from jetreduce.cli.submit import SubmitRejected, submit
 from jetreduce.contract.events import SubmitOptions, SubmitReply, input_upload_object
 from jetreduce.contract.subjects import Subjects
+from jetreduce.contract.workflow import Workflow
+from jetreduce.lang.map_input import input_file as map_input_file
 from jetreduce.runtime.state import StateStore
+from jetreduce.worker.secrets import EnvironmentProblem, positional_args, resolve_environment
 
 __all__ = ["delete_upload", "input_file", "submit_with_upload", "upload_input"]
 
 
-def input_file(workflow: Any, workdir: Path, args: list[str]) -> Path | None:
+def input_file(
+    workflow: Workflow, workdir: Path, args: list[str], profile: str | None = None
+) -> Path | None:
     """The file ``map.input`` names, if it is one here and now (else it is a command, or a
-    file setup will write: nothing to upload)."""
-    from jetreduce.worker.interpolate import Variables, render_text
-    from jetreduce.worker.secrets import positional_args
-
-    _, arg_vars = positional_args(args)
+    file setup will write: nothing to upload). Rendered with the variables the setup agent
+    uses (`lang.map_input`), short of the secrets, which only the agent reads."""
     try:
-        name = render_text(workflow.map.input, Variables({**workflow.env, **arg_vars}))
-        path = workdir / name
-        return path if path.is_file() else None
-    except (ValueError, OSError):  # not a path at all (a long command line, a NUL…)
-        return None
+        scope = resolve_environment(
+            workflow, args=args, profile=profile, base_dir=workdir, with_secrets=False
+        ).variables
+    except EnvironmentProblem:  # the agent will say what is wrong; upload what is known
+        _, scope = positional_args(args)
+        scope = {**workflow.env, **scope}
+    return map_input_file(workflow.map.input, scope, workdir)
 
 
 async def upload_input(

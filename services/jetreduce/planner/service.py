@@ -41,8 +41,9 @@ from jetreduce.contract.events import (
 )
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import PRIORITY_LANES, InvalidToken, check_token
-from jetreduce.contract.workflow import WorkflowInvalid, parse_workflow, workflow_text
-from jetreduce.planner.pipeline import InputItems, ItemPipeline, PipelineError
+from jetreduce.contract.workflow import WorkflowInvalid
+from jetreduce.lang import parse_workflow, workflow_text
+from jetreduce.lang.pipeline import InputItems, ItemPipeline, PipelineError
 from jetreduce.queues.base import ItemQueue
 from jetreduce.queues.factory import open_queue, validate_queue_url
 from jetreduce.runtime.publish import publish_once

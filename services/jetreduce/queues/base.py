@@ -10,6 +10,10 @@ Guarantees each implementation gives:
 * ``heartbeat`` extends a lease; ``retry`` makes the item visible again after ``delay_s``
   (never at once: no hot loops); ``dead`` removes it for good; ``ack`` removes it after success.
 * ``Lease.attempt`` counts deliveries, starting at 1.
+
+A delivery past ``max_attempts + UNVERDICTED_DELIVERIES`` is never run: JetStream's consumer
+stops delivering there (``max_deliver``, the janitor dead-letters on the advisory), and on the
+other backends the agent dead-letters it when it leases it (``worker/outcome.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,19 @@ from typing import Any, Protocol
 
 from jetreduce.contract.events import WorkItem
 
-__all__ = ["EnqueueResult", "ItemQueue", "Lease", "LeaseLost", "QueueDepth", "QueueError"]
+__all__ = [
+    "UNVERDICTED_DELIVERIES",
+    "EnqueueResult",
+    "ItemQueue",
+    "Lease",
+    "LeaseLost",
+    "QueueDepth",
+    "QueueError",
+]
+
+UNVERDICTED_DELIVERIES = 3
+"""Deliveries of an item beyond its ``max_attempts`` that may end without a verdict: an agent
+that died on it, or handed it back on SIGTERM. Retries count as deliveries on every backend."""
 
 
 class QueueError(Exception):

@@ -17,7 +17,13 @@ from nats.js.errors import NotFoundError
 
 from jetreduce.contract.events import BadEvent, WorkItem, decode_as, encode
 from jetreduce.contract.subjects import Subjects
-from jetreduce.queues.base import EnqueueResult, Lease, QueueDepth, QueueError
+from jetreduce.queues.base import (
+    UNVERDICTED_DELIVERIES,
+    EnqueueResult,
+    Lease,
+    QueueDepth,
+    QueueError,
+)
 from jetreduce.runtime.publish import AckPipeline
 from jetreduce.runtime.service import ServiceContext
 
@@ -48,7 +54,7 @@ class JetStreamQueue:
             ack_wait=visibility_s,
             # Retries are nak(delay)s and count as deliveries; a few more cover agents that
             # crash mid-item. Past this the server gives up and the janitor dead-letters it.
-            max_deliver=max_attempts + 3,
+            max_deliver=max_attempts + UNVERDICTED_DELIVERIES,
             max_ack_pending=max(1000, parallel * 4),
             max_waiting=4096,
         )

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from jetreduce.contract.workflow import parse_duration
+from jetreduce.contract.workflow import CircuitBreakerConfig
 
 __all__ = ["CircuitBreaker"]
 
@@ -32,19 +32,15 @@ class CircuitBreaker:
     clock: Any = field(default=time.monotonic, repr=False)
 
     @classmethod
-    def from_config(cls, raw: Any) -> CircuitBreaker | None:
-        if not isinstance(raw, dict):
+    def from_config(cls, config: CircuitBreakerConfig | None) -> CircuitBreaker | None:
+        """The breaker of ``error_policy.circuit_breaker`` (None: the workflow has none)."""
+        if config is None:
             return None
-        timeout = raw.get("timeout", 30.0)
-        if isinstance(timeout, dict):
-            timeout = float(timeout.get("secs", 0)) + float(timeout.get("nanos", 0)) / 1e9
-        elif isinstance(timeout, str):
-            timeout = parse_duration(timeout)
         return cls(
-            failure_threshold=int(raw.get("failure_threshold", 5)),
-            success_threshold=int(raw.get("success_threshold", 3)),
-            timeout_s=float(timeout),
-            half_open_requests=int(raw.get("half_open_requests", 3)),
+            failure_threshold=config.failure_threshold,
+            success_threshold=config.success_threshold,
+            timeout_s=config.timeout_s,
+            half_open_requests=config.half_open_requests,
         )
 
     def allowance(self, wanted: int) -> int:

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from jetreduce.contract.workflow.model import Workflow
-from jetreduce.worker.interpolate import Variables, render_text
+from jetreduce.contract.workflow.model import Secret, Workflow
+from jetreduce.lang.interpolate import Variables, render_text
 
 __all__ = [
     "MASK",
@@ -45,9 +45,7 @@ MIN_SECRET_LENGTH: Final = 4
 """Shorter values are not masked: replacing every ``a`` or ``12`` in all output would make it
 unreadable while protecting nothing."""
 
-_ENV_REF: Final = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _IDENT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SUPPORTED_PROVIDERS: Final = ("env", "file")
 
 
 class EnvironmentProblem(ValueError):
@@ -181,66 +179,35 @@ def _env_lookup(name: str, secret: str, environ: Mapping[str, str]) -> str:
 
 
 def resolve_secrets(
-    spec: Mapping[str, Any] | None, *, environ: Mapping[str, str], base_dir: str | Path
+    spec: Mapping[str, Secret], *, environ: Mapping[str, str], base_dir: str | Path
 ) -> dict[str, str]:
-    """Values of the workflow's ``secrets:``.
-
-    A string is ``"${env:NAME}"`` (or ``"${NAME}"``, or Prodigy's plain ``NAME``): the agent's
-    environment variable. A mapping is ``{provider: env|file, key}``: an environment variable,
-    or a file (relative to the workflow directory) whose content, without its final newline,
-    is the value. ``vault``, ``aws`` and ``custom`` providers are refused by name.
-    """
+    """Values of the workflow's ``secrets:`` (the parser checked their forms): ``env``, the
+    agent's environment variable ``key``; ``file``, the content of file ``key`` (relative to
+    the workflow directory) without its final newline."""
     values: dict[str, str] = {}
-    for name, entry in (spec or {}).items():
-        if isinstance(entry, str):
-            text = entry.strip()
-            m = _ENV_REF.fullmatch(text)
-            if m is not None:
-                values[name] = _env_lookup(m.group(1) or m.group(2), name, environ)
-            elif text.startswith("$") and _IDENT.fullmatch(text[1:]):
-                values[name] = _env_lookup(text[1:], name, environ)
-            elif _IDENT.fullmatch(text):
-                values[name] = _env_lookup(text, name, environ)
-            else:
-                raise EnvironmentProblem(
-                    f'secret {name}: expected "${{env:NAME}}" or {{provider, key}}; '
-                    "secret values must not be written in the workflow file"
-                )
+    for name, secret in spec.items():
+        if secret.provider == "env":
+            values[name] = _env_lookup(secret.key, name, environ)
             continue
-        if not isinstance(entry, Mapping):
-            raise EnvironmentProblem(f"secret {name}: expected a string or {{provider, key}}")
-        provider = str(entry.get("provider", "env"))
-        key = str(entry.get("key", ""))
-        if provider not in _SUPPORTED_PROVIDERS:
+        path = Path(base_dir, os.path.expanduser(secret.key))
+        try:
+            values[name] = path.read_text().removesuffix("\n")
+        except OSError as exc:
             raise EnvironmentProblem(
-                f"secret {name}: provider {provider!r} not supported "
-                f"(supported: {', '.join(_SUPPORTED_PROVIDERS)})"
-            )
-        if not key:
-            raise EnvironmentProblem(f"secret {name}: missing key")
-        if provider == "env":
-            values[name] = _env_lookup(key, name, environ)
-        else:
-            path = Path(base_dir, os.path.expanduser(key))
-            try:
-                values[name] = path.read_text().removesuffix("\n")
-            except OSError as exc:
-                raise EnvironmentProblem(
-                    f"secret {name}: cannot read file {key}: {exc.strerror or exc}"
-                ) from None
+                f"secret {name}: cannot read file {secret.key}: {exc.strerror or exc}"
+            ) from None
     return values
 
 
-def profile_values(profiles: Mapping[str, Any] | None, name: str | None) -> dict[str, str]:
-    """The variables of profile ``name`` (its ``description`` is not a variable)."""
+def profile_values(profiles: Mapping[str, Mapping[str, str]], name: str | None) -> dict[str, str]:
+    """The variables of profile ``name`` (the parser left its ``description`` out)."""
     if name is None:
         return {}
-    defined = profiles or {}
-    chosen = defined.get(name)
-    if not isinstance(chosen, Mapping):
-        names = ", ".join(sorted(defined)) or "none"
+    chosen = profiles.get(name)
+    if chosen is None:
+        names = ", ".join(sorted(profiles)) or "none"
         raise EnvironmentProblem(f"profile {name!r} is not defined (defined: {names})")
-    return {str(k): str(v) for k, v in chosen.items() if k != "description" and v is not None}
+    return dict(chosen)
 
 
 def positional_args(args: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -269,16 +236,19 @@ def resolve_environment(
     profile: str | None = None,
     environ: Mapping[str, str] | None = None,
     base_dir: str | Path = ".",
+    with_secrets: bool = True,
 ) -> WorkflowEnvironment:
     """Everything a step's environment and variables get from the workflow file and the
     submission (see the module docstring for the layering). Raises
-    :class:`EnvironmentProblem`; a missing env file is a warning, as in Prodigy."""
+    :class:`EnvironmentProblem`; a missing env file is a warning, as in Prodigy.
+
+    ``with_secrets=False`` leaves the secrets out: what a client (a dry run, an upload) can
+    know of the agent's variables without the agent's own environment and mounts."""
     environ = os.environ if environ is None else environ
-    extra = workflow.extra
     arg_env, arg_vars = positional_args(args)
     file_values: dict[str, str] = {}
     warnings: list[str] = []
-    for entry in extra.get("env_files") or []:
+    for entry in workflow.env_files:
         path = Path(base_dir, os.path.expanduser(str(entry)))
         try:
             text = path.read_text()
@@ -292,13 +262,14 @@ def resolve_environment(
     env = dict(file_values)
     env.update({k: render_text(v, scope) for k, v in workflow.env.items()})
     env.update(
-        {
-            k: render_text(v, scope)
-            for k, v in profile_values(extra.get("profiles"), profile).items()
-        }
+        {k: render_text(v, scope) for k, v in profile_values(workflow.profiles, profile).items()}
     )
     env.update(arg_env)
-    secrets = resolve_secrets(extra.get("secrets"), environ=environ, base_dir=base_dir)
+    secrets = (
+        resolve_secrets(workflow.secrets, environ=environ, base_dir=base_dir)
+        if with_secrets
+        else {}
+    )
     variables: dict[str, Any] = {**env, **arg_vars, **secrets}
     return WorkflowEnvironment(
         env={**env, **secrets},

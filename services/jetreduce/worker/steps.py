@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from jetreduce.contract.workflow.model import Step
-from jetreduce.worker.interpolate import Variables, render_shell, render_text
+from jetreduce.lang.interpolate import Variables, render_shell, render_text
 
 __all__ = ["BASE_ENV_KEYS", "StepOutcome", "base_env", "run_step"]
 
@@ -42,6 +42,9 @@ class StepOutcome:
     duration_s: float
     timed_out: bool = False
     error: str = ""
+    kind: str = ""
+    """Why it failed when not by its exit code alone (``worker/outcome.py``'s kinds:
+    ``CommitValidationFailed``, ``MergeConflict``, ``WorktreeError``); empty otherwise."""
 
     @property
     def ok(self) -> bool:

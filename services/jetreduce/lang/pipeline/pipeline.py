@@ -13,15 +13,15 @@ from typing import Any
 
 import msgspec
 
-from jetreduce.planner.pipeline.filter import compile_filter
-from jetreduce.planner.pipeline.jsonpath import (
+from jetreduce.lang.pipeline.filter import compile_filter
+from jetreduce.lang.pipeline.jsonpath import (
     MISSING,
     PipelineError,
     compile_json_path,
     lookup,
     parse_field_path,
 )
-from jetreduce.planner.pipeline.sort import compile_sort
+from jetreduce.lang.pipeline.sort import compile_sort
 
 __all__ = ["ItemPipeline", "run_pipeline"]
 

@@ -9,17 +9,17 @@ Stages, in Prodigy's order: ``json_path`` → ``filter`` → ``sort_by`` → ``d
 ``offset`` → ``max_items``. Every error is a :class:`PipelineError` (a ``ValueError``).
 """
 
-from jetreduce.planner.pipeline.filter import compile_filter, validate_filter
-from jetreduce.planner.pipeline.input_parse import parse_input_document, parse_input_output
-from jetreduce.planner.pipeline.jsonpath import (
+from jetreduce.lang.pipeline.filter import compile_filter, validate_filter
+from jetreduce.lang.pipeline.input_parse import parse_input_document, parse_input_output
+from jetreduce.lang.pipeline.jsonpath import (
     PipelineError,
     compile_json_path,
     select,
     validate_json_path,
 )
-from jetreduce.planner.pipeline.pipeline import ItemPipeline, run_pipeline
-from jetreduce.planner.pipeline.sort import compile_sort, validate_sort
-from jetreduce.planner.pipeline.source import InputItems, is_line_stream
+from jetreduce.lang.pipeline.pipeline import ItemPipeline, run_pipeline
+from jetreduce.lang.pipeline.sort import compile_sort, validate_sort
+from jetreduce.lang.pipeline.source import InputItems, is_line_stream
 
 __all__ = [
     "InputItems",

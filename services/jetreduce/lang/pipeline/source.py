@@ -17,8 +17,8 @@ from typing import Any
 
 import msgspec
 
-from jetreduce.planner.pipeline.input_parse import line_item, parse_input_document
-from jetreduce.planner.pipeline.pipeline import ItemPipeline
+from jetreduce.lang.pipeline.input_parse import line_item, parse_input_document
+from jetreduce.lang.pipeline.pipeline import ItemPipeline
 
 __all__ = ["InputItems", "is_line_stream"]
 

@@ -197,7 +197,7 @@ def _parse_bracket(path: str, pos: int) -> tuple[_Step, int]:
     if path.startswith("[?(", pos):
         # Imported here: the filter language uses this module's field paths, so a top-level
         # import would be circular. It only runs when a path has a predicate.
-        from jetreduce.planner.pipeline.filter import compile_filter
+        from jetreduce.lang.pipeline.filter import compile_filter
 
         end = _find_predicate_end(path, pos + 3)
         if not path.startswith("]", end + 1):

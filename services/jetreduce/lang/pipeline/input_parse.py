@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from jetreduce.planner.pipeline.jsonpath import PipelineError
+from jetreduce.lang.pipeline.jsonpath import PipelineError
 
 __all__ = ["line_item", "parse_input_document", "parse_input_output"]
 

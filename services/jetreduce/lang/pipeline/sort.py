@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from jetreduce.planner.pipeline.jsonpath import MISSING, PipelineError, lookup, parse_field_path
+from jetreduce.lang.pipeline.jsonpath import MISSING, PipelineError, lookup, parse_field_path
 
 __all__ = ["SortKey", "compile_sort", "parse_sort", "validate_sort"]
 

@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from jetreduce.planner.pipeline.jsonpath import MISSING, PipelineError, lookup, parse_field_path
+from jetreduce.lang.pipeline.jsonpath import MISSING, PipelineError, lookup, parse_field_path
 
 __all__ = ["FUNCTIONS", "compile_filter", "json_equal", "validate_filter"]
 

@@ -1,0 +1,186 @@
+"""Recording what an item's attempt came to (`worker/outcome.py`'s `Done`, `Retry`, `Dead`):
+the events, the object-store logs and outputs, the DLQ entry and the queue's ack, retry or
+dead. The decision is made before, apart from these calls."""
+
+from __future__ import annotations
+
+import logging
+
+from jetreduce.contract.events import (
+    DURATION_HEADER,
+    ItemDead,
+    ItemDone,
+    ItemFailed,
+    MapFailed,
+    encode,
+    output_object,
+)
+from jetreduce.queues.base import Lease
+from jetreduce.queues.resilient import ResilientQueue
+from jetreduce.runtime.publish import AckMux, publish_once, publish_retrying
+from jetreduce.worker.context import AgentBase
+from jetreduce.worker.outcome import (
+    EVENT_TEXT_LIMIT,
+    Dead,
+    Done,
+    Outcome,
+    Retry,
+    clip,
+    error_tail,
+)
+from jetreduce.worker.record import record_result
+from jetreduce.worker.stepflow import StepsResult
+from jetreduce.worker.steps import StepOutcome
+
+__all__ = ["ItemRecorder"]
+
+log = logging.getLogger(__name__)
+
+
+class ItemRecorder(AgentBase):
+    """Recording an attempt's `Outcome`: ``item.done`` (create-only) and the ack; or
+    ``item.failed`` and a delayed retry; or ``item.failed``, the failure log, ``map.failed``
+    when the workflow must fail, ``item.dead``, the DLQ entry and the queue's dead."""
+
+    queue: ResilientQueue
+    acks: AckMux
+    on_failure: str
+
+    async def _record(
+        self, lease: Lease, outcome: Outcome, result: StepsResult, duration: float
+    ) -> None:
+        if isinstance(outcome, Done):
+            await self._record_done(lease, result, duration)
+            return
+        index = lease.item.index
+        failed = result.failed
+        assert failed is not None  # decide() gives Done for a result without a failure
+        reason = outcome.reason if isinstance(outcome, Dead) else ""
+        error = reason or self._describe(self.spec.workflow.map.agent_template, result)
+        tail = error_tail(failed)
+        delay = outcome.delay_s if isinstance(outcome, Retry) else None
+        await publish_retrying(
+            self.ctx.js,
+            self.s.item_failed(self.wf, index),
+            encode(
+                ItemFailed(
+                    workflow_id=self.wf,
+                    index=index,
+                    item_id=f"item_{index}",
+                    attempt=lease.attempt,
+                    error=error,
+                    exit_code=failed.exit_code,
+                    stderr_tail=tail,
+                    retry_in_s=delay,
+                )
+            ),
+        )
+        if delay is not None:
+            log.info("attempt %d failed, retry in %.1fs: %s", lease.attempt, delay, error)
+            await self.queue.retry(lease, delay)
+            return
+        assert isinstance(outcome, Dead)
+        log_object = await self._store_log(
+            index, lease.attempt, [r.outcome for r in result.records] or result.outcomes, failed
+        )
+        if outcome.fail_workflow:
+            # Before the item is recorded dead: once every item is terminal the aggregator
+            # completes the map unless it finds this, so it must never come second (or be
+            # lost with an agent that dies between the two).
+            failed_map = MapFailed(
+                workflow_id=self.wf, index=index, item_id=f"item_{index}", error=error
+            )
+            await publish_retrying(self.ctx.js, self.s.map("failed", self.wf), encode(failed_map))
+        dead = ItemDead(
+            workflow_id=self.wf,
+            index=index,
+            item_id=f"item_{index}",
+            error=error,
+            error_type=outcome.kind,
+            log_object=log_object,
+            exit_code=failed.exit_code,
+            stderr_tail=tail,
+            attempts=lease.attempt,
+            duration_s=duration,
+            agent=self.name,
+        )
+        await self._bury(lease, dead, {DURATION_HEADER: f"{duration:.6f}"})
+
+    async def _record_done(self, lease: Lease, result: StepsResult, duration: float) -> None:
+        index = lease.item.index
+        outcomes = result.outcomes
+        output = "\n".join(o.stdout.rstrip("\n") for o in outcomes if o.stdout)
+        done = ItemDone(
+            workflow_id=self.wf,
+            index=index,
+            item_id=f"item_{index}",
+            output=clip(output),
+            exit_code=outcomes[-1].exit_code if outcomes else 0,
+            duration_s=duration,
+            attempts=lease.attempt,
+            agent=self.name,
+            output_stored=len(output.encode()) > EVENT_TEXT_LIMIT,
+        )
+        won = await record_result(
+            self.acks, self.ctx.js, self.s, done, {DURATION_HEADER: f"{duration:.6f}"}
+        )
+        if won and done.output_stored:
+            # Written only by the attempt whose result is recorded (a redelivered twin
+            # must not overwrite it); reduce falls back to the tail if this fails.
+            await self._store_big_output(index, output)
+        await self.queue.ack(lease)
+
+    async def _record_crashed(self, lease: Lease, outcome: Dead) -> None:
+        """A delivery `before_run` refused: the verdict the janitor gives on JetStream (no
+        agent named: it is about the item, so a late twin's result never replaces it)."""
+        index = lease.item.index
+        dead = ItemDead(
+            workflow_id=self.wf,
+            index=index,
+            item_id=f"item_{index}",
+            error=outcome.reason,
+            error_type=outcome.kind,
+            exit_code=None,
+            stderr_tail="",
+            attempts=lease.attempt - 1,
+        )
+        await self._bury(lease, dead, {})
+
+    async def _bury(self, lease: Lease, dead: ItemDead, headers: dict[str, str]) -> None:
+        """Record ``dead`` (create-only), add its DLQ entry (unless the policy is ``skip``)
+        and take the item off the queue."""
+        work = lease.item
+        stored = await record_result(self.acks, self.ctx.js, self.s, dead, headers)
+        if stored and self.on_failure != "skip":
+            # A stored item stays in the store (the DLQ retry finds it there), not in the entry.
+            dead.item = None if work.item_stored else work.item
+            await publish_once(self.ctx.js, self.s.dlq(self.wf, work.index), encode(dead))
+        await self.queue.dead(lease, dead.error)
+        log.warning("dead after %d attempt(s): %s", dead.attempts, dead.error)
+
+    async def _store_big_output(self, index: int, output: str) -> None:
+        """Keep an output too large for its event whole in the object store (the event
+        carries its tail). A failure to store keeps just the tail."""
+        try:
+            store = await self.ctx.js.object_store(self.s.objects_bucket)
+            await store.put(output_object(self.wf, index), output.encode())
+        except Exception as exc:
+            log.warning("output of item %d kept as its tail only: %s", index, exc)
+
+    async def _store_log(
+        self, index: int, attempt: int, outcomes: list[StepOutcome], failed: StepOutcome
+    ) -> str | None:
+        """Keep the failed attempt's output (bounded tails) for `jetreduce dlq show`."""
+        name = f"logs/{self.wf}/{index}"
+        parts = []
+        for number, o in enumerate(outcomes, 1):
+            parts.append(f"--- step {number}: exit {o.exit_code}{' (timed out)' * o.timed_out}")
+            parts.append(f"stdout:\n{o.stdout}\nstderr:\n{o.stderr}")
+        body = f"attempt {attempt}\n" + "\n".join(parts)
+        try:
+            store = await self.ctx.js.object_store(self.s.objects_bucket)
+            await store.put(name, body.encode())
+        except Exception:
+            log.warning("agent: could not store the log of item %d", index)
+            return None
+        return name
