@@ -252,7 +252,7 @@ def test_huge_strings(path: tuple[Any, ...], size: int, unit: str) -> None:
     check(dump(replaced(path, unit * (size // len(unit))), as_json=False))
 
 
-@settings(FUZZ, max_examples=20)
+@settings(FUZZ, max_examples=20, deadline=None)  # 5,000 levels: seconds on a loaded machine
 @given(
     st.integers(min_value=1, max_value=5000),
     st.sampled_from(["flow", "block", "json", "json-list"]),

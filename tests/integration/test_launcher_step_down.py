@@ -14,7 +14,7 @@ import pytest
 
 from jetreduce.contract import events as ev
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
-from jetreduce.contract.workflow import parse_workflow
+from jetreduce.lang import parse_workflow
 from jetreduce.launcher.local import LocalBackend
 from jetreduce.launcher.service import Launcher
 from jetreduce.runtime.connection import connect

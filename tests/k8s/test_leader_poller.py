@@ -25,7 +25,7 @@ from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
-from jetreduce.contract.workflow.parse import parse_workflow
+from jetreduce.lang import parse_workflow
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.kubernetes import KubernetesBackend, job_name
 from jetreduce.launcher.service import Launcher
