@@ -61,6 +61,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -509,6 +510,8 @@ class ProcessKubelet:
             "message": message,
             "type": "Warning",
             "count": 1,
+            "firstTimestamp": _now_iso(),
+            "lastTimestamp": _now_iso(),
             "source": {"component": "job-controller" if kind == "Job" else "kubelet"},
         }
         await self._api(self.core.create_namespaced_event, self.namespace, body)
@@ -673,6 +676,10 @@ class ProcessKubelet:
             for a in r.attempts.values()
             if a.proc is not None and a.proc.returncode is None
         )
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class _ConfigError(Exception):

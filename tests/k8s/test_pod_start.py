@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,9 @@ from jetreduce.cli.submit import submit
 from jetreduce.cli.watch import Watcher
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import JobStatus, PodFailed, SubmitOptions
+from jetreduce.launcher.k8s_manifests import COMPLETION_INDEX_ANNOTATION
 from jetreduce.launcher.k8s_settings import KubernetesSettings
+from jetreduce.launcher.k8s_status import STALE_EVENT_S, start_problems
 from jetreduce.launcher.kubernetes import KubernetesBackend, job_name
 from jetreduce.runtime.settings import NatsSettings
 from support import wait_for
@@ -243,3 +247,43 @@ async def test_a_workflow_whose_agents_cannot_start_fails_with_the_missing_objec
     assert took < 15, took
     assert {e.reason for e in failed} == {"CreateContainerConfigError"}
     assert kubelet.errors == []
+
+
+# -- stale Warning Events ---------------------------------------------------------------------
+def _event(kind: str, name: str, reason: str, ago_s: float, now: float) -> dict[str, Any]:
+    stamp = datetime.fromtimestamp(now - ago_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "involvedObject": {"kind": kind, "name": name},
+        "reason": reason,
+        "message": f'{reason}: secret "gone" not found',
+        "lastTimestamp": stamp,
+    }
+
+
+@pytest.mark.parametrize(
+    ("ago_s", "counted"), [(10.0, True), (STALE_EVENT_S["FailedMount"] + 60, False)]
+)
+def test_a_failed_mount_counts_only_while_it_repeats(ago_s: float, counted: bool) -> None:
+    """Events outlive their cause by about an hour: a pod still pending (pulling its image)
+    after the missing Secret was created must not be given up for an old FailedMount."""
+    now = time.time()
+    pods = {
+        "items": [
+            {
+                "metadata": {"name": "p-0", "annotations": {COMPLETION_INDEX_ANNOTATION: "0"}},
+                "status": {"phase": "Pending"},
+            }
+        ]
+    }
+    events = {"items": [_event("Pod", "p-0", "FailedMount", ago_s, now)]}
+    problems = start_problems("job", pods, events, now=now)
+    assert [p.reason for p in problems] == (["FailedMount"] if counted else [])
+
+
+def test_an_old_failed_create_is_history() -> None:
+    now = time.time()
+    old = _event("Job", "job", "FailedCreate", STALE_EVENT_S["FailedCreate"] + 60, now)
+    fresh = _event("Job", "job", "FailedCreate", 5, now)
+    assert start_problems("job", {"items": []}, {"items": [old]}, now=now) == []
+    (problem,) = start_problems("job", {"items": []}, {"items": [old, fresh]}, now=now)
+    assert problem.hard and problem.index == -1

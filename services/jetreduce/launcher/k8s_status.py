@@ -3,8 +3,10 @@ codes, completion indexes; and what the poller remembers of each Job between pol
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from jetreduce.contract.events import JobStatus
@@ -161,15 +163,48 @@ class StartProblem:
         return f"{self.pod}/{self.reason}"
 
 
+STALE_EVENT_S = {"FailedMount": 150.0, "FailedCreate": 420.0}
+"""A Warning Event last seen longer ago than this is history, not a present problem. While
+it lasts the problem repeats it (the Event's count and last time are updated): the kubelet
+retries a mount with a backoff capped near 2 minutes, the Job controller a pod creation
+near 6. Events outlive their cause by about an hour: a Secret created since must not keep
+failing a pod that is still pending for another reason."""
+
+
+def _event_time(event: Mapping[str, Any]) -> float | None:
+    """When an Event was last seen (epoch seconds), from whichever field the API filled."""
+    series = event.get("series") or {}
+    meta = event.get("metadata") or {}
+    for value in (
+        series.get("lastObservedTime"),
+        event.get("lastTimestamp"),
+        event.get("eventTime"),
+        meta.get("creationTimestamp"),
+    ):
+        if isinstance(value, str) and value:
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
+
+
+def _stale(event: Mapping[str, Any], reason: str, now: float) -> bool:
+    seen = _event_time(event)
+    return seen is not None and now - seen > STALE_EVENT_S.get(reason, float("inf"))
+
+
 def start_problems(
-    job: str, pods: Mapping[str, Any], events: Mapping[str, Any]
+    job: str, pods: Mapping[str, Any], events: Mapping[str, Any], now: float | None = None
 ) -> list[StartProblem]:
     """What keeps ``job``'s pods from starting, from its pods' status and the Warning Events
     of the Job and its pending pods: ``FailedCreate`` on the Job (no pod could be created: a
     missing ServiceAccount, Pod Security or quota rejection; hard when the Job has no pod at
     all), ``Unschedulable``, a container waiting for a reason in
     :data:`START_WAITING_REASONS`, ``FailedMount`` on a pending pod (a missing Secret or
-    ConfigMap volume)."""
+    ConfigMap volume). Events older than :data:`STALE_EVENT_S` (by ``now``, epoch seconds)
+    are left out."""
+    now = time.time() if now is None else now
     found: list[StartProblem] = []
     pending: dict[str, int] = {}
     items = pods.get("items", [])
@@ -204,6 +239,8 @@ def start_problems(
         elif kind == "Pod" and name in pending and reason == "FailedMount":
             problem = StartProblem(name, pending[name], reason, message, True)
         else:
+            continue
+        if _stale(event, reason, now):
             continue
         if (problem.pod, reason) not in seen:  # the newest message of each is enough
             seen.add((problem.pod, reason))
