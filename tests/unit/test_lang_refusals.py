@@ -134,7 +134,7 @@ STEP = "map.agent_template[0]"
         ("on_exit_code: [1]", f"{STEP}.on_exit_code", (6, 21), "a mapping of exit codes"),
         ('when: "${a} =="', f"{STEP}.when", (6, 13), "invalid when expression"),
         ('when: "(${a}"', f"{STEP}.when", (6, 13), "invalid when expression: missing ')'"),
-        ("when: \"${a} === 1\"", f"{STEP}.when", (6, 13), "invalid when expression"),
+        ('when: "${a} === 1"', f"{STEP}.when", (6, 13), "invalid when expression"),
         ("commit_required: sometimes", f"{STEP}.commit_required", (6, 24), "true or false"),
         ("capture_streams: {stderr: loud}", f"{STEP}.capture_streams.stderr", (6, 33), "true"),
     ],
@@ -204,3 +204,33 @@ def test_a_when_too_deep_to_evaluate_is_refused_at_its_position(expression: str)
     assert problem.path == f"{STEP}.when"
     assert "invalid when expression: nested more than 200 levels deep" in problem.message
     assert (problem.line, problem.column) == (6, 13)
+
+
+@pytest.mark.parametrize(
+    ("top", "path", "position", "fragment"),
+    [
+        ('secrets:\n  T: "hunter2 !"', "secrets.T", (2, 6), "must not be written"),
+        ("secrets:\n  T: {provider: vault, key: x}", "secrets.T.provider", (2, 17), "vault"),
+        ("env_files: [a, '']", "env_files[1]", (1, 16), "empty"),
+        ("profiles:\n  dev: {X: {y: 1}}", "profiles.dev.X", (2, 9), "expected a string"),
+        (
+            "error_policy:\n  circuit_breaker: {timeout: soon}",
+            "error_policy.circuit_breaker.timeout",
+            (2, 30),
+            "expected a number of seconds",
+        ),
+        (
+            "error_policy:\n  retry_config: {backoff: {quadratic: {}}}",
+            "error_policy.retry_config.backoff",
+            (2, 27),
+            "exponential, fixed, linear, fibonacci",
+        ),
+    ],
+)
+def test_a_bad_top_level_construct_is_refused_at_its_position(
+    top: str, path: str, position: tuple[int, int], fragment: str
+) -> None:
+    problem = refused(top + "\n" + HEAD + "  agent_template: []\n")
+    assert problem.path == path
+    assert fragment in problem.message
+    assert (problem.line, problem.column) == position

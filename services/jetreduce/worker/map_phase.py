@@ -60,6 +60,9 @@ class MapRunner(ItemRecorder):
     inflight: dict[asyncio.Task[None], Lease]
     retry: RetryConfig
     max_attempts: int
+    queued_attempts: int
+    """The attempts the planner prepared the queue for (JetStream's ``max_deliver`` counts
+    from it): `before_run`'s limit, the same on every backend whatever the policy."""
     breaker: CircuitBreaker | None
     heartbeat_every: float
 
@@ -77,6 +80,7 @@ class MapRunner(ItemRecorder):
         policy = self.spec.workflow.error_policy
         self.retry: RetryConfig = policy.retry
         self.max_attempts = self.spec.options.max_attempts or self.retry.max_attempts
+        self.queued_attempts = self.max_attempts
         self.inflight: dict[asyncio.Task[None], Lease] = {}
         self.on_failure = policy.on_item_failure
         if self.on_failure == "skip":
@@ -242,7 +246,7 @@ class MapRunner(ItemRecorder):
     async def _attempt(self, lease: Lease) -> str:
         """Count the delivery, run the item once, decide and record what it came to:
         ``done``, ``retry`` or ``dead``."""
-        crashed = before_run(lease.attempt, self.max_attempts)
+        crashed = before_run(lease.attempt, self.queued_attempts)
         if crashed is not None:  # its agents kept dying on it: never run it again
             await self._record_crashed(lease, crashed)
             return "dead"
