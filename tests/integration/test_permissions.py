@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats
 import pytest
 from nats.errors import TimeoutError as NatsTimeout
@@ -28,9 +29,10 @@ from jetreduce.contract.topology import declare
 from jetreduce.embedded import EmbeddedServer, role_settings
 from jetreduce.queues.jetstream import JetStreamQueue
 from jetreduce.runtime.permissions import ROLES
-from jetreduce.runtime.publish import is_stored
+from jetreduce.runtime.publish import AckMux, is_stored
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
+from jetreduce.worker.record import record_result
 
 pytestmark = pytest.mark.anyio
 
@@ -362,3 +364,36 @@ async def test_no_client_or_agent_may_change_or_delete_a_services_consumer(
     async with as_role(server, "services") as (nc, _):
         info = await nc.jetstream().consumer_info(s.events_stream, "launcher")
         assert info.config.filter_subject == filter_subject
+
+
+async def test_an_agent_that_may_not_delete_a_false_result_lets_it_stand(
+    server: EmbeddedServer, prefix: str
+) -> None:
+    """worker/record.py removes a result no lease can have written; as ``agents`` it may not
+    (the server refuses without an answer): the attempt ends with the stored result standing
+    instead of failing, and it is not retried until the item's deliveries run out."""
+    s = Subjects(prefix)
+    async with as_role(server, "services") as (nc, _):
+        await declare(nc.jetstream(), s)
+    forged = ev.ItemDone(
+        workflow_id=WF,
+        index=0,
+        item_id="item_0",
+        output="forged",
+        exit_code=0,
+        duration_s=0,
+        attempts=0,
+        agent="",
+    )
+    mine = msgspec.structs.replace(forged, output="real", attempts=1, agent="h/1/map-0")
+    async with as_role(server, "agents") as (nc, errors):
+        js = nc.jetstream()
+        assert await stored_by(nc, errors, s.item_done(WF, 0), ev.encode(forged))
+        acks = await AckMux(nc).start()
+        try:
+            assert not await record_result(acks, js, s, mine, {})
+        finally:
+            await acks.close()
+        stored = ev.decode((await js.get_last_msg(s.results_stream, s.item_done(WF, 0))).data)
+        assert isinstance(stored, ev.ItemDone) and stored.output == "forged"
+        assert any("permissions violation" in e.lower() for e in errors), errors

@@ -12,19 +12,22 @@ this very agent (a retried publish, or another of its slots), or the janitor's
 ``AgentCrashed`` verdict. Anything else (no agent, no attempt, another agent claiming this
 very delivery) is removed, and the agent's own result is stored in its place.
 
-This bounds what a forger can do without the per-role permissions that keep others from
-publishing results at all: a result stored before the item's first delivery finishes is
-replaced unless it names another delivery; one that does stands (which delivery numbers
-happened is known only to the server).
+Under per-role users (runtime/permissions.py) only agents and services may publish results,
+and agents may not delete them: a refused delete leaves the stored result standing (the
+forger was another agent). Without them, this bounds what a forger can do: a result stored
+before the item's first delivery finishes is replaced unless it names another delivery; one
+that does stands (which delivery numbers happened is known only to the server).
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from jetreduce.contract.events import BadEvent, ItemDead, ItemDone, decode, encode
 from jetreduce.contract.subjects import Subjects
@@ -35,6 +38,8 @@ __all__ = ["record_result"]
 log = logging.getLogger(__name__)
 
 _TRIES = 3
+DELETE_TIMEOUT_S = 2.0
+"""A refused delete gets no answer: how long to wait for one before the result stands."""
 
 
 async def record_result(
@@ -72,10 +77,23 @@ async def _remove_false(js: JetStreamContext, s: Subjects, mine: ItemDone | Item
             stored = None
         if isinstance(stored, ItemDone | ItemDead) and _possible(stored, mine):
             return False
-        log.error("item %d: a result no lease of it can have written was stored; replaced", index)
         if raw.seq is not None:
-            with contextlib.suppress(NotFoundError):
-                await js.delete_msg(s.results_stream, raw.seq)
+            try:
+                await asyncio.wait_for(js.delete_msg(s.results_stream, raw.seq), DELETE_TIMEOUT_S)
+            except NotFoundError:
+                pass  # removed meanwhile
+            except (TimeoutError, NatsTimeoutError, NoRespondersError, APIError) as exc:
+                # Under per-role users agents may not delete results (runtime/permissions):
+                # the server refuses without an answer, and the stored one stands. Only
+                # another agent could have written it there.
+                log.error(
+                    "item %d: a result no lease of it can have written was stored, and it "
+                    "cannot be removed (%s): it stands",
+                    index,
+                    type(exc).__name__,
+                )
+                return False
+        log.error("item %d: a result no lease of it can have written was stored; replaced", index)
         return True
     return True  # nothing stored (removed meanwhile): try again
 
