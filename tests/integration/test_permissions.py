@@ -113,9 +113,15 @@ async def test_each_role_may_publish_only_its_own(server: EmbeddedServer, prefix
         assert not await stored_by(nc, errors, f"$KV.{s.workflows_bucket}.{WF}", b"{}")
         assert await stored_by(nc, errors, s.item_done(WF, 0), done)
         assert await stored_by(nc, errors, f"$KV.{s.claims_bucket}.reduce.{WF}", b"{}")
+        assert await stored_by(nc, errors, f"$KV.{s.claims_bucket}.setup.{WF}", b"{}")
+        # The launcher's lease: an agent holding it would stall every launcher.
+        lease = f"$KV.{s.claims_bucket}.{s.claim_key('leader', 'launcher')}"
+        assert not await stored_by(nc, errors, lease, b"{}")
 
     async with as_role(server, "services") as (nc, errors):
         assert await stored_by(nc, errors, s.map("complete", WF), complete)
+        lease = f"$KV.{s.claims_bucket}.{s.claim_key('leader', 'launcher')}"
+        assert await stored_by(nc, errors, lease, b"{}")
         js = nc.jetstream()
         assert await is_stored(js, s.events_stream, s.map("complete", WF))
         assert not await is_stored(js, s.events_stream, s.workflow("cancel", "other"))

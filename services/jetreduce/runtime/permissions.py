@@ -3,8 +3,8 @@
 * **services** (planner, launcher, aggregator, janitor): everything; they own the lifecycle.
 * **agents**: their items' results and failed attempts, DLQ entries, ``map.failed``, the
   events of the one-agent phases they run (setup, reduce), their own status reports
-  (``agent.queue``, ``agent.circuit``, lease telemetry), the claims bucket and the object
-  store; on the work stream pulls from a workflow's consumer and acks only; reads of what
+  (``agent.queue``, ``agent.circuit``, lease telemetry), the setup and reduce claims (not
+  the launcher's lease) and the object store; on the work stream pulls from a workflow's consumer and acks only; reads of what
   they use. Not ``workflow.*`` (no cancel, no completion), not ``map.complete`` (the
   aggregator's), not the launcher's ``agent.*`` events, not the workflow records or specs,
   no deletion of a result, no consumer or purge on the work stream.
@@ -68,11 +68,6 @@ _FLOW = ("$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.FC.>")
 control replies of push consumers."""
 
 
-def _kv(bucket: str) -> list[str]:
-    """Reading and writing a KV bucket's keys."""
-    return [f"$KV.{bucket}.>", *_read(f"KV_{bucket}")]
-
-
 def _objects(bucket: str) -> list[str]:
     """Reading and writing objects; a delete purges the object's chunks."""
     return [f"$O.{bucket}.>", *_read(f"OBJ_{bucket}"), f"$JS.API.STREAM.PURGE.OBJ_{bucket}"]
@@ -93,6 +88,10 @@ def _streams(s: Subjects) -> list[str]:
         f"KV_{s.claims_bucket}",
         f"OBJ_{s.objects_bucket}",
     ]
+
+
+AGENT_CLAIMS = ("setup", "reduce")
+"""The phases whose claims agents take (one agent at a time: worker/claimed.py)."""
 
 
 def publish_allowed(s: Subjects, role: str) -> list[str]:
@@ -126,7 +125,10 @@ def publish_allowed(s: Subjects, role: str) -> list[str]:
             *_read(s.results_stream),  # the reduce's spool, a stored result (worker/record)
             *_read(f"KV_{s.workflows_bucket}"),
             *_read(f"KV_{s.specs_bucket}"),
-            *_kv(s.claims_bucket),
+            # the setup and reduce claims (worker/claimed.py), not the launcher's lease
+            # (launcher/service.py): an agent holding that would stall every launcher
+            *(f"$KV.{s.claims_bucket}.{phase}.*" for phase in AGENT_CLAIMS),
+            *_read(f"KV_{s.claims_bucket}"),
             *_objects(s.objects_bucket),
         ]
     if role == "clients":
