@@ -426,6 +426,41 @@ reduce:
     assert not (tmp_path / "data").exists()  # no server was even started
 
 
+def test_dry_run_counts_the_input_the_run_would_read(tmp_path: Path) -> None:
+    """``map.input`` rendered with the profile and an env file, as the setup agent renders it
+    (lang/map_input.py): the dry run counts that file, not another (issue 16)."""
+    (tmp_path / "items-dev.json").write_text(json.dumps(list(range(5))))
+    (tmp_path / "items-prod.json").write_text(json.dumps(list(range(9))))
+    (tmp_path / "vars.env").write_text("STAGE=prod\n")
+    wf = tmp_path / "wf.yml"
+    wf.write_text("""
+name: profiled
+mode: mapreduce
+env_files: [vars.env]
+profiles:
+  dev: {STAGE: dev}
+map:
+  input: "items-${STAGE}.json"
+  agent_template:
+    - shell: "true"
+""")
+
+    def count(*extra: str) -> str:
+        out = subprocess.run(
+            [*JETREDUCE, "run", str(wf), "--dry-run", *extra],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env_without_jetreduce(),
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert "9 items" in count()  # the env file's STAGE
+    assert "5 items" in count("--profile", "dev")  # the profile's wins
+
+
 def test_sigterm_exits_143(tmp_path: Path) -> None:
     started = tmp_path / "started"
     wf = tmp_path / "slow.yml"

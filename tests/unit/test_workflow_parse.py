@@ -817,7 +817,6 @@ def test_prodigy_top_level_extras_are_kept() -> None:
     assert wf.env_files == [".env"]
     assert wf.profiles == {"dev": {"DEBUG": "true"}}
     assert wf.extra == {
-        "profiles": {"dev": {"description": "Dev", "DEBUG": "true"}},  # for cli/app.py
         "merge": {"commands": [{"shell": "git merge"}], "timeout": 900},
     }
 

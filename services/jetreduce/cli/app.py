@@ -304,7 +304,7 @@ def _check_profile(workflow: Any, profile: str | None) -> None:
     """Refuse an unknown ``--profile`` before anything is submitted (agents would fail)."""
     if profile is None:
         return
-    profiles = workflow.extra.get("profiles") or {}
+    profiles = workflow.profiles
     if profile not in profiles:
         names = ", ".join(sorted(profiles)) or "none"
         raise _fail(f"profile {profile!r} is not defined (defined: {names})", exit_codes.USAGE)
@@ -317,10 +317,12 @@ def _dry_run(
     max_parallel: int | None,
     args: list[str],
     workspace: str,
+    profile: str | None,
 ) -> int:
     """Print what a run would do. Runs no step; only the map input is resolved (the file
     read, or the input command run in the workflow directory) to count the items."""
-    from jetreduce.planner.pipeline import PipelineError, parse_input_document, run_pipeline
+    from jetreduce.lang.pipeline import PipelineError, parse_input_document, run_pipeline
+    from jetreduce.worker.secrets import EnvironmentProblem
 
     m = workflow.map
     setup_steps = len(workflow.setup.steps) if workflow.setup else 0
@@ -334,7 +336,7 @@ def _dry_run(
     wanted = max_parallel or m.max_parallel
     items: list[Any] | None = None
     try:
-        data, is_command = _dry_run_input(workflow, workdir, args)
+        data, is_command = _dry_run_input(workflow, workdir, args, profile)
         if data is not None:
             doc = parse_input_document(data, lenient_lines=is_command)
             items = run_pipeline(
@@ -346,7 +348,13 @@ def _dry_run(
                 offset=m.offset,
                 max_items=m.max_items,
             )
-    except (PipelineError, OSError, subprocess.SubprocessError, ValueError) as exc:
+    except (
+        PipelineError,
+        EnvironmentProblem,
+        OSError,
+        subprocess.SubprocessError,
+        ValueError,
+    ) as exc:
         typer.echo(f"  items:  unknown ({exc})")
     if items is None:
         typer.echo(f"  parallelism: up to {wanted}")
@@ -362,30 +370,34 @@ def _dry_run(
     return exit_codes.OK
 
 
-def _dry_run_input(workflow: Any, workdir: Path, args: list[str]) -> tuple[bytes | None, bool]:
+def _dry_run_input(
+    workflow: Any, workdir: Path, args: list[str], profile: str | None
+) -> tuple[bytes | None, bool]:
     """The map input's bytes: the file, or the input command's stdout. None (with a note
-    printed) when setup has to create it first."""
-    from jetreduce.worker.interpolate import Variables, render_shell, render_text
-    from jetreduce.worker.secrets import positional_args
+    printed) when setup has to create it first. Resolved as the setup agent resolves it
+    (`lang.map_input`, with the agent's variables short of the secrets), so the dry run
+    counts what the run will see."""
+    from jetreduce.lang.map_input import INPUT_COMMAND_TIMEOUT_S, input_command, input_file
+    from jetreduce.worker.secrets import resolve_environment
 
-    arg_env, arg_vars = positional_args(args)
-    scope = Variables({**workflow.env, **arg_vars})
+    resolved = resolve_environment(
+        workflow, args=args, profile=profile, base_dir=workdir, with_secrets=False
+    )
     source = workflow.map.input
-    path = workdir / render_text(source, scope)
-    if path.is_file():
+    path = input_file(source, resolved.variables, workdir)
+    if path is not None:
         return path.read_bytes(), False
     if workflow.setup and workflow.setup.steps:
         typer.echo("  items:  counted after setup runs (setup may create the input)")
         return None, False
-    cmd = render_shell(source, scope)
-    env = {**os.environ, **workflow.env, **arg_env, **cmd.env}
+    cmd = input_command(source, resolved.variables)
     out = subprocess.run(
-        ["sh", "-c", cmd.script],
+        cmd.argv,
         cwd=workdir,
-        env=env,
+        env={**os.environ, **resolved.env, **cmd.env},
         stdin=subprocess.DEVNULL,
         capture_output=True,
-        timeout=DRY_RUN_INPUT_TIMEOUT_S,
+        timeout=min(DRY_RUN_INPUT_TIMEOUT_S, INPUT_COMMAND_TIMEOUT_S),
         check=False,
     )
     if out.returncode != 0:
@@ -467,6 +479,7 @@ def run(
             max_parallel,
             args or [],
             _workspace(workspace, worktrees),
+            profile,
         )
         raise typer.Exit(plan)
     _check_queue(queue)

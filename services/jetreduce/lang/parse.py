@@ -248,7 +248,7 @@ class _WorkflowParser(StepParser, PolicyParser, EnvironmentParser):
         reduce = self.reduce(reduce_node) if reduce_node is not None else None
         error_policy = self.error_policy(fields)
         environment = self.environment(fields)
-        extra = {**environment.pop("extra", {}), **self.top_extra(fields)}
+        extra = self.top_extra(fields)
         self.warn_unknown(fields, _TOP_KEYS)
 
         if name is None or map_phase is None or error_policy is None:
@@ -291,8 +291,6 @@ class _WorkflowParser(StepParser, PolicyParser, EnvironmentParser):
             node = fields.take_present(key)
             if node is not None:
                 values[key] = read(node, key)
-                if key == "profiles":  # as written, for cli/app.py's --profile check
-                    values["extra"] = {"profiles": self.r.plain(node, key)}
         return values
 
     def top_extra(self, fields: Fields) -> dict[str, Any]:

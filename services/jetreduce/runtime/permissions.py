@@ -4,10 +4,11 @@
 * **agents**: their items' results and failed attempts, DLQ entries, ``map.failed``, the
   events of the one-agent phases they run (setup, reduce), their own status reports
   (``agent.queue``, ``agent.circuit``, lease telemetry), the setup and reduce claims (not
-  the launcher's lease) and the object store; on the work stream pulls from a workflow's consumer and acks only; reads of what
-  they use. Not ``workflow.*`` (no cancel, no completion), not ``map.complete`` (the
-  aggregator's), not the launcher's ``agent.*`` events, not the workflow records or specs,
-  no deletion of a result, no consumer or purge on the work stream.
+  the launcher's lease) and the object store; on the work stream pulls from a workflow's
+  consumer and acks only; reads of what they use. Not ``workflow.*`` (no cancel, no
+  completion), not ``map.complete`` (the aggregator's), not the launcher's ``agent.*``
+  events, not the workflow records or specs, no deletion of a result, no consumer or purge
+  on the work stream.
 * **clients** (the CLI, a ``nats`` user): submit, cancel and retry requests, object uploads,
   ``dlq purge``, and reads (stream info, single messages, ordered consumers). Not results,
   not phase or agent events, not KV writes, no consumer on the work stream: there any pull

@@ -232,5 +232,4 @@ class Workflow(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     profiles: dict[str, dict[str, str]] = msgspec.field(default_factory=dict)
     """Profile name → its variables (its ``description`` left out)."""
     extra: dict[str, Any] = msgspec.field(default_factory=dict)
-    """Top-level Prodigy keys kept verbatim but not run (``merge``), and ``profiles`` again
-    as written, for callers that have not moved to `profiles` yet (cli/app.py)."""
+    """Top-level Prodigy keys kept verbatim but not run (``merge``)."""
