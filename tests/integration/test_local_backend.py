@@ -7,6 +7,8 @@ the supervision of real child processes, not the worker."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -110,3 +112,26 @@ async def test_a_crash_by_its_own_signal_uses_the_crash_budget(tmp_path: Path) -
     finally:
         await b.stop_all(grace_s=5)
     assert exits == [(0, -signal.SIGSEGV, True, 1), (0, -signal.SIGSEGV, False, 0)]
+
+
+async def test_a_stop_cancelled_midway_leaves_its_agents_to_stop_all(tmp_path: Path) -> None:
+    """The launcher's term can end while one of its handlers is inside ``stop(wf)``, which
+    is then cancelled: the agents it had taken out of the running set must still be
+    stopped by ``stop_all`` (fresh clone run 7: a supervising task and its agent outlived
+    the services)."""
+    exits: list[Exit] = []
+    # An agent that ignores SIGTERM: stop(wf) waits its whole grace for it.
+    b = backend(("sh", "-c", "trap '' TERM; sleep 60"), exits, max_restarts=1)
+    assert await b.launch("wf", "map", [1], spec(tmp_path)) == 1
+    pid = await wait_for(lambda: agent_pid(b), timeout_s=10)
+    (run,) = b._agents[("wf", "map")]
+    stopping = asyncio.create_task(b.stop("wf", grace_s=30))
+    await wait_for(lambda: run.stopping, timeout_s=5)
+    stopping.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await stopping
+    assert run.task is not None and not run.task.done()
+    await b.stop_all(grace_s=0.5)
+    assert run.task.done()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

@@ -81,7 +81,7 @@ class AgentSpec:
     workdir: str
 
 
-@dataclass
+@dataclass(eq=False)  # by identity: held in a set while stopping
 class _Running:
     spec: AgentSpec
     proc: asyncio.subprocess.Process | None = None
@@ -118,6 +118,9 @@ class LocalBackend:
         """Unused: a new leader's local agents are its own."""
         self.command = command
         self._agents: dict[tuple[str, str], list[_Running]] = {}
+        self._stopping: set[_Running] = set()
+        """Runs taken out of ``_agents`` by a :meth:`stop` still under way: one cancelled
+        midway (its caller's term ended) leaves them here for :meth:`stop_all`."""
 
     def plan(self, parallel: int) -> list[int]:
         """Slots per process: ``parallel`` slots spread over at most ``max_processes``."""
@@ -198,6 +201,8 @@ class LocalBackend:
         while True:
             started = time.monotonic()
             run.proc = await self._spawn(run)
+            if run.stopping:  # stopped while it was being started: it must not outlive that
+                _signal_group(run.proc, signal.SIGTERM)
             try:
                 code = await run.proc.wait()
             finally:
@@ -252,11 +257,16 @@ class LocalBackend:
     async def stop(self, wf: str, phase: str | None = None, grace_s: float = 10.0) -> None:
         keys = [k for k in self._agents if k[0] == wf and (phase is None or k[1] == phase)]
         runs = [r for k in keys for r in self._agents.pop(k)]
-        await self._terminate(runs, grace_s)
+        self._stopping.update(runs)
+        try:
+            await self._terminate(runs, grace_s)
+        finally:
+            self._stopping.difference_update(r for r in runs if r.task is None or r.task.done())
 
     async def stop_all(self, grace_s: float = 10.0) -> None:
-        runs = [r for rs in self._agents.values() for r in rs]
+        runs = [r for rs in self._agents.values() for r in rs] + list(self._stopping)
         self._agents.clear()
+        self._stopping.clear()
         await self._terminate(runs, grace_s)
 
     async def _terminate(self, runs: list[_Running], grace_s: float) -> None:
@@ -274,6 +284,8 @@ class LocalBackend:
             await asyncio.wait(pending, timeout=5)
             for task in pending:
                 task.cancel()
+            # Until each has ended: a task cancelled and left would outlive the stop.
+            await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _always() -> bool:
