@@ -125,9 +125,9 @@ class Claim:
         self._revision = 0
         self._attempt = 0
         self._valid_until = 0.0
-        self._safety_s = min(SAFETY_S, ttl_s / 4) if safety_s is None else safety_s
-        if not 0 <= self._safety_s < ttl_s / 2:
+        if safety_s is not None and not 0 <= safety_s < ttl_s / 2:
             raise ValueError(f"safety_s must be under half of ttl_s, got {safety_s}")
+        self._safety_s = min(SAFETY_S, ttl_s / 4) if safety_s is None else safety_s
         self._renewing = asyncio.Lock()
         """One renewal at a time: two sent with the same expected revision would have the
         second refused, and the holder would take itself for fenced."""
