@@ -252,17 +252,21 @@ async def test_abandoned_lease_comes_back_after_visibility(backend: Backend) -> 
 
 @pytest.mark.slow  # waits out leases: not in `make test-fast`
 async def test_heartbeat_extends_the_lease(backend: Backend) -> None:
-    queue = await backend.prepared()
+    # A longer lease than the others: heartbeats come every ~0.4 s plus two requests, and
+    # on a loaded machine moto's answers alone took more than a 2 s lease (fresh clone 8).
+    # Agents heartbeat at a third of the lease; this keeps at least that margin.
+    vis_s = 1.5 * VIS_S
+    queue = await backend.prepared(visibility_s=vis_s)
     await queue.enqueue(items(0))
     (held,) = await lease_all(queue, 1)
     other = backend.open()
-    end = time.monotonic() + 2.5 * VIS_S  # well past the lease without heartbeats
+    end = time.monotonic() + 2.5 * vis_s  # well past the lease without heartbeats
     while time.monotonic() < end:
         await queue.heartbeat(held)
-        got = await other.lease(10, wait_s=0.6)
+        got = await other.lease(10, wait_s=0.4)
         assert got == [], "redelivered although heartbeated"
     await queue.ack(held)
-    await nothing_for(other, VIS_S + 0.5)
+    await nothing_for(other, vis_s + 0.5)
 
 
 # -- retry, attempts, dead --------------------------------------------------------------------
