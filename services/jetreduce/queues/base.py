@@ -17,7 +17,8 @@ Guarantees each implementation gives:
 
 A delivery past ``max_attempts + UNVERDICTED_DELIVERIES`` is never run: JetStream's consumer
 stops delivering there (``max_deliver``; ``jetstream.ExhaustedItems`` reads the server's
-advisory back into the item, and the janitor dead-letters it), and on the other backends the agent dead-letters it when it leases it (``worker/outcome.py``).
+advisory back into the item, and the janitor dead-letters it), and on the other backends
+the agent dead-letters it when it leases it (``worker/outcome.py``).
 """
 
 from __future__ import annotations
