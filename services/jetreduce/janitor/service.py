@@ -27,8 +27,7 @@ from jetreduce.janitor.deadlines import Deadlines
 from jetreduce.janitor.k8s_sweep import ORPHAN_SWEEP_S, OrphanSweeper, WorkflowObjects
 from jetreduce.janitor.objects import ObjectIndex
 from jetreduce.queues.base import ItemQueue
-from jetreduce.queues.factory import open_queue
-from jetreduce.queues.jetstream import ExhaustedItems
+from jetreduce.queues.factory import exhausted_items, open_queue
 from jetreduce.runtime.publish import is_stored, publish_once
 from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
 from jetreduce.runtime.state import StateStore
@@ -67,8 +66,8 @@ class Janitor:
             filters=[self.s.workflow("cancel", "*"), *[self.s.workflow(e, "*") for e in _TERMINAL]],
             handler=self.on_event,
         )
-        # JetStream's max deliveries, read back into items behind the queue seam.
-        exhausted = ExhaustedItems(self.ctx, self.bury_crashed)
+        # Items a queue stopped delivering (JetStream's max deliveries), behind the seam.
+        exhausted = exhausted_items(self.ctx, self.bury_crashed)
         loops = [consumer.run(stop), exhausted.run(stop), self._timeouts(stop)]
         if self.sweeper is not None:
             loops.append(self.sweeper.run(stop))

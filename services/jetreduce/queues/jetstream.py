@@ -44,7 +44,7 @@ from jetreduce.queues.base import (
 from jetreduce.runtime.publish import AckPipeline
 from jetreduce.runtime.service import EventConsumer, ServiceContext
 
-__all__ = ["ExhaustedItems", "JetStreamQueue"]
+__all__ = ["Bury", "ExhaustedItems", "JetStreamQueue"]
 
 log = logging.getLogger(__name__)
 
