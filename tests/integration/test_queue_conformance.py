@@ -9,6 +9,7 @@ wait is bounded, and "must not come back" checks lease for a bounded time. moto 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import time
@@ -18,12 +19,14 @@ from typing import Any
 
 import nats
 import pytest
+from nats.errors import Error as NatsError
 
 from jetreduce.contract.events import WorkItem
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
-from jetreduce.queues.base import ItemQueue, Lease, QueueDepth, QueueError
+from jetreduce.queues.base import ItemQueue, Lease, LeaseLost, QueueDepth, QueueError
 from jetreduce.queues.factory import open_queue, validate_queue_url
+from jetreduce.queues.resilient import ResilientQueue
 from jetreduce.runtime.service import ServiceContext
 from support import wait_for
 
@@ -339,6 +342,31 @@ async def test_depth_counts_pending_and_in_flight(backend: Backend) -> None:
     await depth_is(queue, pending=3, in_flight=0)
 
 
+async def test_depth_counts_a_retried_item_until_it_is_finished(backend: Backend) -> None:
+    """The aggregator counts results exactly only when ``depth`` says the queue may be drained
+    (issue 16): an item waiting out a retry delay keeps it from looking idle on every backend.
+    Which part holds it differs (``QueueDepth``); the sum does not."""
+    queue = await backend.prepared()
+    await queue.enqueue(items(0, 1))
+    done, retried = await lease_all(queue, 2)
+    await queue.ack(done)
+    await queue.retry(retried, 30.0)
+
+    async def one_unfinished() -> bool:
+        return (await queue.depth()).unfinished == 1
+
+    await wait_for(one_unfinished, timeout_s=5.0, every_s=0.1)
+    depth = await queue.depth()
+    assert not depth.idle, depth
+    assert await queue.lease(1, wait_s=0.2) == []  # still waiting out its delay
+    assert (await queue.depth()).unfinished == 1
+
+
+async def test_depth_of_an_unprepared_queue_is_empty(backend: Backend) -> None:
+    depth = await backend.open().depth()
+    assert depth == QueueDepth(pending=0, in_flight=0) and depth.idle
+
+
 async def test_purge_drops_everything(backend: Backend) -> None:
     queue = await backend.prepared()
     await queue.enqueue(items(0, 1, 2, 3, 4))
@@ -388,6 +416,56 @@ async def test_redis_outage_raises_queue_error(nats_url: str, prefix: str, reque
         await queue.purge()
         await queue.close()
         await nc.drain()
+
+
+async def test_jetstream_failures_are_queue_errors(nats_url: str, prefix: str) -> None:
+    """Issue 16: the package promises callers see only QueueError, and ResilientQueue rides
+    out only those: a nats failure of the default backend (here its connection closed)
+    surfaces as QueueError with the nats error chained, a verdict on a lease already settled
+    as LeaseLost, and ResilientQueue reports the outage instead of letting it through."""
+    wf = f"wf-{secrets.token_hex(4)}"
+    subjects = Subjects(prefix)
+    nc = await nats.connect(nats_url)
+    ctx = ServiceContext(nc, nc.jetstream(), subjects)
+    await declare(ctx.js, subjects)
+    queue = open_queue(ctx, wf, "jetstream")
+    try:
+        await queue.prepare(visibility_s=VIS_S, max_attempts=5, parallel=1)
+        await queue.enqueue(items(0, 1))
+        first, second = await lease_all(queue, 2)
+        await queue.ack(first)
+        with pytest.raises(LeaseLost):
+            await queue.ack(first)
+        with pytest.raises(LeaseLost):
+            await queue.retry(first, 1.0)
+        await nc.close()
+        for call in (
+            queue.depth(),
+            queue.lease(1, wait_s=0.1),
+            queue.enqueue(items(2)),
+            queue.ack(second),
+            queue.purge(),
+        ):
+            with pytest.raises(QueueError) as err:
+                await call
+            assert isinstance(err.value.__cause__, NatsError), err.value.__cause__
+        changes: list[tuple[str, str]] = []
+
+        async def on_change(state: str, error: str) -> None:
+            changes.append((state, error))
+
+        stop = asyncio.Event()
+        stop.set()  # stopping: one try, then the error (no backoff to wait out)
+        resilient = ResilientQueue(queue, stop, on_change)
+        with pytest.raises(QueueError):
+            await resilient.ack(second)
+        assert [state for state, _ in changes] == ["unavailable"]
+        assert await resilient.lease(1, wait_s=0.1) == []
+    finally:
+        await queue.close()
+        again = await nats.connect(nats_url)
+        await open_queue(ServiceContext(again, again.jetstream(), subjects), wf).purge()
+        await again.drain()
 
 
 async def test_sqs_unprepared_queue_is_a_queue_error(

@@ -33,6 +33,8 @@ from jetreduce.contract.events import (
 )
 from jetreduce.contract.records import Phase, WorkflowRecord
 from jetreduce.contract.workflow.model import ErrorPolicy
+from jetreduce.queues.base import ItemQueue, QueueDepth, QueueError
+from jetreduce.queues.factory import open_queue
 from jetreduce.runtime.counts import count_items_in_range, count_subjects
 from jetreduce.runtime.publish import is_stored, publish_once, publish_retrying
 from jetreduce.runtime.service import EventConsumer, ServiceContext
@@ -51,7 +53,9 @@ __all__ = ["Aggregator"]
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25
-"""How often active workflows are counted (one cheap STREAM.INFO each)."""
+"""How often active workflows are counted: one ``depth()`` of the item queue (O(1) on every
+backend) and one distinct count of dead items each; the exact count of terminal items only
+when the depth says the queue may be drained, or on its own schedule (``EXACT_*``)."""
 PROGRESS_EVERY_S = 1.0
 THRESHOLD_MIN_ITEMS = 10
 EXACT_EVERY_MIN_S = 2.0
@@ -65,6 +69,8 @@ not count yet (as cheap as the janitor's timeout sweep, which reads them every s
 @dataclass
 class _Tracked:
     total: int
+    queue: ItemQueue
+    """The workflow's item queue, whichever backend carries it: only its ``depth`` is asked."""
     policy: ErrorPolicy | None = None
     started: float = field(default_factory=time.monotonic)
     history: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=40))
@@ -79,6 +85,8 @@ class _Tracked:
     are counted after the terminal ones). Progress shows this, never an estimate."""
     next_exact: float = 0.0
     next_record_check: float = 0.0
+    queue_down: bool = False
+    """The last ``depth`` failed (logged once per outage, not every tick)."""
 
 
 class Aggregator:
@@ -134,7 +142,7 @@ class Aggregator:
         for wf in [
             wf for wf, t in self.active.items() if wf not in mapping and t.started < read_at
         ]:
-            self.active.pop(wf, None)
+            await self._untrack(wf)
         for wf, total in mapping.items():
             if wf in self.active:
                 continue
@@ -165,7 +173,7 @@ class Aggregator:
         tracked.next_record_check = now + PROGRESS_EVERY_S
         record = await self.state.get(wf)
         if record is None or record.phase.terminal:
-            self.active.pop(wf, None)
+            await self._untrack(wf)
             return True
         return False
 
@@ -176,7 +184,18 @@ class Aggregator:
     async def track(self, wf: str, total: int) -> None:
         spec = await self.state.get_spec(wf)
         policy = spec.workflow.error_policy if spec is not None else None
-        self.active[wf] = _Tracked(total=total, policy=policy)
+        queue = open_queue(self.ctx, wf, spec.options.queue if spec is not None else None)
+        await self._untrack(wf)  # a reopened workflow: its old handle goes
+        self.active[wf] = _Tracked(total=total, queue=queue, policy=policy)
+
+    async def _untrack(self, wf: str) -> _Tracked | None:
+        """Stop counting ``wf`` and release its queue handle (a client connection on Redis
+        and SQS; never the items)."""
+        tracked = self.active.pop(wf, None)
+        if tracked is not None:
+            with contextlib.suppress(QueueError):
+                await tracked.queue.close()
+        return tracked
 
     async def check(self, wf: str) -> None:
         """One tick for one workflow. The queue's depth (O(1) to ask) estimates progress; the
@@ -186,10 +205,13 @@ class Aggregator:
         if tracked is None:
             return
         now = time.monotonic()
-        depth = await self._depth(wf)
+        depth = await self._depth(tracked)
         dead = await self.count(self.s.dead_of(wf))
-        estimate = None if depth is None else tracked.total - depth[0] - depth[1]
-        if estimate is None or estimate >= tracked.total or now >= tracked.next_exact:
+        estimate = None if depth is None else tracked.total - depth.unfinished
+        # The exact count (O(items)) only when the queue may be drained, or on its schedule
+        # (every ``EXACT_EVERY_MIN_S`` at least, ≤ 5 % load): never on every tick.
+        may_be_drained = depth is not None and depth.idle
+        if may_be_drained or now >= tracked.next_exact:
             started = time.monotonic()
             terminal = await self.count(self.s.terminal_of(wf))
             cost = time.monotonic() - started
@@ -201,7 +223,9 @@ class Aggregator:
         else:
             # The queue's depth says nothing true while items are still being enqueued (few
             # pending looks like many done): it only schedules the next exact count.
-            terminal = max(tracked.exact, min(estimate, tracked.total - 1))
+            terminal = tracked.exact
+            if estimate is not None:
+                terminal = max(terminal, min(estimate, tracked.total - 1))
         # What progress shows: exact counts only, each never less than before, so ``done``
         # never runs ahead of the results stored and never goes backwards.
         done = tracked.exact_done
@@ -214,7 +238,8 @@ class Aggregator:
         # Every item terminal, and none left queued or leased: a result stored for an item
         # that has not run (forged: worker/record.py replaces it when the item runs) must
         # not end the map before it does.
-        idle = depth is None or depth == (0, 0)
+        # Unknown (the queue's backend is down): not idle, so the map waits for it.
+        idle = depth is not None and depth.idle
         if terminal >= tracked.total and tracked.exact >= tracked.total and idle:
             # Counted once more, item by item: a result stored under an index the workflow
             # does not have (forged, >= total) must not stand in for one that is missing.
@@ -258,14 +283,18 @@ class Aggregator:
         ``item.dead``, so it is there whenever that item counts as terminal)."""
         return await is_stored(self.ctx.js, self.s.events_stream, self.s.map("failed", wf))
 
-    async def _depth(self, wf: str) -> tuple[int, int] | None:
-        """(pending, in flight) of the workflow's JetStream work consumer; None when there is
-        none (not created yet, or the items travel on Redis/SQS)."""
+    async def _depth(self, tracked: _Tracked) -> QueueDepth | None:
+        """The workflow's queue depth (``ItemQueue.depth``: one round trip on any backend);
+        None while its backend is unreachable (reported once per outage)."""
         try:
-            info = await self.ctx.js.consumer_info(self.s.work_stream, self.s.work_consumer(wf))
-        except NotFoundError:
+            depth = await tracked.queue.depth()
+        except QueueError as exc:
+            if not tracked.queue_down:
+                log.warning("workflow %s: queue depth unknown: %s", tracked.queue.workflow_id, exc)
+            tracked.queue_down = True
             return None
-        return info.num_pending or 0, info.num_ack_pending or 0
+        tracked.queue_down = False
+        return depth
 
     async def publish_progress(
         self,
@@ -274,7 +303,7 @@ class Aggregator:
         done: int,
         dead: int,
         phase: str,
-        depth: tuple[int, int] | None = None,
+        depth: QueueDepth | None = None,
     ) -> None:
         terminal = done + dead
         rate = 0.0
@@ -284,7 +313,7 @@ class Aggregator:
                 rate = max(0.0, (n1 - n0) / (t1 - t0))
         left = tracked.total - terminal
         eta = (left / rate) if rate > 0 else None
-        pending, in_flight = depth or (0, 0)
+        pending, in_flight = (depth.pending, depth.in_flight) if depth else (0, 0)
         progress = Progress(
             workflow_id=wf,
             phase=phase,
@@ -299,7 +328,7 @@ class Aggregator:
         await publish_retrying(self.ctx.js, self.s.progress(wf), encode(progress))
 
     async def complete_map(self, wf: str, total: int, done: int, dead: int) -> None:
-        tracked = self.active.pop(wf, None)
+        tracked = await self._untrack(wf)
         if tracked is not None:
             await self.publish_progress(wf, tracked, done, dead, "map complete")
         await self.state.update(wf, lambda r: _set_counts(r, done, dead))
@@ -377,7 +406,6 @@ class Aggregator:
         elif isinstance(event, WorkflowReopened):
             record = await self.state.get(wf)
             if record is not None and record.total is not None:
-                self.active.pop(wf, None)
                 await self.track(wf, record.total)
         elif isinstance(event, SetupFailed):
             await self.finish_failed(wf, f"setup failed: {event.error}")
@@ -446,7 +474,7 @@ class Aggregator:
         )
 
     async def finish_failed(self, wf: str, reason: str) -> None:
-        self.active.pop(wf, None)
+        await self._untrack(wf)
         if await self._ended_as(wf, Phase.FAILED, reason=reason) is None:
             return
         await publish_once(

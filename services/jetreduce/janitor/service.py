@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from typing import Any
 
 from nats.aio.msg import Msg
-from nats.js.errors import NotFoundError
 
 from jetreduce.contract.events import (
-    BadEvent,
     ItemDead,
     WorkflowCancelled,
     WorkflowCancelRequested,
     WorkflowTimedOut,
     WorkItem,
     decode,
-    decode_as,
     encode,
     input_upload_object,
     item_object,
@@ -31,7 +27,7 @@ from jetreduce.janitor.deadlines import Deadlines
 from jetreduce.janitor.k8s_sweep import ORPHAN_SWEEP_S, OrphanSweeper, WorkflowObjects
 from jetreduce.janitor.objects import ObjectIndex
 from jetreduce.queues.base import ItemQueue
-from jetreduce.queues.factory import open_queue
+from jetreduce.queues.factory import exhausted_items, open_queue
 from jetreduce.runtime.publish import is_stored, publish_once
 from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
 from jetreduce.runtime.state import StateStore
@@ -70,14 +66,9 @@ class Janitor:
             filters=[self.s.workflow("cancel", "*"), *[self.s.workflow(e, "*") for e in _TERMINAL]],
             handler=self.on_event,
         )
-        advisories = EventConsumer(
-            self.ctx,
-            stream=self.s.advisories_stream,
-            durable="janitor-advisories",
-            filters=[self.s.max_deliveries_advisories],
-            handler=self.on_max_deliveries,
-        )
-        loops = [consumer.run(stop), advisories.run(stop), self._timeouts(stop)]
+        # Items a queue stopped delivering (JetStream's max deliveries), behind the seam.
+        exhausted = exhausted_items(self.ctx, self.bury_crashed)
+        loops = [consumer.run(stop), exhausted.run(stop), self._timeouts(stop)]
         if self.sweeper is not None:
             loops.append(self.sweeper.run(stop))
         # The object index follows the store until the consumers are done: a cleanup still
@@ -122,25 +113,9 @@ class Janitor:
         )
         log.info("workflow %s timed out after %gs", wf, limit)
 
-    async def on_max_deliveries(self, msg: Msg) -> None:
-        """An item whose agents kept dying on it: dead-letter it instead of leaving it
-        invisible in the work stream forever (research/jetstream.md §6)."""
-        try:
-            advisory = json.loads(msg.data)
-            seq = int(advisory["stream_seq"])
-            deliveries = int(advisory.get("deliveries", 0))
-        except (ValueError, KeyError, TypeError):
-            log.error("janitor: unreadable max-deliveries advisory dropped")
-            return
-        try:
-            raw = await self.ctx.js.get_msg(self.s.work_stream, seq)
-        except NotFoundError:
-            return  # already handled (a redelivered advisory) or purged
-        try:
-            work = decode_as(raw.data or b"", WorkItem)
-        except BadEvent:
-            await self.ctx.js.delete_msg(self.s.work_stream, seq)
-            return
+    async def bury_crashed(self, work: WorkItem, deliveries: int) -> None:
+        """An item whose agents kept dying on it (the JetStream queue stopped delivering it):
+        dead-letter it instead of leaving it invisible in the work stream forever."""
         wf, index = work.workflow_id, work.index
         dead = ItemDead(
             workflow_id=wf,
@@ -161,8 +136,6 @@ class Janitor:
         if stored:
             dead.item = work.item
             await publish_once(self.ctx.js, self.s.dlq(wf, index), encode(dead))
-        with contextlib.suppress(NotFoundError):
-            await self.ctx.js.delete_msg(self.s.work_stream, seq)
 
     async def on_event(self, msg: Msg) -> None:
         # ``workflow.cancel.<A>`` carrying workflow B must cancel neither.

@@ -10,10 +10,15 @@ Guarantees each implementation gives:
 * ``heartbeat`` extends a lease; ``retry`` makes the item visible again after ``delay_s``
   (never at once: no hot loops); ``dead`` removes it for good; ``ack`` removes it after success.
 * ``Lease.attempt`` counts deliveries, starting at 1.
+* ``depth`` counts the items not finished yet (see :class:`QueueDepth`) in a call whose cost
+  does not grow with the number of items: callers poll it (the aggregator, every tick).
+* Every failure of the backend surfaces as :class:`QueueError` (``LeaseLost`` for a lease that
+  is no longer the caller's); no client library's exception crosses this seam.
 
 A delivery past ``max_attempts + UNVERDICTED_DELIVERIES`` is never run: JetStream's consumer
-stops delivering there (``max_deliver``, the janitor dead-letters on the advisory), and on the
-other backends the agent dead-letters it when it leases it (``worker/outcome.py``).
+stops delivering there (``max_deliver``; ``jetstream.ExhaustedItems`` reads the server's
+advisory back into the item, and the janitor dead-letters it), and on the other backends
+the agent dead-letters it when it leases it (``worker/outcome.py``).
 """
 
 from __future__ import annotations
@@ -67,8 +72,31 @@ class EnqueueResult:
 
 @dataclass
 class QueueDepth:
+    """The items of the workflow that are queued and not finished (acked or dead), in two
+    parts: ``pending`` waits for a delivery, ``in_flight`` is delivered and not settled.
+
+    Both are counted because the sum is what callers decide on: the aggregator treats the
+    queue as possibly drained only at ``idle`` (nothing pending *and* nothing leased), and
+    runs its O(items) exact count of results only then; progress reports both parts.
+
+    Where an item waiting out a retry delay falls differs by backend (JetStream and SQS keep
+    it in flight: its delivery is not settled; Redis counts it pending: it left the stream),
+    so only the sum and ``idle`` mean the same everywhere. An item JetStream stopped delivering
+    (max deliveries) is in neither. SQS's counts are approximate (eventually consistent):
+    ``idle`` there means "probably drained", never more than a hint to count exactly.
+    """
+
     pending: int
     in_flight: int
+
+    @property
+    def unfinished(self) -> int:
+        return self.pending + self.in_flight
+
+    @property
+    def idle(self) -> bool:
+        """Nothing pending and nothing leased: the map may be done (count to be sure)."""
+        return self.unfinished == 0
 
 
 class ItemQueue(Protocol):
@@ -89,7 +117,9 @@ class ItemQueue(Protocol):
 
     async def dead(self, lease: Lease, reason: str) -> None: ...
 
-    async def depth(self) -> QueueDepth: ...
+    async def depth(self) -> QueueDepth:
+        """The workflow's unfinished items (:class:`QueueDepth`); one round trip whatever
+        their number. An unprepared (or purged) queue is empty, not an error."""
 
     async def purge(self) -> None:
         """Drop every queued item of the workflow and what ``prepare`` created."""

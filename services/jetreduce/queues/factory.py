@@ -16,10 +16,10 @@ import os
 from urllib.parse import urlsplit
 
 from jetreduce.queues.base import ItemQueue, QueueError
-from jetreduce.queues.jetstream import JetStreamQueue
+from jetreduce.queues.jetstream import Bury, ExhaustedItems, JetStreamQueue
 from jetreduce.runtime.service import ServiceContext
 
-__all__ = ["open_queue", "validate_queue_url"]
+__all__ = ["exhausted_items", "open_queue", "validate_queue_url"]
 
 _HINT = "use 'jetstream', 'redis://host:port/db' or 'sqs://QUEUE?region=…&endpoint=…'"
 
@@ -73,3 +73,11 @@ def open_queue(ctx: ServiceContext, workflow_id: str, url: str | None = None) ->
     from jetreduce.queues.sqs import SqsQueue
 
     return SqsQueue(ctx, workflow_id, url)
+
+
+def exhausted_items(ctx: ServiceContext, bury: Bury) -> ExhaustedItems:
+    """What hands items a backend stopped delivering by itself to ``bury`` (run it as a loop
+    until ``stop``). Only JetStream does so (its consumer's ``max_deliver``); on Redis and SQS
+    nothing stops delivering, and the agent buries such an item when it leases it
+    (``worker/outcome.py``), so there is nothing to watch for them."""
+    return ExhaustedItems(ctx, bury)

@@ -343,6 +343,9 @@ class RedisQueue:
             await self._s_finish(keys=keys, args=argv)
 
     async def depth(self) -> QueueDepth:
+        """One script, O(1) in the items (``XLEN``, ``ZCARD`` and ``XPENDING``'s summary, which
+        walks consumers, not entries): in flight is the group's pending list (leased), pending
+        the stream entries not read yet plus the retries waiting for their due time."""
         async with _translated("depth"):
             pending, in_flight = await self._s_depth(
                 keys=[self.k_stream, self.k_delayed], args=[GROUP]

@@ -125,6 +125,7 @@ class ResilientQueue:
         await self._call("dead", lambda: self.inner.dead(lease, reason))
 
     async def depth(self) -> QueueDepth:
+        # Not retried: its callers poll, and ask again on their next tick.
         return await self.inner.depth()
 
     async def purge(self) -> None:

@@ -504,8 +504,10 @@ class SqsQueue:
         return outcomes
 
     async def depth(self) -> QueueDepth:
-        """SQS's approximate counts: visible + delayed are pending; invisible ones (leased or
-        waiting out a retry delay) are in flight."""
+        """SQS's approximate counts, one ``GetQueueAttributes``: visible + delayed are pending;
+        invisible ones (leased, waiting out a retry delay, or acked with their delete still
+        being batched) are in flight. Approximate (eventually consistent): ``idle`` is a
+        hint to count exactly, never proof that the map is done."""
         url = await self._queue_url_or_none()
         if url is None:
             return QueueDepth(pending=0, in_flight=0)

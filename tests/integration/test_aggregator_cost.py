@@ -1,0 +1,133 @@
+"""The aggregator's cost per tick does not grow with the number of items (issue 16): it asks
+the item queue's ``depth()`` (one round trip on every backend) and runs the O(items) exact
+count of results only when the depth says the queue may be drained. On Redis it used to get
+no depth at all and ran the exact count on every 0.25 s tick.
+
+Cost is counted, not timed: the exact counts the aggregator asks NATS for, and the commands
+the real Redis server executed for it (``INFO commandstats``, which counts the commands a
+script runs too).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from jetreduce.aggregator.service import Aggregator
+from jetreduce.contract import events as ev
+from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
+from jetreduce.lang import parse_workflow
+from jetreduce.queues.base import ItemQueue, Lease
+from jetreduce.queues.factory import open_queue
+from jetreduce.runtime.service import ServiceContext
+from jetreduce.runtime.state import StateStore
+
+from .test_aggregator_replicas import WORKFLOW
+from .test_services import context
+
+pytestmark = pytest.mark.anyio
+
+TICKS = 8
+
+
+class CountingAggregator(Aggregator):
+    """The real aggregator, counting the exact counts it asks the server for."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.counts: Counter[str] = Counter()
+
+    async def count(self, subject_filter: str) -> int:
+        self.counts[subject_filter] += 1
+        return await super().count(subject_filter)
+
+    async def _in_range(self, wf: str, total: int) -> tuple[int, int]:
+        self.counts["in range"] += 1
+        return await super()._in_range(wf, total)
+
+
+async def redis_commands(r: aioredis.Redis) -> int:
+    """Commands the server has executed so far (not counting the INFO calls asking it)."""
+    stats: dict[str, Any] = await r.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+
+async def mapping_on(state: StateStore, wf: str, total: int, queue_url: str) -> None:
+    spec = StoredSpec(
+        workflow=parse_workflow(WORKFLOW).workflow, options=ev.SubmitOptions(queue=queue_url)
+    )
+    await state.put_spec(wf, spec)
+    now = time.time()
+    record = WorkflowRecord(
+        workflow_id=wf, name="cost", phase=Phase.MAPPING, created_ts=now, updated_ts=now
+    )
+    record.total = total
+    assert await state.create(record)
+
+
+async def lease_all(queue: ItemQueue, n: int) -> list[Lease]:
+    got: list[Lease] = []
+    deadline = time.monotonic() + 20
+    while len(got) < n:
+        assert time.monotonic() < deadline, f"leased {len(got)} of {n}"
+        got.extend(await queue.lease(min(100, n - len(got)), wait_s=0.5))
+    return got
+
+
+async def test_the_aggregators_cost_per_tick_does_not_grow_with_items_on_redis(
+    nats_url: str, prefix: str, request: pytest.FixtureRequest
+) -> None:
+    server = request.getfixturevalue("redis_server")
+    r = aioredis.Redis.from_url(server.url)
+    per_tick: dict[int, int] = {}
+    try:
+        async with context(nats_url, prefix) as ctx:
+            state = StateStore(ctx.js, ctx.subjects)
+            for n in (10, 2000):
+                wf = f"wf-cost-{n}-{secrets.token_hex(3)}"
+                s = ctx.subjects
+                await mapping_on(state, wf, n, server.url)
+                queue = open_queue(ctx, wf, server.url)
+                try:
+                    await queue.prepare(visibility_s=60, max_attempts=1, parallel=4)
+                    items = (ev.WorkItem(workflow_id=wf, index=i, item=i) for i in range(n))
+                    assert (await queue.enqueue(items)).added == n
+                    (held,) = await lease_all(queue, 1)  # one in flight, the rest pending
+
+                    aggregator = CountingAggregator(ctx)
+                    await aggregator.track(wf, n)
+                    await aggregator.check(wf)  # the first tick counts exactly, on schedule
+                    assert aggregator.counts[s.terminal_of(wf)] == 1
+                    # The schedule is time-based (EXACT_EVERY_MIN_S): moved out of the way,
+                    # so what is left is what every tick costs.
+                    aggregator.active[wf].next_exact = time.monotonic() + 600
+                    before = await redis_commands(r)
+                    for _ in range(TICKS):
+                        await aggregator.check(wf)
+                    per_tick[n] = (await redis_commands(r) - before) // TICKS
+                    assert aggregator.counts[s.terminal_of(wf)] == 1, "exact count per tick"
+                    assert aggregator.counts[s.dead_of(wf)] == 1 + TICKS + 1
+                    assert aggregator.counts["in range"] == 0
+                    assert wf in aggregator.active  # nothing finished: still mapping
+
+                    # Drained (every item settled): the depth says so, and the very next
+                    # tick counts exactly.
+                    await queue.ack(held)
+                    for lease in await lease_all(queue, n - 1):
+                        await queue.ack(lease)
+                    await aggregator.check(wf)
+                    assert aggregator.counts[s.terminal_of(wf)] == 2
+                    assert wf in aggregator.active  # no results stored: not complete
+                    await aggregator._untrack(wf)
+                finally:
+                    await queue.purge()
+                    await queue.close()
+    finally:
+        await r.aclose()
+    # One depth script per tick (EVALSHA and the few O(1) commands it runs), whatever n.
+    assert per_tick[10] == per_tick[2000] <= 6, per_tick
