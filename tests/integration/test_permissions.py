@@ -23,7 +23,7 @@ from jetreduce.cli.host import ServiceHost
 from jetreduce.cli.submit import REPLY_HEADER, SubmitRejected, submit
 from jetreduce.cli.upload import delete_upload, upload_input
 from jetreduce.contract import events as ev
-from jetreduce.contract.events import input_upload_object
+from jetreduce.contract.objects import input_upload_object
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
 from jetreduce.embedded import EmbeddedServer, role_settings

@@ -14,6 +14,7 @@ from jetreduce.cli import exit_codes
 from jetreduce.cli.options import Nats
 from jetreduce.cli.session import Body, run_connected
 from jetreduce.contract import events as ev
+from jetreduce.contract.objects import DEAD_LETTER_KINDS, object_prefix
 from jetreduce.contract.subjects import Subjects
 from jetreduce.lang.pipeline import PipelineError, compile_filter
 
@@ -160,10 +161,10 @@ def build(settings_of: Any) -> typer.Typer:
         async def go(nc: Any, s: Subjects) -> int:
             js = nc.jetstream()
             await js.purge_stream(s.dlq_stream, subject=s.dlq_of(workflow_id))
-            # Items too large for a message stay stored while dead-lettered: not any more.
+            # Stored items and logs stay while dead-lettered (contract/objects.py): not now.
             with contextlib.suppress(NotFoundError):
                 store = await js.object_store(s.objects_bucket)
-                prefix = ev.object_prefix(ev.item_object, workflow_id)
+                prefix = tuple(object_prefix(kind, workflow_id) for kind in DEAD_LETTER_KINDS)
                 for info in await store.list(ignore_deletes=True):
                     if info.name.startswith(prefix):
                         await store.delete(info.name)

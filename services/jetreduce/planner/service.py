@@ -37,8 +37,8 @@ from jetreduce.contract.events import (
     WorkItem,
     decode_as,
     encode,
-    item_object,
 )
+from jetreduce.contract.objects import item_object
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import PRIORITY_LANES, InvalidToken, check_token
 from jetreduce.contract.workflow import WorkflowInvalid
