@@ -32,7 +32,7 @@ from jetreduce.contract import events as ev
 from jetreduce.contract.events import SetupCompleted, SubmitOptions, WorkflowPlanned, WorkItem
 from jetreduce.contract.objects import input_object
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
-from jetreduce.contract.subjects import Subjects
+from jetreduce.contract.subjects import TERMINAL_EVENTS, Subjects
 from jetreduce.lang import parse_workflow
 from jetreduce.queues.jetstream import JetStreamQueue
 from jetreduce.runtime.connection import connect
@@ -109,13 +109,7 @@ class Recorder:
     """Arrival times (``time.time()``) of a workflow's phase events, and optionally every
     ``item.done`` payload (decoded after the run, so the callback stays cheap)."""
 
-    TERMINAL = (
-        "workflow.completed",
-        "workflow.failed",
-        "workflow.cancelled",
-        "workflow.timed_out",
-        "workflow.rejected",
-    )
+    TERMINAL = tuple(f"workflow.{e}" for e in (*TERMINAL_EVENTS, "rejected"))
 
     def __init__(self, nc: Client, subjects: Subjects, wf: str, *, items: bool = False) -> None:
         self.nc, self.s, self.wf, self.items = nc, subjects, wf, items

@@ -28,7 +28,7 @@ from helpers import read_stream
 from jetreduce.cli.submit import submit
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import SubmitOptions
-from jetreduce.contract.subjects import Subjects
+from jetreduce.contract.subjects import TERMINAL_EVENTS, Subjects
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.leadership import LEASE_TTL_S
 from jetreduce.runtime.orphans import die_with_parent
@@ -186,7 +186,7 @@ class Replicas:
 
 
 async def stored_terminal(js: Any, s: Subjects, wf: str) -> Any:
-    for name in ev.TERMINAL_EVENTS:
+    for name in TERMINAL_EVENTS:
         with contextlib.suppress(Exception):
             msg = await js.get_last_msg(s.events_stream, s.workflow(name, wf))
             return ev.decode(msg.data)

@@ -83,7 +83,7 @@ def consumed_subjects(s: Subjects) -> list[str]:
     return [
         s.submit,
         *(s.workflow(e, wf) for e in ("accepted", "planned", "reopened", "retry", "cancel")),
-        *(s.workflow(e, wf) for e in ("completed", "failed", "cancelled", "timed_out")),
+        *s.workflow_ends(wf),
         s.setup("completed", wf),
         s.setup("failed", wf),
         s.map("complete", wf),

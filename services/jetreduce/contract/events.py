@@ -465,9 +465,6 @@ Event = (
     | Progress
 )
 
-TERMINAL_EVENTS = ("completed", "failed", "cancelled", "timed_out")
-"""``workflow.<event>`` names that end a workflow."""
-
 
 class BadEvent(ValueError):
     """A payload that is not a valid event; carries a short, safe description."""

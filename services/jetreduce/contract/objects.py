@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from jetreduce.contract.subjects import is_token
+
 __all__ = [
     "DEAD_LETTER_KINDS",
     "PER_ITEM_KINDS",
@@ -88,7 +90,7 @@ def object_owner(name: str) -> tuple[str, int, Callable[[str, int], str]] | None
     if not sep or not (index.isascii() and index.isdigit()):
         return None
     wf = rest.partition("/")[2]
-    if not wf:
+    if not is_token(wf):  # no workflow has this id: not one of ours
         return None
     for kind in PER_ITEM_KINDS:
         if kind(wf, int(index)) == name:

@@ -12,6 +12,7 @@ from enum import StrEnum
 import msgspec
 
 from jetreduce.contract.events import SubmitOptions
+from jetreduce.contract.subjects import TERMINAL_EVENTS
 from jetreduce.contract.workflow.model import Workflow
 
 __all__ = ["Phase", "PhaseClaim", "StoredSpec", "WorkflowRecord"]
@@ -38,7 +39,7 @@ class Phase(StrEnum):
 
 
 _ORDER = list(Phase)
-_TERMINAL = {Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED, Phase.TIMED_OUT}
+_TERMINAL = frozenset(Phase(event) for event in TERMINAL_EVENTS)
 
 
 class WorkflowRecord(msgspec.Struct, kw_only=True):

@@ -38,7 +38,6 @@ __all__ = ["Janitor"]
 
 log = logging.getLogger(__name__)
 
-_TERMINAL = ("completed", "failed", "cancelled", "timed_out")
 TIMEOUT_SWEEP_S = 1.0
 
 
@@ -65,7 +64,7 @@ class Janitor:
             self.ctx,
             stream=self.s.events_stream,
             durable="janitor",
-            filters=[self.s.workflow("cancel", "*"), *[self.s.workflow(e, "*") for e in _TERMINAL]],
+            filters=[self.s.workflow("cancel", "*"), *self.s.workflow_ends("*")],
             handler=self.on_event,
         )
         advisories = EventConsumer(

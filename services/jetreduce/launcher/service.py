@@ -42,6 +42,7 @@ from jetreduce.contract.events import (
     encode,
 )
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
+from jetreduce.contract.subjects import TERMINAL_EVENTS
 from jetreduce.launcher.admission import Candidate, admit
 from jetreduce.launcher.backend import AgentBackend
 from jetreduce.launcher.mapping import MappingRecords
@@ -56,7 +57,6 @@ __all__ = ["Launcher"]
 
 log = logging.getLogger(__name__)
 
-_TERMINAL = ("completed", "failed", "cancelled", "timed_out")
 RECONCILE_EVERY_S = 15.0
 AGING_S = 300.0
 """Waiting this long lifts a workflow one priority lane (launcher/admission.py)."""
@@ -156,7 +156,7 @@ class Launcher:
             self.s.workflow("planned", "*"),
             self.s.workflow("reopened", "*"),
             self.s.map("complete", "*"),
-            *[self.s.workflow(e, "*") for e in _TERMINAL],
+            *self.s.workflow_ends("*"),
         ]
         consumer = EventConsumer(
             self.ctx,
@@ -306,7 +306,7 @@ class Launcher:
     async def _on_event(self, msg: Msg) -> None:
         kind = ".".join(msg.subject.split(".")[-3:-1])
         wf = msg.subject.rsplit(".", 1)[-1]
-        if kind.startswith("workflow.") and kind.split(".")[1] in _TERMINAL:
+        if kind.startswith("workflow.") and kind.split(".")[1] in TERMINAL_EVENTS:
             self.leadership.check()
             await self.backend.stop(wf)
             self.reported.forget(wf)
