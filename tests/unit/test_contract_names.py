@@ -1,6 +1,7 @@
-"""Names shared by every service have one home in the contract: the events that end a
-workflow (``subjects.TERMINAL_EVENTS``, the terminal phases named after them) and the
-object-store names (``contract/objects.py``), whose owner the janitor reads back."""
+"""Names and decisions shared by services have one home in the contract: the events that end
+a workflow (``subjects.TERMINAL_EVENTS``, the terminal phases named after them), the
+object-store names (``contract/objects.py``), whose owner the janitor reads back, and whether
+a workflow runs a reduce (``records.needs_reduce``: the launcher and the aggregator agree)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from jetreduce.contract.objects import (
     output_object,
     whole_workflow_objects,
 )
-from jetreduce.contract.records import Phase
+from jetreduce.contract.records import Phase, StoredSpec, needs_reduce
 from jetreduce.contract.subjects import TERMINAL_EVENTS, Subjects
+from jetreduce.lang import parse_workflow
 
 
 def test_the_terminal_phases_are_the_terminal_events() -> None:
@@ -76,3 +78,16 @@ def test_other_names_have_no_owner() -> None:
         "",
     ]:
         assert object_owner(name) is None, name
+
+
+def spec(reduce: str) -> StoredSpec:
+    text = f'name: r\nmap:\n  input: "seq 1 3"\n  agent_template:\n    - shell: "true"\n{reduce}'
+    return StoredSpec(workflow=parse_workflow(text, env={}).workflow, options=ev.SubmitOptions())
+
+
+def test_a_reduce_runs_when_there_are_steps_and_items() -> None:
+    with_reduce = spec('reduce:\n  - shell: "echo done"\n')
+    assert needs_reduce(with_reduce, 3)
+    assert not needs_reduce(with_reduce, 0)  # Prodigy: no items skips map and reduce
+    assert not needs_reduce(spec(""), 3)
+    assert not needs_reduce(spec("reduce: []\n"), 3)

@@ -25,6 +25,7 @@ from jetreduce.contract.subjects import MAX_INDEX, is_token
 __all__ = [
     "DURATION_HEADER",
     "INLINE_ITEM_LIMIT",
+    "REPLY_HEADER",
     "SCHEMA_VERSION",
     "WORKSPACES",
     "AgentExited",
@@ -74,6 +75,9 @@ SCHEMA_VERSION = 1
 DURATION_HEADER = "Jetreduce-Duration"
 """Header of ``item.done`` / ``item.dead`` carrying the attempt's ``duration_s``: a metrics
 reader takes it from a headers-only consumer instead of fetching the whole result."""
+REPLY_HEADER = "Jetreduce-Reply"
+"""Header of a ``workflow.submit`` naming an inbox: the planner answers the submission there
+(JetStream keeps no reply subjects, so request/reply over a stored subject needs this)."""
 MAX_TEXT = 64 * 1024
 """Longest captured output / error text carried inline in an event (bytes of UTF-8)."""
 

@@ -41,7 +41,7 @@ from jetreduce.contract.events import (
     decode_as,
     encode,
 )
-from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
+from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord, needs_reduce
 from jetreduce.contract.subjects import TERMINAL_EVENTS
 from jetreduce.launcher.admission import Candidate, admit
 from jetreduce.launcher.backend import AgentBackend
@@ -342,8 +342,7 @@ class Launcher:
         if self.max_slots is not None:
             self.mapping.complete.add(wf)
             await self.admit_maps(wf)
-        reduce = spec.workflow.reduce
-        if reduce is None or not reduce.steps or complete.total == 0:
+        if not needs_reduce(spec, complete.total):
             return
         await self.state.transition(wf, Phase.REDUCING)
         await self._launch(wf, "reduce", [1], spec)
