@@ -41,9 +41,12 @@ async def logs_of(h: Harness, wf: str) -> set[str]:
     return {i.name for i in infos if i.name.startswith(object_prefix(log_object, wf))}
 
 
-async def janitor_cleaned(h: Harness, wf: str) -> None:
-    """Wait until the janitor has handled ``wf``'s end: its resolved input object is gone
-    (deleted by the same cleanup, before the per-item objects)."""
+async def ended_with_a_dead_item(h: Harness, workdir: Path, policy: str, wf: str) -> None:
+    """Run the workflow (item 1 dies) and wait until the janitor has handled its end: its
+    resolved input object is gone (deleted by the same cleanup, before the per-item ones)."""
+    done = await h.run(WORKFLOW.format(policy=policy), workdir, workflow_id=wf)
+    assert isinstance(done, ev.WorkflowCompleted), h.agent_logs()
+    assert (done.done, done.dead) == (2, 1)
 
     async def input_gone() -> bool:
         store = await h.nc.jetstream().object_store(h.subjects.objects_bucket)
@@ -60,10 +63,7 @@ async def test_a_skipped_dead_items_log_is_deleted_when_the_workflow_ends(
     nats_url: str, prefix: str, tmp_path: Path, workdir: Path
 ) -> None:
     async with services(nats_url, prefix, tmp_path) as h:
-        done = await h.run(WORKFLOW.format(policy="skip"), workdir, workflow_id="logs-skip")
-        assert isinstance(done, ev.WorkflowCompleted), h.agent_logs()
-        assert (done.done, done.dead) == (2, 1)
-        await janitor_cleaned(h, "logs-skip")
+        await ended_with_a_dead_item(h, workdir, "skip", "logs-skip")
 
         async def no_logs() -> bool:
             return not await logs_of(h, "logs-skip")
@@ -75,10 +75,7 @@ async def test_a_dead_lettered_items_log_stays_until_the_dlq_is_purged(
     nats_url: str, prefix: str, tmp_path: Path, workdir: Path
 ) -> None:
     async with services(nats_url, prefix, tmp_path) as h:
-        done = await h.run(WORKFLOW.format(policy="dlq"), workdir, workflow_id="logs-dlq")
-        assert isinstance(done, ev.WorkflowCompleted), h.agent_logs()
-        assert (done.done, done.dead) == (2, 1)
-        await janitor_cleaned(h, "logs-dlq")
+        await ended_with_a_dead_item(h, workdir, "dlq", "logs-dlq")
         # Kept for `dlq show` while the item is dead-lettered.
         assert await logs_of(h, "logs-dlq") == {log_object("logs-dlq", 1)}
         shown = await dlq(h, "show", "logs-dlq", "1")
