@@ -92,6 +92,16 @@ async def read_stream(
     return [ev.decode(msg.data) for msg in msgs]
 
 
+async def stored_terminal_event(js: Any, s: Subjects, wf: str) -> ev.Event | None:
+    """The stored event that ended ``wf`` (``TERMINAL_EVENTS``), None while it runs or
+    while the server does not answer (chaos tests poll this across server restarts)."""
+    for subject in s.workflow_ends(wf):
+        with contextlib.suppress(Exception):
+            msg = await js.get_last_msg(s.events_stream, subject)
+            return ev.decode(msg.data)
+    return None
+
+
 async def item_results(h: Harness, wf: str) -> dict[int, Any]:
     """A workflow's terminal item events (done or dead), by item index."""
     results = await read_stream(

@@ -26,11 +26,11 @@ from typing import Any
 
 import pytest
 
-from helpers import read_stream
+from helpers import read_stream, stored_terminal_event
 from jetreduce.cli.submit import submit
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import SubmitOptions
-from jetreduce.contract.subjects import TERMINAL_EVENTS, Subjects
+from jetreduce.contract.subjects import Subjects
 from jetreduce.embedded import EmbeddedServer
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.orphans import die_with_parent
@@ -263,14 +263,6 @@ async def count_terminal(nc: Any, s: Subjects, wf: str) -> int:
         timeout=2,
     )
     return int(json.loads(resp.data).get("total", 0))
-
-
-async def stored_terminal_event(js: Any, s: Subjects, wf: str) -> Any:
-    for name in TERMINAL_EVENTS:
-        with contextlib.suppress(Exception):
-            msg = await js.get_last_msg(s.events_stream, s.workflow(name, wf))
-            return ev.decode(msg.data)
-    return None
 
 
 # -- the test -----------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from typing import Any
 import pytest
 
 import hygiene
-from chaos.test_chaos import Cluster, agents_of, read_all, stored_terminal_event
+from chaos.test_chaos import Cluster, agents_of, read_all
+from helpers import stored_terminal_event
 from jetreduce.cli.submit import submit
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import SubmitOptions
