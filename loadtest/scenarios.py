@@ -30,8 +30,9 @@ from nats.aio.client import Client
 from jetreduce.cli.submit import submit
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import SetupCompleted, SubmitOptions, WorkflowPlanned, WorkItem
+from jetreduce.contract.objects import input_object
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
-from jetreduce.contract.subjects import Subjects
+from jetreduce.contract.subjects import TERMINAL_EVENTS, Subjects
 from jetreduce.lang import parse_workflow
 from jetreduce.queues.jetstream import JetStreamQueue
 from jetreduce.runtime.connection import connect
@@ -108,13 +109,7 @@ class Recorder:
     """Arrival times (``time.time()``) of a workflow's phase events, and optionally every
     ``item.done`` payload (decoded after the run, so the callback stays cheap)."""
 
-    TERMINAL = (
-        "workflow.completed",
-        "workflow.failed",
-        "workflow.cancelled",
-        "workflow.timed_out",
-        "workflow.rejected",
-    )
+    TERMINAL = tuple(f"workflow.{e}" for e in (*TERMINAL_EVENTS, "rejected"))
 
     def __init__(self, nc: Client, subjects: Subjects, wf: str, *, items: bool = False) -> None:
         self.nc, self.s, self.wf, self.items = nc, subjects, wf, items
@@ -296,7 +291,7 @@ async def _enqueue(url: str, n: int) -> dict[str, Any]:
         )
         data = b"".join(b"%d\n" % i for i in range(1, n + 1))
         store = await js.object_store(s.objects_bucket)
-        await store.put(f"input/{wf}", data)
+        await store.put(input_object(wf), data)
         planned = asyncio.get_running_loop().create_future()
 
         async def on_planned(_msg: Any) -> None:
@@ -311,7 +306,7 @@ async def _enqueue(url: str, n: int) -> dict[str, Any]:
             ev.encode(
                 SetupCompleted(
                     workflow_id=wf,
-                    input_object=f"input/{wf}",
+                    input_object=input_object(wf),
                     input_is_command=True,
                     input_bytes=len(data),
                 )

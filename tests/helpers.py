@@ -21,6 +21,7 @@ from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.subjects import Subjects
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.settings import NatsSettings
+from jetreduce.runtime.store import read_subject
 from support import env_without_jetreduce
 
 
@@ -84,29 +85,21 @@ async def services(
 async def read_stream(
     js: Any, stream: str, subject: str, *, timeout_s: float = 30.0
 ) -> list[ev.Event]:
-    """Every message stored on ``subject`` in ``stream`` when called, decoded, in stream order.
+    """Every message stored on ``subject`` in ``stream`` when called, decoded, in stream order
+    (``runtime/store.py`` ``read_subject``). Strict: a malformed stored event fails the test,
+    where the services' ``read_events`` skips it."""
+    msgs = await read_subject(js, stream, subject, timeout_s=timeout_s)
+    return [ev.decode(msg.data) for msg in msgs]
 
-    Reads up to the last stored message (the one whose metadata says nothing is pending), so
-    it returns as soon as it has everything instead of waiting for a quiet period; what is
-    published after the call may or may not be included. ``timeout_s`` bounds the read."""
-    out: list[ev.Event] = []
-    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
-    try:
-        info = await sub.consumer_info()
-        # Everything stored when the consumer was made is either pending or delivered.
-        if info.num_pending == 0 and info.delivered.consumer_seq == 0:
-            return out
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while True:
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                raise AssertionError(f"{stream} {subject}: not read to its end in {timeout_s}s")
-            msg = await sub.next_msg(timeout=left)
-            out.append(ev.decode(msg.data))
-            if msg.metadata.num_pending == 0:
-                return out
-    finally:
-        await sub.unsubscribe()
+
+async def stored_terminal_event(js: Any, s: Subjects, wf: str) -> ev.Event | None:
+    """The stored event that ended ``wf`` (``TERMINAL_EVENTS``), None while it runs or
+    while the server does not answer (chaos tests poll this across server restarts)."""
+    for subject in s.workflow_ends(wf):
+        with contextlib.suppress(Exception):
+            msg = await js.get_last_msg(s.events_stream, subject)
+            return ev.decode(msg.data)
+    return None
 
 
 async def item_results(h: Harness, wf: str) -> dict[int, Any]:

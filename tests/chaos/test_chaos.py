@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from helpers import read_stream
+from helpers import read_stream, stored_terminal_event
 from jetreduce.cli.submit import submit
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import SubmitOptions
@@ -263,14 +263,6 @@ async def count_terminal(nc: Any, s: Subjects, wf: str) -> int:
         timeout=2,
     )
     return int(json.loads(resp.data).get("total", 0))
-
-
-async def stored_terminal_event(js: Any, s: Subjects, wf: str) -> Any:
-    for name in ev.TERMINAL_EVENTS:
-        with contextlib.suppress(Exception):
-            msg = await js.get_last_msg(s.events_stream, s.workflow(name, wf))
-            return ev.decode(msg.data)
-    return None
 
 
 # -- the test -----------------------------------------------------------------------------------

@@ -27,11 +27,12 @@ from typing import Any
 import pytest
 
 import hygiene
-from chaos.test_chaos import Cluster, agents_of, read_all, stored_terminal_event
+from chaos.test_chaos import Cluster, agents_of, read_all
+from helpers import stored_terminal_event
 from jetreduce.cli.submit import submit
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import SubmitOptions
-from jetreduce.contract.subjects import Subjects
+from jetreduce.contract.subjects import TERMINAL_EVENTS, Subjects
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.settings import NatsSettings
 from support import wait_for
@@ -212,7 +213,7 @@ async def test_one_agent_phase_under_fault(
         )
         assert isinstance(end, ev.WorkflowCompleted), end
         terminal: list[Any] = []
-        for name in ev.TERMINAL_EVENTS:
+        for name in TERMINAL_EVENTS:
             terminal += await read_all(js, s.events_stream, s.workflow(name, wf))
         assert len(terminal) == 1, terminal
         subject = s.reduce("*", wf) if phase == "reduce" else s.setup("*", wf)

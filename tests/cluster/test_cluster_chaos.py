@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 import hygiene
-from chaos.test_chaos import agents_of, count_terminal, kill_sessions, stored_terminal_event
-from helpers import read_stream
+from chaos.test_chaos import agents_of, count_terminal, kill_sessions
+from helpers import read_stream, stored_terminal_event
 from jetreduce.cli.submit import submit
 from jetreduce.cluster import LocalCluster
 from jetreduce.contract import events as ev

@@ -1,7 +1,7 @@
-"""The janitor deletes a finished workflow's large items and outputs from the object store by
-its own objects only (janitor/objects.py): it never lists the whole store, keeps what other
-workflows and the dead-letter queue still need, and does not miss an object put just before
-the cleanup. Real nats-server, the janitor in-process."""
+"""The janitor deletes a finished workflow's large items and outputs and its dead items' logs
+from the object store by its own objects only (janitor/objects.py): it never lists the whole
+store, keeps what other workflows and the dead-letter queue still need, and does not miss an
+object put just before the cleanup. Real nats-server, the janitor in-process."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ import pytest
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
-from jetreduce.contract.events import input_upload_object, item_object, output_object
+from jetreduce.contract.objects import (
+    input_object,
+    input_upload_object,
+    item_object,
+    log_object,
+    output_object,
+)
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
 from jetreduce.janitor.service import Janitor
@@ -56,18 +62,25 @@ async def test_cleanup_deletes_only_the_workflows_objects_without_listing_the_st
     nats_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     wf = "wf-a"
-    mine = [item_object(wf, 0), item_object(wf, 7), output_object(wf, 3), output_object(wf, 12)]
-    dead_lettered = item_object(wf, 1)
+    mine = [
+        item_object(wf, 0),
+        item_object(wf, 7),
+        output_object(wf, 3),
+        output_object(wf, 12),
+        log_object(wf, 7),
+    ]
+    dead_lettered = {item_object(wf, 1), log_object(wf, 1)}
     others = [
         item_object("wf-a2", 0),  # an id that starts like wf-a's
         output_object("wf-b", 3),
-        f"input/{wf}x",
+        input_object(f"{wf}x"),
         input_upload_object("wf-b"),
+        log_object("wf-b", 7),
     ]
     async with janitor(nats_url, prefix) as (service, ctx):
         store = await ctx.js.object_store(ctx.subjects.objects_bucket)
         await ctx.js.publish(ctx.subjects.dlq(wf, 1), b"{}")
-        everything = [*mine, dead_lettered, *others, f"input/{wf}", input_upload_object(wf)]
+        everything = [*mine, *dead_lettered, *others, input_object(wf), input_upload_object(wf)]
         for name in everything:
             await store.put(name, name.encode())
 
@@ -80,9 +93,9 @@ async def test_cleanup_deletes_only_the_workflows_objects_without_listing_the_st
         # Right after the puts: the index must catch up with them before answering.
         await service.clean(wf)
 
-        assert await present(store, everything) == {dead_lettered, *others}
-        assert await service.objects.names(wf) == {dead_lettered}
+        assert await present(store, everything) == {*dead_lettered, *others}
+        assert await service.objects.names(wf) == dead_lettered
         # A later object of the same workflow (a reopened run's output) is found as well.
         await store.put(output_object(wf, 5), b"x")
         await service.clean(wf)
-        assert await present(store, [output_object(wf, 5), dead_lettered]) == {dead_lettered}
+        assert await present(store, [output_object(wf, 5), *dead_lettered]) == dead_lettered

@@ -15,6 +15,7 @@ from nats.js.errors import NotFoundError
 from helpers import Harness, dlq, item_results, next_completion, services
 from jetreduce.cli.watch import Watcher
 from jetreduce.contract import events as ev
+from jetreduce.contract.objects import item_object, output_object
 from support import wait_for
 
 pytestmark = pytest.mark.anyio
@@ -104,10 +105,10 @@ reduce:
         assert (first.done, first.dead) == (1, 1)
 
         async def output_removed() -> bool:
-            return ev.output_object("big-dead", 0) not in await object_names(h)
+            return output_object("big-dead", 0) not in await object_names(h)
 
         await wait_for(output_removed, timeout_s=20)  # the janitor handled the workflow's end
-        assert ev.item_object("big-dead", 1) in await object_names(h)
+        assert item_object("big-dead", 1) in await object_names(h)
 
         fixed.touch()
         watcher = Watcher(h.nc, h.subjects, "big-dead", show_events=False, tty=False)

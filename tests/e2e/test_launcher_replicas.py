@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from helpers import read_stream
+from helpers import read_stream, stored_terminal_event
 from jetreduce.cli.submit import submit
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import SubmitOptions
@@ -185,14 +185,6 @@ class Replicas:
             time.sleep(0.1)
 
 
-async def stored_terminal(js: Any, s: Subjects, wf: str) -> Any:
-    for name in ev.TERMINAL_EVENTS:
-        with contextlib.suppress(Exception):
-            msg = await js.get_last_msg(s.events_stream, s.workflow(name, wf))
-            return ev.decode(msg.data)
-    return None
-
-
 async def test_two_launchers_share_the_slot_cap_and_one_takes_over(
     nats_url: str, prefix: str, tmp_path: Path
 ) -> None:
@@ -261,7 +253,8 @@ async def _run(replicas: Replicas, work: Path, prefix: str) -> None:
                 if first_agent_at is None and any(a.parent == survivor_pid for a in agents):
                     first_agent_at = time.monotonic()
             for name in names:
-                if name not in ends and (end := await stored_terminal(js, s, name)) is not None:
+                end = None if name in ends else await stored_terminal_event(js, s, name)
+                if end is not None:
                     ends[name] = end
             await asyncio.sleep(0.02)
 

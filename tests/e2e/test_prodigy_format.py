@@ -17,6 +17,7 @@ import pytest
 
 from helpers import Harness, item_results, read_stream, services
 from jetreduce.contract import events as ev
+from jetreduce.contract.objects import log_object
 from support import env_without_jetreduce, git, init_repo, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -241,7 +242,7 @@ reduce:
         assert isinstance(done, ev.WorkflowCompleted), h.agent_logs()
         logs = h.agent_logs()
         objects = await h.nc.jetstream().object_store(h.subjects.objects_bucket)
-        stored_log = (await objects.get(f"logs/{done.workflow_id}/1")).data or b""
+        stored_log = (await objects.get(log_object(done.workflow_id, 1))).data or b""
     assert (done.done, done.dead) == (1, 1)
     assert "token=*** file=*** leaked=setup sees ***" in done.reduce_output
     assert payloads and any(b"item.dead" in p for p in payloads)

@@ -13,7 +13,8 @@ from helpers import Harness, next_completion, services
 from jetreduce.cli.submit import SubmitRejected
 from jetreduce.cli.upload import submit_with_upload
 from jetreduce.cli.watch import Watcher
-from jetreduce.contract.events import SubmitOptions, input_upload_object
+from jetreduce.contract.events import SubmitOptions
+from jetreduce.contract.objects import input_upload_object
 from support import wait_for
 
 pytestmark = pytest.mark.anyio

@@ -22,7 +22,6 @@ from jetreduce.cli.submit import SubmitRejected, submit
 from jetreduce.contract import events as ev
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
-from jetreduce.planner.service import REPLY_HEADER
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
 from jetreduce.runtime.settings import NatsSettings
@@ -83,7 +82,7 @@ def consumed_subjects(s: Subjects) -> list[str]:
     return [
         s.submit,
         *(s.workflow(e, wf) for e in ("accepted", "planned", "reopened", "retry", "cancel")),
-        *(s.workflow(e, wf) for e in ("completed", "failed", "cancelled", "timed_out")),
+        *s.workflow_ends(wf),
         s.setup("completed", wf),
         s.setup("failed", wf),
         s.map("complete", wf),
@@ -170,7 +169,7 @@ async def _raw_submit(nc: Any, s: Subjects, event: ev.WorkflowSubmit) -> ev.Subm
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, max_msgs=1)
     try:
-        await nc.jetstream().publish(s.submit, ev.encode(event), headers={REPLY_HEADER: inbox})
+        await nc.jetstream().publish(s.submit, ev.encode(event), headers={ev.REPLY_HEADER: inbox})
         msg = await sub.next_msg(timeout=30)
     finally:
         await sub.unsubscribe()

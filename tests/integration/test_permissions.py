@@ -20,10 +20,10 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import BadRequestError, ObjectNotFoundError
 
 from jetreduce.cli.host import ServiceHost
-from jetreduce.cli.submit import REPLY_HEADER, SubmitRejected, submit
+from jetreduce.cli.submit import SubmitRejected, submit
 from jetreduce.cli.upload import delete_upload, upload_input
 from jetreduce.contract import events as ev
-from jetreduce.contract.events import input_upload_object
+from jetreduce.contract.objects import input_upload_object
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
 from jetreduce.embedded import EmbeddedServer, role_settings
@@ -314,7 +314,7 @@ async def test_the_planner_answers_a_submission_only_on_an_inbox(
         target = s.reduce("completed", "victim")
         assert not await stored_by(nc, errors, target, b"{}")  # not by itself
         bad = ev.WorkflowSubmit(workflow_id="wf-x", workflow="name: x\n")
-        await nc.jetstream().publish(s.submit, ev.encode(bad), headers={REPLY_HEADER: target})
+        await nc.jetstream().publish(s.submit, ev.encode(bad), headers={ev.REPLY_HEADER: target})
         # The same submission with an inbox is answered (rejected: no map): so the one
         # before it was handled, and not answered on the stream.
         with pytest.raises(SubmitRejected):

@@ -19,7 +19,7 @@ from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
 from jetreduce.lang import parse_workflow
-from jetreduce.planner.service import REPLY_HEADER, Planner
+from jetreduce.planner.service import Planner
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
@@ -82,7 +82,7 @@ async def test_planner_rejects_with_every_problem_and_keeps_running(
         # A malformed payload is answered too, and the planner goes on serving.
         inbox = ctx.nc.new_inbox()
         sub = await ctx.nc.subscribe(inbox, max_msgs=1)
-        await ctx.js.publish(ctx.subjects.submit, b"{not json", headers={REPLY_HEADER: inbox})
+        await ctx.js.publish(ctx.subjects.submit, b"{not json", headers={ev.REPLY_HEADER: inbox})
         reply = msgspec.json.decode((await sub.next_msg(timeout=10)).data, type=ev.SubmitReply)
         assert not reply.accepted and "malformed" in reply.problems[0].message
         ok = await submit(
@@ -128,7 +128,7 @@ async def test_a_deeply_nested_workflow_object_is_rejected_not_crashed_on(
     async with context(nats_url, prefix) as ctx, running(Planner(ctx)):
         inbox = ctx.nc.new_inbox()
         sub = await ctx.nc.subscribe(inbox, max_msgs=1)
-        await ctx.js.publish(ctx.subjects.submit, payload, headers={REPLY_HEADER: inbox})
+        await ctx.js.publish(ctx.subjects.submit, payload, headers={ev.REPLY_HEADER: inbox})
         reply = msgspec.json.decode((await sub.next_msg(timeout=10)).data, type=ev.SubmitReply)
     assert not reply.accepted
     assert any("nesting" in p.message for p in reply.problems), reply.problems

@@ -28,7 +28,8 @@ from jetreduce.cli.submit import submit
 from jetreduce.cli.upload import upload_input
 from jetreduce.cli.watch import Watcher
 from jetreduce.contract import events as ev
-from jetreduce.contract.events import SubmitOptions, input_upload_object
+from jetreduce.contract.events import SubmitOptions
+from jetreduce.contract.objects import input_upload_object
 from jetreduce.contract.subjects import Subjects
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.kubernetes import KubernetesBackend, job_name

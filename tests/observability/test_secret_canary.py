@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from helpers import services
 from jetreduce.contract import events as ev
+from jetreduce.contract.objects import log_object
 from jetreduce.runtime import telemetry
 
 pytestmark = pytest.mark.anyio
@@ -75,7 +76,7 @@ async def test_the_secret_appears_in_no_message_span_or_log(
                 await sub.unsubscribe()
             assert isinstance(done, ev.WorkflowCompleted), h.agent_logs()
             objects = await h.nc.jetstream().object_store(h.subjects.objects_bucket)
-            stored_log = (await objects.get(f"logs/{done.workflow_id}/1")).data or b""
+            stored_log = (await objects.get(log_object(done.workflow_id, 1))).data or b""
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)

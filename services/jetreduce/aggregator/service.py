@@ -31,7 +31,7 @@ from jetreduce.contract.events import (
     decode_as,
     encode,
 )
-from jetreduce.contract.records import Phase, WorkflowRecord
+from jetreduce.contract.records import Phase, WorkflowRecord, needs_reduce
 from jetreduce.contract.workflow.model import ErrorPolicy
 from jetreduce.queues.base import ItemQueue, QueueDepth, QueueError
 from jetreduce.queues.factory import open_queue
@@ -416,13 +416,9 @@ class Aggregator:
                 await self.finish_failed(wf, f"{reason}: {event.error}")
         elif isinstance(event, MapComplete):
             spec = await self.state.get_spec(wf)
-            if spec is not None and (
-                spec.workflow.reduce is None or not spec.workflow.reduce.steps
-            ):
+            # An empty map needs no reduce whatever the spec (even one that cannot be read).
+            if event.total == 0 or (spec is not None and not needs_reduce(spec, event.total)):
                 await self.finish_completed(wf, event.total, event.done, event.dead, "")
-            elif event.total == 0:
-                # Prodigy: no work items means map and reduce are both skipped.
-                await self.finish_completed(wf, 0, 0, 0, "")
         elif isinstance(event, ReduceCompleted):
             record = await self.state.get(wf)
             if record is not None:

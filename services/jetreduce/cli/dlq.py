@@ -14,8 +14,10 @@ from jetreduce.cli import exit_codes
 from jetreduce.cli.options import Nats
 from jetreduce.cli.session import Body, run_connected
 from jetreduce.contract import events as ev
+from jetreduce.contract.objects import DEAD_LETTER_KINDS, object_prefix
 from jetreduce.contract.subjects import Subjects
 from jetreduce.lang.pipeline import PipelineError, compile_filter
+from jetreduce.runtime.store import read_events
 
 __all__ = ["build"]
 
@@ -29,26 +31,9 @@ def _index(item: str) -> int:
 
 
 async def _entries(nc: Any, subjects: Subjects, wf: str | None) -> list[ev.ItemDead]:
-    js = nc.jetstream()
     subject = subjects.dlq_of(wf) if wf else subjects.dlq_of("*")
-    try:
-        sub = await js.subscribe(subject, stream=subjects.dlq_stream, ordered_consumer=True)
-    except NotFoundError:
-        return []
-    out: list[ev.ItemDead] = []
-    try:
-        info = await js.stream_info(subjects.dlq_stream, subjects_filter=subject)
-        expected = sum((info.state.subjects or {}).values())
-        while len(out) < expected:
-            try:
-                msg = await sub.next_msg(timeout=5)
-            except TimeoutError:
-                break
-            event = ev.decode(msg.data)
-            if isinstance(event, ev.ItemDead):
-                out.append(event)
-    finally:
-        await sub.unsubscribe()
+    stored = await read_events(nc.jetstream(), subjects.dlq_stream, subject)
+    out = [e for e in stored if isinstance(e, ev.ItemDead)]
     return sorted(out, key=lambda e: (e.workflow_id, e.index))
 
 
@@ -160,10 +145,10 @@ def build(settings_of: Any) -> typer.Typer:
         async def go(nc: Any, s: Subjects) -> int:
             js = nc.jetstream()
             await js.purge_stream(s.dlq_stream, subject=s.dlq_of(workflow_id))
-            # Items too large for a message stay stored while dead-lettered: not any more.
+            # Stored items and logs stay while dead-lettered (contract/objects.py): not now.
             with contextlib.suppress(NotFoundError):
                 store = await js.object_store(s.objects_bucket)
-                prefix = ev.object_prefix(ev.item_object, workflow_id)
+                prefix = tuple(object_prefix(kind, workflow_id) for kind in DEAD_LETTER_KINDS)
                 for info in await store.list(ignore_deletes=True):
                     if info.name.startswith(prefix):
                         await store.delete(info.name)

@@ -19,10 +19,9 @@ from jetreduce.cli.options import Nats
 from jetreduce.cli.session import run_connected
 from jetreduce.contract import events as ev
 from jetreduce.contract.subjects import Subjects
+from jetreduce.runtime.store import read_events
 
 __all__ = ["item_logs", "register"]
-
-READ_TIMEOUT_S = 5.0
 
 
 def _index(item: str) -> int:
@@ -34,30 +33,9 @@ def _index(item: str) -> int:
 
 
 async def _failed_attempts(js: Any, s: Subjects, wf: str, index: int) -> list[ev.ItemFailed]:
-    """Every stored ``item.failed`` of the item, oldest first (bounded: the stream says how
-    many there are, and each read waits at most ``READ_TIMEOUT_S``)."""
-    subject = s.item_failed(wf, index)
-    try:
-        info = await js.stream_info(s.events_stream, subjects_filter=subject)
-    except NotFoundError:
-        return []
-    expected = sum((info.state.subjects or {}).values())
-    if not expected:
-        return []
-    out: list[ev.ItemFailed] = []
-    sub = await js.subscribe(subject, stream=s.events_stream, ordered_consumer=True)
-    try:
-        while len(out) < expected:
-            try:
-                msg = await sub.next_msg(timeout=READ_TIMEOUT_S)
-            except TimeoutError:
-                break
-            event = ev.decode(msg.data)
-            if isinstance(event, ev.ItemFailed):
-                out.append(event)
-    finally:
-        await sub.unsubscribe()
-    return out
+    """Every stored ``item.failed`` of the item, oldest first (``runtime/store.py``)."""
+    stored = await read_events(js, s.events_stream, s.item_failed(wf, index))
+    return [e for e in stored if isinstance(e, ev.ItemFailed)]
 
 
 async def _last(js: Any, stream: str, subject: str) -> ev.Event | None:

@@ -19,6 +19,7 @@ from nats.js.api import PubAck
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from jetreduce.contract.events import (
+    REPLY_HEADER,
     SubmitOptions,
     SubmitReply,
     WorkflowRejected,
@@ -39,8 +40,6 @@ __all__ = [
     "new_workflow_id",
     "submit",
 ]
-
-REPLY_HEADER = "Jetreduce-Reply"  # mirrors planner.REPLY_HEADER (services are not imported)
 
 
 class SubmitRejected(Exception):

@@ -1,7 +1,7 @@
 """Uploading a workflow's ``map.input`` file at submit time, for agents that do not share the
 submitter's disk (Kubernetes pods).
 
-The object's name comes from the workflow id (``contract.events.input_upload_object``) and the
+The object's name comes from the workflow id (``contract.objects.input_upload_object``) and the
 submission only says *that* it was uploaded (``SubmitOptions.input_upload``), so a submission
 cannot point agents or the janitor at another workflow's object. The setup agent
 uses the upload only when its working directory lacks the file (a setup step that writes the
@@ -19,7 +19,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from jetreduce.cli.submit import SubmitRejected, submit
-from jetreduce.contract.events import SubmitOptions, SubmitReply, input_upload_object
+from jetreduce.contract.events import SubmitOptions, SubmitReply
+from jetreduce.contract.objects import input_upload_object
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.workflow import Workflow
 from jetreduce.lang.map_input import input_file as map_input_file

@@ -29,7 +29,7 @@ from rich.progress import (
 
 from jetreduce.cli.text import printable
 from jetreduce.contract import events as ev
-from jetreduce.contract.subjects import Subjects
+from jetreduce.contract.subjects import TERMINAL_EVENTS, Subjects
 
 __all__ = ["Watcher", "describe"]
 
@@ -190,7 +190,7 @@ class Watcher:
 
     async def stored_terminal(self) -> Terminal | None:
         js = self.nc.jetstream()
-        for name in ("completed", "failed", "cancelled", "timed_out", "rejected"):
+        for name in (*TERMINAL_EVENTS, "rejected"):
             try:
                 msg = await js.get_last_msg(self.s.events_stream, self.s.workflow(name, self.wf))
             except NotFoundError:

@@ -16,7 +16,6 @@ field.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -26,6 +25,7 @@ from jetreduce.contract.subjects import MAX_INDEX, is_token
 __all__ = [
     "DURATION_HEADER",
     "INLINE_ITEM_LIMIT",
+    "REPLY_HEADER",
     "SCHEMA_VERSION",
     "WORKSPACES",
     "AgentExited",
@@ -68,17 +68,16 @@ __all__ = [
     "decode",
     "decode_as",
     "encode",
-    "input_upload_object",
-    "item_object",
     "now",
-    "object_prefix",
-    "output_object",
 ]
 
 SCHEMA_VERSION = 1
 DURATION_HEADER = "Jetreduce-Duration"
 """Header of ``item.done`` / ``item.dead`` carrying the attempt's ``duration_s``: a metrics
 reader takes it from a headers-only consumer instead of fetching the whole result."""
+REPLY_HEADER = "Jetreduce-Reply"
+"""Header of a ``workflow.submit`` naming an inbox: the planner answers the submission there
+(JetStream keeps no reply subjects, so request/reply over a stored subject needs this)."""
 MAX_TEXT = 64 * 1024
 """Longest captured output / error text carried inline in an event (bytes of UTF-8)."""
 
@@ -127,19 +126,15 @@ class SubmitOptions(msgspec.Struct, kw_only=True, omit_defaults=True):
     image: str | None = None
     """Agent image of the workflow's pods (kubernetes); None: the installation's."""
     input_upload: bool = False
-    """The submitter uploaded the ``map.input`` file as :func:`input_upload_object`: agents
-    that do not share its disk (pods) read the input from there when their working directory
-    lacks the file. A flag, not a name, so no submission can point an agent (or the janitor's
-    cleanup) at another workflow's object. Deleted with the workflow's other objects."""
+    """The submitter uploaded the ``map.input`` file as ``contract.objects.input_upload_object``:
+    agents that do not share its disk (pods) read the input from there when their working
+    directory lacks the file. A flag, not a name, so no submission can point an agent (or the
+    janitor's cleanup) at another workflow's object. Deleted with the workflow's other
+    objects."""
 
 
 WORKSPACES: tuple[str, ...] = ("agent", "item", "shared")
 """The values of ``SubmitOptions.workspace``."""
-
-
-def input_upload_object(workflow_id: str) -> str:
-    """Object-store name of a workflow's uploaded map input (``SubmitOptions.input_upload``)."""
-    return f"upload/{workflow_id}"
 
 
 class WorkflowSubmit(_Base, tag="workflow.submit", kw_only=True):
@@ -375,21 +370,6 @@ the object store and the message names it, so no item is too large to queue (the
 default ``max_payload`` is 1 MiB)."""
 
 
-def item_object(workflow_id: str, index: int) -> str:
-    """Object-store name of an item too large for its message (``WorkItem.item_stored``)."""
-    return f"items/{workflow_id}/{index}"
-
-
-def output_object(workflow_id: str, index: int) -> str:
-    """Object-store name of an item's whole output when it exceeds ``MAX_TEXT``."""
-    return f"outputs/{workflow_id}/{index}"
-
-
-def object_prefix(name_of: Callable[[str, int], str], workflow_id: str) -> str:
-    """What every name ``name_of`` gives for ``workflow_id`` starts with (to list them)."""
-    return name_of(workflow_id, 0).removesuffix("0")
-
-
 class WorkItem(_Base, tag="work.item", kw_only=True):
     """One unit of map work. ``index`` is its position after the pipeline (input order)."""
 
@@ -488,9 +468,6 @@ Event = (
     | ItemFailed
     | Progress
 )
-
-TERMINAL_EVENTS = ("completed", "failed", "cancelled", "timed_out")
-"""``workflow.<event>`` names that end a workflow."""
 
 
 class BadEvent(ValueError):

@@ -12,9 +12,10 @@ from enum import StrEnum
 import msgspec
 
 from jetreduce.contract.events import SubmitOptions
+from jetreduce.contract.subjects import TERMINAL_EVENTS
 from jetreduce.contract.workflow.model import Workflow
 
-__all__ = ["Phase", "PhaseClaim", "StoredSpec", "WorkflowRecord"]
+__all__ = ["Phase", "PhaseClaim", "StoredSpec", "WorkflowRecord", "needs_reduce"]
 
 
 class Phase(StrEnum):
@@ -38,7 +39,7 @@ class Phase(StrEnum):
 
 
 _ORDER = list(Phase)
-_TERMINAL = {Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED, Phase.TIMED_OUT}
+_TERMINAL = frozenset(Phase(event) for event in TERMINAL_EVENTS)
 
 
 class WorkflowRecord(msgspec.Struct, kw_only=True):
@@ -63,6 +64,15 @@ class StoredSpec(msgspec.Struct, kw_only=True):
     workflow: Workflow
     options: SubmitOptions
     captures: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+def needs_reduce(spec: StoredSpec, total: int) -> bool:
+    """Whether a workflow whose map ended with ``total`` items runs a reduce: it has reduce
+    steps and at least one item (Prodigy: no work items skips map and reduce). The launcher
+    starts the reduce agent exactly when this holds; the aggregator completes the workflow
+    at ``map.complete`` exactly when it does not."""
+    reduce = spec.workflow.reduce
+    return reduce is not None and bool(reduce.steps) and total > 0
 
 
 class PhaseClaim(msgspec.Struct, kw_only=True):

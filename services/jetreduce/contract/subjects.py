@@ -18,7 +18,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["MAX_INDEX", "TOKEN_RE", "InvalidToken", "Subjects", "check_token", "is_token"]
+__all__ = [
+    "MAX_INDEX",
+    "TERMINAL_EVENTS",
+    "TOKEN_RE",
+    "InvalidToken",
+    "Subjects",
+    "check_token",
+    "is_token",
+]
 
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
 """What a workflow id (and any other user-chosen subject token) may look like. Use it with
@@ -65,6 +73,10 @@ LANES = ("p0", "p1", "p2")
 """Priority lanes of the work stream, highest first. ``p1`` is the default (normal)."""
 
 PRIORITY_LANES = {"high": "p0", "normal": "p1", "low": "p2"}
+
+TERMINAL_EVENTS = ("completed", "failed", "cancelled", "timed_out")
+"""``workflow.<event>`` names that end a workflow: the one list every service, watcher and
+test uses (``contract.records.Phase`` names its terminal phases after them)."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +182,10 @@ class Subjects:
 
     def item_failed(self, wf: str, item: int) -> str:
         return self._s("item", "failed", _wf(wf), _item(item))
+
+    def workflow_ends(self, wf: str) -> list[str]:
+        """The subjects of the events that end ``wf`` (an id, or ``*`` for any workflow)."""
+        return [self.workflow(event, wf) for event in TERMINAL_EVENTS]
 
     def any_workflow(self, event: str = "*") -> str:
         return self._s("workflow", event, "*")

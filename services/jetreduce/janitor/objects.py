@@ -1,14 +1,16 @@
-"""Which large items and outputs each workflow has in the object store, kept up to date from
-the store's meta subjects, so that cleaning up after a workflow costs its own objects only.
+"""Which per-item objects (large items and outputs, dead items' logs) each workflow has in
+the object store, kept up to date from the store's meta subjects, so that cleaning up after a
+workflow costs its own objects only.
 
 The object store keeps one meta message per object on ``$O.<bucket>.M.<base64 name>``. The
 name is base64 encoded into a single subject token, and subject filters match whole tokens
 only, so the server cannot select "the objects named ``items/<wf>/…``" for us: listing the
 store (``ObjectStore.list``) reads the meta of every object of every workflow, at every
 workflow end. Instead :class:`ObjectIndex` follows the meta subjects once (an ordered
-consumer, last message per subject, then every change) and keeps the names of ``items/`` and
-``outputs/`` objects per workflow. Its memory is a name per such object, and each such object
-holds more than a message's worth of bytes, so the index is a small fraction of the store.
+consumer, last message per subject, then every change) and keeps the names of per-item
+objects (``items/``, ``outputs/``, ``logs/``: ``contract/objects.py``) per workflow. Its memory
+is a name per such object: items and outputs hold more than a message's worth of bytes each,
+and logs exist for dead items only, so the index is a small fraction of the store.
 
 Before answering for a workflow, :meth:`ObjectIndex.names` waits until the index has read up
 to the newest meta message stored at the time of the call: an object put before the workflow
@@ -30,7 +32,7 @@ from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 from nats.js.object_store import OBJ_ALL_META_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE
 
-from jetreduce.contract.events import item_object, output_object
+from jetreduce.contract.objects import object_owner
 
 __all__ = ["CATCH_UP_S", "ObjectIndex"]
 
@@ -40,22 +42,17 @@ CATCH_UP_S = 10.0
 """Longest wait (s) for the index to read the meta messages stored before a question; past
 it :meth:`ObjectIndex.names` raises and the janitor's event is redelivered."""
 
-_KINDS = (item_object, output_object)
-"""The object names indexed: ``items/<workflow id>/<index>``, ``outputs/…``."""
-
 
 def _owner(name: str) -> str | None:
-    """The workflow id in an item or output object's name; None for other objects."""
-    rest, sep, index = name.rpartition("/")
-    if not sep or not index.isdigit():
-        return None
-    wf = rest.partition("/")[2]
-    return wf if wf and any(f(wf, int(index)) == name for f in _KINDS) else None
+    """The workflow id in a per-item object's name (``contract.objects.PER_ITEM_KINDS``);
+    None for other objects."""
+    owner = object_owner(name)
+    return owner[0] if owner is not None else None
 
 
 class ObjectIndex:
-    """Names of the ``items/`` and ``outputs/`` objects per workflow (see the module
-    docstring). :meth:`run` follows the store; :meth:`names` answers once caught up."""
+    """Names of the per-item objects (``items/``, ``outputs/``, ``logs/``) per workflow (see
+    the module docstring). :meth:`run` follows the store; :meth:`names` answers once caught up."""
 
     def __init__(self, js: JetStreamContext, bucket: str) -> None:
         self._js = js
@@ -110,7 +107,7 @@ class ObjectIndex:
             self._progress.notify_all()
 
     async def names(self, wf: str, timeout_s: float = CATCH_UP_S) -> set[str]:
-        """The names of ``wf``'s item and output objects stored when this is called.
+        """The names of ``wf``'s per-item objects stored when this is called.
         Raises ``TimeoutError`` when the index has not caught up within ``timeout_s``."""
         try:
             newest = (await self._js.get_last_msg(self._stream, self._meta)).seq or 0

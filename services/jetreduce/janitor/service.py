@@ -18,10 +18,8 @@ from jetreduce.contract.events import (
     WorkItem,
     decode,
     encode,
-    input_upload_object,
-    item_object,
-    object_prefix,
 )
+from jetreduce.contract.objects import DEAD_LETTER_KINDS, object_owner, whole_workflow_objects
 from jetreduce.contract.records import Phase
 from jetreduce.janitor.deadlines import Deadlines
 from jetreduce.janitor.k8s_sweep import ORPHAN_SWEEP_S, OrphanSweeper, WorkflowObjects
@@ -36,7 +34,6 @@ __all__ = ["Janitor"]
 
 log = logging.getLogger(__name__)
 
-_TERMINAL = ("completed", "failed", "cancelled", "timed_out")
 TIMEOUT_SWEEP_S = 1.0
 
 
@@ -63,7 +60,7 @@ class Janitor:
             self.ctx,
             stream=self.s.events_stream,
             durable="janitor",
-            filters=[self.s.workflow("cancel", "*"), *[self.s.workflow(e, "*") for e in _TERMINAL]],
+            filters=[self.s.workflow("cancel", "*"), *self.s.workflow_ends("*")],
             handler=self.on_event,
         )
         # Items a queue stopped delivering (JetStream's max deliveries), behind the seam.
@@ -163,21 +160,24 @@ class Janitor:
         return open_queue(self.ctx, wf, spec.options.queue if spec else None)
 
     async def _delete_item_objects(self, store: Any, wf: str) -> None:
-        """Items too large for their message and outputs too large for their event, as the
-        object index knows them (the workflow's own objects only: no listing of the store).
-        An item still in the dead-letter queue keeps its object: a DLQ retry runs it again
-        (``dlq purge`` deletes it). When the index lags, the terminal event is redelivered."""
-        items = object_prefix(item_object, wf)
+        """Items too large for their message, outputs too large for their event and dead
+        items' logs, as the object index knows them (the workflow's own objects only: no
+        listing of the store). An item still in the dead-letter queue keeps its stored item
+        and its log (``contract/objects.py``): a DLQ retry runs it again, ``dlq show``
+        prints the log. When the index lags, the terminal event is redelivered."""
         try:
             names = await self.objects.names(wf)
         except TimeoutError:
             raise Retry(f"object index of {wf}: not caught up with the store yet") from None
         for name in sorted(names):
-            if name.startswith(items):
-                index = int(name.removeprefix(items))
-                if await is_stored(self.ctx.js, self.s.dlq_stream, self.s.dlq(wf, index)):
-                    continue  # dead-lettered: kept
-            with contextlib.suppress(Exception):
+            owner = object_owner(name)
+            if (
+                owner is not None
+                and owner[2] in DEAD_LETTER_KINDS
+                and await is_stored(self.ctx.js, self.s.dlq_stream, self.s.dlq(wf, owner[1]))
+            ):
+                continue  # dead-lettered: kept
+            with contextlib.suppress(Exception):  # gone already: nothing to delete
                 await store.delete(name)
 
     async def clean(self, wf: str) -> None:
@@ -188,7 +188,7 @@ class Janitor:
             return  # no object store (yet): nothing stored
         # The resolved input, and the submitter's upload of it if any (its name comes
         # from the id, so it goes without reading the possibly removed record).
-        for name in (f"input/{wf}", input_upload_object(wf)):
+        for name in whole_workflow_objects(wf):
             with contextlib.suppress(Exception):  # absent: nothing to delete
                 await store.delete(name)
         await self._delete_item_objects(store, wf)

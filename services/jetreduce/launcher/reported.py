@@ -18,21 +18,17 @@ exit; the pod's failure is still reported).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
-from nats.js.errors import NotFoundError
 
-from jetreduce.contract.events import BadEvent, JobStatus, PodFailed, decode
+from jetreduce.contract.events import JobStatus, PodFailed
 from jetreduce.contract.subjects import Subjects
+from jetreduce.runtime.store import read_events
 
 __all__ = ["Reported", "status_key"]
 
 log = logging.getLogger(__name__)
-
-READ_TIMEOUT_S = 5.0
 
 Key = tuple[str, ...]
 
@@ -103,27 +99,6 @@ class Reported:
     async def _read(self, wf: str) -> set[Key]:
         keys: set[Key] = set()
         for kind in ("job", "pod_failed"):
-            subject = self._s.agent(kind, wf)
-            try:
-                await self._js.get_last_msg(self._s.events_stream, subject)
-            except NotFoundError:
-                continue
-            sub = await self._js.subscribe(
-                subject,
-                stream=self._s.events_stream,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.ALL,
-            )
-            try:
-                while True:
-                    msg = await sub.next_msg(timeout=READ_TIMEOUT_S)
-                    with contextlib.suppress(BadEvent):
-                        event = decode(msg.data)
-                        if isinstance(event, JobStatus | PodFailed):
-                            keys.add(status_key(event))
-                    if not msg.metadata.num_pending:
-                        break
-            finally:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+            stored = await read_events(self._js, self._s.events_stream, self._s.agent(kind, wf))
+            keys.update(status_key(e) for e in stored if isinstance(e, JobStatus | PodFailed))
         return keys

@@ -41,7 +41,8 @@ from jetreduce.contract.events import (
     decode_as,
     encode,
 )
-from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
+from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord, needs_reduce
+from jetreduce.contract.subjects import TERMINAL_EVENTS
 from jetreduce.launcher.admission import Candidate, admit
 from jetreduce.launcher.backend import AgentBackend
 from jetreduce.launcher.mapping import MappingRecords
@@ -56,7 +57,6 @@ __all__ = ["Launcher"]
 
 log = logging.getLogger(__name__)
 
-_TERMINAL = ("completed", "failed", "cancelled", "timed_out")
 RECONCILE_EVERY_S = 15.0
 AGING_S = 300.0
 """Waiting this long lifts a workflow one priority lane (launcher/admission.py)."""
@@ -156,7 +156,7 @@ class Launcher:
             self.s.workflow("planned", "*"),
             self.s.workflow("reopened", "*"),
             self.s.map("complete", "*"),
-            *[self.s.workflow(e, "*") for e in _TERMINAL],
+            *self.s.workflow_ends("*"),
         ]
         consumer = EventConsumer(
             self.ctx,
@@ -306,7 +306,7 @@ class Launcher:
     async def _on_event(self, msg: Msg) -> None:
         kind = ".".join(msg.subject.split(".")[-3:-1])
         wf = msg.subject.rsplit(".", 1)[-1]
-        if kind.startswith("workflow.") and kind.split(".")[1] in _TERMINAL:
+        if kind.startswith("workflow.") and kind.split(".")[1] in TERMINAL_EVENTS:
             self.leadership.check()
             await self.backend.stop(wf)
             self.reported.forget(wf)
@@ -342,8 +342,7 @@ class Launcher:
         if self.max_slots is not None:
             self.mapping.complete.add(wf)
             await self.admit_maps(wf)
-        reduce = spec.workflow.reduce
-        if reduce is None or not reduce.steps or complete.total == 0:
+        if not needs_reduce(spec, complete.total):
             return
         await self.state.transition(wf, Phase.REDUCING)
         await self._launch(wf, "reduce", [1], spec)

@@ -21,6 +21,7 @@ from nats.js.errors import NotFoundError
 
 from jetreduce.contract.events import (
     INLINE_ITEM_LIMIT,
+    REPLY_HEADER,
     WORKSPACES,
     BadEvent,
     ItemDead,
@@ -37,8 +38,8 @@ from jetreduce.contract.events import (
     WorkItem,
     decode_as,
     encode,
-    item_object,
 )
+from jetreduce.contract.objects import item_object
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import PRIORITY_LANES, InvalidToken, check_token
 from jetreduce.contract.workflow import WorkflowInvalid
@@ -58,15 +59,12 @@ from jetreduce.runtime.telemetry import (
     tracing_enabled,
 )
 
-__all__ = ["REPLY_HEADER", "Planner"]
+__all__ = ["Planner"]
 
 log = logging.getLogger(__name__)
 
 INBOX_RE = re.compile(r"_INBOX(\.[A-Za-z0-9_-]+)+")
 """A client's inbox (``nc.new_inbox()``): literal tokens, no wildcard, under ``_INBOX``."""
-REPLY_HEADER = "Jetreduce-Reply"
-"""Header naming an inbox: the planner answers a submission there (JetStream keeps no reply
-subjects, so request/reply over a stored subject needs this)."""
 
 VISIBILITY_S = 30.0
 """Lease length of a work item; agents heartbeat at a third of it."""

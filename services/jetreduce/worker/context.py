@@ -259,8 +259,8 @@ class AgentBase:
             self.stop.set()
 
         subs = [
-            await self.ctx.nc.subscribe(self.s.workflow(e, self.wf), cb=on_end)
-            for e in ("completed", "failed", "cancelled", "timed_out")
+            await self.ctx.nc.subscribe(subject, cb=on_end)
+            for subject in self.s.workflow_ends(self.wf)
         ]
         if also_map_complete:
             subs.append(

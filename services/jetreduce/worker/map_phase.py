@@ -17,8 +17,8 @@ from jetreduce.contract.events import (
     LeaseAges,
     QueueStatus,
     encode,
-    item_object,
 )
+from jetreduce.contract.objects import item_object
 from jetreduce.contract.records import Phase
 from jetreduce.contract.workflow.model import RetryConfig, Step
 from jetreduce.queues.base import Lease

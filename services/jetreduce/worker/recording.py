@@ -13,8 +13,8 @@ from jetreduce.contract.events import (
     ItemFailed,
     MapFailed,
     encode,
-    output_object,
 )
+from jetreduce.contract.objects import log_object, output_object
 from jetreduce.queues.base import Lease
 from jetreduce.queues.resilient import ResilientQueue
 from jetreduce.runtime.publish import AckMux, publish_once, publish_retrying
@@ -171,7 +171,7 @@ class ItemRecorder(AgentBase):
         self, index: int, attempt: int, outcomes: list[StepOutcome], failed: StepOutcome
     ) -> str | None:
         """Keep the failed attempt's output (bounded tails) for `jetreduce dlq show`."""
-        name = f"logs/{self.wf}/{index}"
+        name = log_object(self.wf, index)
         parts = []
         for number, o in enumerate(outcomes, 1):
             parts.append(f"--- step {number}: exit {o.exit_code}{' (timed out)' * o.timed_out}")

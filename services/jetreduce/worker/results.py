@@ -20,7 +20,8 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from jetreduce.contract.events import ItemDead, ItemDone, decode, output_object
+from jetreduce.contract.events import ItemDead, ItemDone, decode
+from jetreduce.contract.objects import output_object
 from jetreduce.contract.subjects import Subjects
 
 __all__ = ["ResultsSpool", "agent_result"]

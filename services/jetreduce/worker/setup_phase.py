@@ -13,6 +13,7 @@ from jetreduce.contract.events import (
     SetupFailed,
     encode,
 )
+from jetreduce.contract.objects import input_object, input_upload_object
 from jetreduce.lang.map_input import INPUT_COMMAND_TIMEOUT_S, input_command, input_file
 from jetreduce.runtime.claim import Taken
 from jetreduce.runtime.publish import publish_once
@@ -81,7 +82,7 @@ class SetupRunner(AgentBase):
             await self._setup_failed(problem, None)
             return 0
         store = await self.ctx.js.object_store(self.s.objects_bucket)
-        name = f"input/{self.wf}"
+        name = input_object(self.wf)
         size = path.stat().st_size
         with open(path, "rb") as f:
             await store.put(name, f)
@@ -110,7 +111,6 @@ class SetupRunner(AgentBase):
         copy of it the submitter uploaded (a pod does not see the submitter's disk; a file
         that setup wrote, or that is here, wins), or the input command's whole stdout
         (spooled to disk, never truncated)."""
-        from jetreduce.contract.events import input_upload_object
 
         new_items = sorted(
             f for f in set(os.listdir(self.workdir)) - before if f.endswith("work-items.json")

@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 
 from jetreduce.contract import events as ev
-from jetreduce.contract.subjects import PRIORITY_LANES, Subjects
+from jetreduce.contract.subjects import PRIORITY_LANES, TERMINAL_EVENTS, Subjects
 from jetreduce.runtime.telemetry._setup import meter as current_meter
 
 __all__ = ["EventMetrics"]
@@ -45,7 +45,6 @@ EVENTS, headers only, each delivered to the queue group of its name; the server 
 CONSUMER_IDLE_S = 3600.0
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 """Item attempts run from milliseconds (an echo) to an hour (a claude step)."""
-_TERMINAL = ("completed", "failed", "cancelled", "timed_out")
 LEASE_REPORT_STALE_S = 60.0
 """An agent's lease report older than this is dropped (the agent is gone; agents report
 every third of their lease, 10 s by default)."""
@@ -221,7 +220,7 @@ class EventMetrics:
             self._forget(wf, agents=False)
         elif isinstance(event, ev.ReduceCompleted | ev.ReduceFailed):
             self._agents.pop((wf, "reduce"), None)
-        elif msg.subject.rsplit(".", 2)[-2] in _TERMINAL:
+        elif msg.subject.rsplit(".", 2)[-2] in TERMINAL_EVENTS:
             self._forget(wf, agents=True)
 
     def _forget(self, wf: str, *, agents: bool) -> None:
@@ -296,7 +295,7 @@ def _state_subjects(s: Subjects) -> list[str]:
     return [
         s.workflow("planned", "*"),
         s.workflow("reopened", "*"),
-        *(s.workflow(e, "*") for e in _TERMINAL),
+        *s.workflow_ends("*"),
         s.agent("launched", "*"),
         s.agent("exited", "*"),
         s.agent("circuit", "*"),
