@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -23,7 +22,8 @@ import typer
 from typer.core import TyperOption
 
 from jetreduce import __version__
-from jetreduce.cli import exit_codes
+from jetreduce.cli import context, exit_codes, workflow_file
+from jetreduce.cli.context import fail
 from jetreduce.cli.dlq import build as build_dlq
 from jetreduce.cli.host import SERVICE_NAMES, ServiceHost
 from jetreduce.cli.item_logs import register as register_logs
@@ -48,26 +48,22 @@ from jetreduce.cli.options import (
 from jetreduce.cli.outcome import show_outcome, terminal_code
 from jetreduce.cli.roles import agent_settings
 from jetreduce.cli.roles import register as register_roles
-from jetreduce.cli.session import Target, run_connected
+from jetreduce.cli.session import run_connected
 from jetreduce.cli.signals import Signals, block_until_signalled
 from jetreduce.cli.submit import (
     SubmitRejected,
     format_problems,
-    load_workflow,
-    new_workflow_id,
 )
 from jetreduce.cli.text import printable
 from jetreduce.cli.upload import input_file, submit_with_upload
 from jetreduce.cli.watch import Watcher, describe
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import WORKSPACES, SubmitOptions
-from jetreduce.contract.subjects import InvalidToken, Subjects, check_token
+from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
-from jetreduce.contract.workflow import WorkflowInvalid
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.runtime import telemetry
 from jetreduce.runtime.connection import ConnectFailed
-from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
 
 app = typer.Typer(
@@ -96,31 +92,6 @@ def _no_placeholder_for_flags() -> None:
 
 _no_placeholder_for_flags()
 app.add_typer(services_app, name="services")
-
-
-class _Global:
-    settings = NatsSettings()
-    url_given = False
-    """``--nats`` before the command, or ``JETREDUCE_NATS_URL``."""
-
-
-def _settings(nats: str | None) -> NatsSettings:
-    """The global settings, with a command's own ``--nats`` taking precedence."""
-    return replace(_Global.settings, url=nats) if nats else _Global.settings
-
-
-def _target(nats: str | None, *, serve: bool = False) -> Target:
-    """:func:`_settings`, or, when no server was named and ``.jetreduce`` here holds a store,
-    that store's server (``cli/session.py``)."""
-    store = Path(DEFAULT_DATA_DIR)
-    named = nats is not None or _Global.url_given
-    if named or not (store / "nats" / "jetstream").is_dir():
-        return Target(_settings(nats))
-    return Target(_settings(nats), store=store, serve=serve)
-
-
-def _query_target(nats: str | None) -> Target:
-    return _target(nats, serve=True)
 
 
 def _version(shown: bool) -> None:
@@ -168,43 +139,10 @@ def _root(
     # `worker` configure again under their own service name. Spans are flushed at exit.
     telemetry.configure("jetreduce-cli")
     atexit.register(telemetry.shutdown)
-    _Global.settings = make_settings(
+    context.Global.settings = make_settings(
         nats, creds, nkey, user, password, token, tls_ca, tls_cert, tls_key, prefix
     )
-    _Global.url_given = nats is not None
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(message, err=True)
-    return typer.Exit(code)
-
-
-def _load(path: Path) -> tuple[str, Any, dict[str, str]]:
-    try:
-        text, result, used = load_workflow(path)
-    except OSError as exc:
-        raise _fail(f"cannot read {path}: {exc.strerror or exc}", exit_codes.USAGE) from None
-    except WorkflowInvalid as exc:
-        _warn(path, exc.warnings)
-        raise _fail(str(exc), exit_codes.USAGE) from None
-    _warn(path, result.warnings)
-    return text, result, used
-
-
-def _warn(path: Path, warnings: Any) -> None:
-    for warning in warnings:  # rendered as compilers do: FILE:LINE:COL: warning: …
-        typer.echo(warning.render(str(path)), err=True)
-
-
-def _workflow_id(result: Any, given: str | None) -> str:
-    """The id to submit under: ``--id`` (checked here, before any server is involved) or a
-    fresh one made from the workflow's name."""
-    wf = given or new_workflow_id(result.workflow.name)
-    try:
-        check_token(wf)
-    except InvalidToken as exc:
-        raise _fail(str(exc), exit_codes.USAGE) from None
-    return wf
+    context.Global.url_given = nats is not None
 
 
 # -- run ----------------------------------------------------------------------------------------
@@ -275,11 +213,11 @@ _WORKSPACE_WORDS = {
 def _workspace(workspace: str | None, worktrees: bool) -> str:
     """``--workspace``, with ``--worktrees`` as its older spelling of ``item``."""
     if workspace is not None and workspace not in WORKSPACES:
-        raise _fail(
+        raise fail(
             f"unknown --workspace {workspace!r}: one of {', '.join(WORKSPACES)}", exit_codes.USAGE
         )
     if worktrees and workspace not in (None, "item"):
-        raise _fail(f"--worktrees contradicts --workspace {workspace}", exit_codes.USAGE)
+        raise fail(f"--worktrees contradicts --workspace {workspace}", exit_codes.USAGE)
     return "item" if worktrees else workspace or "agent"
 
 
@@ -287,9 +225,9 @@ def _check_backend(backend: str, namespace: str | None, image: str | None) -> No
     """``--namespace``/``--image`` say where and how pods run: without ``--backend
     kubernetes`` they would be silently ignored, so they are refused."""
     if backend not in ("local", "kubernetes"):
-        raise _fail(f"unknown --backend {backend!r}: local or kubernetes", exit_codes.USAGE)
+        raise fail(f"unknown --backend {backend!r}: local or kubernetes", exit_codes.USAGE)
     if backend != "kubernetes" and (namespace or image):
-        raise _fail("--namespace and --image need --backend kubernetes", exit_codes.USAGE)
+        raise fail("--namespace and --image need --backend kubernetes", exit_codes.USAGE)
 
 
 def _check_queue(url: str | None) -> None:
@@ -297,7 +235,7 @@ def _check_queue(url: str | None) -> None:
 
     problem = validate_queue_url(url)
     if problem is not None:
-        raise _fail(problem, exit_codes.USAGE)
+        raise fail(problem, exit_codes.USAGE)
 
 
 def _check_profile(workflow: Any, profile: str | None) -> None:
@@ -307,7 +245,7 @@ def _check_profile(workflow: Any, profile: str | None) -> None:
     profiles = workflow.profiles
     if profile not in profiles:
         names = ", ".join(sorted(profiles)) or "none"
-        raise _fail(f"profile {profile!r} is not defined (defined: {names})", exit_codes.USAGE)
+        raise fail(f"profile {profile!r} is not defined (defined: {names})", exit_codes.USAGE)
 
 
 def _dry_run(
@@ -467,8 +405,8 @@ def run(
     command); `jetreduce cancel` ends a workflow for good."""
     _check_backend(backend, namespace, image)
     if resume and workflow_id is None:
-        raise _fail("--resume needs --id ID (the workflow to continue)", exit_codes.USAGE)
-    text, result, used = _load(workflow)
+        raise fail("--resume needs --id ID (the workflow to continue)", exit_codes.USAGE)
+    text, result, used = workflow_file.load(workflow)
     _check_profile(result.workflow, profile)
     if dry_run:
         where = (workdir or Path.cwd()).resolve()
@@ -483,7 +421,7 @@ def run(
         )
         raise typer.Exit(plan)
     _check_queue(queue)
-    wf = _workflow_id(result, workflow_id)
+    wf = workflow_file.workflow_id(result, workflow_id)
     where = (workdir or Path.cwd()).resolve()
     pods = backend == "kubernetes"
     # Pods share nothing with this disk: their working directory is their own, and the
@@ -521,7 +459,7 @@ def run(
             str(workflow),
             wf,
             options,
-            _settings(nats),
+            context.settings(nats),
             nats,
             data_dir,
             quiet,
@@ -555,7 +493,7 @@ def resume_cmd(
             "",
             workflow_id,
             SubmitOptions(),
-            _settings(nats),
+            context.settings(nats),
             nats,
             data_dir,
             quiet,
@@ -604,10 +542,10 @@ def submit_cmd(
     """Submit a workflow to running services; prints its id (stdout). The map input file,
     if it is one here, is uploaded too: agents elsewhere (pods) read it from there."""
     _check_backend(backend, namespace, image)
-    text, result, used = _load(workflow)
+    text, result, used = workflow_file.load(workflow)
     _check_profile(result.workflow, profile)
     _check_queue(queue)
-    wf = _workflow_id(result, workflow_id)
+    wf = workflow_file.workflow_id(result, workflow_id)
     where = (workdir or Path.cwd()).resolve()
     pods = backend == "kubernetes"
     # Only pods lack the submitter's disk; a local installation reads the file in place.
@@ -650,7 +588,7 @@ def submit_cmd(
         await show_outcome(nc, subjects, event)
         return terminal_code(event)
 
-    run_connected(_target(nats), go)
+    run_connected(context.target(nats), go)
 
 
 @app.command()
@@ -667,7 +605,7 @@ def watch(
         await show_outcome(nc, subjects, event)
         return terminal_code(event)
 
-    run_connected(_target(nats), go)
+    run_connected(context.target(nats), go)
 
 
 @app.command()
@@ -717,7 +655,7 @@ def status(
                 typer.echo(line)
         return exit_codes.OK
 
-    run_connected(_query_target(nats), go)
+    run_connected(context.query_target(nats), go)
 
 
 async def _last_progress(js: Any, subjects: Subjects, wf: str) -> ev.Progress | None:
@@ -757,14 +695,7 @@ def cancel(
         await show_outcome(nc, subjects, event)
         return exit_codes.OK
 
-    run_connected(_target(nats), go)
-
-
-@app.command()
-def validate(workflow: Annotated[Path, typer.Argument(help="Workflow YAML file.")]) -> None:
-    """Check a workflow file; prints every problem with its line and column."""
-    _, result, _ = _load(workflow)
-    typer.echo(f"{workflow}: ok ({result.workflow.name})")
+    run_connected(context.target(nats), go)
 
 
 # -- services, agents, server -------------------------------------------------------------------
@@ -852,7 +783,7 @@ def _serve(
         metrics_port = config.prometheus_port  # OTEL_METRICS_EXPORTER=prometheus
 
     async def go() -> int:
-        settings = _settings(nats)
+        settings = context.settings(nats)
         try:
             agents = agent_settings(settings, agent_env)
         except OSError as exc:
@@ -917,7 +848,7 @@ def service(
 ) -> None:
     """Run one service (what a Kubernetes Deployment runs)."""
     if name not in SERVICE_NAMES:
-        raise _fail(
+        raise fail(
             f"unknown service {name!r}: choose from {', '.join(SERVICE_NAMES)}", exit_codes.USAGE
         )
     options = locals()
@@ -1031,10 +962,10 @@ def server(
             port=port,
             host=host,
             command="jetreduce server",
-            roles=_Global.settings.prefix if roles else None,
+            roles=context.Global.settings.prefix if roles else None,
         ).start()
     except DataDirBusy as exc:
-        raise _fail(busy_message(data_dir, exc), exit_codes.FAILED) from None
+        raise fail(busy_message(data_dir, exc), exit_codes.FAILED) from None
     typer.echo(srv.url)
     if roles:
         typer.echo(
@@ -1054,9 +985,10 @@ def server(
         srv.stop()
 
 
-app.add_typer(build_dlq(_query_target), name="dlq")
-register_roles(app, lambda: _Global.settings.prefix)
-register_logs(app, _query_target)
+app.command()(workflow_file.validate)
+app.add_typer(build_dlq(context.query_target), name="dlq")
+register_roles(app, lambda: context.Global.settings.prefix)
+register_logs(app, context.query_target)
 
 
 def spread_args(argv: list[str]) -> list[str]:
