@@ -22,10 +22,9 @@ from jetreduce.cli.submit import (
     format_problems,
 )
 from jetreduce.cli.text import printable
-from jetreduce.cli.upload import input_file, submit_with_upload
+from jetreduce.cli.upload import submit_with_upload
 from jetreduce.cli.watch import Watcher, describe
 from jetreduce.contract import events as ev
-from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
 from jetreduce.runtime.state import StateStore
@@ -48,6 +47,7 @@ def submit_cmd(
     priority: Annotated[str, typer.Option(help="high, normal or low.")] = "normal",
     workdir: Annotated[Path | None, typer.Option(help="Where commands run.")] = None,
     max_attempts: Annotated[int | None, typer.Option("--max-attempts", min=1)] = None,
+    timeout: opts.TimeoutOption = None,
     workflow_id: Annotated[str | None, typer.Option("--id", help="Workflow id.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow it until it ends.")] = False,
     args: opts.ArgsOption = None,
@@ -74,25 +74,22 @@ def submit_cmd(
     opts.check_profile(result.workflow, profile)
     opts.check_queue(queue)
     wf = workflow_file.workflow_id(result, workflow_id)
-    where = (workdir or Path.cwd()).resolve()
-    pods = backend == "kubernetes"
-    # Only pods lack the submitter's disk; a local installation reads the file in place.
-    upload = input_file(result.workflow, where, args or []) if pods else None
-    options = SubmitOptions(
-        # A pod's working directory is its own: this one means nothing there.
-        workdir=None if pods else str(where),
+    options, upload = opts.submit_options(
+        result.workflow,
+        used,
+        workdir=workdir,
+        max_parallel=max_parallel,
+        priority=priority,
+        max_attempts=max_attempts,
+        timeout=timeout,
+        args=args,
+        profile=profile,
+        worktrees=worktrees,
+        workspace=workspace,
+        queue=queue,
         backend=backend,
         namespace=namespace,
         image=image,
-        input_upload=upload is not None,
-        max_parallel=max_parallel,
-        priority=priority,
-        vars=used,
-        max_attempts=max_attempts,
-        args=args or [],
-        profile=profile,
-        workspace=opts.workspace_kind(workspace, worktrees),
-        queue=queue,
     )
 
     async def go(nc: Any, subjects: Subjects) -> int:

@@ -16,7 +16,6 @@ from jetreduce.cli.dry_run import show_plan
 from jetreduce.cli.k8s_settings import kubernetes_settings
 from jetreduce.cli.local_run import DEFAULT_DATA_DIR, run_here
 from jetreduce.cli.options import Nats
-from jetreduce.cli.upload import input_file
 from jetreduce.contract.events import SubmitOptions
 
 __all__ = ["resume_cmd", "run"]
@@ -37,9 +36,7 @@ def run(
     max_attempts: Annotated[
         int | None, typer.Option("--max-attempts", min=1, help="Attempts per item.")
     ] = None,
-    timeout: Annotated[
-        float | None, typer.Option("--timeout", help="Give up after this many seconds.")
-    ] = None,
+    timeout: opts.TimeoutOption = None,
     workflow_id: Annotated[str | None, typer.Option("--id", help="Workflow id.")] = None,
     lease: Annotated[
         float | None,
@@ -96,30 +93,26 @@ def run(
         raise typer.Exit(plan)
     opts.check_queue(queue)
     wf = workflow_file.workflow_id(result, workflow_id)
-    where = (workdir or Path.cwd()).resolve()
-    pods = backend == "kubernetes"
-    # Pods share nothing with this disk: their working directory is their own, and the
-    # input file travels through the object store.
-    upload = input_file(result.workflow, where, args or []) if pods else None
-    options = SubmitOptions(
-        workdir=None if pods else str(where),
+    options, upload = opts.submit_options(
+        result.workflow,
+        used,
+        workdir=workdir,
         max_parallel=max_parallel,
         priority=priority,
-        vars=used,
         max_attempts=max_attempts,
-        timeout_s=timeout,
-        lease_s=lease,
-        args=args or [],
+        timeout=timeout,
+        args=args,
         profile=profile,
-        workspace=opts.workspace_kind(workspace, worktrees),
+        worktrees=worktrees,
+        workspace=workspace,
         queue=queue,
         backend=backend,
         namespace=namespace,
         image=image,
-        input_upload=upload is not None,
+        lease=lease,
     )
     k8s = None
-    if pods:
+    if backend == "kubernetes":
         k8s = kubernetes_settings(namespace, image, [])
         if nats is None:
             typer.echo(

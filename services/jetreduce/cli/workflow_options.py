@@ -4,13 +4,16 @@ is submitted, since the services would only fail the workflow later."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from jetreduce.cli import exit_codes
 from jetreduce.cli.context import fail
-from jetreduce.contract.events import WORKSPACES
+from jetreduce.cli.upload import input_file
+from jetreduce.contract.events import WORKSPACES, SubmitOptions
+from jetreduce.contract.workflow import Workflow
 
 __all__ = [
     "ArgsOption",
@@ -19,14 +22,23 @@ __all__ = [
     "Namespace",
     "ProfileOption",
     "QueueOption",
+    "TimeoutOption",
     "WorkspaceOption",
     "WorktreesOption",
     "check_backend",
     "check_profile",
     "check_queue",
+    "submit_options",
     "workspace_kind",
 ]
 
+TimeoutOption = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        help="Give up after this many seconds: the workflow ends as timed out.",
+    ),
+]
 ArgsOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -117,3 +129,50 @@ def check_profile(workflow: Any, profile: str | None) -> None:
     if profile not in profiles:
         names = ", ".join(sorted(profiles)) or "none"
         raise fail(f"profile {profile!r} is not defined (defined: {names})", exit_codes.USAGE)
+
+
+def submit_options(
+    workflow: Workflow,
+    used: dict[str, str],
+    *,
+    workdir: Path | None,
+    max_parallel: int | None,
+    priority: str,
+    max_attempts: int | None,
+    timeout: float | None,
+    args: list[str] | None,
+    profile: str | None,
+    worktrees: bool,
+    workspace: str | None,
+    queue: str | None,
+    backend: str,
+    namespace: str | None,
+    image: str | None,
+    lease: float | None = None,
+) -> tuple[SubmitOptions, Path | None]:
+    """The options ``run`` and ``submit`` both submit a workflow with (one place, so an
+    option one of them takes reaches the services as the other's does), and the map input
+    file to upload with it, if any. ``used``: the ``$VAR`` values the file referenced."""
+    where = (workdir or Path.cwd()).resolve()
+    pods = backend == "kubernetes"
+    # Pods share nothing with this disk: their working directory is their own, and the
+    # input file travels through the object store. A local installation reads it in place.
+    upload = input_file(workflow, where, args or []) if pods else None
+    options = SubmitOptions(
+        workdir=None if pods else str(where),
+        max_parallel=max_parallel,
+        priority=priority,
+        vars=used,
+        max_attempts=max_attempts,
+        timeout_s=timeout,
+        lease_s=lease,
+        args=args or [],
+        profile=profile,
+        workspace=workspace_kind(workspace, worktrees),
+        queue=queue,
+        backend=backend,
+        namespace=namespace,
+        image=image,
+        input_upload=upload is not None,
+    )
+    return options, upload
