@@ -136,6 +136,7 @@ def test_services_up_gives_local_agents_the_identity_of_agent_env(
     from typer.testing import CliRunner
 
     import jetreduce.cli.app as app
+    import jetreduce.cli.serve as serve
 
     seen: dict[str, Any] = {}
 
@@ -144,7 +145,7 @@ def test_services_up_gives_local_agents_the_identity_of_agent_env(
             seen.update(settings=settings, agents=kwargs.get("agents"))
             raise ValueError("recorded")  # the command stops here, before connecting
 
-    monkeypatch.setattr(app, "ServiceHost", Recorded)
+    monkeypatch.setattr(serve, "ServiceHost", Recorded)
     agent_env = tmp_path / "agents.env"
     agent_env.write_text("JETREDUCE_NATS_USER=agents\nJETREDUCE_NATS_PASSWORD=pa\n")
     env = {

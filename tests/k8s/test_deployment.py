@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 import jetreduce.cli.app as cli
+import jetreduce.cli.serve as serve
 from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.kubernetes import build_map_job
 from kustomize import OVERLAYS, container_env, render, with_provided_secrets
@@ -25,7 +26,8 @@ def _resolved(
     target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """The rendered objects, and for each service what ``jetreduce`` would serve with it:
-    its names, backend and Kubernetes settings (``_serve`` records instead of serving)."""
+    its names, backend and Kubernetes settings (``serve.host_services``, the seam between
+    option parsing and serving, records instead of serving)."""
     for name in list(os.environ):
         if name.startswith(("JETREDUCE_", "OTEL_")):
             monkeypatch.delenv(name)
@@ -43,7 +45,7 @@ def _resolved(
         served[names[0]] = {"backend": backend, "k8s": k8s}
         return 0
 
-    monkeypatch.setattr(cli, "_serve", record)
+    monkeypatch.setattr(serve, "host_services", record)
     docs = with_provided_secrets(render(target))  # prod ships no Secret: the installer's
     for deployment in (d for d in docs if d["kind"] == "Deployment"):
         (container,) = deployment["spec"]["template"]["spec"]["containers"]

@@ -19,7 +19,7 @@ from nats.js.errors import BadRequestError
 from jetreduce.aggregator.service import Aggregator
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import TopologySettings, declare
-from jetreduce.janitor.k8s_sweep import WorkflowObjects
+from jetreduce.janitor.k8s_sweep import ORPHAN_SWEEP_S, WorkflowObjects
 from jetreduce.janitor.service import Janitor
 from jetreduce.launcher.backend import AgentBackend
 from jetreduce.launcher.k8s_settings import KubernetesSettings
@@ -78,12 +78,21 @@ class ServiceHost:
         metrics_host: str = "0.0.0.0",
         health_port: int | None = None,
         agents: NatsSettings | None = None,
+        agent_backend: AgentBackend | None = None,
+        objects: WorkflowObjects | None = None,
+        sweep_every_s: float = ORPHAN_SWEEP_S,
     ) -> None:
         """``agents``: how the launcher's agents connect (their own NATS identity, the
         ``agents`` role); None: as the services do. ``metrics_port``: serve Prometheus
         ``/metrics`` there (0 picks a free port, see :attr:`metrics_port`); None serves
         nothing. The process hosting the aggregator also derives the orchestrator's metrics
-        from its events (``runtime/telemetry``)."""
+        from its events (``runtime/telemetry``).
+
+        ``agent_backend``: a backend already built for the launcher (a test's, against the
+        Kubernetes emulator), used as it is: ``agents``, ``log_dir``, ``max_processes`` and
+        ``k8s`` describe how to build one and do not apply to it. ``objects``: what the
+        janitor sweeps for orphans every ``sweep_every_s``; by default, on the kubernetes
+        backend, the cluster's objects of workflows (nothing on the local one)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
         self.backend = backend
@@ -107,6 +116,11 @@ class ServiceHost:
         """``/healthz``/``/readyz`` port (0 picks one); None: ``$JETREDUCE_HEALTH_PORT``."""
         self.nats_grace_s = NATS_OUTAGE_GRACE_S
         self._nats_down_since: float | None = None
+        self.agent_backend = agent_backend
+        self.objects = objects
+        self.sweep_every_s = sweep_every_s
+        self.context: ServiceContext | None = None
+        """The services' connection while :meth:`running`."""
         self.stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._services: dict[str, _Service] = {}
@@ -130,11 +144,15 @@ class ServiceHost:
             elif name == "aggregator":
                 built[name] = Aggregator(ctx)
             elif name == "janitor":
-                built[name] = Janitor(ctx, objects=self._cluster_objects())
+                built[name] = Janitor(
+                    ctx, objects=self._cluster_objects(), sweep_every_s=self.sweep_every_s
+                )
         return built
 
     def _cluster_objects(self) -> WorkflowObjects | None:
         """On Kubernetes the janitor also sweeps objects whose workflow has ended."""
+        if self.objects is not None:
+            return self.objects
         if self.backend != "kubernetes":
             return None
         from jetreduce.launcher.kubernetes import KubernetesBackend
@@ -142,6 +160,8 @@ class ServiceHost:
         return KubernetesBackend(self.settings, self.k8s or KubernetesSettings())
 
     def _backend(self) -> AgentBackend:
+        if self.agent_backend is not None:
+            return self.agent_backend
         if self.backend == "kubernetes":
             # Imported here: only installations that use it pay for the kubernetes client.
             from jetreduce.launcher.kubernetes import KubernetesBackend
@@ -179,7 +199,7 @@ class ServiceHost:
         except BaseException:  # stopped while waiting, or a lasting error: no services ran
             await close_quietly(nc)
             raise
-        ctx = ServiceContext(nc=nc, js=js, subjects=subjects)
+        ctx = self.context = ServiceContext(nc=nc, js=js, subjects=subjects)
         server: MetricsServer | None = None
         observer: EventMetrics | None = None
         health: RouteServer | None = None
