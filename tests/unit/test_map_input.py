@@ -59,3 +59,38 @@ def test_not_a_file_is_a_command_whose_values_stay_out_of_the_script() -> None:
 def test_a_name_no_path_can_hold_is_not_a_file() -> None:
     assert input_file("x" * 5000, {}, "/") is None
     assert input_file("a\0b", {}, "/") is None
+
+
+def test_run_and_submit_upload_the_file_of_their_profile(tmp_path: Path) -> None:
+    """``--backend kubernetes`` uploads the input the pods' setup agent will look for: the
+    one the submission's ``--profile`` names (the shared options builder passes it on)."""
+    from jetreduce.cli.workflow_options import submit_options
+
+    (tmp_path / "paths.env").write_text("DATA=data\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "items-large-x.json").write_text("[1]")
+    (tmp_path / "data" / "items-small-x.json").write_text("[2]")
+    wf = parse_workflow(WORKFLOW).workflow
+
+    def uploaded(profile: str | None) -> Path | None:
+        _, upload = submit_options(
+            wf,
+            {},
+            workdir=tmp_path,
+            max_parallel=None,
+            priority="normal",
+            max_attempts=None,
+            timeout=None,
+            args=["x"],
+            profile=profile,
+            worktrees=False,
+            workspace=None,
+            queue=None,
+            backend="kubernetes",
+            namespace=None,
+            image=None,
+        )
+        return upload
+
+    assert uploaded("big") == tmp_path / "data" / "items-large-x.json"
+    assert uploaded(None) == tmp_path / "data" / "items-small-x.json"

@@ -157,7 +157,7 @@ def submit_options(
     pods = backend == "kubernetes"
     # Pods share nothing with this disk: their working directory is their own, and the
     # input file travels through the object store. A local installation reads it in place.
-    upload = input_file(workflow, where, args or []) if pods else None
+    upload = input_file(workflow, where, args or [], profile) if pods else None
     options = SubmitOptions(
         workdir=None if pods else str(where),
         max_parallel=max_parallel,
