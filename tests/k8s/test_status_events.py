@@ -20,6 +20,7 @@ from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.records import StoredSpec
 from jetreduce.lang.parse import parse_workflow
 from jetreduce.launcher.k8s_settings import KubernetesSettings
+from jetreduce.launcher.k8s_status import JobSeen
 from jetreduce.launcher.kubernetes import KubernetesBackend, job_name
 from jetreduce.runtime.settings import NatsSettings
 
@@ -236,3 +237,48 @@ async def test_a_job_that_fails_is_announced_with_its_reason(
         ]
     finally:
         await backend.stop_all()
+
+
+async def test_a_slow_poll_reports_only_the_newest_pod_of_a_given_up_index_as_final() -> None:
+    """Three pods of index 0 failed between two polls and the Job gave the index up: the two
+    that were replaced are reported as restarted, the newest as final (fresh clone 10: all
+    three read the index's present status and were reported as final)."""
+    exits: list[tuple[int, bool]] = []
+
+    async def on_exit(wf: str, phase: str, index: int, code: int, restart: bool, *_: Any) -> None:
+        exits.append((index, restart))
+
+    backend = KubernetesBackend(
+        NatsSettings(url="nats://127.0.0.1:1"),
+        KubernetesSettings(),
+        api_client=k8s.ApiClient(),  # no call is made: the pods are given
+        on_exit=on_exit,
+    )
+
+    def pod(name: str, index: int, created: str) -> dict[str, Any]:
+        return {
+            "metadata": {
+                "name": name,
+                "creationTimestamp": created,
+                "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+            },
+            "status": {
+                "phase": "Failed",
+                "containerStatuses": [
+                    {"name": "agent", "state": {"terminated": {"exitCode": 3}}}
+                ],
+            },
+        }
+
+    pods = {
+        "items": [
+            pod("j-0-c", 0, "2026-12-07T10:00:02Z"),
+            pod("j-0-a", 0, "2026-12-07T10:00:01Z"),
+            pod("j-0-b", 0, "2026-12-07T10:00:01Z"),
+            pod("j-1-a", 1, "2026-12-07T10:00:01Z"),
+        ]
+    }
+    seen = JobSeen("wf", "map")
+    status = {"failedIndexes": "0", "succeeded": 0}
+    await backend._report_pods(seen, False, False, status, 3, pods, "")
+    assert sorted(exits) == [(0, False), (0, True), (0, True), (1, True)]

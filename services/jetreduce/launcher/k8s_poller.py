@@ -451,6 +451,7 @@ class JobPoller:
             remaining = max(1, completions - done)
         reported = 0
         earlier = await self._earlier(seen.wf)
+        last = _last_failed(pods, failed_indexes)
         for pod in pods.get("items", []):
             meta = pod.get("metadata", {})
             pod_status = pod.get("status") or {}
@@ -461,7 +462,9 @@ class JobPoller:
                 continue  # reported by an earlier leader: this one only counts it
             index = pod_index(meta)
             code = exit_code(pod_status)
-            restart = relaunch if job_failed else index not in failed_indexes
+            # A slow poll can find several failed pods of an index its Job has since given
+            # up: only the newest was not replaced.
+            restart = relaunch if job_failed else last.get(index) != meta.get("name")
             seen.last_index, seen.last_code = index, code
             log.warning(
                 "workflow %s: %s pod %s (index %d) failed with %d%s",
@@ -602,3 +605,20 @@ class JobPoller:
             await self.on_exit(wf, phase, index, code, restart, remaining, reason)
         except Exception:
             log.exception("on_exit callback failed")
+
+
+def _last_failed(pods: Mapping[str, Any], failed_indexes: set[int]) -> dict[int, str]:
+    """For each index the Job gave up, the name of its newest failed pod (creation time,
+    then name: pods retried within a second share a timestamp)."""
+    newest: dict[int, tuple[str, str]] = {}
+    for pod in pods.get("items", []):
+        meta = pod.get("metadata", {})
+        if (pod.get("status") or {}).get("phase") != "Failed":
+            continue
+        index = pod_index(meta)
+        if index not in failed_indexes:
+            continue
+        key = (str(meta.get("creationTimestamp") or ""), str(meta.get("name") or ""))
+        if index not in newest or key > newest[index]:
+            newest[index] = key
+    return {index: name for index, (_, name) in newest.items()}
