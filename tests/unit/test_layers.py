@@ -15,7 +15,7 @@ ALLOWED = {
     "runtime": {"contract", "runtime"},
     "queues": {"contract", "runtime", "queues"},
     **{s: {"contract", "lang", "runtime", "queues", s} for s in SERVICES},
-    "embedded": {"runtime"},
+    "embedded": {"contract", "runtime"},
 }
 CLIENT_LIBS = {
     "redis": {"queues/redis.py"},

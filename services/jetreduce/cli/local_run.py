@@ -25,6 +25,7 @@ from jetreduce.cli.submit import SubmitRejected, format_problems
 from jetreduce.cli.text import printable
 from jetreduce.cli.upload import submit_with_upload
 from jetreduce.cli.watch import Watcher
+from jetreduce.contract.errors import PermanentError
 from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.records import Phase
 from jetreduce.contract.subjects import Subjects
@@ -39,6 +40,10 @@ DEFAULT_DATA_DIR = ".jetreduce"
 _NOT_RESUMABLE = frozenset({Phase.CANCELLED, Phase.FAILED, Phase.TIMED_OUT})
 INTERRUPT_GRACE_S = 2.0
 """``run``: how long an interrupted run's in-flight items may finish (``JETREDUCE_GRACE_S``)."""
+
+
+class MissingCredentials(PermanentError, RuntimeError):
+    """A role's credentials file is missing from the server's directory."""
 
 
 async def run_here(
@@ -129,7 +134,7 @@ def _as_role(server_dir: Path, role: str, settings: NatsSettings) -> NatsSetting
 
     found = role_settings(server_dir, role, settings)
     if found is None:  # the server writes them before it starts: never, unless removed
-        raise RuntimeError(f"no credentials for {role} in {server_dir}")
+        raise MissingCredentials(f"no credentials for {role} in {server_dir}")
     return found
 
 

@@ -18,6 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import NoStreamResponseError, NotFoundError
 
+from jetreduce.contract.errors import PermanentError
 from jetreduce.contract.events import (
     REPLY_HEADER,
     SubmitOptions,
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 
-class SubmitRejected(Exception):
+class SubmitRejected(PermanentError):
     def __init__(self, reply: SubmitReply) -> None:
         super().__init__(f"workflow {reply.workflow_id} rejected")
         self.reply = reply

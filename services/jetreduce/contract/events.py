@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from jetreduce.contract.errors import PermanentError
 from jetreduce.contract.subjects import MAX_INDEX, is_token
 
 __all__ = [
@@ -470,7 +471,7 @@ Event = (
 )
 
 
-class BadEvent(ValueError):
+class BadEvent(PermanentError, ValueError):
     """A payload that is not a valid event; carries a short, safe description."""
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from jetreduce.contract.errors import PermanentError
+
 __all__ = [
     "MAX_INDEX",
     "TERMINAL_EVENTS",
@@ -37,7 +39,7 @@ MAX_INDEX = 2**63 - 1
 """Largest item index: what a JSON reader in any language holds as an integer."""
 
 
-class InvalidToken(ValueError):
+class InvalidToken(PermanentError, ValueError):
     """A value that would not be a single, literal subject token."""
 
 

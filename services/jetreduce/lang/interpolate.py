@@ -36,6 +36,8 @@ from typing import Any, Final
 
 import msgspec
 
+from jetreduce.contract.errors import PermanentError
+
 __all__ = [
     "ENV_PREFIX",
     "SPILL_THRESHOLD_BYTES",
@@ -65,7 +67,7 @@ _INTEGER = re.compile(r"\s*[+-]?\d+\s*")
 _COMPACT = msgspec.json.Encoder()
 
 
-class InterpolationError(ValueError):
+class InterpolationError(PermanentError, ValueError):
     """A value cannot be substituted safely (NUL byte, too large, would end a here-document…)."""
 
 

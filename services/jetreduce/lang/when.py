@@ -21,12 +21,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from jetreduce.contract.errors import PermanentError
 from jetreduce.lang.interpolate import Variables, render_value
 
 __all__ = ["MAX_WHEN_DEPTH", "When", "WhenError", "evaluate_when", "parse_when"]
 
 
-class WhenError(ValueError):
+class WhenError(PermanentError, ValueError):
     """A ``when`` expression that does not parse."""
 
 

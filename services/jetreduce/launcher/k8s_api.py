@@ -29,8 +29,11 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
+from jetreduce.contract.errors import JetreduceError, PermanentError, TemporaryError
+
 __all__ = [
     "ApiClient",
+    "ConflictApiError",
     "KubeApi",
     "KubernetesBackendError",
     "PermanentApiError",
@@ -49,21 +52,27 @@ RETRY_AFTER_CAP_S = 30.0
 """A ``Retry-After`` beyond this is clipped: the caller's own retry takes over after it."""
 
 
-class KubernetesBackendError(Exception):
-    """A Kubernetes API call failed. ``status``: the HTTP status (None without a response);
-    the message is the call, the status and the API's own message (the Status object's
-    ``message``, never the rest of the body)."""
+class KubernetesBackendError(JetreduceError):
+    """A Kubernetes API call failed: the family; what is raised is one of its kinds below.
+    ``status``: the HTTP status (None without a response); the message is the call, the
+    status and the API's own message (the Status object's ``message``, never the rest of
+    the body)."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
 
 
-class PermanentApiError(KubernetesBackendError):
+class PermanentApiError(KubernetesBackendError, PermanentError):
     """The same call would fail again: a missing Role or namespace, an invalid object."""
 
 
-class TransientApiError(KubernetesBackendError):
+class ConflictApiError(KubernetesBackendError, PermanentError):
+    """409: the object exists, or a precondition was lost. Retrying the same call cannot
+    help; the caller decides what it means (a create takes the existing object)."""
+
+
+class TransientApiError(KubernetesBackendError, TemporaryError):
     """Worth retrying: throttled, the server failing, or the connection."""
 
     def __init__(
@@ -94,7 +103,7 @@ def classify(name: str, exc: Exception) -> KubernetesBackendError:
     text = f"kubernetes {name}: {status} {exc.reason}" + (f": {detail}" if detail else "")
     text = text[:MESSAGE_LIMIT]
     if status == 409:  # exists, or a precondition lost: the caller decides, no retry helps
-        return KubernetesBackendError(text, status)
+        return ConflictApiError(text, status)
     if status == 403 and "exceeded quota" in detail:  # capacity that may clear, as in the poller
         return TransientApiError(text, status, None)
     if status in PERMANENT_STATUSES:

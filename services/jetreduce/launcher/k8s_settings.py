@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from jetreduce.contract.errors import PermanentError
+
 __all__ = ["KubernetesSettings", "Resources", "SettingsFileError", "from_file_data"]
 
 
@@ -185,7 +187,7 @@ class KubernetesSettings:
             )
 
 
-class SettingsFileError(ValueError):
+class SettingsFileError(PermanentError, ValueError):
     """The installation's settings file is wrong; the message names every bad key."""
 
 

@@ -26,6 +26,7 @@ from jetreduce.launcher.k8s_api import (
     KubeApi,
     KubernetesBackendError,
     PermanentApiError,
+    TransientApiError,
     load_api_client,
 )
 from jetreduce.launcher.k8s_manifests import (
@@ -156,7 +157,7 @@ class KubernetesBackend(JobPoller):
         try:
             await asyncio.wait_for(self._polled.wait(), bound_s)
         except TimeoutError:
-            raise KubernetesBackendError(
+            raise TransientApiError(
                 f"kubernetes: Jobs not listed within {bound_s:g}s (see the poll warnings)"
             ) from None
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from jetreduce.contract.errors import TemporaryError
 from jetreduce.contract.events import WorkItem
 
 __all__ = [
@@ -45,7 +46,7 @@ UNVERDICTED_DELIVERIES = 3
 that died on it, or handed it back on SIGTERM. Retries count as deliveries on every backend."""
 
 
-class QueueError(Exception):
+class QueueError(TemporaryError):
     """A backend failed (connection lost, refused…); the cause is chained."""
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from nats.aio.client import Client
 
+from jetreduce.contract.errors import TemporaryError
 from jetreduce.runtime.settings import NatsSettings
 
 __all__ = [
@@ -36,7 +37,7 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_ENV = "JETREDUCE_CONNECT_TIMEOUT_S"
 
 
-class ConnectFailed(ConnectionError):
+class ConnectFailed(TemporaryError, ConnectionError):
     """No server could be reached (or it refused our credentials) within the attempts."""
 
 

@@ -5,7 +5,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["count_items_in_range", "count_subjects"]
+from jetreduce.contract.errors import TemporaryError
+
+__all__ = [
+    "StreamInfoFailed",
+    "count_items_in_range",
+    "count_subjects",
+]
+
+
+class StreamInfoFailed(TemporaryError, RuntimeError):
+    """The server answered a stream info request with an error."""
 
 
 async def count_subjects(nc: Any, stream: str, subject_filter: str, timeout_s: float = 10) -> int:
@@ -19,7 +29,7 @@ async def count_subjects(nc: Any, stream: str, subject_filter: str, timeout_s: f
     )
     body = json.loads(resp.data)
     if "error" in body:
-        raise RuntimeError(f"stream info: {body['error']}")
+        raise StreamInfoFailed(f"stream info: {body['error']}")
     return int(body.get("total", 0))
 
 
@@ -40,7 +50,7 @@ async def count_items_in_range(
         )
         body = json.loads(resp.data)
         if "error" in body:
-            raise RuntimeError(f"stream info: {body['error']}")
+            raise StreamInfoFailed(f"stream info: {body['error']}")
         subjects = (body.get("state") or {}).get("subjects") or {}
         for subject in subjects:
             tokens = subject.rsplit(".", 3)

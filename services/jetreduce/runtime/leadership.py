@@ -41,6 +41,7 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
+from jetreduce.contract.errors import TemporaryError
 from jetreduce.runtime.claim import Claim
 
 __all__ = ["LEASE_POLL_S", "LEASE_SAFETY_S", "LEASE_TTL_S", "Leadership", "NotLeader"]
@@ -72,7 +73,7 @@ def process_host() -> str:
     return f"{name}~{ns.removeprefix('pid:[').removesuffix(']')}"
 
 
-class NotLeader(Exception):
+class NotLeader(TemporaryError):
     """Raised by :meth:`Leadership.check` in a replica that may not act now."""
 
 

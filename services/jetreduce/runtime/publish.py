@@ -22,10 +22,14 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
+from jetreduce.contract.errors import PermanentError, TemporaryError
+
 __all__ = [
     "ALREADY_EXISTS_CODES",
     "AckMux",
     "AckPipeline",
+    "PublishFailed",
+    "PublishRefused",
     "create_only_headers",
     "is_stored",
     "publish_once",
@@ -36,6 +40,15 @@ ALREADY_EXISTS_CODES = {10071, 10077}
 """Wrong last sequence (create-only guard) / per-subject limit: the message already exists."""
 
 PUBLISH_TIMEOUT_S = 10.0
+
+
+class PublishFailed(TemporaryError, RuntimeError):
+    """Publishes that were not acknowledged (a server or leader away): send them again."""
+
+
+class PublishRefused(PermanentError, RuntimeError):
+    """The server refused a publish for a reason other than a guard (sending it again is
+    refused again)."""
 
 
 async def publish_retrying(
@@ -193,7 +206,7 @@ class AckPipeline:
         deadline = time.monotonic() + max_wait_s
         while not self._drained.is_set():
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{len(self._pending)} publish(es) never acknowledged")
+                raise PublishFailed(f"{len(self._pending)} publish(es) never acknowledged")
             await self._nc.flush()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), 0.25)
@@ -201,7 +214,7 @@ class AckPipeline:
         if self.errors:
             first, count = self.errors[0], len(self.errors)
             self.errors = []
-            raise RuntimeError(f"{count} publish(es) failed; first: {first}")
+            raise PublishFailed(f"{count} publish(es) failed; first: {first}")
 
 
 class AckMux:
@@ -282,5 +295,5 @@ class AckMux:
             if code == -503:
                 await asyncio.sleep(0.25 * (attempt + 1))
                 continue
-            raise RuntimeError(f"publish to {subject} refused (err_code {code})")
+            raise PublishRefused(f"publish to {subject} refused (err_code {code})")
         raise TimeoutError(f"publish to {subject} not acknowledged after {self._attempts} tries")

@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
+from jetreduce.contract.errors import TemporaryError
 from jetreduce.contract.events import BadEvent
 from jetreduce.contract.subjects import Subjects
 
@@ -41,7 +42,7 @@ TRANSIENT = (NatsTimeout, asyncio.TimeoutError, ServiceUnavailableError, NoRespo
 Handler = Callable[[Msg], Awaitable[None]]
 
 
-class Retry(Exception):
+class Retry(TemporaryError):
     """Raise from a handler to have the event redelivered after ``delay_s``."""
 
     def __init__(self, reason: str, delay_s: float = 2.0) -> None:

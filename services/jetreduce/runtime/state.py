@@ -18,10 +18,15 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
+from jetreduce.contract.errors import TemporaryError
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import Subjects
 
-__all__ = ["RecordCallback", "StateStore"]
+__all__ = [
+    "Contention",
+    "RecordCallback",
+    "StateStore",
+]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,10 @@ RecordCallback = Callable[[str, WorkflowRecord | None, int], None]
 _rec_dec = msgspec.json.Decoder(WorkflowRecord)
 _spec_dec = msgspec.json.Decoder(StoredSpec)
 _enc = msgspec.json.Encoder()
+
+
+class Contention(TemporaryError, RuntimeError):
+    """A record kept changing under a compare-and-set: try the whole operation later."""
 
 
 class StateStore:
@@ -142,7 +151,7 @@ class StateStore:
                 return new
             except KeyWrongLastSequenceError:
                 continue
-        raise RuntimeError(f"workflow record {wf}: too much contention")
+        raise Contention(f"workflow record {wf}: too much contention")
 
     async def transition(
         self, wf: str, to: Phase, *, allowed_from: set[Phase] | None = None, **fields: object

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from jetreduce.contract.errors import PermanentError
 from jetreduce.contract.workflow.model import Secret, Workflow
 from jetreduce.lang.interpolate import Variables, render_text
 
@@ -48,7 +49,7 @@ unreadable while protecting nothing."""
 _IDENT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-class EnvironmentProblem(ValueError):
+class EnvironmentProblem(PermanentError, ValueError):
     """A secret, env file or profile that cannot be resolved."""
 
 

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from jetreduce.contract.errors import PermanentError
 from jetreduce.worker.steps import StepOutcome, base_env, run_process
 
 __all__ = [
@@ -92,7 +93,7 @@ FALLBACK_IDENTITY: Final = {
 }
 
 
-class WorkspaceError(Exception):
+class WorkspaceError(PermanentError):
     """A worktree could not be made, or an item's branch could not be merged."""
 
     def __init__(self, message: str, error_type: str = "WorktreeError") -> None:

@@ -20,6 +20,8 @@ from collections.abc import Iterable
 
 import msgspec
 
+from jetreduce.contract.errors import PermanentError
+
 __all__ = ["ERROR", "WARNING", "Problem", "WorkflowInvalid"]
 
 ERROR = "error"
@@ -56,7 +58,7 @@ class Problem(msgspec.Struct, frozen=True):
         return f"{where}: {prefix}{label}{self.message}"
 
 
-class WorkflowInvalid(ValueError):
+class WorkflowInvalid(PermanentError, ValueError):
     """The workflow file cannot be used. ``problems`` lists every error found, in file order.
 
     ``warnings`` holds the non-fatal findings of the same parse, so a caller that prints the

@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from jetreduce.contract.errors import PermanentError
+
 __all__ = [
     "MISSING",
     "PipelineError",
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 
-class PipelineError(ValueError):
+class PipelineError(PermanentError, ValueError):
     """A pipeline expression (json_path, filter, sort_by, …) or its input is invalid.
 
     ``position`` is the 0-based character offset in ``expression`` where the problem was
