@@ -72,3 +72,17 @@ def test_no_bare_runtime_error_but_for_bugs() -> None:
                 if not any(where == f and s in text for f, s in BUGS_ONLY):
                     raised.append(f"{where}:{node.lineno}")
     assert raised == [], raised
+
+
+def test_every_swallowed_exception_says_why() -> None:
+    """``suppress(Exception)`` hides every error: each one carries a comment (on its line or
+    the line above) saying why nothing is lost."""
+    silent = []
+    for path in PACKAGE.rglob("*.py"):
+        lines = path.read_text().splitlines()
+        for n, line in enumerate(lines):
+            if "suppress(Exception" in line or "suppress(BaseException" in line:
+                above = lines[n - 1].strip() if n else ""
+                if "#" not in line and not above.startswith("#"):
+                    silent.append(f"{path.relative_to(PACKAGE)}:{n + 1}")
+    assert silent == [], silent

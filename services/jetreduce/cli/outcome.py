@@ -28,7 +28,7 @@ async def show_outcome(nc: Any, subjects: Subjects, event: Any, quiet: bool = Fa
     """:func:`print_outcome`, with what a failed reduce's steps printed before it failed
     (on stdout, as a completed reduce's output is): the error then reads in context."""
     if isinstance(event, ev.WorkflowFailed):
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # the reason is shown without it
             msg = await nc.jetstream().get_last_msg(
                 subjects.events_stream, subjects.reduce("failed", event.workflow_id)
             )

@@ -182,7 +182,7 @@ def status(
 
 
 async def _last_progress(js: Any, subjects: Subjects, wf: str) -> ev.Progress | None:
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):  # progress is optional in a status line
         msg = await js.get_last_msg(subjects.progress_stream, subjects.progress(wf))
         event = ev.decode(msg.data)
         if isinstance(event, ev.Progress):

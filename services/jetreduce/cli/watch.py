@@ -184,7 +184,7 @@ class Watcher:
 
     async def stop(self) -> None:
         for sub in self._subs:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # cleanup: the connection may be closing
                 await sub.unsubscribe()
         self._subs.clear()
 

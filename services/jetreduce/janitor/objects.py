@@ -83,7 +83,7 @@ class ObjectIndex:
                     await asyncio.wait_for(stop.wait(), retry_s)
             finally:
                 if sub is not None:
-                    with contextlib.suppress(Exception):
+                    with contextlib.suppress(Exception):  # cleanup: the connection may be closing
                         await sub.unsubscribe()
 
     async def _on_meta(self, msg: Msg) -> None:

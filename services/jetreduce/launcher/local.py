@@ -235,7 +235,7 @@ class LocalBackend:
                     for r in self._agents.get((spec.workflow_id, spec.phase), [])
                     if r is not run and r.task is not None and not r.task.done()
                 )
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception):  # a report: supervision must go on
                     await self.on_exit(
                         spec.workflow_id,
                         spec.phase,

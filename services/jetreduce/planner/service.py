@@ -492,7 +492,7 @@ async def _keep_in_progress(msg: Msg) -> None:
     """Long plans (100k+ items) outlast the ack wait: keep the triggering event leased."""
     while True:
         await asyncio.sleep(10)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # a keep-alive: the next one may pass
             await msg.in_progress()
 
 

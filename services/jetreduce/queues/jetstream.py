@@ -170,7 +170,7 @@ class JetStreamQueue:
 
     async def close(self) -> None:
         if self._sub is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # cleanup: the connection may be closing
                 await self._sub.unsubscribe()  # type: ignore[attr-defined]
             self._sub = None
 

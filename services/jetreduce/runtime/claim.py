@@ -258,12 +258,12 @@ class Claim:
         """Remove the claim once the phase has its outcome (revision-checked: only if still
         ours), so that a later run of the phase (a workflow reopened by a DLQ retry) starts
         again at attempt 1. Left in place if this fails: the next run then counts on."""
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # best effort: see the docstring
             kv = await self._bucket_kv()
             await kv.delete(self.key, last=self._revision)
 
     async def release(self) -> None:
         """Hand the claim back without an outcome, so a successor takes it at once."""
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # best effort: the claim expires anyway
             kv = await self._bucket_kv()
             await kv.update(self.key, self._record(self._attempt, released=True), self._revision)

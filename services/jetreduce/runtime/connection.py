@@ -116,7 +116,7 @@ async def connect(
     try:
         await asyncio.wait_for(nc.connect(**opts), budget)
     except Exception as exc:  # nats raises a zoo of types here: translate at the edge
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # the connect error is what is raised
             await nc.close()
         cause = last[0] if last else exc
         why = str(cause) or type(cause).__name__
@@ -139,11 +139,11 @@ async def close_quietly(nc: Client) -> None:
     ``close`` gives up half-way when flushing pending data on a dead transport fails, before
     it stops its subscriptions' readers: those would wait for messages for the rest of the
     process. A service host that stops during an outage must still end cleanly."""
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):  # an outage: close below all the same
         await nc.drain()
     if nc.is_closed:
         return
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):  # closing what is already broken
         await nc.close()
     for sub in list(getattr(nc, "_subs", {}).values()):  # what close() did not reach
         task = getattr(sub, "_wait_for_msgs_task", None)

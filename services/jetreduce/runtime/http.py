@@ -39,7 +39,7 @@ class RouteServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # shutting down: a stuck client must not hold it
                 await asyncio.wait_for(self._server.wait_closed(), 2)
             self._server = None
 
@@ -65,5 +65,5 @@ class RouteServer:
             log.debug("http: request failed: %r", exc)
         finally:
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # the peer may be gone already
                 await writer.wait_closed()

@@ -178,7 +178,7 @@ class Leadership:
                     "%s: lease lost (not renewed in time, or taken); stepping down", self.name
                 )
             term.set()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # its own error is raised below
                 await acting  # its own error is raised below
         finally:
             term.set()

@@ -145,7 +145,7 @@ class AckPipeline:
 
     async def __aexit__(self, *exc: object) -> None:
         if self._sub is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # cleanup: the connection may be closing
                 await self._sub.unsubscribe()
             self._sub = None
 
@@ -244,7 +244,7 @@ class AckMux:
 
     async def close(self) -> None:
         if self._sub is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # cleanup: the connection may be closing
                 await self._sub.unsubscribe()
             self._sub = None
 

@@ -124,13 +124,13 @@ class EventConsumer:
                 except Exception as exc:  # consumer deleted, connection lost: back off
                     log.warning("%s: fetch failed (%r); retrying", self.durable, exc)
                     await _sleep_or_stop(stop, 1.0)
-                    with contextlib.suppress(Exception):
+                    with contextlib.suppress(Exception):  # the fetch loop retries; logged above
                         await self.ensure()
                     continue
                 for msg in msgs:
                     await self._handle(msg)
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # cleanup: the connection may be closing
                 await sub.unsubscribe()
 
     async def _handle(self, msg: Msg) -> None:

@@ -101,7 +101,7 @@ class StateStore:
                     await asyncio.wait_for(stop.wait(), retry_s)
             finally:
                 if watcher is not None:
-                    with contextlib.suppress(Exception):
+                    with contextlib.suppress(Exception):  # cleanup: the connection may be closing
                         await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def get(self, wf: str) -> WorkflowRecord | None:

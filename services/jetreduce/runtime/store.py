@@ -80,6 +80,6 @@ async def read_events(
 
 
 def _seq(msg: Msg) -> str:
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception):  # for a log line only
         return str(msg.metadata.sequence.stream)
     return "?"

@@ -98,7 +98,7 @@ async def run_agent(settings: NatsSettings, config: AgentConfig) -> int:
         ):
             return await runner[config.phase]()
     finally:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # exiting: the connection may be broken
             await nc.drain()
         if agent is not None:  # spills, spools and the agent's own workspaces
             shutil.rmtree(agent.scratch, ignore_errors=True)

@@ -89,7 +89,7 @@ async def run_claimed(
         return EXIT_SIGTERM
     finally:
         holding.set()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # the renewer's end; the outcome is the work's
             await holder
         if work is not None and not work.done():
             work.cancel()

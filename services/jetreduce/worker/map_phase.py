@@ -198,7 +198,7 @@ class MapRunner(ItemRecorder):
         await asyncio.gather(*(t for t, _ in leftovers), return_exceptions=True)
         if not self.abort.is_set():
             for _, lease in leftovers:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception):  # handing back: the lease expires anyway
                     await self.queue.retry(lease, 0.001)
 
     async def _heartbeats(self) -> None:
@@ -206,6 +206,7 @@ class MapRunner(ItemRecorder):
             await asyncio.sleep(self.heartbeat_every)
             leases = list(self.inflight.values())
             for lease in leases:
+                # the next beat retries; a lost lease shows at ack
                 with contextlib.suppress(Exception):
                     await self.queue.heartbeat(lease)
             now = time.monotonic()
@@ -343,7 +344,7 @@ class MapRunner(ItemRecorder):
     async def _announce_circuit(self, changed: str) -> None:
         assert self.breaker is not None
         log.warning("agent %s: circuit %s", self.name, changed)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # a status report: never worth failing for
             await publish_retrying(
                 self.ctx.js,
                 self.s.agent("circuit", self.wf),

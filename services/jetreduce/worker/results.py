@@ -111,7 +111,7 @@ class ResultsSpool:
         try:
             await asyncio.wait_for(got.wait(), timeout_s)
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # cleanup: the connection may be closing
                 await sub.unsubscribe()
         self._flush(batch)
         if whole:

@@ -122,7 +122,7 @@ async def run_process(
     except TimeoutError:
         timed_out = True
         await _kill_group(proc)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # the step is killed; its output is best effort
             await asyncio.wait_for(pumps, KILL_GRACE_S)
     except asyncio.CancelledError:
         await _kill_group(proc)

@@ -132,7 +132,7 @@ class EventMetrics:
 
     async def stop(self) -> None:
         for sub in self._subs:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # cleanup: the connection may be closing
                 await sub.unsubscribe()
         self._subs = []
 
