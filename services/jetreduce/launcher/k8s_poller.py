@@ -48,6 +48,7 @@ from jetreduce.launcher.k8s_status import (
     attempt_of,
     exit_code,
     job_status_event,
+    last_failed,
     parse_indexes,
     pod_index,
     pod_reason,
@@ -451,7 +452,7 @@ class JobPoller:
             remaining = max(1, completions - done)
         reported = 0
         earlier = await self._earlier(seen.wf)
-        last = _last_failed(pods, failed_indexes)
+        last = last_failed(pods, failed_indexes)
         for pod in pods.get("items", []):
             meta = pod.get("metadata", {})
             pod_status = pod.get("status") or {}
@@ -605,20 +606,3 @@ class JobPoller:
             await self.on_exit(wf, phase, index, code, restart, remaining, reason)
         except Exception:
             log.exception("on_exit callback failed")
-
-
-def _last_failed(pods: Mapping[str, Any], failed_indexes: set[int]) -> dict[int, str]:
-    """For each index the Job gave up, the name of its newest failed pod (creation time,
-    then name: pods retried within a second share a timestamp)."""
-    newest: dict[int, tuple[str, str]] = {}
-    for pod in pods.get("items", []):
-        meta = pod.get("metadata", {})
-        if (pod.get("status") or {}).get("phase") != "Failed":
-            continue
-        index = pod_index(meta)
-        if index not in failed_indexes:
-            continue
-        key = (str(meta.get("creationTimestamp") or ""), str(meta.get("name") or ""))
-        if index not in newest or key > newest[index]:
-            newest[index] = key
-    return {index: name for index, (_, name) in newest.items()}

@@ -246,3 +246,20 @@ def start_problems(
             seen.add((problem.pod, reason))
             found.append(problem)
     return found
+
+
+def last_failed(pods: Mapping[str, Any], failed_indexes: set[int]) -> dict[int, str]:
+    """For each index the Job gave up, the name of its newest failed pod (creation time,
+    then name: pods retried within a second share a timestamp)."""
+    newest: dict[int, tuple[str, str]] = {}
+    for pod in pods.get("items", []):
+        meta = pod.get("metadata", {})
+        if (pod.get("status") or {}).get("phase") != "Failed":
+            continue
+        index = pod_index(meta)
+        if index not in failed_indexes:
+            continue
+        key = (str(meta.get("creationTimestamp") or ""), str(meta.get("name") or ""))
+        if index not in newest or key > newest[index]:
+            newest[index] = key
+    return {index: name for index, (_, name) in newest.items()}
