@@ -120,10 +120,13 @@ async def test_a_stop_cancelled_midway_leaves_its_agents_to_stop_all(tmp_path: P
     stopped by ``stop_all`` (fresh clone run 7: a supervising task and its agent outlived
     the services)."""
     exits: list[Exit] = []
-    # An agent that ignores SIGTERM: stop(wf) waits its whole grace for it.
-    b = backend(("sh", "-c", "trap '' TERM; sleep 60"), exits, max_restarts=1)
+    # An agent that ignores SIGTERM: stop(wf) waits its whole grace for it. It says when it
+    # does (a SIGTERM before the trap would end it: fresh clone 13).
+    ready = tmp_path / "trapped"
+    b = backend(("sh", "-c", f"trap '' TERM; touch {ready}; sleep 60"), exits, max_restarts=1)
     assert await b.launch("wf", "map", [1], spec(tmp_path)) == 1
     pid = await wait_for(lambda: agent_pid(b), timeout_s=10)
+    await wait_for(ready.exists, timeout_s=10)
     (run,) = b._agents[("wf", "map")]
     stopping = asyncio.create_task(b.stop("wf", grace_s=30))
     await wait_for(lambda: run.stopping, timeout_s=5)

@@ -102,3 +102,17 @@ async def run_agent(settings: NatsSettings, config: AgentConfig) -> int:
             await nc.drain()
         if agent is not None:  # spills, spools and the agent's own workspaces
             shutil.rmtree(agent.scratch, ignore_errors=True)
+        _quiet_exit()
+
+
+def _quiet_exit() -> None:
+    """Exiting: a stop signal now changes nothing. The event loop closes its wakeup pipe
+    before it removes its signal handlers, and a SIGTERM in between (the launcher stopping
+    the map agents just as they end on ``map.complete``) made the interpreter print
+    "Exception ignored when trying to write to the signal wakeup fd" into the agent's log,
+    breaking its one-JSON-object-per-line format. The handlers go first, then the signals
+    are ignored for the last instants of the process."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
