@@ -152,3 +152,41 @@ reduce:
 """
 """The foundation's 1,000-item workflow (any item count: ``items.json`` holds ``n`` and
 ``word``); run on JetStream in test_workflows and on Redis/SQS in test_queue_backends."""
+
+
+@contextlib.asynccontextmanager
+async def connected_as(
+    url: str, user: str | None, password: str | None
+) -> AsyncIterator[tuple[Any, list[str]]]:
+    """A connection as ``user``, and the errors the server sent it (a refused publish is
+    reported there, asynchronously: per-role permission tests read it)."""
+    import nats
+
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = await nats.connect(
+        url, user=user, password=password, error_cb=on_error, allow_reconnect=False
+    )
+    try:
+        yield nc, errors
+    finally:
+        await nc.close()
+
+
+async def stored_or_refused(
+    nc: Any, errors: list[str], subject: str, payload: bytes, timeout_s: float = 0.3
+) -> bool:
+    """Publish through JetStream; True if stored, False if the server refused it (and said
+    so: a timeout without a permissions violation fails the test)."""
+    from nats.errors import TimeoutError as NatsTimeout
+
+    try:
+        await nc.jetstream().publish(subject, payload, timeout=timeout_s)
+    except NatsTimeout:
+        await nc.flush()
+        assert any("permissions violation" in e.lower() for e in errors), errors
+        return False
+    return True

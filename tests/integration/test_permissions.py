@@ -19,6 +19,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import BadRequestError, ObjectNotFoundError
 
+from helpers import connected_as, stored_or_refused
 from jetreduce.cli.host import ServiceHost
 from jetreduce.cli.submit import SubmitRejected, submit
 from jetreduce.cli.upload import delete_upload, upload_input
@@ -49,33 +50,12 @@ def server(tmp_path: Path, prefix: str) -> Iterator[EmbeddedServer]:
 async def as_role(server: EmbeddedServer, role: str) -> AsyncIterator[tuple[Any, list[str]]]:
     """A connection as ``role`` (its ``<role>.env``), and the errors the server sent it."""
     env = dict(line.split("=", 1) for line in (server.data_dir / f"{role}.env").read_text().split())
-    errors: list[str] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(str(exc))
-
-    nc = await nats.connect(
-        server.url,
-        user=env["JETREDUCE_NATS_USER"],
-        password=env["JETREDUCE_NATS_PASSWORD"],
-        error_cb=on_error,
-        allow_reconnect=False,
-    )
-    try:
+    user, password = env["JETREDUCE_NATS_USER"], env["JETREDUCE_NATS_PASSWORD"]
+    async with connected_as(server.url, user, password) as (nc, errors):
         yield nc, errors
-    finally:
-        await nc.close()
 
 
-async def stored_by(nc: Any, errors: list[str], subject: str, payload: bytes) -> bool:
-    """Publish through JetStream; True if stored, False if the server refused it."""
-    try:
-        await nc.jetstream().publish(subject, payload, timeout=0.3)
-    except NatsTimeout:
-        await nc.flush()
-        assert any("permissions violation" in e.lower() for e in errors), errors
-        return False
-    return True
+stored_by = stored_or_refused
 
 
 async def test_each_role_may_publish_only_its_own(server: EmbeddedServer, prefix: str) -> None:

@@ -16,16 +16,14 @@ import os
 import re
 import socket
 import subprocess
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 import yaml
-from nats.errors import TimeoutError as NatsTimeout
 
+from helpers import connected_as, stored_or_refused
 from jetreduce.contract import events as ev
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
@@ -198,35 +196,13 @@ async def test_the_dev_nats_gives_each_role_its_own_user(tmp_path: Path) -> None
         await asyncio.wait_for(proc.wait(), 10)
 
 
-@contextlib.asynccontextmanager
-async def _as(settings: NatsSettings) -> AsyncIterator[tuple[Any, list[str]]]:
+def _as(settings: NatsSettings) -> contextlib.AbstractAsyncContextManager[tuple[Any, list[str]]]:
     """A connection with ``settings``, and the errors the server sent it."""
-    errors: list[str] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(str(exc))
-
-    nc = await nats.connect(
-        settings.url,
-        user=settings.user,
-        password=settings.password,
-        error_cb=on_error,
-        allow_reconnect=False,
-    )
-    try:
-        yield nc, errors
-    finally:
-        await nc.close()
+    return connected_as(settings.url, settings.user, settings.password)
 
 
 async def _stored(nc: Any, errors: list[str], subject: str, payload: bytes) -> bool:
-    try:
-        await nc.jetstream().publish(subject, payload, timeout=0.5)
-    except NatsTimeout:
-        await nc.flush()
-        assert any("permissions violation" in e.lower() for e in errors), errors
-        return False
-    return True
+    return await stored_or_refused(nc, errors, subject, payload, timeout_s=0.5)
 
 
 def test_the_prod_services_and_agents_use_tls_and_their_own_users(tmp_path: Path) -> None:
