@@ -30,6 +30,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "WORKSPACES",
     "AgentExited",
+    "AgentUsage",
     "AgentLaunched",
     "BadEvent",
     "CircuitChanged",
@@ -211,6 +212,27 @@ class AgentExited(_Base, tag="agent.exited", kw_only=True):
     Empty when it says nothing beyond the exit code."""
 
 
+class AgentUsage(_Base, tag="agent.usage", kw_only=True):
+    """What one map agent used of the slots it held (published by the agent as it leaves the
+    phase: drained, at ``map.complete``, or stopped): the aggregator sums these into the
+    workflow's utilisation (busy slot-seconds / held slot-seconds) for ``workflow.completed``.
+    Stored on ``agent.usage.<wf>``; an agent restarted after a kill reports again under the
+    same ``agent`` name with its own figures, so every report counts."""
+
+    phase: str
+    agent: str
+    index: int
+    slots: int
+    held_s: float
+    """Slot-seconds held: ``slots`` × the time from the agent's start to its leaving."""
+    busy_s: float
+    """Slot-seconds spent running items (each item's attempt, leased to decided)."""
+    items: int = 0
+    """Attempts this agent ran."""
+    drained: bool = False
+    """True when the agent left early because the queue ran dry (its slots handed back)."""
+
+
 class PodFailed(_Base, tag="agent.pod_failed", kw_only=True):
     """A pod of a phase's Job ended in failure or was disrupted (kubernetes backend): the
     pod's own reason, as Kubernetes gives it: ``Evicted``, ``OOMKilled``, ``Error`` (see
@@ -335,6 +357,11 @@ class WorkflowCompleted(_Base, tag="workflow.completed", kw_only=True):
     dead: int
     duration_s: float
     reduce_output: str = ""
+    utilisation: float | None = None
+    """Busy slot-seconds over held slot-seconds of the map agents (``agent.usage``); None
+    when no map agent reported (no items, or reports not in when the workflow ended)."""
+    busy_slot_s: float = 0.0
+    held_slot_s: float = 0.0
 
 
 class WorkflowFailed(_Base, tag="workflow.failed", kw_only=True):
@@ -444,6 +471,7 @@ Event = (
     | WorkflowPlanned
     | AgentLaunched
     | AgentExited
+    | AgentUsage
     | PodFailed
     | JobStatus
     | CircuitChanged

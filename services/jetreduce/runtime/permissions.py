@@ -111,6 +111,7 @@ def publish_allowed(s: Subjects, role: str) -> list[str]:
             *(s.reduce(e, "*") for e in ("started", "completed", "failed", "restarted")),
             s.agent("queue", "*"),  # an external queue's status
             s.agent("circuit", "*"),  # the circuit breaker
+            s.agent("usage", "*"),  # the slots it held and used (utilisation)
             s.telemetry_leases("*"),
             *_FLOW,
             # An agent checks the topology at start (contract/topology.py ``declare``): the
