@@ -30,8 +30,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "WORKSPACES",
     "AgentExited",
-    "AgentUsage",
     "AgentLaunched",
+    "AgentUsage",
     "BadEvent",
     "CircuitChanged",
     "Event",
@@ -224,7 +224,7 @@ class AgentUsage(_Base, tag="agent.usage", kw_only=True):
     index: int
     slots: int
     held_s: float
-    """Slot-seconds held: ``slots`` × the time from the agent's start to its leaving."""
+    """Slot-seconds held: ``slots`` times the time from the agent's start to its leaving."""
     busy_s: float
     """Slot-seconds spent running items (each item's attempt, leased to decided)."""
     items: int = 0

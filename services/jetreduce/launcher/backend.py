@@ -52,7 +52,15 @@ class AgentBackend(Protocol):
     def plan(self, parallel: int) -> list[int]:
         """How ``parallel`` agent slots are spread over processes/pods (slots per agent)."""
 
+    on_released: Callable[[str, str], Awaitable[None]] | None
+    """Set by the launcher: called with (workflow id, phase) when an agent left its phase
+    early and cleanly (it drained: the queue ran dry), so its slots are free for others."""
+
     def running(self, wf: str, phase: str) -> bool: ...
+
+    def held(self, wf: str, phase: str) -> int | None:
+        """Slots the phase's agents hold now (running, starting or to be restarted), or None
+        when the backend cannot tell (the launcher then counts the slots it planned)."""
 
     async def sync(self) -> None:
         """Make :meth:`running` true to the world before slots are counted: a backend whose

@@ -121,6 +121,7 @@ class KubernetesBackend(JobPoller):
         self.on_status = on_status
         self.may_act: Callable[[], bool] = lambda: True
         self.earlier_failures: Callable[[str], Awaitable[set[str]]] | None = None
+        self.on_released: Callable[[str, str], Awaitable[None]] | None = None
         self._seen: dict[str, JobSeen] = {}
         """Job name → what the poller last saw."""
         self._poller: asyncio.Task[None] | None = None
@@ -143,6 +144,10 @@ class KubernetesBackend(JobPoller):
         knows only this process's own launches: call :meth:`sync` first where a missed Job
         matters (slot accounting after a launcher restart)."""
         return any(s.wf == wf and s.phase == phase and not s.finished for s in self._seen.values())
+
+    def held(self, wf: str, phase: str) -> int | None:
+        """Not known yet: a Job's pods are counted as planned."""
+        return None
 
     async def sync(self) -> None:
         """Return once :meth:`running` reflects every Job the API server lists, i.e. after

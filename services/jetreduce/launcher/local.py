@@ -116,6 +116,7 @@ class LocalBackend:
         """Asked before an agent is restarted (the launcher's leadership fence)."""
         self.earlier_failures: Callable[[str], Awaitable[set[str]]] | None = None
         """Unused: a new leader's local agents are its own."""
+        self.on_released: Callable[[str, str], Awaitable[None]] | None = None
         self.command = command
         self._agents: dict[tuple[str, str], list[_Running]] = {}
         self._stopping: set[_Running] = set()
@@ -144,6 +145,11 @@ class LocalBackend:
 
     def running(self, wf: str, phase: str) -> bool:
         return any(r.task and not r.task.done() for r in self._agents.get((wf, phase), []))
+
+    def held(self, wf: str, phase: str) -> int | None:
+        return sum(
+            r.spec.slots for r in self._agents.get((wf, phase), []) if r.task and not r.task.done()
+        )
 
     async def sync(self) -> None:
         """Nothing to look at: local agents die with the launcher that started them."""
