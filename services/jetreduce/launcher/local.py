@@ -89,6 +89,7 @@ class _Running:
     quick_kills: int = 0
     task: asyncio.Task[None] | None = None
     stopping: bool = False
+    ended: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -148,7 +149,9 @@ class LocalBackend:
 
     def held(self, wf: str, phase: str) -> int | None:
         return sum(
-            r.spec.slots for r in self._agents.get((wf, phase), []) if r.task and not r.task.done()
+            r.spec.slots
+            for r in self._agents.get((wf, phase), [])
+            if r.task and not r.task.done() and not r.ended
         )
 
     async def sync(self) -> None:
@@ -216,6 +219,13 @@ class LocalBackend:
                 if run.proc.returncode is not None:
                     kill_session(run.proc.pid, leader=False)
                     reaper().forget(run.proc.pid)
+            if code == 0:
+                run.ended = True  # its slots are no longer held
+            if code == 0 and not run.stopping and self.on_released is not None:
+                # It left its phase on its own: drained early (its slots are free for
+                # others), or the phase ended. The launcher admits waiting workflows.
+                with contextlib.suppress(Exception):  # a report: supervision must go on
+                    await self.on_released(spec.workflow_id, spec.phase)
             if code == 0 or run.stopping:
                 return
             killed = code in KILLED_FROM_OUTSIDE
