@@ -73,6 +73,13 @@ async def connect(
     established connection unlimited (services, agents); without it a command gives up on a
     lost server after a few attempts."""
     budget = connect_timeout_s() if timeout_s is None else timeout_s
+    servers = [u.strip() for u in settings.url.split(",") if u.strip()]
+    websockets = [u for u in servers if u.lower().startswith(("ws://", "wss://"))]
+    if websockets:  # nats-py's WebSocket transport is not loaded (jetreduce/__init__.py)
+        raise ConnectFailed(
+            f"cannot connect to NATS at {websockets[0]}: WebSocket URLs are not supported; "
+            "use nats:// or tls:// (the server's client port)"
+        )
     established = False
     last: list[Exception] = []
 
@@ -88,7 +95,7 @@ async def connect(
         log.warning("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
 
     opts: dict[str, Any] = {
-        "servers": [u.strip() for u in settings.url.split(",") if u.strip()],
+        "servers": servers,
         "name": name or settings.name,
         # Bounded for the first connection (the budget below ends it anyway); lifted to
         # unlimited once connected when ``forever``.
