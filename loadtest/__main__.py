@@ -16,9 +16,9 @@ import time
 import traceback
 from pathlib import Path
 
+from loadtest.common import Run
 from loadtest.registry import SCENARIOS
 from loadtest.report import Result, save_and_render
-from loadtest.scenarios import Run
 
 
 def _parser() -> argparse.ArgumentParser:

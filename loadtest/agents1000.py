@@ -25,9 +25,10 @@ import os
 import time
 from typing import Any
 
+from loadtest.common import Run, bound, follow_workflow, shell_workflow
+from loadtest.dispatching import dispatch_once
 from loadtest.infra import agent_pids, cpu_seconds, nats_server, services_process
 from loadtest.report import Result
-from loadtest.scenarios import Run, _bound, _dispatch_once, follow_workflow, shell_workflow
 
 __all__ = ["agents1000"]
 
@@ -67,7 +68,7 @@ def _idle_cpu_per_agent(run: Run, processes: int) -> dict[str, Any]:
             return await follow_workflow(
                 server.url,
                 text,
-                timeout_s=_bound(processes, base_s=180.0),
+                timeout_s=bound(processes, base_s=180.0),
                 workdir=str(run.workdir),
                 max_parallel=processes,
             )
@@ -100,9 +101,9 @@ def agents1000(run: Run) -> Result:
     processes = _processes(run)
     n = run.size(100_000, 2_000)
     start = time.monotonic()
-    one_each = _dispatch_once(run, n, processes, max_processes=processes, profile="agents1000")
+    one_each = dispatch_once(run, n, processes, max_processes=processes, profile="agents1000")
     few_processes = max(2, min(FEW_PROCESSES, processes // 10))
-    few = _dispatch_once(run, n, processes, max_processes=few_processes)
+    few = dispatch_once(run, n, processes, max_processes=few_processes)
     idle = _idle_cpu_per_agent(run, processes)
     figures = {
         f"{processes}x1": _figures(one_each, processes),
