@@ -26,6 +26,7 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from jetreduce.cli.submit import submit
 from jetreduce.contract import events as ev
@@ -46,6 +47,7 @@ __all__ = [
     "noop_workflow",
     "pcts",
     "shell_workflow",
+    "stored_events",
 ]
 
 
@@ -231,3 +233,51 @@ def pcts(values: list[float]) -> dict[str, float]:
         "max": round(v[-1], 3),
         "mean": round(statistics.fmean(v), 3),
     }
+
+
+async def stored_events(nc: Client, wf: str, *, timeout_s: float = 15.0) -> list[ev.Event]:
+    """Every stored event of ``wf``, oldest first: its lifecycle events (EVENTS stream:
+    ``workflow``, ``setup``, ``map``, ``reduce``, ``agent`` — ``agent.usage`` included) and
+    its ``item.done`` results (RESULTS stream). Their ``ts`` fields are the publishers'
+    clocks (same host), which is what the timelines are built from: the harness's arrival
+    times would add its own scheduling delay to every step."""
+    s = Subjects("")
+    js = nc.jetstream()
+    events = [build("*", wf) for build in (s.workflow, s.setup, s.map, s.reduce, s.agent)]
+    out: list[ev.Event] = []
+    for stream, filters in ((s.events_stream, events), (s.results_stream, [s.done_of(wf)])):
+        out.extend(await _read_stream(js, stream, filters, timeout_s))
+    out.sort(key=lambda e: e.ts)
+    return out
+
+
+async def _read_stream(
+    js: Any, stream: str, filters: list[str], timeout_s: float
+) -> list[ev.Event]:
+    """The stored messages of ``stream`` matching ``filters``, through one ordered consumer
+    (no gap, no duplicate), until the last one says nothing is pending."""
+    got: list[ev.Event] = []
+    drained = asyncio.Event()
+
+    async def on_msg(msg: Any) -> None:
+        with contextlib.suppress(ev.BadEvent):
+            got.append(ev.decode(msg.data))
+        if msg.metadata.num_pending == 0:
+            drained.set()
+
+    sub = await js.subscribe(
+        filters[0],
+        stream=stream,
+        cb=on_msg,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL,
+        config=ConsumerConfig(filter_subjects=filters),
+    )
+    try:
+        await asyncio.wait_for(drained.wait(), timeout_s)
+    except TimeoutError:
+        pass  # nothing stored (no message ever says "0 pending"): what we have is all there is
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return got

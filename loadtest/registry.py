@@ -10,6 +10,7 @@ from loadtest.dispatching import agents, backends, dispatch, memory
 from loadtest.durability import cluster, durability
 from loadtest.micro import enqueue, latency
 from loadtest.report import Result
+from loadtest.tiny import cli_run, tiny
 from loadtest.workloads import efficiency, peer, shell
 
 __all__ = ["SCENARIOS"]
@@ -18,6 +19,8 @@ SCENARIOS: dict[str, Callable[[Run], Result]] = {
     "enqueue": enqueue,
     "dispatch": dispatch,
     "latency": latency,
+    "tiny": tiny,
+    "run": cli_run,
     "agents": agents,
     "efficiency": efficiency,
     "shell": shell,

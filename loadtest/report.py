@@ -29,6 +29,8 @@ ORDER = [
     "enqueue",
     "dispatch",
     "latency",
+    "tiny",
+    "run",
     "agents",
     "efficiency",
     "shell",
