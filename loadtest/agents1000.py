@@ -27,7 +27,8 @@ from typing import Any
 
 from loadtest.common import Run, bound, follow_workflow, shell_workflow
 from loadtest.dispatching import dispatch_once
-from loadtest.infra import agent_pids, cpu_seconds, nats_server, services_process
+from loadtest.infra import nats_server, services_process
+from loadtest.procs import agent_pids, cpu_seconds
 from loadtest.report import Result
 
 __all__ = ["agents1000"]

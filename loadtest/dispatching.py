@@ -6,6 +6,7 @@ processes (``agents``), a million items (``memory``), and on each queue backend
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -15,20 +16,32 @@ from loadtest import ceilings
 from loadtest.common import Run, bound, follow_workflow, noop_workflow
 from loadtest.infra import (
     AWS_ENV,
-    MemorySampler,
-    cpu_seconds,
     moto_server,
     nats_cluster,
     nats_server,
-    peak_rss_mb,
     profiled,
     redis_server,
     server_pids,
     services_process,
 )
+from loadtest.procs import (
+    AgentWatcher,
+    MemorySampler,
+    cpu_seconds,
+    peak_rss_mb,
+    tree_cpu_seconds,
+)
 from loadtest.report import Result, rounded
 
-__all__ = ["DISPATCH_PARALLEL", "agents", "backends", "dispatch", "dispatch_once", "memory"]
+__all__ = [
+    "DISPATCH_PARALLEL",
+    "agents",
+    "agents_shape",
+    "backends",
+    "dispatch",
+    "dispatch_once",
+    "memory",
+]
 
 
 # -- 2. dispatch ---------------------------------------------------------------------------------
@@ -48,9 +61,16 @@ def dispatch_once(
     sync_always: bool = False,
     cluster: bool = False,
     stream_replicas: int = 1,
+    watch_agents: bool = False,
 ) -> dict[str, Any]:
     """One no-op workflow end to end on a fresh server (or local 3-node cluster) and
-    services process."""
+    services process.
+
+    ``cpu_s.agents`` is the CPU of the services process's whole tree but itself (every
+    agent of every phase: setup, map and reduce, live or reaped, wherever they sit in the
+    tree), and ``agent_cpu_us_per_item`` that over ``n``: issue 17's "agent CPU per no-op
+    item". ``watch_agents`` adds the map agents' own share, sampled every 0.1 s (each
+    agent's last 0.1 s is missed)."""
     servers = nats_cluster if cluster else nats_server
     with (
         servers(sync_always=sync_always) as server,
@@ -63,13 +83,18 @@ def dispatch_once(
         profiled(svc.pid, run.profile(profile) if profile else None),
     ):
         mem = MemorySampler(svc.pid).start() if sampler else None
+        watcher = AgentWatcher(svc.pid, every_s=0.1).start() if watch_agents else None
         idle_mb = svc.peak_rss_mb()
         pids = server_pids(server)
 
         def server_cpu() -> float:
             return sum(cpu_seconds(pid)[0] for pid in pids)
 
-        cpu0 = (cpu_seconds(svc.pid), server_cpu(), time.process_time())
+        def own_and_agents() -> tuple[float, float]:
+            own = cpu_seconds(svc.pid)[0]
+            return own, tree_cpu_seconds(svc.pid) - own
+
+        cpu0 = (own_and_agents(), server_cpu(), time.process_time())
         try:
             f = asyncio.run(
                 follow_workflow(
@@ -82,12 +107,13 @@ def dispatch_once(
                 )
             )
         finally:
-            if mem is not None:
-                mem.stop()
+            for sampling in (mem, watcher):
+                if sampling is not None:
+                    sampling.stop()
         e2e = f.since_submit(f.outcome) or 0.0
         # Let the launcher reap the reduce agent, so its CPU lands in the children's total.
         time.sleep(0.5)
-        (svc_own, svc_kids), srv = cpu_seconds(svc.pid), server_cpu()
+        (svc_own, svc_kids), srv = own_and_agents(), server_cpu()
         cpu = {
             "services": svc_own - cpu0[0][0],
             "agents": svc_kids - cpu0[0][1],
@@ -108,12 +134,18 @@ def dispatch_once(
             "mean_in_flight_while_pending": f.mean_in_flight(),
             "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
             "cpu_of_2_cores": round(sum(cpu.values()) / (2 * e2e), 3) if e2e else None,
+            "agent_cpu_us_per_item": round(cpu["agents"] / n * 1e6, 1),
             "services_idle_rss_mb": round(idle_mb, 1),
             "services_peak_rss_mb": round(svc.peak_rss_mb(), 1),
             "nats_server_peak_rss_mb": round(max(peak_rss_mb(pid) for pid in pids), 1)
             if pids
             else None,
         }
+        if watcher is not None:
+            by_phase = watcher.cpu_by_phase()
+            out["agent_cpu_s_sampled"] = {k: round(v, 2) for k, v in by_phase.items()}
+            if "map" in by_phase:
+                out["map_agent_cpu_us_per_item_sampled"] = round(by_phase["map"] / n * 1e6, 1)
         if mem is not None:
             out["agent_peak_rss_mb"] = {k: round(v, 1) for k, v in mem.agent_peak_mb.items()}
         if f.outcome != "workflow.completed":
@@ -127,7 +159,7 @@ def dispatch(run: Run) -> Result:
     n = run.size(100_000, 5_000)
     ceil = ceilings.measure(run.quick)
     start = time.monotonic()
-    d = dispatch_once(run, n, DISPATCH_PARALLEL, profile="dispatch")
+    d = dispatch_once(run, n, DISPATCH_PARALLEL, profile="dispatch", watch_agents=True)
     rate = d["e2e_per_s"] or 0.0
     return Result(
         name="dispatch",
@@ -142,24 +174,39 @@ def dispatch(run: Run) -> Result:
         params={"items": n, "max_parallel": DISPATCH_PARALLEL},
         details=d,
         summary=f"{rate:,.0f} items/s e2e ({n:,} in {d['e2e_s']:.1f} s; map phase "
-        f"{d['map_per_s'] or 0:,.0f}/s)",
+        f"{d['map_per_s'] or 0:,.0f}/s); agent CPU {d['agent_cpu_us_per_item']:,.0f} µs/item"
+        + (
+            f" (map agents {d['map_agent_cpu_us_per_item_sampled']:,.0f})"
+            if "map_agent_cpu_us_per_item_sampled" in d
+            else ""
+        ),
         quick=run.quick,
     )
 
 
 # -- 4. agents -----------------------------------------------------------------------------------
 AGENTS_SLOTS = 1_000
-AGENTS_PROCESSES = 4
+SIXTEEN_CORES = 16
+
+
+def agents_shape(run: Run) -> tuple[int, int]:
+    """(items, processes): issue 17's row "200k items, 1,000 slots / 16 processes" where the
+    machine has 16 cores; 100k over 4 processes below that (16 processes of 62 slots on 2
+    cores measure the scheduler)."""
+    if (os.cpu_count() or 1) >= SIXTEEN_CORES:
+        return run.size(200_000, 5_000), 16
+    return run.size(100_000, 5_000), 4
 
 
 def agents(run: Run) -> Result:
     """Many agent slots over a few processes (``max_parallel`` = 1,000, the launcher capped
-    at 4 processes: 250 slots each, like a few pods), against the 50-slot run, same size,
-    same harness run. Slot count is what a pull consumer sees as concurrent leases."""
-    n = run.size(100_000, 5_000)
+    at a few processes, like a few pods: see :func:`agents_shape`), against the 50-slot run,
+    same size, same harness run. Slot count is what a pull consumer sees as concurrent
+    leases."""
+    n, processes = agents_shape(run)
     start = time.monotonic()
     base = dispatch_once(run, n, DISPATCH_PARALLEL)
-    many = dispatch_once(run, n, AGENTS_SLOTS, max_processes=AGENTS_PROCESSES, profile="agents")
+    many = dispatch_once(run, n, AGENTS_SLOTS, max_processes=processes, profile="agents")
     r50, rmany = base["e2e_per_s"] or 0.0, many["e2e_per_s"] or 0.0
     ratio = rmany / r50 if r50 else 0.0
     ok = ratio >= 0.8 and many["outcome"].endswith("completed")
@@ -173,10 +220,15 @@ def agents(run: Run) -> Result:
         target="ratio ≥ 0.8, no stall",
         passed=ok,
         wall_s=round(time.monotonic() - start, 1),
-        params={"items": n, "slots": AGENTS_SLOTS, "processes": AGENTS_PROCESSES},
+        params={
+            "items": n,
+            "slots": AGENTS_SLOTS,
+            "processes": processes,
+            "cores": os.cpu_count(),
+        },
         details={"slots_50": base, f"slots_{AGENTS_SLOTS}": many},
-        summary=f"{AGENTS_SLOTS} slots/{AGENTS_PROCESSES} procs: {rmany:,.0f} items/s vs "
-        f"50 slots: {r50:,.0f} items/s",
+        summary=f"{n:,} items, {AGENTS_SLOTS} slots/{processes} procs: {rmany:,.0f} items/s "
+        f"vs 50 slots: {r50:,.0f} items/s",
         quick=run.quick,
     )
 

@@ -11,6 +11,7 @@ from loadtest.durability import cluster, durability
 from loadtest.micro import enqueue, latency
 from loadtest.report import Result
 from loadtest.tiny import cli_run, tiny
+from loadtest.utilisation import utilisation
 from loadtest.workloads import efficiency, peer, shell
 
 __all__ = ["SCENARIOS"]
@@ -23,6 +24,7 @@ SCENARIOS: dict[str, Callable[[Run], Result]] = {
     "run": cli_run,
     "agents": agents,
     "efficiency": efficiency,
+    "utilisation": utilisation,
     "shell": shell,
     "memory": memory,
     "backends": backends,

@@ -33,6 +33,7 @@ ORDER = [
     "run",
     "agents",
     "efficiency",
+    "utilisation",
     "shell",
     "memory",
     "backends",
