@@ -19,6 +19,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = ["enqueue", "dispatch", "latency", "efficiency", "shell"]
 """The ones needing only the test extra (memory is long; backends and peer need bench)."""
+FIXED_COSTS = ["tiny", "run", "utilisation"]
+"""Issue 17's scenarios: a tiny workflow's latency, ``jetreduce run`` of it, slot use."""
 
 
 def _quick(*scenarios: str) -> list[dict[str, Any]]:
@@ -36,14 +38,29 @@ def _quick(*scenarios: str) -> list[dict[str, Any]]:
     return results
 
 
+def _ran_to_the_end(r: dict[str, Any]) -> None:
+    assert r["error"] is None, (r["name"], r["error"])
+    assert r["quick"] is True
+    assert isinstance(r["figure"], int | float) and r["figure"] > 0, r
+    outcome = r["details"].get("outcome")
+    assert outcome in (None, "workflow.completed"), (r["name"], outcome)
+
+
 def test_quick_harness_run_reports_every_scenario() -> None:
-    results = _quick(*SCENARIOS)
-    for r in results:
-        assert r["error"] is None, (r["name"], r["error"])
-        assert r["quick"] is True
-        assert isinstance(r["figure"], int | float) and r["figure"] > 0, r
-        outcome = r["details"].get("outcome")
-        assert outcome in (None, "workflow.completed"), (r["name"], outcome)
+    for r in _quick(*SCENARIOS):
+        _ran_to_the_end(r)
+
+
+def test_fixed_cost_scenarios_report_a_timeline_and_utilisation() -> None:
+    """Its own test (and process) so that it runs beside the others under xdist."""
+    tiny, run, utilisation = _quick(*FIXED_COSTS)
+    for r in (tiny, run, utilisation):
+        _ran_to_the_end(r)
+    steps = tiny["details"]["step_median_ms"]
+    assert next(iter(steps)).startswith("submit → ") and len(steps) >= 5, steps
+    assert len(run["details"]["wall_s_each"]) == run["params"]["runs"]
+    for wf in ("a", "b"):
+        assert utilisation["details"][wf]["source"] is not None, utilisation["details"][wf]
 
 
 def test_cluster_scenario_runs_r1_r3_and_fsync_on_a_three_node_cluster() -> None:
