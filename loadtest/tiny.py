@@ -102,7 +102,7 @@ def _limiting(steps: dict[str, float]) -> str:
 def tiny(run: Run) -> Result:
     """The tiny workflow ``runs`` times (after one warm-up) on services that are already up:
     e2e = submit sent → ``workflow.completed`` received by the harness."""
-    runs = run.size(10, 3)
+    runs = run.size(10, 2)
     start = time.monotonic()
     with (
         nats_server() as server,
@@ -217,7 +217,7 @@ def cli_run(run: Run) -> Result:
     embedded server starts on an empty store, as on a first run): process start → exit,
     after a warm-up in the full run.
     Beside it, what starting the interpreter and importing the CLI alone costs."""
-    runs, warm_up = run.size(5, 2), run.size(1, 0)
+    runs, warm_up = run.size(5, 1), run.size(1, 0)
     start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="jr-load-run-"))
     (work / "tiny.yml").write_text(TINY_WORKFLOW)
@@ -230,7 +230,8 @@ def cli_run(run: Run) -> Result:
         if i >= warm_up:  # a warm-up first in the full run (page cache)
             walls.append(wall)
     imports = [
-        _timed([sys.executable, "-c", "import jetreduce.cli.app"], work)[0] for _ in range(3)
+        _timed([sys.executable, "-c", "import jetreduce.cli.app"], work)[0]
+        for _ in range(run.size(3, 1))
     ]
     med = statistics.median(walls)
     return Result(

@@ -110,8 +110,8 @@ def workflow_usage(events: list[ev.Event], agents: list[AgentInfo]) -> dict[str,
 
 
 def utilisation(run: Run) -> Result:
-    n_a, n_b = run.size(81, 31), run.size(40, 16)
-    long_s = run.size(5, 3)
+    n_a, n_b = run.size(81, 21), run.size(40, 12)
+    long_s = run.size(5, 2)
     start = time.monotonic()
     with (
         nats_server() as server,
