@@ -17,20 +17,27 @@ Figures:
   that were idle while items sat leased elsewhere are not seen;
 * ``map.complete`` → ``workflow.completed``: how long the reduce waited (for map agents to
   exit, among other things);
-* idle CPU per agent per second: all agents but one wait for work while one item sleeps.
+* idle CPU per agent per second: all agents but one wait for work while one item is held
+  (until the harness releases it: however long the agents take to start).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-from loadtest.common import Run, bound, follow_workflow, shell_workflow
+from jetreduce.cli.submit import submit
+from jetreduce.contract.events import SubmitOptions
+from jetreduce.contract.subjects import Subjects
+from loadtest.common import Recorder, Run, connect_harness, shell_workflow
 from loadtest.dispatching import dispatch_once
 from loadtest.infra import nats_server, services_process
-from loadtest.procs import agent_pids, cpu_seconds
+from loadtest.procs import agent_pids, cpu_seconds, tree_cpu_seconds
 from loadtest.report import Result
 
 __all__ = ["agents1000"]
@@ -72,43 +79,86 @@ def _figures(d: dict[str, Any], slots: int) -> dict[str, Any]:
     }
 
 
+HOLD_MAX_S = 300
+"""Longest the held item waits for the harness's release file (a bound, never reached)."""
+
+
 def _idle_cpu_per_agent(run: Run, processes: int) -> dict[str, Any]:
-    """``processes`` one-slot agents; item 1 sleeps while the others finish at once, so all
-    agents but one sit idle; their CPU over ``IDLE_WINDOW_S`` per agent per second."""
-    text = shell_workflow(processes, processes, 'if [ "${item}" = 1 ]; then sleep 30; fi')
+    """``processes`` one-slot agents; item 1 holds its agent until the harness releases it
+    (a file appears) while the others finish at once, so all agents but one sit idle; their
+    CPU over ``IDLE_WINDOW_S`` per agent per second.
+
+    Measured per agent process when agents are recognisable in ``/proc`` (their own CPU),
+    else over the services process's whole tree but itself (agents forked by a host that
+    never exec: then the host's own CPU counts too), and the result says which."""
+    release = Path(tempfile.mkdtemp(prefix="jr-load-idle-")) / "release"
+    hold = (
+        f'if [ "${{item}}" = 1 ]; then for i in $(seq 1 {HOLD_MAX_S * 5}); do '
+        f"[ -e {release} ] && break; sleep 0.2; done; fi"
+    )
+    text = shell_workflow(processes, processes, hold)
     with nats_server() as server, services_process(server.url, max_processes=processes) as svc:
 
-        async def follow() -> Any:
-            return await follow_workflow(
-                server.url,
-                text,
-                timeout_s=bound(processes, base_s=180.0),
-                workdir=str(run.workdir),
-                max_parallel=processes,
-            )
+        def tree() -> float:
+            return tree_cpu_seconds(svc.pid) - cpu_seconds(svc.pid)[0]
 
         async def measure() -> dict[str, Any]:
-            task = asyncio.create_task(follow())
-            deadline = time.monotonic() + 120
-            while len(agent_pids(svc.pid)) < processes:
-                if time.monotonic() > deadline or task.done():
-                    raise RuntimeError(f"{len(agent_pids(svc.pid))}/{processes} agents started")
-                await asyncio.sleep(0.2)
-            await asyncio.sleep(5.0)  # the no-op items end; the agents' starts settle
-            pids = agent_pids(svc.pid)
-            before = sum(cpu_seconds(p)[0] for p in pids)
-            await asyncio.sleep(IDLE_WINDOW_S)
-            after = sum(cpu_seconds(p)[0] for p in pids if os.path.exists(f"/proc/{p}"))
-            followed = await task
-            idle = max(1, len(pids) - 1)
+            nc = await connect_harness(server.url)
+            try:
+                s, wf = Subjects(""), f"idle-{secrets.token_hex(4)}"
+                rec = await Recorder(nc, s, wf, items=True).start()
+                options = SubmitOptions(workdir=str(run.workdir), max_parallel=processes)
+                await submit(nc, s, text, options, workflow_id=wf, source="loadtest")
+                method = await _until_idle(rec, svc.pid, processes)
+                await asyncio.sleep(3.0)  # the last starts and no-op items settle
+                pids = agent_pids(svc.pid)
+                if method == "agent processes":
+                    before = sum(cpu_seconds(p)[0] for p in pids)
+                    await asyncio.sleep(IDLE_WINDOW_S)
+                    after = sum(cpu_seconds(p)[0] for p in pids if os.path.exists(f"/proc/{p}"))
+                else:
+                    before = tree()
+                    await asyncio.sleep(IDLE_WINDOW_S)
+                    after = tree()
+                release.touch()
+                outcome = await rec.until_done(120)
+                await rec.stop()
+            finally:
+                release.touch()
+                await nc.close()
+            idle = max(1, processes - 1)
             return {
-                "agents": len(pids),
+                "agents": len(pids) if pids else processes,
+                "method": method,
                 "window_s": IDLE_WINDOW_S,
                 "cpu_ms_per_agent_per_s": round((after - before) / idle / IDLE_WINDOW_S * 1e3, 3),
-                "outcome": followed.outcome,
+                "outcome": outcome,
             }
 
         return asyncio.run(measure())
+
+
+async def _until_idle(rec: Recorder, services_pid: int, processes: int) -> str:
+    """Wait until every no-op item is done and every agent runs; returns how agents' CPU
+    can be read: ``agent processes`` (each recognised in ``/proc``), or ``services' tree``
+    when none is recognisable 20 s after the no-op items are done."""
+    deadline = time.monotonic() + 240
+    items_done_at: float | None = None
+    while time.monotonic() < deadline:
+        if rec.done.is_set():
+            raise RuntimeError("the idle workflow ended before it was measured")
+        if items_done_at is None and len(rec.raw_items) >= processes - 1:
+            items_done_at = time.monotonic()
+        found = len(agent_pids(services_pid))
+        if items_done_at is not None:
+            if found >= processes:
+                return "agent processes"
+            if found == 0 and time.monotonic() - items_done_at >= 20:
+                return "services' tree (agents not recognisable in /proc)"
+        await asyncio.sleep(0.2)
+    raise RuntimeError(
+        f"{len(agent_pids(services_pid))}/{processes} agents, {len(rec.raw_items)} items done"
+    )
 
 
 def _few(run: Run, processes: int) -> int:
