@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m loadtest",
         description="jetreduce load tests (issue 7). Each scenario starts its own fresh "
         "nats-server and services process, measures raw ceilings in the same run, prints one "
-        "JSON object on stdout, and the table goes into docs/performance.md.",
+        "JSON object on stdout; the tables (issues 17 and 18's rows, and every scenario's) go "
+        "into docs/performance.md.",
     )
     p.add_argument(
         "scenarios",
