@@ -7,6 +7,13 @@ nats-server, plus redis-server / moto_server / a Celery worker where needed) and
 memory can be read from ``/proc``. Figures are reported as ratios to ceilings measured in the
 same run, because absolute rates drift on a shared 2-core machine.
 
+Modules: ``common`` (options, workflow texts, following a workflow, its stored events),
+``dispatching`` (the no-op dispatch shapes), ``micro`` (enqueue, latency), ``workloads``
+(efficiency, shell, the Celery peer), ``tiny`` (a tiny workflow's fixed costs, ``jetreduce
+run``), ``utilisation`` (slots held vs used), ``agents1000``, ``durability``; ``infra``
+(servers, the services process), ``procs`` (``/proc``: CPU, memory, agents), ``ceilings``,
+``report`` and ``summary`` (the tables), ``registry`` (scenarios by name).
+
 This package is a measuring tool, not part of the product: it reaches into ``jetreduce``
 internals (the queue adapter, the state store) where a scenario needs to bypass a phase.
 """

@@ -14,11 +14,13 @@ import logging
 import sys
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 
+from loadtest.common import Run
 from loadtest.registry import SCENARIOS
 from loadtest.report import Result, save_and_render
-from loadtest.scenarios import Run
+from loadtest.summary import render_issues
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m loadtest",
         description="jetreduce load tests (issue 7). Each scenario starts its own fresh "
         "nats-server and services process, measures raw ceilings in the same run, prints one "
-        "JSON object on stdout, and the table goes into docs/performance.md.",
+        "JSON object on stdout; the tables (issues 17 and 18's rows, and every scenario's) go "
+        "into docs/performance.md.",
     )
     p.add_argument(
         "scenarios",
@@ -50,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-report",
         action="store_true",
-        help="do not touch docs/performance.md or loadtest/results/",
+        help="do not touch docs/performance.md or loadtest/results/ (the issue tables of "
+        "this run's scenarios go to stderr instead)",
     )
     return p
 
@@ -91,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
     if not args.no_report:
         save_and_render(results)
+    else:  # this invocation's rows of the issue tables, for the reader of the terminal
+        print(render_issues({r.name: asdict(r) for r in results}), file=sys.stderr)
     return 1 if any(r.error for r in results) else 0
 
 

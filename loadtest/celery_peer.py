@@ -1,10 +1,12 @@
 """The peer: the same no-op map-reduce as a Celery chord (Redis broker and result backend).
 
-Method as in research/baselines.md row 4: a prefork worker with ``-c 2`` and prefetch
-multiplier 64; the chord's header is ``n`` no-op tasks, its body sums their results; timed
-from submit to the body's result. The wait uses a fresh ``AsyncResult(res.id)``: the chord's
-own ``res.get()`` is quadratic on the client (it re-checks every header result on each
-event) and would measure Celery's client, not its throughput.
+Method as in research/baselines.md row 4: a prefork worker with as many processes as the
+machine has cores (``-c`` = ``os.cpu_count()``, issue 17: the peer gets the whole machine, as
+jetreduce's agents do) and prefetch multiplier 64; the chord's header is ``n`` no-op tasks,
+its body sums their results; timed from submit to the body's result. The wait uses a fresh
+``AsyncResult(res.id)``: the chord's own ``res.get()`` is quadratic on the client (it
+re-checks every header result on each event) and would measure Celery's client, not its
+throughput.
 
 Celery is imported only here and only in the ``bench`` extra; kombu 5.7's Redis transport
 needs ``packaging`` without declaring it (installed with the extra).
@@ -23,7 +25,10 @@ from celery import Celery, chord
 
 from loadtest.infra import REPO, stop_group
 
-__all__ = ["app", "run_chord"]
+__all__ = ["CONCURRENCY", "app", "run_chord"]
+
+CONCURRENCY = os.cpu_count() or 1
+"""Worker processes: one per core."""
 
 BROKER = os.environ.get("LOADTEST_CELERY_REDIS", "redis://127.0.0.1:6379/0")
 app = Celery("loadtest_peer", broker=BROKER, backend=BROKER)
@@ -66,7 +71,7 @@ def run_chord(redis_url: str, n: int, workdir: Path, *, timeout_s: float) -> dic
         "--pool",
         "prefork",
         "-c",
-        "2",
+        str(CONCURRENCY),
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",
@@ -98,7 +103,7 @@ def run_chord(redis_url: str, n: int, workdir: Path, *, timeout_s: float) -> dic
             "wall_s": round(wall, 3),
             "per_s": round(n / wall, 1),
             "submit_s": round(t_submitted - t0, 3),
-            "pool": "prefork -c 2",
+            "pool": f"prefork -c {CONCURRENCY}",
         }
     finally:
         stop_group(proc, grace_s=15)

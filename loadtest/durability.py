@@ -1,6 +1,6 @@
 """What durability costs: fsync on every write, and three replicas of every stream.
 
-Both scenarios run the dispatch workflow (``scenarios._dispatch_once``) several times in one
+Both scenarios run the dispatch workflow (``scenarios.dispatch_once``) several times in one
 run, so the ratios compare like with like on the same machine at the same moment:
 
 * ``durability``: one server, the embedded default lazy fsync against
@@ -15,8 +15,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from loadtest.common import Run
+from loadtest.dispatching import DISPATCH_PARALLEL, dispatch_once
 from loadtest.report import Result
-from loadtest.scenarios import DISPATCH_PARALLEL, Run, _dispatch_once
 
 __all__ = ["cluster", "durability"]
 
@@ -27,8 +28,8 @@ def durability(run: Run) -> Result:
     the same run; the ratio is what fsync on every write costs here."""
     n = run.size(50_000, 5_000)
     start = time.monotonic()
-    lazy = _dispatch_once(run, n, DISPATCH_PARALLEL)
-    always = _dispatch_once(run, n, DISPATCH_PARALLEL, sync_always=True, profile="durability")
+    lazy = dispatch_once(run, n, DISPATCH_PARALLEL)
+    always = dispatch_once(run, n, DISPATCH_PARALLEL, sync_always=True, profile="durability")
     lazy_rate, always_rate = lazy["e2e_per_s"] or 0.0, always["e2e_per_s"] or 0.0
     outcomes = [lazy["outcome"], always["outcome"]]
     return Result(
@@ -67,7 +68,7 @@ def cluster(run: Run) -> Result:
     n = run.size(50_000, 2_000)
     start = time.monotonic()
     runs = {
-        name: _dispatch_once(run, n, DISPATCH_PARALLEL, **kw) for name, kw in CLUSTER_RUNS.items()
+        name: dispatch_once(run, n, DISPATCH_PARALLEL, **kw) for name, kw in CLUSTER_RUNS.items()
     }
     rates = {name: r["e2e_per_s"] or 0.0 for name, r in runs.items()}
     base, r3 = rates["single_r1"], rates["cluster_r3"]

@@ -15,26 +15,22 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from jetreduce.cluster import LocalCluster
 from jetreduce.embedded import EmbeddedServer
+from loadtest.procs import peak_rss_mb
 
 __all__ = [
-    "MemorySampler",
     "ServicesProcess",
-    "agent_pids",
-    "cpu_seconds",
     "free_port",
     "moto_server",
     "nats_cluster",
     "nats_server",
-    "peak_rss_mb",
     "profiled",
     "redis_server",
     "server_pids",
@@ -50,97 +46,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _status_kb(pid: int, key: str) -> int:
-    """A ``kB`` field of ``/proc/<pid>/status`` (VmRSS, VmHWM); 0 if the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def peak_rss_mb(pid: int) -> float:
-    """Peak resident set (VmHWM) of one process, in MiB: read from /proc, no psutil."""
-    return _status_kb(pid, "VmHWM") / 1024.0
-
-
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(own, reaped children) CPU seconds (user + system) of a process, from
-    ``/proc/<pid>/stat``. The second covers agents once the launcher has waited for them."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0, 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return (utime + stime) / tick, (cutime + cstime) / tick
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(p) for p in f.read().split())
-    return out
-
-
-def _agent_phase(pid: int) -> str | None:
-    """``map``/``reduce``/``setup`` for a jetreduce agent process (from its environment)."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            for entry in f.read().split(b"\0"):
-                if entry.startswith(b"JETREDUCE_PHASE="):
-                    return entry.split(b"=", 1)[1].decode()
-    except OSError:
-        pass
-    return None
-
-
-def agent_pids(services_pid: int, phase: str = "map") -> list[int]:
-    """The live agent processes of ``phase`` the services process started."""
-    return [c for c in _children(services_pid) if _agent_phase(c) == phase]
-
-
-@dataclass
-class MemorySampler:
-    """Samples the services process and its agent children every ``every_s``.
-
-    The services process's own VmHWM is exact (the kernel keeps it). Agents are separate,
-    short-lived processes whose VmHWM disappears with them, so their peaks are sampled: a
-    spike shorter than ``every_s`` between samples can be missed.
-    """
-
-    pid: int
-    every_s: float = 0.2
-    agent_peak_mb: dict[str, float] = field(default_factory=dict)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> MemorySampler:
-        self._thread = threading.Thread(target=self._loop, name="rss sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
-            for child in _children(self.pid):
-                phase = _agent_phase(child)
-                if phase is None:
-                    continue
-                mb = _status_kb(child, "VmHWM") / 1024.0
-                self.agent_peak_mb[phase] = max(self.agent_peak_mb.get(phase, 0.0), mb)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
 
 @contextlib.contextmanager
@@ -298,6 +203,7 @@ def services_process(
     *,
     services: str = "planner,launcher,aggregator,janitor",
     max_processes: int | None = None,
+    max_slots: int | None = None,
     stream_replicas: int = 1,
     extra_env: dict[str, str] | None = None,
 ) -> Iterator[ServicesProcess]:
@@ -319,6 +225,8 @@ def services_process(
     ]
     if max_processes is not None:
         argv += ["--max-processes", str(max_processes)]
+    if max_slots is not None:
+        argv += ["--max-slots", str(max_slots)]
     if stream_replicas != 1:
         argv += ["--stream-replicas", str(stream_replicas)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("JETREDUCE_")}

@@ -29,13 +29,18 @@ ORDER = [
     "enqueue",
     "dispatch",
     "latency",
+    "tiny",
+    "run",
     "agents",
     "efficiency",
+    "utilisation",
     "shell",
     "memory",
     "backends",
     "peer",
     "durability",
+    "cluster",
+    "agents1000",
 ]
 
 
@@ -187,12 +192,23 @@ def save_and_render(new: list[Result], doc: Path = DOC, store: Path = STORE) -> 
     store.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     table = render_table(results, machine())
     text = doc.read_text() if doc.exists() else "# Performance\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + table + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + table + "\n"
+    text = _between(text, BEGIN, END, table)
+    # Imported here: summary reads results, report must not depend on it to be imported.
+    from loadtest.summary import ISSUES_BEGIN, ISSUES_END, render_issues
+
+    issues = render_issues(results)
+    text = _between(text, ISSUES_BEGIN, ISSUES_END, issues)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+    print(issues)
     print(table)
+
+
+def _between(text: str, begin: str, end: str, block: str) -> str:
+    """``text`` with what lies between ``begin`` and ``end`` replaced by ``block`` (which
+    carries the markers), or ``block`` appended when the markers are not there yet."""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        return head + block + tail
+    return text.rstrip("\n") + "\n\n" + block + "\n"

@@ -1,7 +1,8 @@
 """``python -m loadtest.services_host``: the services in their own process.
 
 Why not ``jetreduce services up``: the load test needs the launcher's process cap
-(``LocalBackend.max_processes``, the "few pods" of the agents scenario) and a subset of
+(``LocalBackend.max_processes``, the "few pods" of the agents scenario), the launcher's slot
+cap (``--max-slots``: workflows competing for slots, the utilisation scenario) and a subset of
 services (planner only, for the enqueue scenario), which the CLI does not expose. Running the
 services apart from the harness also means ``/proc/<pid>`` of this process is exactly the
 services' memory and py-spy can attach to it alone.
@@ -30,6 +31,7 @@ async def _main(args: argparse.Namespace) -> int:
         names,
         log_dir=Path(args.log_dir) if args.log_dir else None,
         max_processes=args.max_processes,
+        max_slots=args.max_slots,
         topology=TopologySettings(replicas=args.stream_replicas),
     )
     loop = asyncio.get_running_loop()
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--ready-file", required=True)
     parser.add_argument("--log-dir", default="")
     parser.add_argument("--max-processes", type=int, default=None)
+    parser.add_argument("--max-slots", type=int, default=None)
     parser.add_argument("--stream-replicas", type=int, default=1)
     parser.add_argument("--services", default=",".join(SERVICE_NAMES))
     args = parser.parse_args()

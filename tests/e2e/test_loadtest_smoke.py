@@ -19,9 +19,16 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = ["enqueue", "dispatch", "latency", "efficiency", "shell"]
 """The ones needing only the test extra (memory is long; backends and peer need bench)."""
+FIXED_COSTS = ["tiny", "run", "utilisation"]
+"""Issue 17's scenarios: a tiny workflow's latency, ``jetreduce run`` of it, slot use."""
 
 
 def _quick(*scenarios: str) -> list[dict[str, Any]]:
+    return _quick_run(*scenarios)[0]
+
+
+def _quick_run(*scenarios: str) -> tuple[list[dict[str, Any]], str]:
+    """The results of a quick ``--no-report`` run, and its stderr (the issue tables)."""
     done = subprocess.run(
         [sys.executable, "-m", "loadtest", *scenarios, "--quick", "--no-report"],
         cwd=REPO,
@@ -33,17 +40,38 @@ def _quick(*scenarios: str) -> list[dict[str, Any]]:
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [r["name"] for r in results] == list(scenarios)
-    return results
+    return results, done.stderr
+
+
+def _ran_to_the_end(r: dict[str, Any]) -> None:
+    assert r["error"] is None, (r["name"], r["error"])
+    assert r["quick"] is True
+    assert isinstance(r["figure"], int | float) and r["figure"] > 0, r
+    outcome = r["details"].get("outcome")
+    assert outcome in (None, "workflow.completed"), (r["name"], outcome)
 
 
 def test_quick_harness_run_reports_every_scenario() -> None:
-    results = _quick(*SCENARIOS)
-    for r in results:
-        assert r["error"] is None, (r["name"], r["error"])
-        assert r["quick"] is True
-        assert isinstance(r["figure"], int | float) and r["figure"] > 0, r
-        outcome = r["details"].get("outcome")
-        assert outcome in (None, "workflow.completed"), (r["name"], outcome)
+    for r in _quick(*SCENARIOS):
+        _ran_to_the_end(r)
+
+
+def test_fixed_cost_scenarios_report_a_timeline_and_utilisation() -> None:
+    """Its own test (and process) so that it runs beside the others under xdist."""
+    (tiny, run, utilisation), tables = _quick_run(*FIXED_COSTS)
+    for r in (tiny, run, utilisation):
+        _ran_to_the_end(r)
+    steps = tiny["details"]["step_median_ms"]
+    assert next(iter(steps)).startswith("submit → ") and len(steps) >= 5, steps
+    assert len(run["details"]["wall_s_each"]) == run["params"]["runs"]
+    for wf in ("a", "b"):
+        assert utilisation["details"][wf]["source"] is not None, utilisation["details"][wf]
+    # The issue 17 table has a verdict on the rows these fill, "not run" on the others.
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in tables.splitlines()}
+    for figure in ("4-item trivial workflow", "`jetreduce run`", "utilisation (busy"):
+        row = next(line for name, line in rows.items() if name.startswith(figure))
+        assert "met" in row or "missed" in row, row
+    assert "dispatch: not run" in tables
 
 
 def test_cluster_scenario_runs_r1_r3_and_fsync_on_a_three_node_cluster() -> None:
