@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from jetreduce.aggregator.service import Aggregator
+from jetreduce.aggregator.counting import MapCounter
 from jetreduce.contract import events as ev
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.lang import parse_workflow
@@ -35,20 +35,25 @@ pytestmark = pytest.mark.anyio
 TICKS = 8
 
 
-class CountingAggregator(Aggregator):
-    """The real aggregator, counting the exact counts it asks the server for."""
+async def _not_here(*args: object) -> None:
+    raise AssertionError(f"nothing completes or fails here: {args}")
+
+
+class CountingCounter(MapCounter):
+    """The aggregator's real counting, counting the exact counts it asks the server for."""
 
     def __init__(self, ctx: ServiceContext) -> None:
-        super().__init__(ctx)
+        state = StateStore(ctx.js, ctx.subjects)
+        super().__init__(ctx, state, failed=_not_here, completed=_not_here)
         self.counts: Counter[str] = Counter()
 
     async def count(self, subject_filter: str) -> int:
         self.counts[subject_filter] += 1
         return await super().count(subject_filter)
 
-    async def _in_range(self, wf: str, total: int) -> tuple[int, int]:
+    async def in_range(self, wf: str, total: int) -> tuple[int, int]:
         self.counts["in range"] += 1
-        return await super()._in_range(wf, total)
+        return await super().in_range(wf, total)
 
 
 async def redis_commands(r: aioredis.Redis) -> int:
@@ -99,31 +104,31 @@ async def test_the_aggregators_cost_per_tick_does_not_grow_with_items_on_redis(
                     assert (await queue.enqueue(items)).added == n
                     (held,) = await lease_all(queue, 1)  # one in flight, the rest pending
 
-                    aggregator = CountingAggregator(ctx)
-                    await aggregator.track(wf, n)
-                    await aggregator.check(wf)  # the first tick counts exactly, on schedule
-                    assert aggregator.counts[s.terminal_of(wf)] == 1
+                    counter = CountingCounter(ctx)
+                    await counter.track(wf, n)
+                    await counter.check(wf)  # the first tick counts exactly, on schedule
+                    assert counter.counts[s.terminal_of(wf)] == 1
                     # The schedule is time-based (EXACT_EVERY_MIN_S): moved out of the way,
                     # so what is left is what every tick costs.
-                    aggregator.active[wf].next_exact = time.monotonic() + 600
+                    counter.active[wf].next_exact = time.monotonic() + 600
                     before = await redis_commands(r)
                     for _ in range(TICKS):
-                        await aggregator.check(wf)
+                        await counter.check(wf)
                     per_tick[n] = (await redis_commands(r) - before) // TICKS
-                    assert aggregator.counts[s.terminal_of(wf)] == 1, "exact count per tick"
-                    assert aggregator.counts[s.dead_of(wf)] == 1 + TICKS + 1
-                    assert aggregator.counts["in range"] == 0
-                    assert wf in aggregator.active  # nothing finished: still mapping
+                    assert counter.counts[s.terminal_of(wf)] == 1, "exact count per tick"
+                    assert counter.counts[s.dead_of(wf)] == 1 + TICKS + 1
+                    assert counter.counts["in range"] == 0
+                    assert wf in counter.active  # nothing finished: still mapping
 
                     # Drained (every item settled): the depth says so, and the very next
                     # tick counts exactly.
                     await queue.ack(held)
                     for lease in await lease_all(queue, n - 1):
                         await queue.ack(lease)
-                    await aggregator.check(wf)
-                    assert aggregator.counts[s.terminal_of(wf)] == 2
-                    assert wf in aggregator.active  # no results stored: not complete
-                    await aggregator._untrack(wf)
+                    await counter.check(wf)
+                    assert counter.counts[s.terminal_of(wf)] == 2
+                    assert wf in counter.active  # no results stored: not complete
+                    await counter.untrack(wf)
                 finally:
                     await queue.purge()
                     await queue.close()

@@ -52,12 +52,12 @@ async def test_a_result_beyond_the_total_does_not_complete_the_map(
 
             # The distinct count says 3 of 3: the item-by-item count has run and refused.
             async def counted_three() -> bool:
-                return await aggregator.count(s.terminal_of(wf)) == 3
+                return await aggregator.counter.count(s.terminal_of(wf)) == 3
 
             await wait_for(counted_three, 10)
             checks = 0
             while checks < 8:  # a few ticks of the aggregator after it saw 3 of 3
-                await aggregator.check(wf)
+                await aggregator.counter.check(wf)
                 checks += 1
             assert await complete() is None
             assert wf in aggregator.active
