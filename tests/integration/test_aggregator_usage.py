@@ -21,9 +21,11 @@ import pytest
 from helpers import connected_as, stored_or_refused
 from jetreduce.aggregator.service import Aggregator
 from jetreduce.contract import events as ev
+from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
 from jetreduce.embedded import EmbeddedServer, role_settings
+from jetreduce.lang import parse_workflow
 from jetreduce.runtime.connection import connect
 from jetreduce.runtime.publish import is_stored
 from jetreduce.runtime.service import ServiceContext
@@ -157,3 +159,44 @@ async def test_a_report_that_never_comes_holds_the_end_only_for_the_bound(
     assert ended.time is not None and mapped.time is not None
     held_up = (ended.time - mapped.time).total_seconds()
     assert bound_s <= held_up < bound_s + 2.0, held_up
+
+
+WITH_REDUCE = """
+name: reduced
+map:
+  input: items.json
+  agent_template:
+    - shell: "echo ${item}"
+reduce:
+  - shell: "echo done"
+"""
+
+
+async def test_after_a_reduce_the_reports_stored_are_all_there_is(
+    server: EmbeddedServer, prefix: str
+) -> None:
+    """The map agents left before the reduce started: one that did not report never will,
+    so the end does not wait for it (the bound here is far longer than the test waits)."""
+    async with as_services(server, prefix) as ctx, as_agent(server) as (agent, errors):
+        s, state, wf = ctx.subjects, StateStore(ctx.js, ctx.subjects), "wf-reduced"
+        spec = StoredSpec(workflow=parse_workflow(WITH_REDUCE).workflow, options=ev.SubmitOptions())
+        await state.put_spec(wf, spec)
+        now = time.time()
+        record = WorkflowRecord(
+            workflow_id=wf, name="reduced", phase=Phase.REDUCING, created_ts=now, updated_ts=now
+        )
+        record.total, record.done = 1, 1
+        assert await state.create(record)
+        async with running(Aggregator(ctx, rescan_s=0.2, usage_wait_s=30)):
+            completed = await ctx.nc.subscribe(s.workflow("completed", wf), max_msgs=1)
+            await _launched(ctx, wf, 2)
+            usage = s.agent("usage", wf)
+            assert await stored_or_refused(agent, errors, usage, _usage(wf, 0, 8, 2))
+            reduced = ev.ReduceCompleted(workflow_id=wf, output="done", duration_s=0.1)
+            assert await stored_or_refused(
+                agent, errors, s.reduce("completed", wf), ev.encode(reduced)
+            )
+            msg = await completed.next_msg(timeout=5)
+    done = ev.decode_as(msg.data, ev.WorkflowCompleted)
+    assert (done.total, done.done, done.reduce_output) == (1, 1, "done")
+    assert (done.utilisation, done.busy_slot_s, done.held_slot_s) == (0.25, 2.0, 8.0)

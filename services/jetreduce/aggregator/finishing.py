@@ -49,11 +49,15 @@ class Finisher:
         self._completing: dict[str, asyncio.Task[None]] = {}
 
     async def completed(
-        self, wf: str, total: int, done: int, dead: int, reduce_output: str
+        self, wf: str, total: int, done: int, dead: int, reduce_output: str | None = None
     ) -> None:
         """Complete ``wf`` (idempotent). Called for the same workflow from the event that
         says so and, sooner, by the replica that stored ``map.complete``: the second caller
-        waits for the first's result instead of reading the reports again."""
+        waits for the first's result instead of reading the reports again.
+
+        ``reduce_output`` None: there is no reduce, so the map agents may still be leaving
+        and their reports are awaited (usage.py). After a reduce they have all left (the
+        launcher stops them before it starts the reduce): what is stored is all there is."""
         task = self._completing.get(wf)
         if task is None:
             task = asyncio.create_task(
@@ -76,7 +80,7 @@ class Finisher:
                 await task
 
     async def _complete(
-        self, wf: str, total: int, done: int, dead: int, reduce_output: str
+        self, wf: str, total: int, done: int, dead: int, reduce_output: str | None
     ) -> None:
         record = await self.state.get(wf)
         if record is not None and record.phase.terminal:
@@ -84,7 +88,9 @@ class Finisher:
                 return  # it ended otherwise first (failed by map.failed, cancelled, timed out)
             if await is_stored(self.ctx.js, self.s.events_stream, self.s.workflow("completed", wf)):
                 return  # completed before (a redelivered event): nothing to wait for
-        usage = await map_usage(self.ctx.js, self.s, wf, wait_s=self.usage_wait_s)
+        wait_s = self.usage_wait_s if reduce_output is None else 0.0
+        usage = await map_usage(self.ctx.js, self.s, wf, wait_s=wait_s)
+        reduce_output = reduce_output or ""
         record = await self._ended_as(wf, Phase.COMPLETED, reduce_output=reduce_output)
         if record is None:
             return

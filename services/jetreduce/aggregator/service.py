@@ -162,7 +162,7 @@ class Aggregator:
         spec = await self.state.get_spec(wf)
         # An empty map needs no reduce whatever the spec (even one that cannot be read).
         if total == 0 or (spec is not None and not needs_reduce(spec, total)):
-            await self.finisher.completed(wf, total, done, dead, "")
+            await self.finisher.completed(wf, total, done, dead)
 
     # -- events ---------------------------------------------------------------------------
     async def on_event(self, msg: Msg) -> None:

@@ -4,9 +4,10 @@ reports.
 
 Every stored report counts: an agent restarted after a kill reports again, with the figures
 of its own run, so nothing is de-duplicated. A map agent reports as it leaves the phase. With
-a reduce phase they have all left long before the workflow ends; without one,
-``workflow.completed`` follows ``map.complete`` at once, while the map agents are still
-leaving. So the reports expected are counted from the launcher's events: each
+a reduce phase they have all left before it started (the launcher stops them first), so what
+is stored is all there will be (``wait_s`` 0). Without one, ``workflow.completed`` follows
+``map.complete`` at once, while the map agents are still leaving. So the reports expected
+are counted from the launcher's events: each
 ``agent.launched`` of phase ``map`` adds its ``agents``, each ``agent.exited`` of a map agent
 that is restarted adds one (the new run reports too). They are awaited, as they are stored,
 for at most ``USAGE_WAIT_S``; then the workflow ends with what arrived (an agent killed
