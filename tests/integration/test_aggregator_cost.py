@@ -18,14 +18,17 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from jetreduce.aggregator.counting import MapCounter
+from jetreduce.aggregator.arrivals import SOON_DELAYS_S
+from jetreduce.aggregator.counting import Completed, MapCounter
 from jetreduce.contract import events as ev
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
 from jetreduce.lang import parse_workflow
 from jetreduce.queues.base import ItemQueue, Lease
 from jetreduce.queues.factory import open_queue
+from jetreduce.runtime.publish import AckPipeline
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.state import StateStore
+from support import wait_for
 
 from .test_aggregator_replicas import WORKFLOW
 from .test_services import context
@@ -42,9 +45,9 @@ async def _not_here(*args: object) -> None:
 class CountingCounter(MapCounter):
     """The aggregator's real counting, counting the exact counts it asks the server for."""
 
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, completed: Completed = _not_here) -> None:
         state = StateStore(ctx.js, ctx.subjects)
-        super().__init__(ctx, state, failed=_not_here, completed=_not_here)
+        super().__init__(ctx, state, failed=_not_here, completed=completed)
         self.counts: Counter[str] = Counter()
 
     async def count(self, subject_filter: str) -> int:
@@ -136,3 +139,54 @@ async def test_the_aggregators_cost_per_tick_does_not_grow_with_items_on_redis(
         await r.aclose()
     # One depth script per tick (EVALSHA and the few O(1) commands it runs), whatever n.
     assert per_tick[10] == per_tick[2000] <= 6, per_tick
+
+
+async def test_arriving_results_cost_no_count_until_they_may_complete_the_map(
+    nats_url: str, prefix: str
+) -> None:
+    """The arrivals that wake the count (arrivals.py) are counted locally: thousands of
+    results, duplicates and forged indices ask the server nothing; the last result then
+    triggers the exact count at once, and a few checks at most."""
+    n = 2000
+    async with context(nats_url, prefix) as ctx:
+        s, state, wf = ctx.subjects, StateStore(ctx.js, ctx.subjects), "wf-arrivals"
+        await mapping_on(state, wf, n, "jetstream")  # no consumer yet: its depth is idle
+        ended: list[tuple[str, int, int, int]] = []
+
+        async def completed(wf: str, total: int, done: int, dead: int) -> None:
+            ended.append((wf, total, done, dead))
+
+        counter = CountingCounter(ctx, completed)
+        try:
+            await counter.track(wf, n)
+            await counter.check(wf)
+            assert counter.counts[s.terminal_of(wf)] == 1
+            counter.active[wf].next_exact = time.monotonic() + 600  # no scheduled count
+
+            def result(index: int) -> bytes:
+                done = ev.ItemDone(
+                    workflow_id=wf,
+                    index=index,
+                    item_id=f"item_{index}",
+                    output="",
+                    exit_code=0,
+                    duration_s=0.0,
+                    attempts=1,
+                )
+                return ev.encode(done)
+
+            async with AckPipeline(ctx.nc) as pipeline:
+                for index in [*range(n - 1), *range(0, n - 1, 7), n, n + 5]:
+                    await pipeline.publish(s.item_done(wf, index), result(index))
+                await pipeline.flush()
+            await wait_for(lambda: counter.arrivals.watched[wf].seen_n == n - 1, 10)
+            assert dict(counter.counts) == {s.terminal_of(wf): 1, s.dead_of(wf): 2}
+
+            await ctx.js.publish(s.item_done(wf, n - 1), result(n - 1))
+            await wait_for(lambda: ended, 10)
+            assert ended == [(wf, n, n, 0)]
+            assert counter.counts[s.terminal_of(wf)] == 2
+            assert counter.counts["in range"] == 1
+            assert counter.counts[s.dead_of(wf)] <= 2 + 2 * len(SOON_DELAYS_S)
+        finally:
+            await counter.close()

@@ -23,7 +23,7 @@ from support import wait_for
 
 from .test_aggregator_cost import lease_all
 from .test_aggregator_replicas import _mapping
-from .test_services import context, running
+from .test_services import context, count_stored, running
 
 pytestmark = pytest.mark.anyio
 
@@ -79,7 +79,8 @@ async def test_map_complete_follows_the_last_result_within_milliseconds(
     async with context(nats_url, prefix) as ctx:
         s, state = ctx.subjects, StateStore(ctx.js, ctx.subjects)
         delays: list[float] = []
-        async with running(Aggregator(ctx)):
+        # Two replicas, each watching every counted workflow: one stores each event.
+        async with running(Aggregator(ctx)), running(Aggregator(ctx, rescan_s=0.1)):
             for round_ in range(ROUNDS):
                 wf = f"wf-latency-{round_}"
                 await _mapping(state, wf, ITEMS)
@@ -96,4 +97,6 @@ async def test_map_complete_follows_the_last_result_within_milliseconds(
                     for i in range(ITEMS)
                 ]
                 delays.append((complete - max(results)).total_seconds())
+                for subject in (s.map("complete", wf), s.workflow("completed", wf)):
+                    assert await count_stored(ctx, s.events_stream, subject) == 1
     assert all(0 <= d < BOUND_S for d in delays), delays

@@ -83,7 +83,9 @@ class Finisher:
         self, wf: str, total: int, done: int, dead: int, reduce_output: str | None
     ) -> None:
         record = await self.state.get(wf)
-        if record is not None and record.phase.terminal:
+        if record is None:
+            return  # no such workflow (deleted): nothing to end
+        if record.phase.terminal:
             if record.phase != Phase.COMPLETED:
                 return  # it ended otherwise first (failed by map.failed, cancelled, timed out)
             if await is_stored(self.ctx.js, self.s.events_stream, self.s.workflow("completed", wf)):

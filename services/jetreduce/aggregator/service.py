@@ -132,6 +132,10 @@ class Aggregator:
             if await is_stored(self.ctx.js, self.s.events_stream, self.s.map("complete", wf)):
                 continue  # counted to the end already; the launcher moves it on
             await self.counter.track(wf, total)
+            # Counted at once, as on workflow.planned: its results may all be in already
+            # (the replica that had the event is gone or busy), and arrivals wake a count
+            # only once one exact count has set their estimate.
+            await self.counter.check(wf)
 
     async def _ticker(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
