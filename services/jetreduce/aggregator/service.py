@@ -135,7 +135,10 @@ class Aggregator:
             # Counted at once, as on workflow.planned: its results may all be in already
             # (the replica that had the event is gone or busy), and arrivals wake a count
             # only once one exact count has set their estimate.
-            await self.counter.check(wf)
+            try:
+                await self.counter.check(wf)
+            except Exception:  # the tick counts it again; the other workflows go on
+                log.exception("aggregator: counting %s failed", wf)
 
     async def _ticker(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
