@@ -95,8 +95,10 @@ class Aggregator:
         try:
             await asyncio.gather(consumer.run(stop), self._ticker(stop), self._rescanner(stop))
         finally:
-            for task in list(self._tasks):
+            tasks = list(self._tasks)
+            for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.finisher.close()
             await self.counter.close()
 
