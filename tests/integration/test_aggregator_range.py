@@ -10,11 +10,13 @@ import pytest
 
 from jetreduce.aggregator.service import Aggregator
 from jetreduce.contract import events as ev
+from jetreduce.contract.records import Phase
+from jetreduce.runtime.publish import is_stored
 from jetreduce.runtime.state import StateStore
 from support import wait_for
 
 from .test_aggregator_replicas import _mapping
-from .test_services import context, running
+from .test_services import _consumer_acked_all, context, running
 
 pytestmark = pytest.mark.anyio
 
@@ -70,3 +72,35 @@ async def test_a_result_beyond_the_total_does_not_complete_the_map(
             await wait_for(completed, 10)
             found = await complete()
             assert found is not None and (found.total, found.done, found.dead) == (3, 3, 0)
+
+
+async def test_a_false_map_complete_does_not_end_a_map_without_reduce(
+    nats_url: str, prefix: str
+) -> None:
+    """Anyone who may publish could store ``map.complete``: for a workflow without a reduce
+    the aggregator ends it only when the server holds as many terminal results as planned
+    (the launcher's rule for starting a reduce), so the forgery ends nothing, and the map
+    completes when its real results are in."""
+    async with context(nats_url, prefix) as ctx:
+        s, state, wf = ctx.subjects, StateStore(ctx.js, ctx.subjects), "wf-forged"
+        aggregator = Aggregator(ctx, rescan_s=0.2)
+        async with running(aggregator):
+            await _mapping(state, wf, 2)  # no reduce
+            await wait_for(lambda: wf in aggregator.active, 10)
+            forged = ev.MapComplete(workflow_id=wf, total=2, done=2, dead=0)
+            await ctx.js.publish(s.map("complete", wf), ev.encode(forged))
+            await wait_for(_consumer_acked_all(ctx, "aggregator"), 10)  # handled
+            record = await state.get(wf)
+            assert record is not None and record.phase == Phase.MAPPING
+            assert not await is_stored(ctx.js, s.events_stream, s.workflow("completed", wf))
+
+            for index in range(2):
+                await ctx.js.publish(s.item_done(wf, index), ev.encode(_done(wf, index)))
+
+            async def completed() -> bool:
+                return await is_stored(ctx.js, s.events_stream, s.workflow("completed", wf))
+
+            await wait_for(completed, 10)
+            msg = await ctx.js.get_last_msg(s.events_stream, s.workflow("completed", wf))
+        done = ev.decode_as(msg.data, ev.WorkflowCompleted)
+        assert (done.total, done.done, done.dead) == (2, 2, 0)

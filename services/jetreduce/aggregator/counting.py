@@ -57,7 +57,8 @@ EXACT_COST_FACTOR = 20.0
 Failed = Callable[[str, str], Awaitable[None]]
 """Fails a workflow with a reason (finishing.py)."""
 Completed = Callable[[str, int, int, int], Awaitable[None]]
-"""Told that this replica stored ``map.complete`` (workflow, total, done, dead)."""
+"""Told that this replica counted the map complete and ``map.complete`` is stored (workflow,
+total, done, dead)."""
 
 
 @dataclass
@@ -295,6 +296,7 @@ class MapCounter:
         traced = span(
             "map complete", parent=trace, kind="producer", attributes=attributes, join_only=True
         )
+        stored = same = False
         with traced:
             for _ in range(2):  # again once, if a false one was in the way
                 stored = await publish_once(
@@ -303,10 +305,14 @@ class MapCounter:
                     encode(MapComplete(workflow_id=wf, total=total, done=done, dead=dead)),
                     headers=trace_headers(),
                 )
-                if stored or not await self._replace_false_completion(wf, total, done, dead):
+                if stored:
+                    break
+                if not await self._replace_false_completion(wf, total, done, dead):
+                    same = True  # another replica counted the same, first
                     break
         if stored:
             log.info("workflow %s: map complete (%d done, %d dead)", wf, done, dead)
+        if stored or same:  # counted here: what follows need not wait for the event
             await self.completed(wf, total, done, dead)
 
     async def _replace_false_completion(self, wf: str, total: int, done: int, dead: int) -> bool:

@@ -30,7 +30,7 @@ from jetreduce.contract.events import (
     WorkflowReopened,
     decode,
 )
-from jetreduce.contract.records import Phase, needs_reduce
+from jetreduce.contract.records import Phase, WorkflowRecord, needs_reduce
 from jetreduce.runtime.publish import is_stored
 from jetreduce.runtime.service import EventConsumer, ServiceContext
 from jetreduce.runtime.state import StateStore
@@ -65,7 +65,8 @@ class Aggregator:
         self.counter = MapCounter(
             ctx, self.state, failed=self.finisher.failed, completed=self._map_completed
         )
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._ending: dict[str, asyncio.Task[None]] = {}
+        """Workflows whose map completed being ended (``_end_map``)."""
 
     @property
     def active(self) -> dict[str, Tracked]:
@@ -75,27 +76,32 @@ class Aggregator:
     async def _untrack(self, wf: str) -> None:
         await self.counter.untrack(wf)
 
+    @property
+    def filters(self) -> list[str]:
+        """The events the aggregator's durable consumer (``aggregator``) takes."""
+        return [
+            self.s.workflow("planned", "*"),
+            self.s.workflow("reopened", "*"),
+            self.s.setup("failed", "*"),
+            self.s.map("complete", "*"),
+            self.s.map("failed", "*"),
+            self.s.reduce("completed", "*"),
+            self.s.reduce("failed", "*"),
+            self.s.agent("exited", "*"),
+        ]
+
     async def run(self, stop: asyncio.Event) -> None:
         consumer = EventConsumer(
             self.ctx,
             stream=self.s.events_stream,
             durable="aggregator",
-            filters=[
-                self.s.workflow("planned", "*"),
-                self.s.workflow("reopened", "*"),
-                self.s.setup("failed", "*"),
-                self.s.map("complete", "*"),
-                self.s.map("failed", "*"),
-                self.s.reduce("completed", "*"),
-                self.s.reduce("failed", "*"),
-                self.s.agent("exited", "*"),
-            ],
+            filters=self.filters,
             handler=self.on_event,
         )
         try:
             await asyncio.gather(consumer.run(stop), self._ticker(stop), self._rescanner(stop))
         finally:
-            tasks = list(self._tasks)
+            tasks = list(self._ending.values())
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -120,19 +126,24 @@ class Aggregator:
         counting those that left the map phase (another replica completed or failed them,
         or they were cancelled)."""
         read_at = time.monotonic()
-        mapping: dict[str, int] = {}
+        mapping: dict[str, WorkflowRecord] = {}
         for record in await self.state.list():
             if record.phase == Phase.MAPPING and record.total is not None:
-                mapping[record.workflow_id] = record.total
+                mapping[record.workflow_id] = record
         active = self.counter.active
         # Not one tracked since the read began (an event may have just planned or reopened it).
         for wf in [wf for wf, t in active.items() if wf not in mapping and t.started < read_at]:
             await self.counter.untrack(wf)
-        for wf, total in mapping.items():
+        for wf, record in mapping.items():
+            total = record.total or 0
             if wf in active:
                 continue
-            if await is_stored(self.ctx.js, self.s.events_stream, self.s.map("complete", wf)):
-                continue  # counted to the end already; the launcher moves it on
+            if await self._stored(self.s.map("complete", wf)):
+                # Counted to the end already: the launcher moves it on to its reduce; one
+                # without a reduce ends (sooner than its map.complete delivered again, if
+                # the replica ending it died).
+                self._end_map(wf, total, record.done, record.dead, counted=False)
+                continue
             await self.counter.track(wf, total)
             # Counted at once, as on workflow.planned: its results may all be in already
             # (the replica that had the event is gone or busy), and arrivals wake a count
@@ -141,6 +152,9 @@ class Aggregator:
                 await self.counter.check(wf)
             except Exception:  # the tick counts it again; the other workflows go on
                 log.exception("aggregator: counting %s failed", wf)
+
+    async def _stored(self, subject: str) -> bool:
+        return await is_stored(self.ctx.js, self.s.events_stream, subject)
 
     async def _ticker(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -155,23 +169,65 @@ class Aggregator:
                 await asyncio.wait_for(stop.wait(), TICK_S)
 
     async def _map_completed(self, wf: str, total: int, done: int, dead: int) -> None:
-        """This replica stored ``map.complete``: a workflow without a reduce ends now, not
-        when the event comes back through the consumer (which then joins this)."""
-        task = asyncio.create_task(self._map_done(wf, total, done, dead), name=f"end-{wf}")
-        self._tasks.add(task)
-        task.add_done_callback(self._ended_task)
+        """This replica counted the map complete: a workflow without a reduce ends now, not
+        when ``map.complete`` comes back through the consumer (whose handler then joins)."""
+        self._end_map(wf, total, done, dead, counted=True)
 
-    def _ended_task(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+    def _end_map(
+        self, wf: str, total: int, done: int, dead: int, *, counted: bool
+    ) -> asyncio.Task[None]:
+        """End ``wf`` if its map was all it had, in a task of its own (one per workflow:
+        a second caller gets the first's). Ending may wait for the map agents' usage
+        reports (usage.py); started as the map completes, that wait is mostly over by the
+        time the event reaches the consumer, whose handler awaits the task, so that a
+        replica that dies meanwhile leaves the event to be delivered again."""
+        task = self._ending.get(wf)
+        if task is None:
+            ending = self._map_done(wf, total, done, dead, counted=counted)
+            task = asyncio.create_task(ending, name=f"end-{wf}")
+            self._ending[wf] = task
+            task.add_done_callback(lambda t: self._ended(wf, t))
+        return task
+
+    def _ended(self, wf: str, task: asyncio.Task[None]) -> None:
+        if self._ending.get(wf) is task:
+            del self._ending[wf]
         if not task.cancelled() and task.exception() is not None:
-            # The stored map.complete reaches the consumer too, which tries again.
-            log.error("aggregator: ending a workflow failed", exc_info=task.exception())
+            log.error(
+                "workflow %s: ending it failed (its map.complete is handled again)",
+                wf,
+                exc_info=task.exception(),
+            )
 
-    async def _map_done(self, wf: str, total: int, done: int, dead: int) -> None:
+    async def _map_done(self, wf: str, total: int, done: int, dead: int, *, counted: bool) -> None:
+        """End a workflow without a reduce. ``counted``: this replica's count found the map
+        complete; else the stored ``map.complete`` says so, which anyone allowed to publish
+        may have forged: the workflow then ends only if its counts add up to its planned
+        total and the server holds that many terminal results (the launcher's rule)."""
         spec = await self.state.get_spec(wf)
         # An empty map needs no reduce whatever the spec (even one that cannot be read).
-        if total == 0 or (spec is not None and not needs_reduce(spec, total)):
-            await self.finisher.completed(wf, total, done, dead)
+        if not (total == 0 or (spec is not None and not needs_reduce(spec, total))):
+            return  # the launcher starts its reduce
+        if not counted:
+            record = await self.state.get(wf)
+            if record is None or record.phase not in (Phase.MAPPING, Phase.COMPLETED):
+                return  # ended otherwise
+            completed = self.s.workflow("completed", wf)
+            if record.phase == Phase.COMPLETED and await self._stored(completed):
+                return  # ended by this replica's count or another's: nothing to count
+            terminal = await self.counter.count(self.s.terminal_of(wf))
+            if not (record.total == total == terminal and done + dead == total):
+                log.error(
+                    "workflow %s: map.complete not acted on (says %d of %d, planned %s, "
+                    "%d terminal)",
+                    wf,
+                    done + dead,
+                    total,
+                    record.total,
+                    terminal,
+                )
+                return
+        await self.finisher.completed(wf, total, done, dead)
 
     # -- events ---------------------------------------------------------------------------
     async def on_event(self, msg: Msg) -> None:
@@ -212,7 +268,8 @@ class Aggregator:
                 reason = f"{event.item_id} failed and its on_failure sets fail_workflow"
                 await self.finisher.failed(wf, f"{reason}: {event.error}")
         elif isinstance(event, MapComplete):
-            await self._map_done(wf, event.total, event.done, event.dead)
+            ending = self._end_map(wf, event.total, event.done, event.dead, counted=False)
+            await asyncio.shield(ending)  # this handler stopping does not stop it
         elif isinstance(event, ReduceCompleted):
             record = await self.state.get(wf)
             if record is not None:
