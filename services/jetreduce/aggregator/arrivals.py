@@ -45,7 +45,7 @@ SOON_DELAYS_S = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128)
 """Checks after the estimate reaches the total: almost at once, then while the last results are
 stored and their items acked (about a tick in all; after that the tick counts as before)."""
 
-SUBSCRIBE_TIMEOUT_S = 5.0
+SUBSCRIBE_TIMEOUT_S = 2.0
 
 
 @dataclass
