@@ -54,5 +54,6 @@ async def test_a_tiny_workflow_completes_within_milliseconds_of_its_last_item(
     to_complete = (complete - last).total_seconds()
     to_completed = (completed - complete).total_seconds()
     assert 0 <= to_complete < BOUND_S, (to_complete, to_completed)
-    # No reduce: the end waits only for the map agents' usage reports, at most its bound.
-    assert 0 <= to_completed < USAGE_WAIT_S + BOUND_S, (to_complete, to_completed)
+    # No reduce: the end waits only for the map agents' usage reports, at most its bound
+    # (plus a margin for a loaded machine: this bounds the wait, it does not time it).
+    assert 0 <= to_completed < USAGE_WAIT_S + 1.0, (to_complete, to_completed)
