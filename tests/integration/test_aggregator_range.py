@@ -104,3 +104,29 @@ async def test_a_false_map_complete_does_not_end_a_map_without_reduce(
             msg = await ctx.js.get_last_msg(s.events_stream, s.workflow("completed", wf))
         done = ev.decode_as(msg.data, ev.WorkflowCompleted)
         assert (done.total, done.done, done.dead) == (2, 2, 0)
+
+
+async def test_a_result_under_a_non_ascii_digit_does_not_stand_in_for_an_item(
+    nats_url: str, prefix: str
+) -> None:
+    """``"٣".isdigit()`` and ``int("٣") == 3``: a forged ``item.done.<wf>.٣`` must not count as
+    item 3, and ``"²"`` (a digit ``int`` refuses) must not break the count."""
+    async with context(nats_url, prefix) as ctx:
+        s, state, wf = ctx.subjects, StateStore(ctx.js, ctx.subjects), "wf-digits"
+        await _mapping(state, wf, 4)
+        for index in (0, 1, 2):
+            await ctx.js.publish(s.item_done(wf, index), ev.encode(_done(wf, index)))
+        for token in ("٣", "²"):
+            forged = s.item_done(wf, 0).rsplit(".", 1)[0] + "." + token
+            await ctx.js.publish(forged, ev.encode(_done(wf, 3)))
+        aggregator = Aggregator(ctx)
+        assert await aggregator.counter.count(s.terminal_of(wf)) == 5  # the distinct count
+        assert await aggregator.counter.in_range(wf, 4) == (3, 0)
+        await aggregator.counter.track(wf, 4)
+        try:
+            for _ in range(3):
+                await aggregator.counter.check(wf)
+            assert wf in aggregator.active  # not complete: item 3 has no result
+            assert not await is_stored(ctx.js, s.events_stream, s.map("complete", wf))
+        finally:
+            await aggregator.counter.close()

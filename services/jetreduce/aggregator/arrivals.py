@@ -36,6 +36,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from jetreduce.contract.subjects import Subjects
+from jetreduce.runtime.counts import item_index
 
 __all__ = ["SOON_DELAYS_S", "Arrivals", "Watched"]
 
@@ -147,9 +148,10 @@ class Arrivals:
 
     def _on_result(self, wf: str, watched: Watched, msg: Msg) -> None:
         tokens = msg.subject.rsplit(".", 3)
-        if len(tokens) != 4 or tokens[1] not in ("done", "dead") or not tokens[3].isdigit():
-            return  # item.failed (an attempt), or not an item subject
-        if not watched.add(int(tokens[3])):
+        index = item_index(tokens[3]) if len(tokens) == 4 else None
+        if index is None or tokens[1] not in ("done", "dead"):
+            return  # item.failed (an attempt), or not an item's result
+        if not watched.add(index):
             return
         estimate = watched.estimate()
         if estimate is not None and estimate >= watched.total:
