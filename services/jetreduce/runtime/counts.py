@@ -11,11 +11,25 @@ __all__ = [
     "StreamInfoFailed",
     "count_items_in_range",
     "count_subjects",
+    "item_index",
 ]
+
+
+MAX_INDEX_DIGITS = 19
+"""Digits of the largest index (``contract.subjects.MAX_INDEX``, 2**63 - 1)."""
 
 
 class StreamInfoFailed(TemporaryError, RuntimeError):
     """The server answered a stream info request with an error."""
+
+
+def item_index(token: str) -> int | None:
+    """The item index a subject's last token names, or None: only ASCII digits, as
+    ``contract/subjects.py`` writes it. ``str.isdigit`` alone lets ``"٣"`` through as 3 (a
+    forged result standing in for item 3) and ``"²"`` as a digit ``int`` then refuses."""
+    if not (token.isascii() and token.isdigit()) or len(token) > MAX_INDEX_DIGITS:
+        return None
+    return int(token)
 
 
 async def count_subjects(nc: Any, stream: str, subject_filter: str, timeout_s: float = 10) -> int:
@@ -54,7 +68,8 @@ async def count_items_in_range(
         subjects = (body.get("state") or {}).get("subjects") or {}
         for subject in subjects:
             tokens = subject.rsplit(".", 3)
-            if len(tokens) == 4 and tokens[3].isdigit() and int(tokens[3]) < total:
+            index = item_index(tokens[3]) if len(tokens) == 4 else None
+            if index is not None and index < total:
                 items += 1
                 dead += tokens[1] == "dead"
         offset += len(subjects)
