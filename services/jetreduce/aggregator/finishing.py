@@ -55,9 +55,10 @@ class Finisher:
         says so and, sooner, by the replica that stored ``map.complete``: the second caller
         waits for the first's result instead of reading the reports again.
 
-        ``reduce_output`` None: there is no reduce, so the map agents may still be leaving
-        and their reports are awaited (usage.py). After a reduce they have all left (the
-        launcher stops them before it starts the reduce): what is stored is all there is."""
+        ``reduce_output`` None: there is no reduce, so the map agents may still be leaving.
+        Either way, reports still missing are awaited (usage.py, bounded): the launcher
+        starts the reduce without waiting for the map agents to go, so after a short reduce
+        one may still be on its way. When all are in, nothing is waited for."""
         task = self._completing.get(wf)
         if task is None:
             task = asyncio.create_task(
@@ -90,8 +91,7 @@ class Finisher:
                 return  # it ended otherwise first (failed by map.failed, cancelled, timed out)
             if await is_stored(self.ctx.js, self.s.events_stream, self.s.workflow("completed", wf)):
                 return  # completed before (a redelivered event): nothing to wait for
-        wait_s = self.usage_wait_s if reduce_output is None else 0.0
-        usage = await map_usage(self.ctx.js, self.s, wf, wait_s=wait_s)
+        usage = await map_usage(self.ctx.js, self.s, wf, wait_s=self.usage_wait_s)
         reduce_output = reduce_output or ""
         record = await self._ended_as(wf, Phase.COMPLETED, reduce_output=reduce_output)
         if record is None:
