@@ -55,10 +55,7 @@ from jetreduce.launcher.k8s_manifests import (
 )
 from jetreduce.launcher.k8s_poller import JobPoller
 from jetreduce.launcher.k8s_settings import KubernetesSettings
-from jetreduce.launcher.k8s_status import (
-    JobSeen,
-    attempt_of,
-)
+from jetreduce.launcher.k8s_status import JobSeen, attempt_of, held_slots
 from jetreduce.runtime.settings import NatsSettings
 
 __all__ = [
@@ -146,8 +143,17 @@ class KubernetesBackend(JobPoller):
         return any(s.wf == wf and s.phase == phase and not s.finished for s in self._seen.values())
 
     def held(self, wf: str, phase: str) -> int | None:
-        """Not known yet: a Job's pods are counted as planned."""
-        return None
+        """Slots of the phase's Jobs that have not finished, as of the last poll (or this
+        process's own launch): each index not yet ended, times its pod's slots. An index
+        whose agent drained (exit 0: the queue ran dry) succeeded, and its pod is not run
+        again, so its slots stop counting at the next poll; the Job itself is not scaled
+        down (see docs/kubernetes.md, elastic slots). None if a Job's status is unknown."""
+        jobs = [
+            s for s in self._seen.values() if s.wf == wf and s.phase == phase and not s.finished
+        ]
+        if any(s.held is None for s in jobs):
+            return None
+        return sum(s.held or 0 for s in jobs)
 
     async def sync(self) -> None:
         """Return once :meth:`running` reflects every Job the API server lists, i.e. after
@@ -233,7 +239,8 @@ class KubernetesBackend(JobPoller):
             for job in existing["items"]:
                 meta = job.get("metadata", {})
                 self._seen.setdefault(
-                    meta.get("name", ""), JobSeen(wf, phase, attempt_of(meta), namespace=ns)
+                    meta.get("name", ""),
+                    JobSeen(wf, phase, attempt_of(meta), namespace=ns, held=held_slots(job)),
                 )
             self._ensure_poller()
             return 0
@@ -264,7 +271,7 @@ class KubernetesBackend(JobPoller):
             return 0
         created = await self.kube.create(self.kube.batch.create_namespaced_job, job)
         name = job["metadata"]["name"]
-        self._seen.setdefault(name, JobSeen(wf, phase, namespace=ns))
+        self._seen.setdefault(name, JobSeen(wf, phase, namespace=ns, held=held_slots(job)))
         self._ensure_poller()
         return agents if created else 0
 

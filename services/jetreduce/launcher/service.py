@@ -44,7 +44,7 @@ from jetreduce.contract.events import (
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord, needs_reduce
 from jetreduce.contract.subjects import TERMINAL_EVENTS
 from jetreduce.launcher.admission import Candidate, admit
-from jetreduce.launcher.backend import AgentBackend
+from jetreduce.launcher.backend import AgentBackend, Stops
 from jetreduce.launcher.mapping import MappingRecords
 from jetreduce.launcher.reported import Reported
 from jetreduce.runtime.counts import count_subjects
@@ -114,6 +114,10 @@ class Launcher:
         backend.on_status = self._on_status
         backend.may_act = self.leadership.may_act
         backend.earlier_failures = self.reported.earlier_pods
+        backend.on_released = self._slots_freed
+        self.stops = Stops(backend, self._slots_freed)
+        """Map agents being stopped after ``map.complete``, in the background: the reduce
+        does not wait for them, their slots stay counted until they are gone."""
         self.reconciles = 0
         """Full reconciliations done (the first of a term is its take-over)."""
 
@@ -148,6 +152,7 @@ class Launcher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await work
             lost = not self.leadership.claim.left()
+            await self.stops.cancel()  # what they had not stopped, stop_all does
             await self.backend.stop_all(STEP_DOWN_GRACE_S if lost else SHUTDOWN_GRACE_S)
 
     async def _consume(self, term: asyncio.Event) -> None:
@@ -193,10 +198,12 @@ class Launcher:
             if record.phase in (Phase.ACCEPTED, Phase.SETUP):
                 if not await self._stored(self.s.setup("completed", wf)):
                     await self._launch(wf, "setup", [1], spec)
-            elif record.phase == Phase.REDUCING and not await self._stored(
-                self.s.reduce("completed", wf)
-            ):
-                await self._launch(wf, "reduce", [1], spec)
+            elif record.phase == Phase.REDUCING:
+                if self.backend.running(wf, "map") and not self.stops.stopping(wf, "map"):
+                    # map agents left by a stop cut short (a term ended midway)
+                    self.stops.start(wf, "map", self._held(wf, self._planned(record)))
+                if not await self._stored(self.s.reduce("completed", wf)):
+                    await self._launch(wf, "reduce", [1], spec)
             elif record.phase == Phase.MAPPING and record.total:
                 await self._stored_map_complete(record, spec)
         await self.admit_maps()
@@ -210,15 +217,15 @@ class Launcher:
         records = await self._admission_records(changed)
         async with self._admitting:
             await self.backend.sync()  # a restarted launcher must see what still runs
-            used = 0
+            used = self.stops.slots("map")  # agents of completed maps, still exiting
             waiting: list[Candidate] = []
             for record in records:
                 if record.phase != Phase.MAPPING or not record.total:
                     continue
                 wf = record.workflow_id
-                slots = min(record.max_parallel, self.max_slots or record.max_parallel)
+                slots = self._planned(record)
                 if self.backend.running(wf, "map"):
-                    used += slots
+                    used += self._held(wf, slots)
                     continue
                 if wf in self.mapping.complete:
                     continue
@@ -238,6 +245,30 @@ class Launcher:
                     used + sum(c.slots for c in admitted),
                     self.max_slots,
                 )
+
+    def _planned(self, record: WorkflowRecord) -> int:
+        """The map slots a workflow is admitted with (its ``max_parallel``, capped)."""
+        return min(record.max_parallel, self.max_slots or record.max_parallel)
+
+    def _held(self, wf: str, planned: int) -> int:
+        """Slots ``wf``'s map agents hold now: fewer than ``planned`` once some drained
+        (their queue ran dry and they left early); ``planned`` when the backend cannot tell,
+        and at most ``planned`` (a backend's rounding up of pods is not charged)."""
+        held = self.backend.held(wf, "map")
+        return planned if held is None else min(held, planned)
+
+    async def _slots_freed(self, wf: str, phase: str) -> None:
+        """Agents of ``wf`` left (drained early, or stopped after ``map.complete``): with a
+        slot cap, waiting workflows may be admitted at once, not at the next event or
+        reconcile. Called by the backend and by :class:`Stops`; never raises."""
+        if self.max_slots is None or phase != "map" or not self.leadership.may_act():
+            return
+        try:
+            await self.admit_maps(wf)
+        except (NotLeader, Retry):
+            pass  # the next leader (or the next event, or the reconciler) admits
+        except Exception:
+            log.exception("launcher: admission after %s's %s agents left failed", wf, phase)
 
     async def _admission_records(self, changed: str | None) -> list[WorkflowRecord]:
         """Without a cap: ``changed`` alone, else every record. With one: the mapping
@@ -332,13 +363,15 @@ class Launcher:
     async def _map_complete(
         self, wf: str, record: WorkflowRecord, spec: StoredSpec, complete: MapComplete, seq: int
     ) -> None:
-        """A stored ``map.complete`` (stream sequence ``seq``): stop the map agents, free
-        their slots and start the reduce. From the event, or from the reconciler when the
-        workflow still maps (the leader that pulled the event died before handling it)."""
+        """A stored ``map.complete`` (stream sequence ``seq``): stop the map agents (in the
+        background: the reduce needs the map complete, not its agents gone; their slots stay
+        counted until they are) and start the reduce. From the event, or from the reconciler
+        when the workflow still maps (the leader that pulled the event died before handling
+        it). Idempotent: a second delivery starts no second stop or reduce."""
         if not await self._map_is_complete(wf, record, complete, seq):
             return
         self.leadership.check()
-        await self.backend.stop(wf, "map")
+        self.stops.start(wf, "map", self._held(wf, self._planned(record)))
         if self.max_slots is not None:
             self.mapping.complete.add(wf)
             await self.admit_maps(wf)
