@@ -285,3 +285,50 @@ async def test_the_reduce_job_is_created_before_the_map_job_is_deleted(
         backend.gate.set()
         await wait_for(lambda: _jobs(emulator, namespace) == {reduce_job}, 10)
         assert backend.map_stopped == 1
+
+
+async def test_a_map_reopened_while_its_job_is_deleted_gets_a_new_job_after(
+    emulator: EmulatorThread,
+    api_client: k8s.ApiClient,
+    namespace: str,
+    nats_url: str,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A DLQ retry reopens the map while the old map Job's deletion is still under way: the
+    launcher does not launch beside it (``launch`` would find the old Job and start
+    nothing, and the deletion would then leave the map without agents); once the deletion
+    has returned, the new map Job is created."""
+    monkeypatch.setattr(launcher_service, "RECONCILE_EVERY_S", 3600.0)
+    backend = _backend(api_client, namespace, prefix)
+    async with _launcher(nats_url, prefix, backend, max_slots=None) as (launcher, ctx):
+        await _mapping(ctx, "wf-o", _spec(2, reduce=True), time.time())
+        await launcher.reconcile()
+        map_job, reduce_job = job_name("wf-o", "map"), job_name("wf-o", "reduce")
+        await _map_done(ctx, "wf-o")
+        await wait_for(lambda: reduce_job in _jobs(emulator, namespace), 10)
+
+        # What the planner does on a DLQ retry of a reducing workflow.
+        await ctx.js.purge_stream(
+            ctx.subjects.events_stream, subject=ctx.subjects.map("complete", "wf-o")
+        )
+        await StateStore(ctx.js, ctx.subjects).reopen("wf-o")
+        await ctx.js.publish(
+            ctx.subjects.workflow("reopened", "wf-o"),
+            ev.encode(ev.WorkflowReopened(workflow_id="wf-o", retried=1)),
+        )
+        await launcher.admit_maps("wf-o")  # as the event's handler does: nothing yet
+        assert backend.map_stopped == 0 and backend.running("wf-o", "map")
+        old = _uids(emulator, namespace, map_job)
+        assert len(old) == 1
+
+        backend.gate.set()
+        await wait_for(lambda: backend.map_stopped == 1, 10)
+        await wait_for(lambda: len(_uids(emulator, namespace, map_job) - old) == 1, 10)
+        assert backend.running("wf-o", "map")
+
+
+def _uids(emu: EmulatorThread, ns: str, name: str) -> set[str]:
+    return {
+        j["metadata"]["uid"] for j in emu.live("batch/v1/jobs", ns) if j["metadata"]["name"] == name
+    }

@@ -96,47 +96,47 @@ agents left behind stop taking items on ``map.complete`` anyway, and the workflo
 
 
 class Stops:
-    """Stops of a phase's agents run in the background, so that what follows (the reduce
-    after ``map.complete``) starts at once instead of waiting for them to exit (issue 18:
-    1,000 map agents took 14 s). Until a stop has returned, the slots its agents held stay
-    counted (:meth:`slots`): an admission must not hand them out while they still run.
-    ``after(wf, phase)`` is awaited once a stop has returned (the launcher admits waiting
-    workflows). Every stop is tracked: :meth:`cancel` ends them (the backend's ``stop_all``
-    then takes what they had not finished)."""
+    """Stops of agents run in the background, so that what follows starts at once instead
+    of waiting for them to exit: the reduce after ``map.complete`` (issue 18: 1,000 map
+    agents took 14 s), the next workflow's events after one ended. Until a stop has
+    returned, the map slots its agents held stay counted (:meth:`slots`): an admission must
+    not hand them out while they still run. ``after(wf, phase)`` is awaited once a stop has
+    returned (the launcher admits waiting workflows). Every stop is tracked: :meth:`cancel`
+    ends them (the backend's ``stop_all`` then takes what they had not finished)."""
 
     def __init__(
         self,
         backend: AgentBackend,
-        after: Callable[[str, str], Awaitable[None]],
+        after: Callable[[str, str | None], Awaitable[None]],
         retry_s: float = 0.5,
     ) -> None:
         self.backend = backend
         self.after = after
         self.retry_s = retry_s
-        self._tasks: dict[asyncio.Task[None], tuple[str, str, int]] = {}
+        self._tasks: dict[asyncio.Task[None], tuple[str, str | None, int]] = {}
 
-    def start(self, wf: str, phase: str, slots: int) -> None:
-        """Stop ``wf``'s ``phase`` agents in the background, counting ``slots`` meanwhile.
-        Idempotent: nothing new is started while a stop of that phase is under way and the
-        backend runs none of its agents besides (a second ``map.complete`` delivery)."""
-        if self.stopping(wf, phase) and not self.backend.running(wf, phase):
+    def start(self, wf: str, phase: str | None, map_slots: int) -> None:
+        """Stop ``wf``'s agents of ``phase`` (None: all) in the background, counting
+        ``map_slots`` (the map slots they hold) meanwhile. Idempotent: nothing new is
+        started while such a stop is under way (a second ``map.complete`` delivery, the
+        reconciler); the launcher starts no agents of a phase that is being stopped."""
+        if self.stopping(wf, phase):
             return
-        task = asyncio.create_task(self._stop(wf, phase), name=f"stop {wf}/{phase}")
-        self._tasks[task] = (wf, phase, slots)
+        task = asyncio.create_task(self._stop(wf, phase), name=f"stop {wf}/{phase or 'all'}")
+        self._tasks[task] = (wf, phase, map_slots)
         task.add_done_callback(self._forget)
 
-    def stopping(self, wf: str, phase: str) -> bool:
+    def stopping(self, wf: str, phase: str | None) -> bool:
         return any(k[:2] == (wf, phase) for k in self._tasks.values())
 
-    def slots(self, phase: str) -> int:
-        """Slots held by ``phase`` agents that are being stopped."""
-        return sum(n for _, p, n in self._tasks.values() if p == phase)
+    def slots(self) -> int:
+        """Map slots held by agents that are being stopped."""
+        return sum(n for *_, n in self._tasks.values())
 
-    async def wait(self, timeout_s: float) -> bool:
-        """Wait (at most ``timeout_s``) for the stops under way; True if none is left."""
+    async def wait(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) for the stops under way."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout_s)
-        return not self._tasks
 
     async def cancel(self) -> None:
         """End every stop under way (a term ends): the backend's ``stop_all`` that follows
@@ -151,16 +151,17 @@ class Stops:
         if not task.cancelled() and task.exception() is not None:
             log.error("stop failed", exc_info=task.exception())
 
-    async def _stop(self, wf: str, phase: str) -> None:
+    async def _stop(self, wf: str, phase: str | None) -> None:
         for attempt in range(STOP_ATTEMPTS):
             try:
                 await self.backend.stop(wf, phase)
                 break
             except Exception as exc:
+                what = f"{phase} agents" if phase else "agents"
                 if attempt == STOP_ATTEMPTS - 1:
-                    log.error("workflow %s: %s agents not stopped: %s", wf, phase, exc)
+                    log.error("workflow %s: %s not stopped: %s", wf, what, exc)
                     return
-                log.warning("workflow %s: stopping %s agents failed (%s); retrying", wf, phase, exc)
+                log.warning("workflow %s: stopping %s failed (%s); retrying", wf, what, exc)
                 await asyncio.sleep(self.retry_s * 2**attempt)
         me = asyncio.current_task()
         if me is not None:
