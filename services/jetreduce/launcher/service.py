@@ -116,8 +116,11 @@ class Launcher:
         backend.earlier_failures = self.reported.earlier_pods
         backend.on_released = self._slots_freed
         self.stops = Stops(backend, self._stopped)
-        """Map agents being stopped after ``map.complete``, in the background: the reduce
-        does not wait for them, their slots stay counted until they are gone."""
+        """Agents being stopped in the background (a map's after ``map.complete``, all of a
+        workflow's after its end): nothing waits for them, their map slots stay counted
+        until they are gone."""
+        self._winding_down = False
+        """Set while a term ends: stops that return then admit nobody."""
         self.reconciles = 0
         """Full reconciliations done (the first of a term is its take-over)."""
 
@@ -135,6 +138,7 @@ class Launcher:
         """One term as leader: consume the events and reconcile (at once: the view is
         rebuilt from JetStream, never inherited) until ``term`` ends; then stop this
         process's agents (quickly if the lease was lost: a successor may start soon)."""
+        self._winding_down = False
         self.mapping.complete.clear()  # re-learnt from the stored events as admissions ask
         self.reported.reset()  # likewise the status reports (launcher/reported.py)
         work: asyncio.Future[Any] = asyncio.gather(self._consume(term), self._reconciler(term))
@@ -152,6 +156,7 @@ class Launcher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await work
             lost = not self.leadership.claim.left()
+            self._winding_down = True
             if not lost:  # a stopping leader lets its stops finish (briefly)
                 await self.stops.wait(LEADER_WORK_BOUND_S)
             await self.stops.cancel()  # what they had not stopped, stop_all does
@@ -291,7 +296,7 @@ class Launcher:
     async def _admit_quietly(self, wf: str) -> None:
         """:meth:`admit_maps` from a callback: never raises (the next event, leader or
         reconcile admits instead)."""
-        if not self.leadership.may_act():
+        if self._winding_down or not self.leadership.may_act():
             return
         try:
             await self.admit_maps(wf)
