@@ -33,6 +33,7 @@ from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.kubernetes import KubernetesBackend, job_name
 from jetreduce.launcher.service import Launcher
 from jetreduce.runtime.connection import connect
+from jetreduce.runtime.leadership import Leadership
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
@@ -187,10 +188,21 @@ async def _launcher(
     subjects = Subjects(prefix)
     await declare(nc.jetstream(), subjects, None)
     ctx = ServiceContext(nc=nc, js=nc.jetstream(), subjects=subjects)
-    launcher = Launcher(ctx, backend, max_slots=max_slots)
+    # A long lease: a term lost to a stalled loop on a busy machine would cancel the stops
+    # these tests hold back (and end them with stop_all, as it should).
+    leadership = Leadership(
+        ctx.js,
+        subjects.claims_bucket,
+        subjects.claim_key("leader", "launcher"),
+        name="launcher",
+        ttl_s=120.0,
+        poll_s=0.05,
+    )
+    launcher = Launcher(ctx, backend, max_slots=max_slots, leadership=leadership)
     stop = asyncio.Event()
     task = asyncio.create_task(launcher.run(stop))
     try:
+        await wait_for(lambda: launcher.leadership.leading, 10)
         yield launcher, ctx
     finally:
         stop.set()
@@ -318,7 +330,8 @@ async def test_a_map_reopened_while_its_job_is_deleted_gets_a_new_job_after(
             ev.encode(ev.WorkflowReopened(workflow_id="wf-o", retried=1)),
         )
         await launcher.admit_maps("wf-o")  # as the event's handler does: nothing yet
-        assert backend.map_stopped == 0 and backend.running("wf-o", "map")
+        assert backend.map_stopped == 0 and launcher.leadership.terms == 1
+        assert backend.running("wf-o", "map")
         old = _uids(emulator, namespace, map_job)
         assert len(old) == 1
 
