@@ -22,6 +22,7 @@ import pytest
 from kmock_plus import EmulatorThread
 from kubernetes import client as k8s
 
+from helpers import read_stream
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
@@ -294,6 +295,19 @@ async def test_the_reduce_job_is_created_before_the_map_job_is_deleted(
         assert map_job in _jobs(emulator, namespace)  # its deletion waits at the gate
         assert (backend.map_stops, backend.map_stopped) == (1, 0)
 
+        # A second delivery of map.complete, and the reconciler: no second stop or reduce.
+        await ctx.js.publish(
+            ctx.subjects.map("complete", "wf-r"),
+            ev.encode(ev.MapComplete(workflow_id="wf-r", total=2, done=2, dead=0)),
+        )
+        await launcher.reconcile()
+        await wait_for(lambda: _consumed(ctx), 10)
+        launched = await read_stream(
+            ctx.js, ctx.subjects.events_stream, ctx.subjects.agent("launched", "wf-r")
+        )
+        assert [e.phase for e in launched if isinstance(e, ev.AgentLaunched)] == ["map", "reduce"]
+        assert (backend.map_stops, backend.map_stopped) == (1, 0)
+
         backend.gate.set()
         await wait_for(lambda: _jobs(emulator, namespace) == {reduce_job}, 10)
         assert backend.map_stopped == 1
@@ -339,6 +353,12 @@ async def test_a_map_reopened_while_its_job_is_deleted_gets_a_new_job_after(
         await wait_for(lambda: backend.map_stopped == 1, 10)
         await wait_for(lambda: len(_uids(emulator, namespace, map_job) - old) == 1, 10)
         assert backend.running("wf-o", "map")
+
+
+async def _consumed(ctx: ServiceContext) -> bool:
+    """The launcher's consumer has handled every event stored so far."""
+    info = await ctx.js.consumer_info(ctx.subjects.events_stream, "launcher")
+    return info.num_pending == 0 and info.num_ack_pending == 0
 
 
 def _uids(emu: EmulatorThread, ns: str, name: str) -> set[str]:
