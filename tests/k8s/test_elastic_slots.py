@@ -180,6 +180,51 @@ async def test_a_drained_index_does_not_decide_a_failed_job(
         await backend.stop_all()
 
 
+async def test_a_phase_stop_returns_once_its_pods_no_longer_run(
+    emulator: EmulatorThread, api_client: k8s.ApiClient, namespace: str
+) -> None:
+    """A deleted Job's pod runs on for its grace period (handing its items back): the map
+    stop, whose slots the launcher counts while it is under way, returns only once the pod
+    has ended, not when the Job is gone."""
+    backend = _backend(api_client, namespace, "tp")
+    backend.gate.set()  # the backend's own stop, not held back
+    core = k8s.CoreV1Api(api_client)
+    job = job_name("wf-g", "map")
+    stopping: asyncio.Task[None] | None = None
+    try:
+        await backend.launch("wf-g", "map", [1, 1], _spec(2))
+        (body,) = emulator.live("batch/v1/jobs", namespace)
+        labels = body["spec"]["template"]["metadata"]["labels"]
+        # No ownerReference: the emulator's garbage collector would delete it with the
+        # Job at once, where a real pod stays, terminating, until its agent has exited.
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{job}-0-abcde", "labels": labels},
+            "spec": {"containers": [{"name": "agent", "image": "x"}]},
+            "status": {"phase": "Running"},
+        }
+        await asyncio.to_thread(core.create_namespaced_pod, namespace, pod, _preload_content=False)
+        stopping = asyncio.create_task(backend.stop("wf-g", "map"))
+        await wait_for(lambda: job not in _jobs(emulator, namespace), 10)
+        assert not stopping.done()
+        assert not backend.running("wf-g", "map")
+
+        await asyncio.to_thread(
+            core.patch_namespaced_pod_status,
+            pod["metadata"]["name"],
+            namespace,
+            {"status": {"phase": "Succeeded"}},
+            _preload_content=False,
+        )
+        await asyncio.wait_for(stopping, 10)
+    finally:
+        if stopping is not None and not stopping.done():
+            stopping.cancel()
+            await asyncio.gather(stopping, return_exceptions=True)
+        await backend.stop_all()
+
+
 # -- the launcher ---------------------------------------------------------------------------
 @asynccontextmanager
 async def _launcher(

@@ -83,6 +83,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+POD_GONE_POLL_S = 0.5
+"""How often a stop of one phase looks whether its pods are gone (see ``stop``)."""
+POD_GONE_MARGIN_S = 15.0
+"""Past the pods' grace period, how long that stop waits for them at most."""
+
 
 class KubernetesBackend(JobPoller):
     """:class:`~jetreduce.launcher.backend.AgentBackend` on Kubernetes Indexed Jobs.
@@ -278,7 +283,8 @@ class KubernetesBackend(JobPoller):
     async def stop(self, wf: str, phase: str | None = None, grace_s: float = 10.0) -> None:
         """Delete the workflow's Jobs (of ``phase``, or all, with Background propagation so
         their pods get their grace period) and, for the whole workflow, its root ConfigMap
-        (the garbage collector then removes its Secret).
+        (the garbage collector then removes its Secret). Of one phase: return once its pods
+        no longer run (as the local backend's stop returns once its processes have exited).
         Idempotent; ``grace_s`` is unused: pods have ``terminationGracePeriodSeconds``."""
         selector = f"{WORKFLOW_LABEL}={workflow_slug(wf)},{INSTALLATION_LABEL}={self.installation}"
         if phase is not None:
@@ -303,6 +309,39 @@ class KubernetesBackend(JobPoller):
         for name, seen in list(self._seen.items()):
             if seen.wf == wf and (phase is None or seen.phase == phase):
                 del self._seen[name]
+        if phase is not None:
+            await self._until_pods_gone(wf, phase, selector)
+
+    async def _until_pods_gone(self, wf: str, phase: str, selector: str) -> None:
+        """A deleted Job's pods run on for their grace period (handing items back). A stop
+        of one phase (the map's, after ``map.complete``, which the launcher runs in the
+        background while it counts their slots) returns once none of them runs, so that
+        their slots are freed only then; bounded by the grace period and a margin. Not for
+        a whole workflow (its end, the janitor): nobody counts those."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.termination_grace_s + POD_GONE_MARGIN_S
+        every_s = min(POD_GONE_POLL_S, self.settings.poll_interval_s)
+        while True:
+            running = False
+
+            async def look(ns: str) -> None:
+                nonlocal running
+                pods = await self.kube.call(
+                    self.kube.core.list_namespaced_pod, ns, label_selector=selector
+                )
+                running = running or any(
+                    (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+                    for p in pods.get("items", [])
+                )
+
+            with contextlib.suppress(KubernetesBackendError):  # transient: look again
+                await self._each_namespace("stop", look)
+            if not running:
+                return
+            if loop.time() >= deadline:
+                log.warning("workflow %s: %s pods still running after their grace", wf, phase)
+                return
+            await asyncio.sleep(every_s)
 
     async def _delete_root(self, wf: str, ns: str) -> None:
         """The workflow's root ConfigMap, by name (no deletecollection in the services' own
