@@ -76,10 +76,10 @@ class JobPoller:
     may_act: Callable[[], bool]
     """The launcher's leadership fence: no poll, relaunch or report without it."""
     earlier_failures: Callable[[str], Awaitable[set[str]]] | None
-    on_released: Callable[[str, str], Awaitable[None]] | None
-    """Called when a phase's Jobs hold fewer slots than at the last poll (indexes ended)."""
     """Workflow → pods whose failure is already stored (reported by an earlier leader): a
     new leader's first poll counts them without reporting their exits again."""
+    on_released: Callable[[str, str], Awaitable[None]] | None
+    """Called when a phase's Jobs hold fewer slots than at the last poll (indexes ended)."""
     _seen: dict[str, JobSeen]
     """Job name → what the poller last saw."""
     _mine: str
