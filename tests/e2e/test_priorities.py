@@ -135,6 +135,7 @@ class RecordingBackend:
     name = "recording"
     on_exit = None
     on_status = None
+    on_released = None
 
     def __init__(self) -> None:
         self.runs: set[tuple[str, str]] = set()
@@ -145,6 +146,9 @@ class RecordingBackend:
 
     def running(self, wf: str, phase: str) -> bool:
         return (wf, phase) in self.runs
+
+    def held(self, wf: str, phase: str) -> int | None:
+        return None  # counted as planned
 
     async def sync(self) -> None:
         pass

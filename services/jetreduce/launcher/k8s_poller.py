@@ -45,8 +45,10 @@ from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.launcher.k8s_status import (
     JobSeen,
     StartProblem,
+    agent_slots,
     attempt_of,
     exit_code,
+    held_slots,
     job_status_event,
     last_failed,
     parse_indexes,
@@ -76,6 +78,8 @@ class JobPoller:
     earlier_failures: Callable[[str], Awaitable[set[str]]] | None
     """Workflow → pods whose failure is already stored (reported by an earlier leader): a
     new leader's first poll counts them without reporting their exits again."""
+    on_released: Callable[[str, str], Awaitable[None]] | None
+    """Called when a phase's Jobs hold fewer slots than at the last poll (indexes ended)."""
     _seen: dict[str, JobSeen]
     """Job name → what the poller last saw."""
     _mine: str
@@ -158,6 +162,7 @@ class JobPoller:
             current[(wf, phase)] = max(current.get((wf, phase), 0), attempt)
         events: dict[str, Any] | None = None
         """The namespace's Warning Events, listed once per poll if a Job is starting."""
+        released: list[tuple[str, str]] = []
         for name, wf, phase, attempt, job in jobs:
             seen = self._seen.setdefault(name, JobSeen(wf, phase, attempt, namespace=ns))
             seen.namespace = ns
@@ -169,6 +174,9 @@ class JobPoller:
             }
             job_failed = "Failed" in conditions
             seen.finished = job_failed or "Complete" in conditions
+            held, seen.held = seen.held, held_slots(job)
+            if held is not None and seen.held < held:
+                released.append((wf, phase))  # indexes ended (drained agents): slots free
             reason = str(conditions["Failed"].get("reason") or "") if job_failed else ""
             failed = int(status.get("failed") or 0)
             # Any change of the Job (a pod ended, was replaced, became ready) is a reason to
@@ -201,12 +209,13 @@ class JobPoller:
                         self.kube.core.list_namespaced_event, ns, field_selector="type=Warning"
                     )
                 await self._check_start(name, seen, pods, events)
-            # Every index ran to its end and one succeeded: an agent exits 0 only once its
+            # Every index ran to its end and index 0 succeeded: agent 0 exits 0 only once its
             # phase is over, so the phase's outcome is decided (by the aggregator), and
-            # neither a relaunch nor a give-up may race it.
-            decided = (
-                job_failed and reason == "FailedIndexes" and int(status.get("succeeded") or 0) > 0
-            )
+            # neither a relaunch nor a give-up may race it. Not any other index: a map agent
+            # with index > 0 exits 0 as soon as its queue runs dry (it drained, handing its
+            # slots back) while items may still be retried, by agent 0 alone.
+            completed = parse_indexes(str(status.get("completedIndexes") or ""))
+            decided = job_failed and reason == "FailedIndexes" and 0 in completed
             # A failed Job's pods come back when a newer run of the phase exists or will.
             superseded = attempt < current[(wf, phase)]
             relaunch = superseded or (
@@ -237,6 +246,8 @@ class JobPoller:
         for name in [n for n, seen in self._seen.items() if seen.namespace == ns]:
             if name not in present:
                 del self._seen[name]  # deleted (by us, the janitor, or its TTL)
+        for wf, phase in dict.fromkeys(released):
+            await self._released(wf, phase)
 
     async def _check_start(
         self, job: str, seen: JobSeen, pods: Mapping[str, Any], events: Mapping[str, Any]
@@ -393,7 +404,6 @@ class JobPoller:
             (c for c in containers if c.get("name") == AGENT_CONTAINER), {}
         )
         env = container.get("env") or []
-        slots = next((e.get("value") for e in env if e.get("name") == "JETREDUCE_SLOTS"), "1")
         secret_keys = [e["name"] for e in env if "secretKeyRef" in (e.get("valueFrom") or {})]
         owners = meta.get("ownerReferences") or []
         deadline = spec.get("activeDeadlineSeconds")
@@ -408,7 +418,7 @@ class JobPoller:
             seen.wf,
             seen.phase,
             completions=int(spec.get("completions") or 1),
-            slots=int(slots or 1),
+            slots=agent_slots(failed),
             settings=settings,
             nats_env=self._nats_plain_env(),
             secret_keys=secret_keys,
@@ -423,7 +433,14 @@ class JobPoller:
         await self.kube.create(self.kube.batch.create_namespaced_job, body)
         name = body["metadata"]["name"]
         self._seen.setdefault(
-            name, JobSeen(seen.wf, seen.phase, seen.attempt + 1, namespace=settings.namespace)
+            name,
+            JobSeen(
+                seen.wf,
+                seen.phase,
+                seen.attempt + 1,
+                namespace=settings.namespace,
+                held=held_slots(body),
+            ),
         )
         log.warning("workflow %s: relaunched the %s phase as Job %s", seen.wf, seen.phase, name)
 
@@ -581,6 +598,15 @@ class JobPoller:
                 continue
             seen.announced.add("stopped")
             await self._status(job_status_event(wf, phase, name, "stopped", status, ""))
+
+    async def _released(self, wf: str, phase: str) -> None:
+        """Tell the launcher that ``wf``'s ``phase`` holds fewer slots (it may admit)."""
+        if self.on_released is None:
+            return
+        try:
+            await self.on_released(wf, phase)
+        except Exception:
+            log.exception("on_released callback failed")
 
     async def _status(self, event: JobStatus | PodFailed) -> None:
         if self.on_status is None:

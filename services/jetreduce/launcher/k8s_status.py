@@ -49,6 +49,8 @@ class JobSeen:
     """``StartProblem.key`` → loop time first seen, for problems still present."""
     start_reported: set[str] = field(default_factory=set)
     """``StartProblem.key``s already published as ``PodFailed``."""
+    held: int | None = None
+    """Agent slots its pods hold (:func:`held_slots`); None until known."""
 
 
 def job_status_event(
@@ -120,6 +122,39 @@ def exit_code(pod_status: Mapping[str, Any]) -> int:
             if "exitCode" in terminated:
                 return int(terminated["exitCode"])
     return -1
+
+
+def agent_slots(job: Mapping[str, Any]) -> int:
+    """Slots per pod of a Job, from its agent container's ``JETREDUCE_SLOTS``."""
+    spec = job.get("spec") or {}
+    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
+    container: Mapping[str, Any] = next(
+        (c for c in containers if c.get("name") == AGENT_CONTAINER), {}
+    )
+    env = container.get("env") or []
+    value = next((e.get("value") for e in env if e.get("name") == "JETREDUCE_SLOTS"), "1")
+    try:
+        return max(1, int(value or 1))
+    except ValueError:
+        return 1
+
+
+def held_slots(job: Mapping[str, Any]) -> int:
+    """Slots a Job's agents hold: every index not yet ended (running, starting, or waiting
+    to be retried) times its pod's slots; none once the Job has finished. An index that
+    succeeded ended for good: a map agent that drained (its queue ran dry) exits 0 and is
+    not run again, so its slots are free for other workflows at once."""
+    status = job.get("status") or {}
+    if any(
+        c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    ):
+        return 0
+    completions = int((job.get("spec") or {}).get("completions") or 1)
+    ended = parse_indexes(str(status.get("completedIndexes") or "")) | parse_indexes(
+        str(status.get("failedIndexes") or "")
+    )
+    return max(0, completions - len(ended)) * agent_slots(job)
 
 
 def parse_indexes(text: str) -> set[int]:

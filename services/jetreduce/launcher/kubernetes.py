@@ -55,10 +55,7 @@ from jetreduce.launcher.k8s_manifests import (
 )
 from jetreduce.launcher.k8s_poller import JobPoller
 from jetreduce.launcher.k8s_settings import KubernetesSettings
-from jetreduce.launcher.k8s_status import (
-    JobSeen,
-    attempt_of,
-)
+from jetreduce.launcher.k8s_status import JobSeen, attempt_of, held_slots
 from jetreduce.runtime.settings import NatsSettings
 
 __all__ = [
@@ -85,6 +82,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+POD_GONE_POLL_S = 0.5
+"""How often a stop of one phase looks whether its pods are gone (see ``stop``)."""
+POD_GONE_MARGIN_S = 15.0
+"""Past the pods' grace period, how long that stop waits for them at most."""
 
 
 class KubernetesBackend(JobPoller):
@@ -146,8 +148,17 @@ class KubernetesBackend(JobPoller):
         return any(s.wf == wf and s.phase == phase and not s.finished for s in self._seen.values())
 
     def held(self, wf: str, phase: str) -> int | None:
-        """Not known yet: a Job's pods are counted as planned."""
-        return None
+        """Slots of the phase's Jobs that have not finished, as of the last poll (or this
+        process's own launch): each index not yet ended, times its pod's slots. An index
+        whose agent drained (exit 0: the queue ran dry) succeeded, and its pod is not run
+        again, so its slots stop counting at the next poll; the Job itself is not scaled
+        down (see docs/kubernetes.md, elastic slots). None if a Job's status is unknown."""
+        jobs = [
+            s for s in self._seen.values() if s.wf == wf and s.phase == phase and not s.finished
+        ]
+        if any(s.held is None for s in jobs):
+            return None
+        return sum(s.held or 0 for s in jobs)
 
     async def sync(self) -> None:
         """Return once :meth:`running` reflects every Job the API server lists, i.e. after
@@ -233,7 +244,8 @@ class KubernetesBackend(JobPoller):
             for job in existing["items"]:
                 meta = job.get("metadata", {})
                 self._seen.setdefault(
-                    meta.get("name", ""), JobSeen(wf, phase, attempt_of(meta), namespace=ns)
+                    meta.get("name", ""),
+                    JobSeen(wf, phase, attempt_of(meta), namespace=ns, held=held_slots(job)),
                 )
             self._ensure_poller()
             return 0
@@ -264,14 +276,15 @@ class KubernetesBackend(JobPoller):
             return 0
         created = await self.kube.create(self.kube.batch.create_namespaced_job, job)
         name = job["metadata"]["name"]
-        self._seen.setdefault(name, JobSeen(wf, phase, namespace=ns))
+        self._seen.setdefault(name, JobSeen(wf, phase, namespace=ns, held=held_slots(job)))
         self._ensure_poller()
         return agents if created else 0
 
     async def stop(self, wf: str, phase: str | None = None, grace_s: float = 10.0) -> None:
         """Delete the workflow's Jobs (of ``phase``, or all, with Background propagation so
         their pods get their grace period) and, for the whole workflow, its root ConfigMap
-        (the garbage collector then removes its Secret).
+        (the garbage collector then removes its Secret). Of one phase: return once its pods
+        no longer run (as the local backend's stop returns once its processes have exited).
         Idempotent; ``grace_s`` is unused: pods have ``terminationGracePeriodSeconds``."""
         selector = f"{WORKFLOW_LABEL}={workflow_slug(wf)},{INSTALLATION_LABEL}={self.installation}"
         if phase is not None:
@@ -296,6 +309,39 @@ class KubernetesBackend(JobPoller):
         for name, seen in list(self._seen.items()):
             if seen.wf == wf and (phase is None or seen.phase == phase):
                 del self._seen[name]
+        if phase is not None:
+            await self._until_pods_gone(wf, phase, selector)
+
+    async def _until_pods_gone(self, wf: str, phase: str, selector: str) -> None:
+        """A deleted Job's pods run on for their grace period (handing items back). A stop
+        of one phase (the map's, after ``map.complete``, which the launcher runs in the
+        background while it counts their slots) returns once none of them runs, so that
+        their slots are freed only then; bounded by the grace period and a margin. Not for
+        a whole workflow (its end, the janitor): nobody counts those."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.termination_grace_s + POD_GONE_MARGIN_S
+        every_s = min(POD_GONE_POLL_S, self.settings.poll_interval_s)
+        while True:
+            running = False
+
+            async def look(ns: str) -> None:
+                nonlocal running
+                pods = await self.kube.call(
+                    self.kube.core.list_namespaced_pod, ns, label_selector=selector
+                )
+                running = running or any(
+                    (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+                    for p in pods.get("items", [])
+                )
+
+            with contextlib.suppress(KubernetesBackendError):  # transient: look again
+                await self._each_namespace("stop", look)
+            if not running:
+                return
+            if loop.time() >= deadline:
+                log.warning("workflow %s: %s pods still running after their grace", wf, phase)
+                return
+            await asyncio.sleep(every_s)
 
     async def _delete_root(self, wf: str, ns: str) -> None:
         """The workflow's root ConfigMap, by name (no deletecollection in the services' own

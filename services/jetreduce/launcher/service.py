@@ -44,7 +44,7 @@ from jetreduce.contract.events import (
 from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord, needs_reduce
 from jetreduce.contract.subjects import TERMINAL_EVENTS
 from jetreduce.launcher.admission import Candidate, admit
-from jetreduce.launcher.backend import AgentBackend
+from jetreduce.launcher.backend import AgentBackend, Stops
 from jetreduce.launcher.mapping import MappingRecords
 from jetreduce.launcher.reported import Reported
 from jetreduce.runtime.counts import count_subjects
@@ -114,6 +114,13 @@ class Launcher:
         backend.on_status = self._on_status
         backend.may_act = self.leadership.may_act
         backend.earlier_failures = self.reported.earlier_pods
+        backend.on_released = self._slots_freed
+        self.stops = Stops(backend, self._stopped)
+        """Agents being stopped in the background (a map's after ``map.complete``, all of a
+        workflow's after its end): nothing waits for them, their map slots stay counted
+        until they are gone."""
+        self._winding_down = False
+        """Set while a term ends: stops that return then admit nobody."""
         self.reconciles = 0
         """Full reconciliations done (the first of a term is its take-over)."""
 
@@ -131,6 +138,7 @@ class Launcher:
         """One term as leader: consume the events and reconcile (at once: the view is
         rebuilt from JetStream, never inherited) until ``term`` ends; then stop this
         process's agents (quickly if the lease was lost: a successor may start soon)."""
+        self._winding_down = False
         self.mapping.complete.clear()  # re-learnt from the stored events as admissions ask
         self.reported.reset()  # likewise the status reports (launcher/reported.py)
         work: asyncio.Future[Any] = asyncio.gather(self._consume(term), self._reconciler(term))
@@ -148,6 +156,10 @@ class Launcher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await work
             lost = not self.leadership.claim.left()
+            self._winding_down = True
+            if not lost:  # a stopping leader lets its stops finish (briefly)
+                await self.stops.wait(LEADER_WORK_BOUND_S)
+            await self.stops.cancel()  # what they had not stopped, stop_all does
             await self.backend.stop_all(STEP_DOWN_GRACE_S if lost else SHUTDOWN_GRACE_S)
 
     async def _consume(self, term: asyncio.Event) -> None:
@@ -193,10 +205,12 @@ class Launcher:
             if record.phase in (Phase.ACCEPTED, Phase.SETUP):
                 if not await self._stored(self.s.setup("completed", wf)):
                     await self._launch(wf, "setup", [1], spec)
-            elif record.phase == Phase.REDUCING and not await self._stored(
-                self.s.reduce("completed", wf)
-            ):
-                await self._launch(wf, "reduce", [1], spec)
+            elif record.phase == Phase.REDUCING:
+                if self.backend.running(wf, "map") and not self.stops.stopping(wf, "map"):
+                    # map agents left by a stop cut short (a term ended midway)
+                    self.stops.start(wf, "map", self._held(wf, self._planned(record)))
+                if not await self._stored(self.s.reduce("completed", wf)):
+                    await self._launch(wf, "reduce", [1], spec)
             elif record.phase == Phase.MAPPING and record.total:
                 await self._stored_map_complete(record, spec)
         await self.admit_maps()
@@ -210,23 +224,25 @@ class Launcher:
         records = await self._admission_records(changed)
         async with self._admitting:
             await self.backend.sync()  # a restarted launcher must see what still runs
-            used = 0
+            used = self.stops.slots()  # map agents of completed maps (or ended workflows) exiting
             waiting: list[Candidate] = []
+            read: dict[str, StoredSpec] = {}  # specs read for priorities, reused to launch
             for record in records:
                 if record.phase != Phase.MAPPING or not record.total:
                     continue
                 wf = record.workflow_id
-                slots = min(record.max_parallel, self.max_slots or record.max_parallel)
+                slots = self._planned(record)
                 if self.backend.running(wf, "map"):
-                    used += slots
+                    used += self._held(wf, slots)
                     continue
-                if wf in self.mapping.complete:
-                    continue
-                priority = await self._priority(wf)
+                if wf in self.mapping.complete or self._stopping(wf):
+                    continue  # (a map reopened while its last agents are being stopped:
+                    # admitted once they are, so that no new Job meets the old one)
+                priority = await self._priority(wf, read)
                 if priority is not None:
                     waiting.append(Candidate(wf, priority, record.created_ts, slots))
             free = None if self.max_slots is None else max(0, self.max_slots - used)
-            admitted, specs = await self._admit(waiting, free)
+            admitted, specs = await self._admit(waiting, free, read)
             for c in admitted:
                 await self._launch(
                     c.workflow_id, "map", self.backend.plan(c.slots), specs[c.workflow_id]
@@ -238,6 +254,56 @@ class Launcher:
                     used + sum(c.slots for c in admitted),
                     self.max_slots,
                 )
+
+    async def _map_slots(self, wf: str) -> int:
+        """Map slots ``wf``'s agents hold now (0 without map agents)."""
+        if not self.backend.running(wf, "map"):
+            return 0
+        held = self.backend.held(wf, "map")
+        if held is not None:
+            return held
+        record = await self.state.get(wf)
+        return self._planned(record) if record is not None else self.max_slots or 0
+
+    def _planned(self, record: WorkflowRecord) -> int:
+        """The map slots a workflow is admitted with (its ``max_parallel``, capped)."""
+        return min(record.max_parallel, self.max_slots or record.max_parallel)
+
+    def _held(self, wf: str, planned: int) -> int:
+        """Slots ``wf``'s map agents hold now: fewer than ``planned`` once some drained
+        (their queue ran dry and they left early); ``planned`` when the backend cannot tell,
+        and at most ``planned`` (a backend's rounding up of pods is not charged)."""
+        held = self.backend.held(wf, "map")
+        return planned if held is None else min(held, planned)
+
+    async def _slots_freed(self, wf: str, phase: str) -> None:
+        """A map agent of ``wf`` left early (drained: the backend's ``on_released``): with a
+        slot cap, waiting workflows may be admitted at once, not at the next event."""
+        if phase == "map" and self.max_slots is not None:
+            await self._admit_quietly(wf)
+
+    async def _stopped(self, wf: str, phase: str | None) -> None:
+        """A background stop (:class:`Stops`) returned: with a slot cap, the slots are free;
+        and a map reopened meanwhile (a DLQ retry) gets its agents now (admission skips it
+        while its old agents are being stopped, so that no new Job meets the old one)."""
+        if phase in ("map", None) or self.max_slots is not None:
+            await self._admit_quietly(wf)
+
+    def _stopping(self, wf: str) -> bool:
+        """Whether ``wf``'s map agents (alone, or with the rest) are being stopped."""
+        return self.stops.stopping(wf, "map") or self.stops.stopping(wf, None)
+
+    async def _admit_quietly(self, wf: str) -> None:
+        """:meth:`admit_maps` from a callback: never raises (the next event, leader or
+        reconcile admits instead)."""
+        if self._winding_down or not self.leadership.may_act():
+            return
+        try:
+            await self.admit_maps(wf)
+        except (NotLeader, Retry):
+            pass
+        except Exception:
+            log.exception("launcher: admission after %s's agents left failed", wf)
 
     async def _admission_records(self, changed: str | None) -> list[WorkflowRecord]:
         """Without a cap: ``changed`` alone, else every record. With one: the mapping
@@ -256,32 +322,34 @@ class Launcher:
             await self.mapping.refresh(changed)
         return self.mapping.records()
 
-    async def _priority(self, wf: str) -> str | None:
-        """The workflow's priority (read from its spec once while it maps); None without
-        a spec."""
+    async def _priority(self, wf: str, read: dict[str, StoredSpec]) -> str | None:
+        """The workflow's priority (read from its spec once while it maps, the spec kept in
+        ``read``); None without a spec."""
         priority = self.mapping.priority.get(wf)
         if priority is None:
             spec = await self.state.get_spec(wf)
             if spec is None:
                 return None
+            read[wf] = spec
             priority = spec.options.priority
             if self.max_slots is not None and self.mapping.watching:
                 self.mapping.priority[wf] = priority
         return priority
 
     async def _admit(
-        self, waiting: list[Candidate], free: int | None
+        self, waiting: list[Candidate], free: int | None, read: dict[str, StoredSpec]
     ) -> tuple[list[Candidate], dict[str, StoredSpec]]:
         """:func:`admit`, leaving out workflows whose map turns out complete (a restarted
         launcher, or the moment between ``map.complete`` and the move to reducing): only
-        those chosen are checked, so the cost follows the launches, not the waiting line."""
+        those chosen are checked, so the cost follows the launches, not the waiting line.
+        Specs already in ``read`` (this admission's) are not read again."""
         while True:
             chosen = admit(waiting, free, time.time(), self.aging_s)
             specs: dict[str, StoredSpec] = {}
             done: set[str] = set()
             for c in chosen:
                 wf = c.workflow_id
-                spec = await self.state.get_spec(wf)
+                spec = read.get(wf) or await self.state.get_spec(wf)
                 if spec is None or await self._stored(self.s.map("complete", wf)):
                     done.add(wf)
                     if spec is not None and self.mapping.watching:
@@ -308,10 +376,11 @@ class Launcher:
         wf = msg.subject.rsplit(".", 1)[-1]
         if kind.startswith("workflow.") and kind.split(".")[1] in TERMINAL_EVENTS:
             self.leadership.check()
-            await self.backend.stop(wf)
+            # In the background (the next workflow's events need not wait for these agents
+            # to exit); map agents of a cancelled or failed map keep their slots until gone,
+            # and once they are, waiting workflows are admitted (Stops' ``after``).
+            self.stops.start(wf, None, await self._map_slots(wf))
             self.reported.forget(wf)
-            if self.max_slots is not None:
-                await self.admit_maps(wf)  # its slots are free
             return
         record = await self.state.get(wf)
         spec = await self.state.get_spec(wf)
@@ -332,13 +401,15 @@ class Launcher:
     async def _map_complete(
         self, wf: str, record: WorkflowRecord, spec: StoredSpec, complete: MapComplete, seq: int
     ) -> None:
-        """A stored ``map.complete`` (stream sequence ``seq``): stop the map agents, free
-        their slots and start the reduce. From the event, or from the reconciler when the
-        workflow still maps (the leader that pulled the event died before handling it)."""
+        """A stored ``map.complete`` (stream sequence ``seq``): stop the map agents (in the
+        background: the reduce needs the map complete, not its agents gone; their slots stay
+        counted until they are) and start the reduce. From the event, or from the reconciler
+        when the workflow still maps (the leader that pulled the event died before handling
+        it). Idempotent: a second delivery starts no second stop or reduce."""
         if not await self._map_is_complete(wf, record, complete, seq):
             return
         self.leadership.check()
-        await self.backend.stop(wf, "map")
+        self.stops.start(wf, "map", self._held(wf, self._planned(record)))
         if self.max_slots is not None:
             self.mapping.complete.add(wf)
             await self.admit_maps(wf)
