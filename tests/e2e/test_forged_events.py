@@ -119,3 +119,30 @@ async def test_result_stored_before_the_item_ran_is_replaced_by_the_real_one(
         terminal = await read_stream(js, s.results_stream, s.terminal_of(end.workflow_id))
         outputs = sorted((r.index, getattr(r, "output", None)) for r in terminal)  # type: ignore[attr-defined]
         assert outputs == [(i, f"real-{i}") for i in range(3)]
+
+
+async def test_a_result_beyond_the_total_neither_blocks_the_reduce_nor_reaches_it(
+    nats_url: str, prefix: str, tmp_path: Path, workdir: Path
+) -> None:
+    """A result for an item the workflow does not have (index ≥ total): the aggregator
+    does not count it, and neither may the launcher when it checks ``map.complete``, or it
+    would refuse the true one and the reduce would never start."""
+    async with services(nats_url, prefix, tmp_path) as h:
+        s = h.subjects
+
+        async def forge(wf: str) -> None:
+            forged = ev.ItemDone(
+                workflow_id=wf,
+                index=99,
+                item_id="item_99",
+                output="real-forged",
+                exit_code=0,
+                duration_s=0.1,
+                attempts=1,
+                agent="mallory/1/map-0",
+            )
+            await h.nc.jetstream().publish(s.item_done(wf, 99), ev.encode(forged))
+
+        end = await run_with(h, workdir, WORKFLOW.format(last=3, parallel=2, sleep=0.2), forge)
+        assert isinstance(end, ev.WorkflowCompleted), (end, h.agent_logs()[-3000:])
+        assert (end.total, end.done) == (4, 4)

@@ -47,7 +47,7 @@ from jetreduce.launcher.admission import Candidate, admit
 from jetreduce.launcher.backend import AgentBackend, Stops
 from jetreduce.launcher.mapping import MappingRecords
 from jetreduce.launcher.reported import Reported
-from jetreduce.runtime.counts import count_subjects
+from jetreduce.runtime.counts import count_items_in_range, count_subjects
 from jetreduce.runtime.leadership import LEASE_TTL_S, Leadership, NotLeader
 from jetreduce.runtime.publish import is_stored, publish_retrying
 from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
@@ -437,11 +437,18 @@ class Launcher:
         self, wf: str, record: WorkflowRecord, complete: MapComplete, seq: int
     ) -> bool:
         """Whether ``map.complete`` is true: its counts add up to the planned total and the
-        server holds exactly that many terminal items (one exact count, only now). A false
+        server holds exactly that many terminal items in ``0..total-1`` (one exact count,
+        only now; the item-by-item one only when there are more results than items). A false
         one (forged: anyone who may publish can) is removed from the stream, so that the
         aggregator's true one can be stored and the map agents are admitted as before."""
         total = record.total
         terminal = await count_subjects(self.ctx.nc, self.s.results_stream, self.s.terminal_of(wf))
+        if total is not None and terminal > total:
+            # More results than items: some name an index the workflow does not have
+            # (forged). Only those in 0..total-1 count, as for the aggregator.
+            terminal, _ = await count_items_in_range(
+                self.ctx.nc, self.s.results_stream, self.s.terminal_of(wf), total
+            )
         if complete.total == total == terminal and complete.done + complete.dead == total:
             return True
         log.error(
