@@ -11,7 +11,7 @@ import typer
 from nats.js.errors import NotFoundError
 
 from jetreduce.cli import exit_codes
-from jetreduce.cli.options import Nats
+from jetreduce.cli.options import Nats, item_argument
 from jetreduce.cli.session import Body, run_connected
 from jetreduce.contract import events as ev
 from jetreduce.contract.objects import DEAD_LETTER_KINDS, object_prefix
@@ -20,14 +20,6 @@ from jetreduce.lang.pipeline import PipelineError, compile_filter
 from jetreduce.runtime.store import read_events
 
 __all__ = ["build"]
-
-
-def _index(item: str) -> int:
-    """``item_7`` or ``7`` → 7."""
-    text = item.removeprefix("item_")
-    if not text.isdigit():
-        raise typer.BadParameter(f"{item!r} is not an item id (item_N or N)")
-    return int(text)
 
 
 async def _entries(nc: Any, subjects: Subjects, wf: str | None) -> list[ev.ItemDead]:
@@ -74,7 +66,7 @@ def build(settings_of: Any) -> typer.Typer:
         nats: Nats = None,
     ) -> None:
         """Everything about one dead item: its data, error, attempts and log."""
-        index = _index(item)
+        index = item_argument(item)
 
         async def go(nc: Any, s: Subjects) -> int:
             js = nc.jetstream()
@@ -111,7 +103,7 @@ def build(settings_of: Any) -> typer.Typer:
     ) -> None:
         """Run dead items again. A finished workflow re-opens: its reduce runs again once the
         retried items are terminal."""
-        wanted = {_index(i) for i in item} if item else None
+        wanted = {item_argument(i) for i in item} if item else None
         try:
             matches = compile_filter(filter_expr) if filter_expr else None
         except PipelineError as exc:

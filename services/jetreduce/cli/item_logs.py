@@ -15,21 +15,13 @@ import typer
 from nats.js.errors import NotFoundError
 
 from jetreduce.cli import exit_codes
-from jetreduce.cli.options import Nats
+from jetreduce.cli.options import Nats, item_argument
 from jetreduce.cli.session import run_connected
 from jetreduce.contract import events as ev
 from jetreduce.contract.subjects import Subjects
 from jetreduce.runtime.store import read_events
 
 __all__ = ["item_logs", "register"]
-
-
-def _index(item: str) -> int:
-    """``item_7`` or ``7`` → 7."""
-    text = item.removeprefix("item_")
-    if not text.isdigit():
-        raise typer.BadParameter(f"{item!r} is not an item id (item_N or N)")
-    return int(text)
 
 
 async def _failed_attempts(js: Any, s: Subjects, wf: str, index: int) -> list[ev.ItemFailed]:
@@ -101,7 +93,7 @@ def register(app: typer.Typer, settings_of: Any) -> None:
     ) -> None:
         """An item's recorded output: each failed attempt (exit code, stderr tail), its
         output when done, and the stored log of a dead item."""
-        index = _index(item)
+        index = item_argument(item)
 
         async def go(nc: Any, s: Subjects) -> int:
             report, found = await item_logs(nc, s, workflow_id, index)

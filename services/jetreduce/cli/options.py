@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from jetreduce.runtime.counts import item_index
 from jetreduce.runtime.settings import NatsSettings
 
 Nats = Annotated[
@@ -64,3 +65,12 @@ def settings(
         tls_key=tls_key,
         prefix=prefix,
     )
+
+
+def item_argument(item: str) -> int:
+    """An item named on the command line, ``item_7`` or ``7``, as its index: ASCII digits
+    only, as subjects carry it (``"²"`` passes ``str.isdigit`` and then fails ``int``)."""
+    index = item_index(item.removeprefix("item_"))
+    if index is None:
+        raise typer.BadParameter(f"{item!r} is not an item id (item_N or N)")
+    return index
