@@ -30,7 +30,6 @@ import time
 from typing import Any
 
 from nats.aio.msg import Msg
-from nats.js.errors import NotFoundError
 
 from jetreduce.contract.events import (
     AgentExited,
@@ -45,9 +44,9 @@ from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord, needs_
 from jetreduce.contract.subjects import TERMINAL_EVENTS
 from jetreduce.launcher.admission import Candidate, admit
 from jetreduce.launcher.backend import AgentBackend, Stops
+from jetreduce.launcher.completion import map_is_complete, stored_map_complete
 from jetreduce.launcher.mapping import MappingRecords
 from jetreduce.launcher.reported import Reported
-from jetreduce.runtime.counts import count_items_in_range, count_subjects
 from jetreduce.runtime.leadership import LEASE_TTL_S, Leadership, NotLeader
 from jetreduce.runtime.publish import is_stored, publish_retrying
 from jetreduce.runtime.service import EventConsumer, Retry, ServiceContext
@@ -406,7 +405,7 @@ class Launcher:
         counted until they are) and start the reduce. From the event, or from the reconciler
         when the workflow still maps (the leader that pulled the event died before handling
         it). Idempotent: a second delivery starts no second stop or reduce."""
-        if not await self._map_is_complete(wf, record, complete, seq):
+        if not await map_is_complete(self.ctx, wf, record.total, complete, seq):
             return
         self.leadership.check()
         self.stops.start(wf, "map", self._held(wf, self._planned(record)))
@@ -421,47 +420,9 @@ class Launcher:
     async def _stored_map_complete(self, record: WorkflowRecord, spec: StoredSpec) -> None:
         """Reconciler: a mapping workflow whose ``map.complete`` is stored is handled as the
         event would be (idempotent), instead of waiting for its redelivery."""
-        wf = record.workflow_id
-        try:
-            stored = await self.ctx.js.get_last_msg(
-                self.s.events_stream, self.s.map("complete", wf)
-            )
-        except NotFoundError:
-            return
-        if stored.data is None or stored.seq is None:
-            return
-        complete = decode_as(stored.data, MapComplete, subject=self.s.map("complete", wf))
-        await self._map_complete(wf, record, spec, complete, stored.seq)
-
-    async def _map_is_complete(
-        self, wf: str, record: WorkflowRecord, complete: MapComplete, seq: int
-    ) -> bool:
-        """Whether ``map.complete`` is true: its counts add up to the planned total and the
-        server holds exactly that many terminal items in ``0..total-1`` (one exact count,
-        only now; the item-by-item one only when there are more results than items). A false
-        one (forged: anyone who may publish can) is removed from the stream, so that the
-        aggregator's true one can be stored and the map agents are admitted as before."""
-        total = record.total
-        terminal = await count_subjects(self.ctx.nc, self.s.results_stream, self.s.terminal_of(wf))
-        if total is not None and terminal > total:
-            # More results than items: some name an index the workflow does not have
-            # (forged). Only those in 0..total-1 count, as for the aggregator.
-            terminal, _ = await count_items_in_range(
-                self.ctx.nc, self.s.results_stream, self.s.terminal_of(wf), total
-            )
-        if complete.total == total == terminal and complete.done + complete.dead == total:
-            return True
-        log.error(
-            "workflow %s: map.complete refused (says %d of %d, planned %s, %d terminal)",
-            wf,
-            complete.done + complete.dead,
-            complete.total,
-            total,
-            terminal,
-        )
-        with contextlib.suppress(Exception):  # best effort: the forged event stays inert
-            await self.ctx.js.delete_msg(self.s.events_stream, seq)
-        return False
+        stored = await stored_map_complete(self.ctx, record.workflow_id)
+        if stored is not None:
+            await self._map_complete(record.workflow_id, record, spec, *stored)
 
     async def _launch(self, wf: str, phase: str, slots: list[int], spec: StoredSpec) -> None:
         self.leadership.check()  # the fence: no agent is started on an expiring lease
