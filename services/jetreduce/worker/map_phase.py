@@ -28,7 +28,7 @@ from jetreduce.queues.resilient import ResilientQueue
 from jetreduce.runtime.publish import AckMux, publish_retrying
 from jetreduce.runtime.state import StateStore
 from jetreduce.runtime.telemetry import (
-    bind,
+    bound,
     messaging,
     span,
 )
@@ -308,11 +308,12 @@ class MapRunner(ItemRecorder):
 
     async def _run_item(self, lease: Lease) -> None:
         """One attempt, traced under the plan (``workflow.planned``'s stored context), its
-        log lines tagged with the item id (this task's context only)."""
+        log lines tagged with the item id (for the attempt only: inline attempts run in the
+        map loop's own task)."""
         item_id = f"item_{lease.item.index}"
-        bind(item_id=item_id)
         if not self.trace:
-            await self._attempt(lease)
+            with bound(item_id=item_id):
+                await self._attempt(lease)
             return
         attributes = {
             **messaging(self.s.work_of(self.wf), "process", f"{self.wf}/{lease.item.index}"),
@@ -320,13 +321,16 @@ class MapRunner(ItemRecorder):
             "jetreduce.item.id": item_id,
             "jetreduce.item.attempt": lease.attempt,
         }
-        with span(
-            f"item {item_id}",
-            parent=self.trace,
-            kind="consumer",
-            attributes=attributes,
-            join_only=True,
-        ) as current:
+        with (
+            span(
+                f"item {item_id}",
+                parent=self.trace,
+                kind="consumer",
+                attributes=attributes,
+                join_only=True,
+            ) as current,
+            bound(item_id=item_id),
+        ):
             outcome = await self._attempt(lease)
             if current is not None:
                 current.set_attribute("jetreduce.item.outcome", outcome)
@@ -347,21 +351,23 @@ class MapRunner(ItemRecorder):
                 item = await self._stored_item(index)
             except Exception as exc:  # a failed attempt like any other: retried, then dead
                 unreadable = f"item data unreadable from the object store: {exc}"
-        variables = dict(self.vars_base)
-        variables.update(
-            item=item,
-            item_id=f"item_{index}",
-            item_index=index,
-            item_total=self.total,
-            item_json=json.dumps(item, separators=(",", ":")),
-            **{"map.total": self.total, "worker.id": self.name},
-        )
         m = self.spec.workflow.map
         start = time.monotonic()
         deadline = start + m.agent_timeout_s if m.agent_timeout_s else None
         if unreadable is not None:
             result = failure(unreadable)
+        elif not m.agent_template and self.env_problem is None:
+            result = StepsResult()  # nothing runs: no variables, no workspace
         else:
+            variables = dict(self.vars_base)
+            variables.update(
+                item=item,
+                item_id=f"item_{index}",
+                item_index=index,
+                item_total=self.total,
+                item_json=json.dumps(item, separators=(",", ":")),
+                **{"map.total": self.total, "worker.id": self.name},
+            )
             result = await self._item_steps(index, m.agent_template, variables, deadline)
         duration = time.monotonic() - start
         await self._breaker_record(result.ok)
