@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from nats.errors import Error as NatsError
 from jetreduce.contract.events import WorkItem
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
+from jetreduce.embedded import EmbeddedServer
 from jetreduce.queues.base import ItemQueue, Lease, LeaseLost, QueueDepth, QueueError
 from jetreduce.queues.factory import open_queue, validate_queue_url
 from jetreduce.queues.resilient import ResilientQueue
@@ -507,3 +510,56 @@ async def test_sqs_unprepared_queue_is_a_queue_error(
 )
 def test_queue_url_validation(url: str | None, ok: bool) -> None:
     assert (validate_queue_url(url) is None) is ok
+
+
+async def test_jetstream_never_delivers_beyond_what_was_asked(
+    nats_server: EmbeddedServer, prefix: str
+) -> None:
+    """Issue 18: a one-slot consumer whose poll timed out on the client while the server had
+    not even read its pull request yet (a loaded machine: here the server is frozen for the
+    poll's length) must not be delivered two items for its one slot when it polls again:
+    nats-py's ``fetch`` sent a second pull, the server filled both, and the second item sat
+    leased while the slot ran the first. The pull still open is counted until the server
+    closes it, so the next poll asks for nothing more; the server never holds more than one
+    item unacked for this consumer (before the fix: two)."""
+    assert nats_server.proc is not None
+    wf = f"wf-{secrets.token_hex(4)}"
+    subjects = Subjects(prefix)
+    nc = await nats.connect(nats_server.url)
+    ctx = ServiceContext(nc, nc.jetstream(), subjects)
+    await declare(ctx.js, subjects)
+    queue = open_queue(ctx, wf, "jetstream")
+    producer = open_queue(ctx, wf, "jetstream")
+
+    async def info() -> Any:
+        return await ctx.js.consumer_info(subjects.work_stream, subjects.work_consumer(wf))
+
+    async def no_pull_waiting() -> bool:
+        return (await info()).num_waiting == 0
+
+    try:
+        await queue.prepare(visibility_s=30, max_attempts=3, parallel=1)
+        assert await queue.lease(1, wait_s=0.0) == []  # subscribed: nothing left to set up
+        await wait_for(no_pull_waiting, timeout_s=10)
+        os.kill(nats_server.proc.pid, signal.SIGSTOP)
+        try:
+            assert await queue.lease(1, wait_s=0.3) == []  # its pull is still unread
+            polling = asyncio.create_task(queue.lease(1, wait_s=5.0))
+            for _ in range(3):  # the second poll's pull (if any) is written too
+                await asyncio.sleep(0)
+        finally:
+            os.kill(nats_server.proc.pid, signal.SIGCONT)
+        await producer.enqueue(items(0, 1, 2))
+        got = await asyncio.wait_for(polling, 10)
+        assert len(got) == 1
+        await wait_for(no_pull_waiting, timeout_s=10)  # nothing more can be delivered now
+        state = await info()
+        assert state.num_ack_pending == 1, state
+        assert state.num_pending == 2, state
+        await queue.ack(got[0])
+        rest = await lease_all(queue, 2)
+        assert sorted(lease.item.index for lease in [*got, *rest]) == [0, 1, 2]
+    finally:
+        await queue.close()
+        await producer.close()
+        await nc.close()

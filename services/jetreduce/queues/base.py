@@ -5,6 +5,9 @@ Guarantees each implementation gives:
 * ``enqueue`` is idempotent per (workflow, item index): an item already pending is not queued
   again (it counts as a duplicate). Calls are batched/pipelined inside the backend.
 * ``lease`` returns at most ``max_n`` items and waits at most ``wait_s`` for the first one.
+  Nothing is leased beyond what callers asked for: items delivered to the client and not yet
+  returned (a backend's read-ahead) never exceed the largest ``max_n`` of a pending call, so
+  a caller that asks for its free slots never holds items no slot works on.
   A leased item is invisible to other consumers until acked, retried, declared dead, or its
   lease expires (``visibility_s`` without a heartbeat) — then it is delivered again.
 * ``heartbeat`` extends a lease; ``retry`` makes the item visible again after ``delay_s``
@@ -102,6 +105,10 @@ class QueueDepth:
 
 class ItemQueue(Protocol):
     workflow_id: str
+    ack_concurrency: int
+    """How many ``ack`` calls a caller settling many leases should keep in flight at once:
+    1 where an ack is a fire-and-forget message (JetStream: awaiting one costs nothing), more
+    where each is a round trip (Redis) or is coalesced with concurrent ones (SQS's batches)."""
 
     async def prepare(self, *, visibility_s: float, max_attempts: int, parallel: int) -> None:
         """Create what the workflow's queue needs (idempotent)."""

@@ -41,6 +41,7 @@ from jetreduce.queues.base import (
     QueueDepth,
     QueueError,
 )
+from jetreduce.queues.jetstream_pull import Puller
 from jetreduce.runtime.publish import AckPipeline
 from jetreduce.runtime.service import EventConsumer, ServiceContext
 
@@ -73,8 +74,8 @@ class JetStreamQueue:
         self.workflow_id = workflow_id
         self.subjects: Subjects = ctx.subjects
         self._durable = self.subjects.work_consumer(workflow_id)
-        self._sub: object | None = None
-        self._sub_lock = asyncio.Lock()
+        self._puller: Puller | None = None
+        self._puller_lock = asyncio.Lock()
 
     async def prepare(self, *, visibility_s: float, max_attempts: int, parallel: int) -> None:
         config = ConsumerConfig(
@@ -106,23 +107,25 @@ class JetStreamQueue:
             await pipe.flush()
         return EnqueueResult(added=pipe.published, duplicates=pipe.rejected)
 
-    async def _subscription(self) -> object:
-        async with self._sub_lock:
-            if self._sub is None:
-                self._sub = await self.ctx.js.pull_subscribe_bind(
-                    self._durable, stream=self.subjects.work_stream
+    async def _pull(self) -> Puller:
+        async with self._puller_lock:
+            if self._puller is None:
+                api = getattr(self.ctx.js, "_prefix", "$JS.API")
+                next_subject = (
+                    f"{api}.CONSUMER.MSG.NEXT.{self.subjects.work_stream}.{self._durable}"
                 )
-            return self._sub
+                puller = Puller(self.ctx.nc, next_subject)
+                await puller.start()
+                self._puller = puller
+            return self._puller
 
     async def lease(self, max_n: int, wait_s: float) -> list[Lease]:
+        """Up to ``max_n`` items; the pull requests never ask for more than ``max_n`` beyond
+        what earlier ones may still bring (``jetstream_pull``): a lease is never stranded in
+        a client buffer behind a busy slot."""
         async with _translated("lease"):
-            sub = await self._subscription()
-            try:
-                msgs = await sub.fetch(max_n, timeout=max(wait_s, 0.01))  # type: ignore[attr-defined]
-            except TimeoutError:
-                # nats-py raises its own TimeoutError, or a bare ``asyncio.TimeoutError`` (the
-                # builtin since 3.11) when the deadline runs out between its two pull requests.
-                return []
+            puller = await self._pull()
+            msgs = await puller.take(max_n, wait_s)
             leases = []
             for msg in msgs:
                 try:
@@ -132,6 +135,9 @@ class JetStreamQueue:
                     continue
                 leases.append(Lease(item=item, attempt=msg.metadata.num_delivered, token=msg))
             return leases
+
+    ack_concurrency = 1
+    """An ack is a fire-and-forget message: one caller at a time keeps up."""
 
     async def heartbeat(self, lease: Lease) -> None:
         async with _translated("heartbeat"):
@@ -169,10 +175,14 @@ class JetStreamQueue:
             )
 
     async def close(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):  # cleanup: the connection may be closing
-                await self._sub.unsubscribe()  # type: ignore[attr-defined]
-            self._sub = None
+        """Stop pulling; items delivered and not yet leased go back at once (not after their
+        ``ack_wait``): a stopping agent strands nothing."""
+        if self._puller is not None:
+            left = await self._puller.close()
+            self._puller = None
+            for msg in left:
+                with contextlib.suppress(Exception):  # the lease expires anyway
+                    await msg.nak()
 
 
 Bury = Callable[[WorkItem, int], Awaitable[None]]

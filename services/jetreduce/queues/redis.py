@@ -316,6 +316,9 @@ class RedisQueue:
                 if block_ms >= 1:  # BLOCK 0 would mean "forever"
                     await self._r.xread({self.k_stream: last_id}, count=1, block=block_ms)
 
+    ack_concurrency = 16
+    """Each ack is a script call: a few in flight keep the connection busy."""
+
     async def heartbeat(self, lease: Lease) -> None:
         async with _translated("heartbeat"):
             held = await self._s_heartbeat(

@@ -54,6 +54,7 @@ class ResilientQueue:
     ) -> None:
         self.inner = queue
         self.workflow_id = queue.workflow_id
+        self.ack_concurrency = queue.ack_concurrency
         self.stop = stop
         self.on_change = on_change
         self.first_delay_s = first_delay_s

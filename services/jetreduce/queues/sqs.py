@@ -449,6 +449,9 @@ class SqsQueue:
             VisibilityTimeout=seconds,
         )
 
+    ack_concurrency = 40
+    """Concurrent acks coalesce into ``DeleteMessageBatch`` calls of 10 (``batching``)."""
+
     async def heartbeat(self, lease: Lease) -> None:
         await self._change_visibility("heartbeat", lease, await self._visibility())
 

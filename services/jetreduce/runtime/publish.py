@@ -6,7 +6,8 @@
 * :class:`AckPipeline` — bulk publishing with a bounded window of unacknowledged messages;
   never a synchronous publish per message in a loop.
 * :class:`AckMux` — many concurrent publishes each awaited by its own caller (an agent's
-  slots recording results), over one reply subscription.
+  slots recording results), over one reply subscription; or, with :meth:`AckMux.send`,
+  pipelined: the caller goes on and a callback gets the server's answer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from nats.errors import NoRespondersError
@@ -26,6 +28,7 @@ from jetreduce.contract.errors import PermanentError, TemporaryError
 
 __all__ = [
     "ALREADY_EXISTS_CODES",
+    "NOT_ACKNOWLEDGED",
     "AckMux",
     "AckPipeline",
     "PublishFailed",
@@ -40,6 +43,9 @@ ALREADY_EXISTS_CODES = {10071, 10077}
 """Wrong last sequence (create-only guard) / per-subject limit: the message already exists."""
 
 PUBLISH_TIMEOUT_S = 10.0
+NOT_ACKNOWLEDGED = -408
+"""What :meth:`AckMux.send`'s callback gets for a publish not acknowledged in time."""
+NO_RESPONDERS = -503
 
 
 class PublishFailed(TemporaryError, RuntimeError):
@@ -233,9 +239,16 @@ class AckMux:
         self._timeout_s = timeout_s
         self._attempts = attempts
         self._waiting: dict[str, asyncio.Future[int]] = {}
+        self._sent: dict[str, tuple[Callable[[int], None], float]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
         self._next = 0
         self._prefix = ""
         self._sub: Any = None
+
+    @property
+    def unanswered(self) -> int:
+        """Publishes sent with :meth:`send` whose answer has not come yet."""
+        return len(self._sent)
 
     async def start(self) -> AckMux:
         self._prefix = self._nc.new_inbox()
@@ -243,26 +256,60 @@ class AckMux:
         return self
 
     async def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         if self._sub is not None:
             with contextlib.suppress(Exception):  # cleanup: the connection may be closing
                 await self._sub.unsubscribe()
             self._sub = None
 
     async def _on_ack(self, msg: Any) -> None:
-        fut = self._waiting.get(msg.subject.rsplit(".", 1)[-1])
-        if fut is None or fut.done():
+        token = msg.subject.rsplit(".", 1)[-1]
+        code = _answer(msg)
+        sent = self._sent.pop(token, None)
+        if sent is not None:
+            sent[0](code)
             return
-        if (msg.headers or {}).get("Status") == "503":
-            fut.set_result(-503)
-            return
-        data = msg.data or b""
-        code = 0
-        if b'"error"' in data:
-            try:
-                code = int(json.loads(data)["error"].get("err_code", 0)) or -1
-            except (ValueError, KeyError, TypeError, AttributeError):
-                code = -1
-        fut.set_result(code)
+        fut = self._waiting.get(token)
+        if fut is not None and not fut.done():
+            fut.set_result(code)
+
+    async def send(
+        self,
+        subject: str,
+        payload: bytes,
+        on_answer: Callable[[int], None],
+        *,
+        guard: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Publish create-only without waiting: ``on_answer`` is called once with the
+        server's answer: 0 stored, an ``err_code`` (one of :data:`ALREADY_EXISTS_CODES`: it
+        already was), ``NO_RESPONDERS``, or ``NOT_ACKNOWLEDGED`` after the timeout. Nothing is
+        sent again here: a caller that did not get 0 takes the awaited path
+        (:meth:`publish_once`), which retries. Publishes of one loop iteration leave in one
+        socket write; the timeout is swept by one timer, not one per publish."""
+        token = str(self._next)
+        self._next += 1
+        self._sent[token] = (on_answer, time.monotonic() + self._timeout_s)
+        hdrs = {**(headers or {}), **create_only_headers(subject, guard)}
+        await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}", headers=hdrs)
+        if self._sweep is None:
+            loop = asyncio.get_running_loop()
+            self._sweep = loop.call_later(self._timeout_s, self._expire)
+
+    def _expire(self) -> None:
+        self._sweep = None
+        now = time.monotonic()
+        overdue = [token for token, (_, due) in self._sent.items() if due <= now]
+        for token in overdue:
+            callback, _ = self._sent.pop(token)
+            callback(NOT_ACKNOWLEDGED)
+        if self._sent:
+            first = min(due for _, due in self._sent.values())
+            loop = asyncio.get_running_loop()
+            self._sweep = loop.call_later(max(0.01, first - now), self._expire)
 
     async def publish_once(
         self,
@@ -292,8 +339,22 @@ class AckMux:
                 return True
             if code in ALREADY_EXISTS_CODES:
                 return False
-            if code == -503:
+            if code == NO_RESPONDERS:
                 await asyncio.sleep(0.25 * (attempt + 1))
                 continue
             raise PublishRefused(f"publish to {subject} refused (err_code {code})")
         raise TimeoutError(f"publish to {subject} not acknowledged after {self._attempts} tries")
+
+
+def _answer(msg: Any) -> int:
+    """A JetStream publish acknowledgement as a code: 0 stored, the ``err_code`` of an
+    error (-1 when unreadable), ``NO_RESPONDERS`` for the 503 status."""
+    if (msg.headers or {}).get("Status") == "503":
+        return NO_RESPONDERS
+    data = msg.data or b""
+    if b'"error"' not in data:
+        return 0
+    try:
+        return int(json.loads(data)["error"].get("err_code", 0)) or -1
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return -1

@@ -8,6 +8,7 @@ import json
 import logging
 import random
 import time
+from collections import deque
 from typing import Any
 
 import msgspec
@@ -27,13 +28,14 @@ from jetreduce.queues.resilient import ResilientQueue
 from jetreduce.runtime.publish import AckMux, publish_retrying
 from jetreduce.runtime.state import StateStore
 from jetreduce.runtime.telemetry import (
-    bind,
+    bound,
     messaging,
     span,
 )
 from jetreduce.worker.breaker import CircuitBreaker
 from jetreduce.worker.claimed import EXIT_SIGTERM
 from jetreduce.worker.context import BATCH_WAIT_S, DEFAULT_LEASE_S
+from jetreduce.worker.elastic import IdleWatch, Usage, prefetch, publish_bounded
 from jetreduce.worker.outcome import (
     ERROR_TAIL,
     MERGE_CONFLICT,
@@ -44,6 +46,7 @@ from jetreduce.worker.outcome import (
     failure,
 )
 from jetreduce.worker.recording import ItemRecorder
+from jetreduce.worker.settle import Settler
 from jetreduce.worker.stepflow import StepsResult
 from jetreduce.worker.workspace import WorkspaceError
 
@@ -53,11 +56,14 @@ log = logging.getLogger(__name__)
 
 
 class MapRunner(ItemRecorder):
-    """Map: lease as many items as there are free slots, run each attempt in its own task
-    (`_attempt`: counted, run, decided), keep leases alive, and on SIGTERM let in-flight items
-    finish within the grace period before handing the rest back."""
+    """Map: lease as many items as the agent's budget allows (`budget`), run each attempt
+    (`_attempt`: counted, run, decided) in its own task, or inline when the template is empty,
+    keep leases alive, leave early when the queue ran dry (`elastic`), and on SIGTERM let
+    in-flight items finish within the grace period before handing the rest back."""
 
     inflight: dict[asyncio.Task[None], Lease]
+    ready: deque[Lease]
+    """Leased, not started yet (the prefetch): never more than `prefetch` beyond the slots."""
     retry: RetryConfig
     max_attempts: int
     queued_attempts: int
@@ -65,12 +71,14 @@ class MapRunner(ItemRecorder):
     from it): `before_run`'s limit, the same on every backend whatever the policy."""
     breaker: CircuitBreaker | None
     heartbeat_every: float
+    usage: Usage
 
     async def run_map(self) -> int:
         await self._watch_end(also_map_complete=True)
         record = await StateStore(self.ctx.js, self.s).get(self.wf)
         if record is None or record.phase.order > Phase.MAPPING.order:
             return 0
+        self.usage = Usage(self.config.slots)
         self.total = record.total or 0
         self.queue = ResilientQueue(
             open_queue(self.ctx, self.wf, self.spec.options.queue),
@@ -82,65 +90,129 @@ class MapRunner(ItemRecorder):
         self.max_attempts = self.spec.options.max_attempts or self.retry.max_attempts
         self.queued_attempts = self.max_attempts
         self.inflight: dict[asyncio.Task[None], Lease] = {}
+        self.ready = deque()
+        self.recording = {}
+        self.slow = set()
+        self.progress = asyncio.Event()
         self.on_failure = policy.on_item_failure
         if self.on_failure == "skip":
             self.max_attempts = 1  # a skipped item is not retried and not dead-lettered
         self.breaker = CircuitBreaker.from_config(policy.circuit_breaker)
         self.heartbeat_every = (self.spec.options.lease_s or DEFAULT_LEASE_S) / 3
         self.acks = await AckMux(self.ctx.nc).start()
+        self.settler = Settler(self.queue, self._on_settled)
         beats = asyncio.create_task(self._heartbeats())
         draining = False
-        batched = False
+        drained = False
         try:
-            while not self.stop.is_set():
-                free = self.config.slots - len(self.inflight)
-                if free <= 0:
-                    # Every slot busy: wait for one to free up — or for a stop signal, which
-                    # must not wait for a long item to end.
-                    await self._wait_inflight(None)
-                    continue
-                if self.inflight and free < self.config.slots // 4 and not batched:
-                    # Nearly full: a moment's wait lets several slots free up, so one pull
-                    # serves them all instead of one pull per finished item.
-                    batched = True
-                    await self._wait_inflight(BATCH_WAIT_S)
-                    continue
-                batched = False
-                if self.breaker is not None:
-                    before = self.breaker.state
-                    free = self.breaker.allowance(free)
-                    if self.breaker.state != before:  # open → half_open after its timeout
-                        await self._announce_circuit(self.breaker.state)
-                    if free <= 0:  # open (or probes used up): dispatch pauses
-                        with contextlib.suppress(asyncio.TimeoutError):
-                            await asyncio.wait_for(self.stop.wait(), 0.2)
-                        continue
-                leases = await self._lease(free)
-                if leases is None:  # the phase ended while waiting: nothing is left to lease
-                    break
-                if self.breaker is not None:
-                    self.breaker.started(len(leases))
-                if self.stop.is_set():
-                    for lease in leases:  # raced the stop: give them back at once
-                        await self.queue.retry(lease, 0.001)
-                    break
-                for lease in leases:
-                    task = asyncio.create_task(self._run_item(lease))
-                    self.inflight[task] = lease
-                    task.add_done_callback(self._forget)
+            drained = await self._loop()
             draining = True
             await self._drain()
         finally:
             beats.cancel()
             if not draining:
-                for task in list(self.inflight):
+                for task in [*self.inflight, *self.slow]:
                     task.cancel()
+            await self._give_back_ready()
             await self.queue.close()
             await self.acks.close()
             await asyncio.shield(self.workspaces.close())
+            await self._report_usage(drained)
+        if drained:
+            return 0
         # Stopped by a signal before the phase ended (an eviction): not a success, so the Job
         # controller (or the local launcher) starts another agent in its place.
         return EXIT_SIGTERM if self.signalled and not self.phase_over.is_set() else 0
+
+    async def _loop(self) -> bool:
+        """Lease and run until stopped, the phase ends or (`elastic`) the queue ran dry; True
+        when the agent leaves because it drained."""
+        slots = self.config.slots
+        budget = slots + prefetch(slots)
+        inline = not self.spec.workflow.map.agent_template
+        idle = IdleWatch(self.config.index)
+        batched = False
+        while not self.stop.is_set():
+            while self.ready and len(self.inflight) < slots and not self.stop.is_set():
+                lease = self.ready.popleft()
+                if inline and not lease.item.item_stored:
+                    try:  # nothing to wait for: no task, no switch
+                        await self._run_item(lease)
+                    except Exception as exc:  # as a task's failure: logged, lease expires
+                        log.error("item failed: %r", exc)
+                else:
+                    task = asyncio.create_task(self._run_item(lease))
+                    self.inflight[task] = lease
+                    task.add_done_callback(self._forget)
+            if self.stop.is_set():
+                break
+            held = self.held
+            free = budget - held
+            if free <= 0 or (self.ready and len(self.inflight) >= slots):
+                # Every slot busy: wait for one to free up — or for a stop signal, which
+                # must not wait for a long item to end.
+                await self._wait_inflight(None)
+                continue
+            if held and free < budget // 4 and not batched:
+                # Nearly full: a moment's wait lets several slots free up, so one pull
+                # serves them all instead of one pull per finished item.
+                batched = True
+                await self._wait_inflight(BATCH_WAIT_S)
+                continue
+            batched = False
+            if self.breaker is not None:
+                before = self.breaker.state
+                free = self.breaker.allowance(free)
+                if self.breaker.state != before:  # open → half_open after its timeout
+                    await self._announce_circuit(self.breaker.state)
+                if free <= 0:  # open (or probes used up): dispatch pauses
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self.stop.wait(), 0.2)
+                    continue
+            leases = await self._lease(free)
+            if leases is None:  # the phase ended while waiting: nothing is left to lease
+                break
+            if self.breaker is not None:
+                self.breaker.started(len(leases))
+            if self.stop.is_set():
+                for lease in leases:  # raced the stop: give them back at once
+                    await self.queue.retry(lease, 0.001)
+                break
+            self.ready.extend(leases)
+            if idle.ran_dry(bool(leases) or self.held > 0) and await self._queue_dry():
+                log.info("agent %s: the queue ran dry; leaving the phase", self.name)
+                return True
+        return False
+
+    @property
+    def held(self) -> int:
+        """Leases this agent holds: running, waiting to start, or waiting for their ack."""
+        return len(self.inflight) + len(self.ready) + len(self.recording) + len(self.slow)
+
+    def _on_settled(self, lease: Lease) -> None:
+        self._settled(lease)
+        self.progress.set()
+
+    async def _queue_dry(self) -> bool:
+        """Nothing pending on the queue (delayed retries are in flight on JetStream and SQS
+        and are left to agent 0; Redis counts them pending: they keep everyone)."""
+        try:
+            depth = await self.queue.depth()
+        except Exception as exc:  # not a reason to leave: ask again on the next idle poll
+            log.debug("depth unavailable: %s", exc)
+            return False
+        return depth.pending == 0
+
+    async def _give_back_ready(self) -> None:
+        """Leased items never started (stopped with a prefetch): back at once for others."""
+        while self.ready:
+            lease = self.ready.popleft()
+            with contextlib.suppress(Exception):  # the lease expires anyway
+                await self.queue.retry(lease, 0.001)
+
+    async def _report_usage(self, drained: bool) -> None:
+        report = self.usage.report(self.wf, self.name, self.config.index, drained)
+        await publish_bounded(self.ctx.js, self.s.agent("usage", self.wf), encode(report))
 
     async def _lease(self, free: int) -> list[Lease] | None:
         """Up to ``free`` items (a long poll of a second), or None when the phase ends first:
@@ -161,13 +233,20 @@ class MapRunner(ItemRecorder):
         return None
 
     async def _wait_inflight(self, timeout_s: float | None) -> None:
+        """Until a slot may have freed (an item ended, a result's ack went out), a stop, or
+        ``timeout_s``."""
+        self.progress.clear()
         stopping = asyncio.ensure_future(self.stop.wait())
+        settled = asyncio.ensure_future(self.progress.wait())
         try:
             await asyncio.wait(
-                [*self.inflight, stopping], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+                [*self.inflight, *self.slow, stopping, settled],
+                timeout=timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
             stopping.cancel()
+            settled.cancel()
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self.inflight.pop(task, None)
@@ -175,27 +254,35 @@ class MapRunner(ItemRecorder):
             log.error("item task failed: %r", task.exception())
 
     async def _drain(self) -> None:
-        """Let in-flight items finish within the grace period (unless the workflow ended),
-        then kill what is left and hand those items back for another agent at once."""
+        """Let in-flight items finish, and their results be acked, within the grace period
+        (unless the workflow ended), then kill what is left and hand those items back for
+        another agent at once."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.grace_s
         aborting = asyncio.ensure_future(self.abort.wait())
         try:
-            while self.inflight and not self.abort.is_set():
+            while (self.inflight or self.recording or self.slow) and not self.abort.is_set():
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                await asyncio.wait(
-                    [*self.inflight, aborting],
-                    timeout=remaining,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
+                self.progress.clear()
+                settled = asyncio.ensure_future(self.progress.wait())
+                try:
+                    await asyncio.wait(
+                        [*self.inflight, *self.slow, aborting, settled],
+                        timeout=remaining,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    settled.cancel()
         finally:
             aborting.cancel()
         leftovers = list(self.inflight.items())
         for task, _ in leftovers:
             task.cancel()  # run_process kills the step's process group on cancellation
-        await asyncio.gather(*(t for t, _ in leftovers), return_exceptions=True)
+        for task in list(self.slow):
+            task.cancel()
+        await asyncio.gather(*(t for t, _ in leftovers), *self.slow, return_exceptions=True)
         if not self.abort.is_set():
             for _, lease in leftovers:
                 with contextlib.suppress(Exception):  # handing back: the lease expires anyway
@@ -204,7 +291,7 @@ class MapRunner(ItemRecorder):
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_every)
-            leases = list(self.inflight.values())
+            leases = [*self.inflight.values(), *self.ready, *self.recording.values()]
             for lease in leases:
                 # the next beat retries; a lost lease shows at ack
                 with contextlib.suppress(Exception):
@@ -221,11 +308,12 @@ class MapRunner(ItemRecorder):
 
     async def _run_item(self, lease: Lease) -> None:
         """One attempt, traced under the plan (``workflow.planned``'s stored context), its
-        log lines tagged with the item id (this task's context only)."""
+        log lines tagged with the item id (for the attempt only: inline attempts run in the
+        map loop's own task)."""
         item_id = f"item_{lease.item.index}"
-        bind(item_id=item_id)
         if not self.trace:
-            await self._attempt(lease)
+            with bound(item_id=item_id):
+                await self._attempt(lease)
             return
         attributes = {
             **messaging(self.s.work_of(self.wf), "process", f"{self.wf}/{lease.item.index}"),
@@ -233,13 +321,16 @@ class MapRunner(ItemRecorder):
             "jetreduce.item.id": item_id,
             "jetreduce.item.attempt": lease.attempt,
         }
-        with span(
-            f"item {item_id}",
-            parent=self.trace,
-            kind="consumer",
-            attributes=attributes,
-            join_only=True,
-        ) as current:
+        with (
+            span(
+                f"item {item_id}",
+                parent=self.trace,
+                kind="consumer",
+                attributes=attributes,
+                join_only=True,
+            ) as current,
+            bound(item_id=item_id),
+        ):
             outcome = await self._attempt(lease)
             if current is not None:
                 current.set_attribute("jetreduce.item.outcome", outcome)
@@ -260,24 +351,27 @@ class MapRunner(ItemRecorder):
                 item = await self._stored_item(index)
             except Exception as exc:  # a failed attempt like any other: retried, then dead
                 unreadable = f"item data unreadable from the object store: {exc}"
-        variables = dict(self.vars_base)
-        variables.update(
-            item=item,
-            item_id=f"item_{index}",
-            item_index=index,
-            item_total=self.total,
-            item_json=json.dumps(item, separators=(",", ":")),
-            **{"map.total": self.total, "worker.id": self.name},
-        )
         m = self.spec.workflow.map
         start = time.monotonic()
         deadline = start + m.agent_timeout_s if m.agent_timeout_s else None
         if unreadable is not None:
             result = failure(unreadable)
+        elif not m.agent_template and self.env_problem is None:
+            result = StepsResult()  # nothing runs: no variables, no workspace
         else:
+            variables = dict(self.vars_base)
+            variables.update(
+                item=item,
+                item_id=f"item_{index}",
+                item_index=index,
+                item_total=self.total,
+                item_json=json.dumps(item, separators=(",", ":")),
+                **{"map.total": self.total, "worker.id": self.name},
+            )
             result = await self._item_steps(index, m.agent_template, variables, deadline)
         duration = time.monotonic() - start
         await self._breaker_record(result.ok)
+        self.usage.ran(time.monotonic() - lease.leased_at)
         outcome = decide(
             result,
             reason="" if result.ok else self._describe(m.agent_template, result),

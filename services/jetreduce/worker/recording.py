@@ -1,9 +1,18 @@
 """Recording what an item's attempt came to (`worker/outcome.py`'s `Done`, `Retry`, `Dead`):
 the events, the object-store logs and outputs, the DLQ entry and the queue's ack, retry or
-dead. The decision is made before, apart from these calls."""
+dead. The decision is made before, apart from these calls.
+
+A success is recorded pipelined: ``item.done`` is published create-only without waiting
+(`AckMux.send`), the attempt ends, and the lease is acked (`settle.Settler`) when the server
+answers that the result is stored. Any other answer (already stored, no responders, no
+answer in time) takes the awaited path, `record.record_result`, exactly as before: the
+create-only guard, the check of what is stored and the ack after it. Until its ack the item
+counts in ``recording`` and keeps its slot (and its heartbeats): an agent never holds more
+leases than its budget, whatever is still on the wire."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from jetreduce.contract.events import (
@@ -29,6 +38,7 @@ from jetreduce.worker.outcome import (
     error_tail,
 )
 from jetreduce.worker.record import record_result
+from jetreduce.worker.settle import Settler
 from jetreduce.worker.stepflow import StepsResult
 from jetreduce.worker.steps import StepOutcome
 
@@ -45,6 +55,11 @@ class ItemRecorder(AgentBase):
     queue: ResilientQueue
     acks: AckMux
     on_failure: str
+    settler: Settler
+    recording: dict[int, Lease]
+    """Leases whose result is on its way (by ``id``): they hold their slot until acked."""
+    slow: set[asyncio.Task[None]]
+    """Results that took the awaited path after a pipelined publish was not stored."""
 
     async def _record(
         self, lease: Lease, outcome: Outcome, result: StepsResult, duration: float
@@ -121,14 +136,55 @@ class ItemRecorder(AgentBase):
             agent=self.name,
             output_stored=len(output.encode()) > EVENT_TEXT_LIMIT,
         )
-        won = await record_result(
-            self.acks, self.ctx.js, self.s, done, {DURATION_HEADER: f"{duration:.6f}"}
+        headers = {DURATION_HEADER: f"{duration:.6f}"}
+        if done.output_stored:  # its output is stored only once the result is known to be
+            await self._record_done_awaited(lease, done, headers, output)
+            return
+        key = id(lease)
+        self.recording[key] = lease
+
+        def on_answer(code: int) -> None:
+            if code == 0:
+                self.settler.ack(lease)
+                return
+            task = asyncio.get_running_loop().create_task(
+                self._record_done_awaited(lease, done, headers, "")
+            )
+            self.slow.add(task)
+            task.add_done_callback(self._slow_done)
+
+        await self.acks.send(
+            self.s.item_done(self.wf, index),
+            encode(done),
+            on_answer,
+            guard=self.s.item_terminal(self.wf, index),
+            headers=headers,
         )
-        if won and done.output_stored:
-            # Written only by the attempt whose result is recorded (a redelivered twin
-            # must not overwrite it); reduce falls back to the tail if this fails.
-            await self._store_big_output(index, output)
-        await self.queue.ack(lease)
+
+    def _slow_done(self, task: asyncio.Task[None]) -> None:
+        self.slow.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("recording a result failed: %r", task.exception())
+
+    def _settled(self, lease: Lease) -> None:
+        """The settler acked ``lease`` (or gave up): its slot is free."""
+        self.recording.pop(id(lease), None)
+
+    async def _record_done_awaited(
+        self, lease: Lease, done: ItemDone, headers: dict[str, str], output: str
+    ) -> None:
+        """The awaited path: `record_result` (guard, check, retries), then the ack."""
+        self.recording[id(lease)] = lease
+        try:
+            won = await record_result(self.acks, self.ctx.js, self.s, done, headers)
+            if won and done.output_stored:
+                # Written only by the attempt whose result is recorded (a redelivered twin
+                # must not overwrite it); reduce falls back to the tail if this fails.
+                await self._store_big_output(done.index, output)
+        except BaseException:
+            self.recording.pop(id(lease), None)  # not stored: the lease expires, redelivered
+            raise
+        self.settler.ack(lease)
 
     async def _record_crashed(self, lease: Lease, outcome: Dead) -> None:
         """A delivery `before_run` refused: the verdict the janitor gives on JetStream (no
