@@ -21,10 +21,12 @@ from support import wait_for
 
 pytestmark = pytest.mark.anyio
 
+# Markers live in the test's directory ($2), not in the agent's workspace: each agent has a
+# copy of its own, and the retry may run on another agent than the first attempt.
 SCRIPT = """set -u
 case "$1" in
-  0) i=0; while [ ! -f release ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done ;;
-  5) if [ ! -f failed-once ]; then touch failed-once; echo "first try fails" >&2; exit 3; fi ;;
+  0) i=0; while [ ! -f "$2/release" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done ;;
+  5) if [ ! -f "$2/failed" ]; then touch "$2/failed"; echo "first try fails" >&2; exit 3; fi ;;
 esac
 echo "item $1"
 """
@@ -35,7 +37,7 @@ map:
   input: "echo '[0, 1, 2, 3, 4, 5]'"
   max_parallel: 3
   agent_template:
-    - shell: "sh item.sh ${item}"
+    - shell: "sh item.sh ${item} MARKERS"
 error_policy:
   retry_config:
     max_attempts: 3
@@ -62,7 +64,7 @@ async def test_idle_agents_leave_before_map_complete_and_agent_0_runs_the_retry(
             await submit(
                 h.nc,
                 h.subjects,
-                WORKFLOW,
+                WORKFLOW.replace("MARKERS", str(workdir)),
                 SubmitOptions(workdir=str(workdir)),
                 workflow_id=wf,
                 source="test",
@@ -79,6 +81,9 @@ async def test_idle_agents_leave_before_map_complete_and_agent_0_runs_the_retry(
             await watcher.stop()
         assert isinstance(done, ev.WorkflowCompleted), h.agent_logs()
         assert (done.total, done.done, done.dead) == (6, 6, 0)
+        # The aggregator sums the reports into the workflow's utilisation.
+        assert done.utilisation is not None and 0 < done.utilisation <= 1, done
+        assert 0 < done.busy_slot_s <= done.held_slot_s, done
         results = await stored_events(h.nc, h.subjects, h.subjects.map("complete", wf))
         complete = next(e for e in results if isinstance(e, ev.MapComplete))
         terminal = await _terminal(h, wf)

@@ -14,7 +14,15 @@ from jetreduce.contract import events as ev
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
 from jetreduce.embedded import EmbeddedServer
-from jetreduce.worker.elastic import USAGE_TIMEOUT_S, IdleWatch, Usage, prefetch, publish_bounded
+from jetreduce.worker.context import AgentConfig
+from jetreduce.worker.elastic import (
+    DRAIN_IDLE_S,
+    USAGE_TIMEOUT_S,
+    IdleWatch,
+    Usage,
+    prefetch,
+    publish_bounded,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -29,6 +37,17 @@ def test_only_agents_past_the_first_watch_for_a_dry_queue() -> None:
     assert not first.ran_dry(active=False)
     assert not other.ran_dry(active=True)
     assert other.ran_dry(active=False)
+
+
+def test_draining_can_be_turned_off() -> None:
+    """``JETREDUCE_DRAIN_IDLE_S=0``: every agent stays until ``map.complete`` (the load
+    test's idle-agent figure needs idle agents)."""
+    config = AgentConfig.from_env(
+        {"JETREDUCE_WORKFLOW_ID": "wf", "JETREDUCE_AGENT_INDEX": "3", "JETREDUCE_DRAIN_IDLE_S": "0"}
+    )
+    watch = IdleWatch(config.index, config.drain_idle_s)
+    assert config.drain_idle_s is None and not watch.ran_dry(active=False)
+    assert AgentConfig.from_env({"JETREDUCE_WORKFLOW_ID": "wf"}).drain_idle_s == DRAIN_IDLE_S
 
 
 async def test_usage_report_is_stored(nats_url: str, prefix: str) -> None:

@@ -10,6 +10,7 @@ from jetreduce.contract.errors import TemporaryError
 __all__ = [
     "StreamInfoFailed",
     "count_items_in_range",
+    "count_messages",
     "count_subjects",
     "item_index",
 ]
@@ -45,6 +46,20 @@ async def count_subjects(nc: Any, stream: str, subject_filter: str, timeout_s: f
     if "error" in body:
         raise StreamInfoFailed(f"stream info: {body['error']}")
     return int(body.get("total", 0))
+
+
+async def count_messages(nc: Any, stream: str, subject: str, timeout_s: float = 10) -> int:
+    """Messages stored under one exact ``subject`` in ``stream`` (the server's per-subject
+    count: O(1) for one subject)."""
+    resp = await nc.request(
+        f"$JS.API.STREAM.INFO.{stream}",
+        json.dumps({"subjects_filter": subject}).encode(),
+        timeout=timeout_s,
+    )
+    body = json.loads(resp.data)
+    if "error" in body:
+        raise StreamInfoFailed(f"stream info: {body['error']}")
+    return int((body.get("state", {}).get("subjects") or {}).get(subject, 0))
 
 
 async def count_items_in_range(

@@ -38,6 +38,7 @@ from jetreduce.runtime.telemetry import (
     span,
 )
 from jetreduce.worker.claimed import run_claimed
+from jetreduce.worker.elastic import DRAIN_IDLE_S
 from jetreduce.worker.outcome import COMMIT_VALIDATION_FAILED
 from jetreduce.worker.secrets import (
     EnvironmentProblem,
@@ -77,6 +78,10 @@ class AgentConfig:
     are handed back."""
     claim_ttl_s: float = CLAIM_TTL_S
     """Time to live of a setup/reduce claim (runtime/claim.py)."""
+    drain_idle_s: float | None = DRAIN_IDLE_S
+    """Map: how long an agent (index > 0) holds nothing before it asks whether the queue ran
+    dry and leaves (worker/elastic.py); None (``JETREDUCE_DRAIN_IDLE_S=0``) keeps every agent
+    until ``map.complete``."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> AgentConfig:
@@ -89,6 +94,7 @@ class AgentConfig:
                 slots=int(env.get("JETREDUCE_SLOTS", "1")),
                 grace_s=float(env.get("JETREDUCE_GRACE_S", "20")),
                 claim_ttl_s=float(env.get("JETREDUCE_CLAIM_TTL_S", str(CLAIM_TTL_S))),
+                drain_idle_s=float(env.get("JETREDUCE_DRAIN_IDLE_S", str(DRAIN_IDLE_S))) or None,
             )
         except KeyError as exc:
             raise SystemExit(f"agent: missing environment variable {exc}") from None

@@ -11,10 +11,11 @@ this is also the bound on the server's ack-pending count per agent.
 
 **Elastic slots.** When the queue has run dry (nothing pending: items left are in flight on
 other agents, or waiting out a retry delay) and an agent has held nothing for
-``DRAIN_IDLE_S``, an agent with index > 0 leaves the phase: it exits 0 ("drained") and its
-launcher frees its slots for other workflows. Agent 0 stays until ``map.complete`` to run
-retries and redeliveries (a delayed retry is in flight on JetStream and SQS, not pending).
-The depth is asked at most once per idle period: an idle agent's cost stays flat.
+``DRAIN_IDLE_S`` (``JETREDUCE_DRAIN_IDLE_S``; 0 turns it off), an agent with index > 0
+leaves the phase: it exits 0 ("drained") and its launcher frees its slots for other
+workflows. Agent 0 stays until ``map.complete`` to run retries and redeliveries (a delayed
+retry is in flight on JetStream and SQS, not pending). The depth is asked at most once per
+idle period: an idle agent's cost stays flat.
 
 **Usage.** As it leaves the phase (drained, ``map.complete``, the workflow's end or a stop
 signal) the agent publishes one ``AgentUsage``: ``held_s`` = slots x time since its map
@@ -57,9 +58,9 @@ def prefetch(slots: int) -> int:
 class IdleWatch:
     """Tells when an agent (index > 0) has been idle long enough to ask for the depth."""
 
-    def __init__(self, index: int, idle_s: float = DRAIN_IDLE_S) -> None:
-        self.enabled = index > 0
-        self.idle_s = idle_s
+    def __init__(self, index: int, idle_s: float | None = DRAIN_IDLE_S) -> None:
+        self.enabled = index > 0 and idle_s is not None  # None: never leaves early
+        self.idle_s = idle_s or 0.0
         self.since = time.monotonic()
 
     def ran_dry(self, active: bool) -> bool:

@@ -45,7 +45,7 @@ from jetreduce.worker.outcome import (
     decide,
     failure,
 )
-from jetreduce.worker.recording import ItemRecorder
+from jetreduce.worker.recording import ItemRecorder, attempts_ran
 from jetreduce.worker.settle import Settler
 from jetreduce.worker.stepflow import StepsResult
 from jetreduce.worker.workspace import WorkspaceError
@@ -130,7 +130,7 @@ class MapRunner(ItemRecorder):
         slots = self.config.slots
         budget = slots + prefetch(slots)
         inline = not self.spec.workflow.map.agent_template
-        idle = IdleWatch(self.config.index)
+        idle = IdleWatch(self.config.index, self.config.drain_idle_s)
         batched = False
         while not self.stop.is_set():
             while self.ready and len(self.inflight) < slots and not self.stop.is_set():
@@ -342,6 +342,11 @@ class MapRunner(ItemRecorder):
         if crashed is not None:  # its agents kept dying on it: never run it again
             await self._record_crashed(lease, crashed)
             return "dead"
+        # The retry budget counts attempts that ran to a verdict, not deliveries (one handed
+        # back unrun is none); lease.attempt, the delivery, is what events report.
+        attempt = lease.attempt
+        if attempt > 1:
+            attempt = await attempts_ran(self.ctx, self.wf, lease.item.index, attempt - 1) + 1
         work = lease.item
         index = work.index
         item = work.item
@@ -375,7 +380,7 @@ class MapRunner(ItemRecorder):
         outcome = decide(
             result,
             reason="" if result.ok else self._describe(m.agent_template, result),
-            attempt=lease.attempt,
+            attempt=attempt,
             max_attempts=self.max_attempts,
             backoff=self._backoff,
         )

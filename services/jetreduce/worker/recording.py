@@ -26,7 +26,9 @@ from jetreduce.contract.events import (
 from jetreduce.contract.objects import log_object, output_object
 from jetreduce.queues.base import Lease
 from jetreduce.queues.resilient import ResilientQueue
+from jetreduce.runtime.counts import count_messages
 from jetreduce.runtime.publish import AckMux, publish_once, publish_retrying
+from jetreduce.runtime.service import ServiceContext
 from jetreduce.worker.context import AgentBase
 from jetreduce.worker.outcome import (
     EVENT_TEXT_LIMIT,
@@ -42,7 +44,7 @@ from jetreduce.worker.settle import Settler
 from jetreduce.worker.stepflow import StepsResult
 from jetreduce.worker.steps import StepOutcome
 
-__all__ = ["ItemRecorder"]
+__all__ = ["ItemRecorder", "attempts_ran"]
 
 log = logging.getLogger(__name__)
 
@@ -240,3 +242,21 @@ class ItemRecorder(AgentBase):
             log.warning("agent: could not store the log of item %d", index)
             return None
         return name
+
+
+async def attempts_ran(ctx: ServiceContext, wf: str, index: int, deliveries: int) -> int:
+    """Attempts of item ``index`` that ran to a failure (its stored ``item.failed`` events),
+    at most ``deliveries`` (those before this one): what the retry budget counts. A delivery
+    that ended without a verdict (handed back unrun by an agent that stopped or drained, or
+    interrupted by its agent's death or eviction) is no attempt, as Kubernetes does not count
+    disruptions; counting deliveries made such an item run one retry fewer than its
+    ``max_attempts``.
+    Deliveries still bound an item whose agents keep dying (``outcome.before_run``). Unknown
+    (the server did not answer): ``deliveries``, as before."""
+    subject = ctx.subjects.item_failed(wf, index)
+    try:
+        failed = await count_messages(ctx.nc, ctx.subjects.events_stream, subject)
+    except Exception as exc:  # the conservative count: the item runs no extra attempt
+        log.debug("attempts of item %d unknown: %r", index, exc)
+        return deliveries
+    return min(failed, deliveries)

@@ -1,0 +1,57 @@
+"""An item's retry budget counts the attempts that ran to a failure (its stored
+``item.failed``), not its deliveries: a delivery an agent handed back unrun (stopped,
+drained) or lost to its death must not cost the item one of its ``max_attempts``."""
+
+from __future__ import annotations
+
+import nats
+import pytest
+
+from jetreduce.contract import events as ev
+from jetreduce.contract.subjects import Subjects
+from jetreduce.contract.topology import declare
+from jetreduce.runtime.service import ServiceContext
+from jetreduce.worker.recording import attempts_ran
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_attempts_ran_are_the_failures_stored_never_more_than_the_deliveries(
+    nats_url: str, prefix: str
+) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        s = Subjects(prefix)
+        js = nc.jetstream()
+        await declare(js, s)
+        ctx = ServiceContext(nc=nc, js=js, subjects=s)
+        wf = "wf-attempts"
+        # First delivery ran and failed; the second was handed back unrun.
+        failed = ev.ItemFailed(
+            workflow_id=wf,
+            index=5,
+            item_id="item_5",
+            attempt=1,
+            error="exit 3",
+            exit_code=3,
+            stderr_tail="",
+            retry_in_s=1.0,
+        )
+        await js.publish(s.item_failed(wf, 5), ev.encode(failed))
+        assert await attempts_ran(ctx, wf, 5, deliveries=2) == 1  # this one is attempt 2
+        assert await attempts_ran(ctx, wf, 6, deliveries=2) == 0  # another item: none ran
+        for attempt in (2, 3, 4):  # failures of an earlier run (a DLQ retry reopened it)
+            again = ev.ItemFailed(
+                workflow_id=wf,
+                index=5,
+                item_id="item_5",
+                attempt=attempt,
+                error="x",
+                exit_code=1,
+                stderr_tail="",
+                retry_in_s=1.0,
+            )
+            await js.publish(s.item_failed(wf, 5), ev.encode(again))
+        assert await attempts_ran(ctx, wf, 5, deliveries=2) == 2
+    finally:
+        await nc.close()
