@@ -1,0 +1,294 @@
+"""The warm agent host: a fork server that has imported everything an agent needs, so that
+the local backend starts setup, map and reduce agents in milliseconds instead of paying an
+interpreter start and the imports (~0.3 s wall, ~0.5 CPU-s) for every one.
+
+Started by the launcher (``launcher/warm.py``) as ``python -m jetreduce.cli.agent_host FD``,
+where FD is its end of a ``SOCK_SEQPACKET`` socket pair (one message per datagram). Before
+it forks anything it imports, freezes the garbage collector's view of those imports (so
+children do not copy the pages that collection would touch) and does nothing else: no event
+loop, no connection, no thread, no logging configuration, no OpenTelemetry provider. A
+child therefore starts from the state an exec'd ``python -m jetreduce.cli.agent_main`` has
+after its imports, and builds the rest itself, as that one would.
+
+Protocol (JSON per datagram):
+
+- host → launcher ``{"ready": pid}`` once imported;
+- launcher → host ``{"spawn": n}`` with two file descriptors attached: a ``memfd``
+  holding the request (``env``, ``cwd``, ``entry``) and the agent's log file. The host
+  never reads the request: only the child does, after the fork, so an agent's
+  environment (credentials included) never enters the host's memory, and so is never
+  inherited by the agents forked after it;
+- host → launcher ``{"spawned": n, "pid": pid}`` once the child is its own session leader
+  (a ``killpg`` from the launcher reaches it from then on, as after an exec);
+- host → launcher ``{"exited": pid, "code": code}`` when the host has reaped a child:
+  ``code`` as asyncio reports it (negative signal number for a death by signal).
+
+When its socket closes (the launcher stopped it, or died) the host SIGKILLs what is left of
+its children's sessions, reaps them and exits. The parent-death signal chains: the launcher
+→ host → agents (``runtime/orphans.die_with_parent``), and the launcher's session reaper
+watches every agent's session as it does for exec'd agents.
+
+What a child gets (the isolation an exec gave, ``_become_agent``): its own session and
+process group; exactly the environment the launcher computed (``os.environ`` cleared and
+refilled, ``TZ`` re-read, ``PYTHONPATH`` put in front of ``sys.path``); the working
+directory; stdin from /dev/null and stdout/stderr on its log file (unbuffered, as
+``PYTHONUNBUFFERED`` makes them); the signal dispositions and mask the host had when it
+started (a fresh interpreter's), no wakeup fd; no other open file descriptor; a reseeded
+``random``. What cannot be redone after a fork stays the host's: the interpreter's flags
+and hash seed (``PYTHON*`` variables other than ``PYTHONPATH`` read at start-up), which the
+launcher starts the host with from its own environment, as the agents' base environment.
+nats-py's NUID (inbox prefixes) is drawn from ``secrets`` when a client is made, in the
+child; ssl contexts, uuid4 and tempfile names draw from the OS after the fork as well.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+import importlib
+import io
+import json
+import os
+import random
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+# What an agent imports, imported once here (the point of the host).
+import jetreduce.cli.agent_main  # noqa: F401
+from jetreduce.runtime.orphans import die_with_parent
+
+__all__ = ["AGENT_ENTRY", "main"]
+
+AGENT_ENTRY = "jetreduce.cli.agent_main:main"
+"""What a child runs by default: the agent process's entry point."""
+
+SETUP_FAILED = 127
+"""A child's exit code when it could not become an agent (no working directory, say)."""
+
+_MAX_MESSAGE = 65536
+
+
+def _noop(signum: int, frame: object) -> None:
+    """SIGCHLD's handler: the wakeup fd does the waking."""
+
+
+class _Host:
+    def __init__(self, fd: int) -> None:
+        self.pid = os.getpid()
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(True)
+        # A fresh interpreter's dispositions and mask, restored in every child.
+        self.handlers = {
+            sig: signal.getsignal(sig)
+            for sig in signal.valid_signals()
+            if sig not in (signal.SIGKILL, signal.SIGSTOP)
+        }
+        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.children: set[int] = set()
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sock.send(json.dumps(message).encode())
+
+    def serve(self) -> None:
+        signal.signal(signal.SIGCHLD, _noop)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when we end
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(self.wake_r, select.POLLIN)
+        self.send({"ready": self.pid})
+        try:
+            while True:
+                for fd, _ in poller.poll():
+                    if fd == self.wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            while os.read(self.wake_r, 512):
+                                pass
+                        self.reap()
+                    elif not self.on_message():
+                        return
+        except OSError:  # the launcher is gone (EPIPE, ECONNRESET)
+            return
+        finally:
+            self.shutdown()
+
+    def on_message(self) -> bool:
+        data, fds, _, _ = socket.recv_fds(self.sock, _MAX_MESSAGE, 2)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return False
+        n = json.loads(data).get("spawn")
+        try:
+            if len(fds) != 2:
+                raise ValueError(f"a spawn request carries 2 descriptors, not {len(fds)}")
+            reply: dict[str, Any] = {"spawned": n, "pid": self.fork(fds[0], fds[1])}
+        except Exception as exc:  # told to the launcher, which raises it there
+            reply = {"spawned": n, "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self.send(reply)
+        return True
+
+    def fork(self, request_fd: int, log_fd: int) -> int:
+        if threading.active_count() != 1:  # a fork from a threaded process may deadlock
+            raise RuntimeError("the agent host has threads: it cannot fork safely")
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.close(ready_r)
+            _become_agent(self, request_fd, log_fd, ready_w)  # never returns
+        os.close(ready_w)
+        self.children.add(pid)
+        # The child closes its end once it leads its own session (or has failed to).
+        while os.read(ready_r, 512):
+            pass
+        os.close(ready_r)
+        return pid
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            self.send({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
+
+    def shutdown(self) -> None:
+        """Nothing outlives the host: what is left of its children's sessions is killed."""
+        signal.set_wakeup_fd(-1)
+        for pid in self.children:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+        for pid in list(self.children):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self.children.clear()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _become_agent(host: _Host, request_fd: int, log_fd: int, ready_w: int) -> None:
+    """In the child: turn the host's copy into what an exec'd agent would be, run the
+    entry point, exit. Never returns."""
+    try:
+        os.setsid()
+        die_with_parent(signal.SIGKILL)
+        if os.getppid() != host.pid:  # the host died before the line above
+            os._exit(SETUP_FAILED)
+        signal.set_wakeup_fd(-1)
+        for sig, handler in host.handlers.items():
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, host.mask)
+        host.sock.close()
+        os.close(host.wake_r)
+        os.close(host.wake_w)
+        request = json.loads(os.pread(request_fd, os.fstat(request_fd).st_size, 0))
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        # Nothing else of the host's stays open: its socket, pipes, the request.
+        os.closerange(3, ready_w)
+        os.closerange(ready_w + 1, os.sysconf("SC_OPEN_MAX"))
+        encoding = sys.__stdout__.encoding if sys.__stdout__ else "utf-8"
+        sys.stdout = io.TextIOWrapper(
+            io.FileIO(1, "w", closefd=False), encoding=encoding, write_through=True
+        )
+        sys.stderr = io.TextIOWrapper(
+            io.FileIO(2, "w", closefd=False),
+            encoding=encoding,
+            errors="backslashreplace",
+            write_through=True,
+        )
+        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding=encoding)
+        os.chdir(request["cwd"])
+        env: dict[str, str] = request["env"]
+        os.environ.clear()
+        os.environ.update(env)
+        del env
+        time.tzset()
+        paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        sys.path[0:0] = [os.path.abspath(p) for p in paths]
+        sys.dont_write_bytecode = bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
+        random.seed()
+        entry = _entry(request.get("entry") or AGENT_ENTRY)
+        del request
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            os.write(2, traceback.format_exc().encode(errors="replace"))
+        os._exit(SETUP_FAILED)
+    os.close(ready_w)
+    os._exit(_run(entry))
+
+
+def _entry(name: str) -> Callable[[], object]:
+    module, _, func = name.partition(":")
+    target: Callable[[], object] = getattr(importlib.import_module(module), func)
+    return target
+
+
+def _run(entry: Callable[[], object]) -> int:
+    """Run ``entry`` and return the exit code an interpreter would have ended with."""
+    code = 0
+    try:
+        result = entry()
+        code = result if isinstance(result, int) else 0
+    except SystemExit as exc:
+        if exc.code is None:
+            code = 0
+        elif isinstance(exc.code, int):
+            code = exc.code
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        _finish()
+        # As the interpreter does: die by the signal, so the parent sees -SIGINT.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        code = 130
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    _finish()
+    return code & 0xFF
+
+
+def _finish() -> None:
+    """What an interpreter does at exit that ``os._exit`` skips."""
+    with contextlib.suppress(BaseException):
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BaseException):
+            stream.flush()
+
+
+def main() -> None:
+    fd = int(sys.argv[1])
+    die_with_parent(signal.SIGKILL)
+    host = _Host(fd)
+    gc.collect()
+    gc.freeze()  # children then leave the imported objects' pages shared
+    host.serve()
+
+
+if __name__ == "__main__":
+    main()

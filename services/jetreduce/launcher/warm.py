@@ -1,0 +1,295 @@
+"""The launcher's side of warm agents: a :class:`WarmHost` starts and talks to the agent
+host (``python -m jetreduce.cli.agent_host``, a fork server that has imported the agent),
+and hands back a :class:`WarmProcess` per agent that the local backend supervises exactly
+as an asyncio subprocess (``pid``, ``returncode``, ``wait()``; a death by signal is the
+negative signal number, as asyncio reports it).
+
+Why a fork server: an exec'd agent pays a fresh interpreter and the imports (~0.3 s wall,
+~0.5 CPU-s) at every start, three in series per workflow (setup, map, reduce) and once per
+agent process (issue 17, 18). A fork of the warm host costs a few milliseconds.
+
+The request (environment, working directory, entry point) travels in a ``memfd`` whose
+descriptor is passed with ``SCM_RIGHTS``: the host forks without reading it, and only the
+child reads it. An agent's credentials are thus in the launcher (which computed them, as
+before) and in that agent, never in the host nor in agents forked later. The agent's log
+file is opened here, as it was for an exec, and passed the same way.
+
+Lifecycle: started lazily (or early, by :meth:`WarmHost.prestart`), one per backend;
+:meth:`stop` closes its socket, upon which the host kills what is left of its agents'
+sessions and exits; a later spawn starts a new one. If the host dies (it should not: it
+runs no agent code), its agents die with it (parent-death signal); each is then reported as
+killed (``-SIGKILL``) after its process group is SIGKILLed here too, so the backend's
+restart rules treat it as a disruption and restart it, through a new host. A host that
+cannot start at all raises :class:`WarmUnavailable` and the backend falls back to exec.
+
+Spawns are one at a time (a lock): each is a datagram and a fork, a few milliseconds, and
+the socket never holds more than one request, so the launcher's writes never block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from jetreduce.runtime.orphans import die_with_parent
+
+__all__ = [
+    "NOT_INHERITED",
+    "WARM_ENV",
+    "WarmHost",
+    "WarmProcess",
+    "WarmUnavailable",
+    "warm_supported",
+]
+
+log = logging.getLogger(__name__)
+
+WARM_ENV = "JETREDUCE_WARM_AGENTS"
+"""``0`` (or ``false``/``no``/``off``) starts every local agent by exec, as before."""
+
+HOST_MODULE = "jetreduce.cli.agent_host"
+
+HOST_START_S = 60.0
+"""Bound on the host's start (an interpreter and the agent's imports: ~0.5 s, more on a
+loaded machine)."""
+
+SPAWN_S = 30.0
+"""Bound on one fork round trip (milliseconds, unless the machine is swapping)."""
+
+HOST_STOP_S = 10.0
+"""Bound on the host's exit once told to stop (it SIGKILLs and reaps what is left)."""
+
+_MAX_MESSAGE = 65536
+
+NOT_INHERITED = (
+    "JETREDUCE_NATS_",
+    "JETREDUCE_PREFIX",
+    "JETREDUCE_WORKFLOW_ID",
+    "JETREDUCE_PHASE",
+    "JETREDUCE_AGENT_INDEX",
+    "JETREDUCE_SLOTS",
+)
+"""Prefixes of the launcher's variables that agents do not inherit: their connection and
+identity are set per agent. The host does not get them either."""
+
+
+class WarmUnavailable(RuntimeError):
+    """The agent host is not running and could not be started: start the agent by exec."""
+
+
+def warm_supported() -> bool:
+    """Linux (memfd, SCM_RIGHTS, the parent-death signal) and not switched off."""
+    off = os.environ.get(WARM_ENV, "").strip().lower() in {"0", "false", "no", "off"}
+    return sys.platform.startswith("linux") and hasattr(os, "memfd_create") and not off
+
+
+class WarmProcess:
+    """An agent forked by the host: what the backend's supervision uses of a process."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._exited = asyncio.get_running_loop().create_future()
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def _set_exit(self, code: int) -> None:
+        if self.returncode is None:
+            self.returncode = code
+            self._exited.set_result(code)
+
+
+class WarmHost:
+    """One agent host process and its socket; restarts it on demand."""
+
+    def __init__(self, *, log_file: Path | None = None) -> None:
+        self.log_file = log_file
+        """Where the host's own stdout/stderr go (none of an agent's)."""
+        self.proc: asyncio.subprocess.Process | None = None
+        self._sock: socket.socket | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._pending: asyncio.Future[WarmProcess] | None = None
+        self._ready: asyncio.Future[int] | None = None
+        self._agents: dict[int, WarmProcess] = {}
+        self._serial = 0
+
+    @property
+    def alive(self) -> bool:
+        return self._sock is not None
+
+    def prestart(self) -> None:
+        """Start the host in the background if it is not running (the first spawn then
+        need not wait for the imports)."""
+        if self._sock is None and (self._starting is None or self._starting.done()):
+            self._starting = asyncio.create_task(self._start(), name="agent host start")
+            self._starting.add_done_callback(_retrieve)
+
+    async def _ensure(self) -> socket.socket:
+        if self._sock is None:
+            self.prestart()
+            assert self._starting is not None
+            try:
+                await asyncio.shield(self._starting)
+            except Exception as exc:
+                raise WarmUnavailable(f"the agent host did not start: {exc}") from exc
+        if self._sock is None:
+            raise WarmUnavailable("the agent host exited as it started")
+        return self._sock
+
+    async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        out: int | None = asyncio.subprocess.DEVNULL
+        handle = None
+        try:
+            if self.log_file is not None:
+                self.log_file.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(self.log_file, "ab")  # noqa: SIM115
+                out = handle.fileno()
+            env = dict(os.environ)
+            # Identity and connection variables are the agents' own (passed per spawn).
+            for key in [k for k in env if k.startswith(NOT_INHERITED)]:
+                del env[key]
+            env["PYTHONUNBUFFERED"] = "1"
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                HOST_MODULE,
+                str(theirs.fileno()),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+                preexec_fn=functools.partial(die_with_parent, signal.SIGKILL),
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+            if handle is not None:
+                handle.close()
+        ours.setblocking(False)
+        self.proc, self._sock = proc, ours
+        self._ready = loop.create_future()
+        loop.add_reader(ours.fileno(), self._on_readable)
+        try:
+            pid = await asyncio.wait_for(asyncio.shield(self._ready), HOST_START_S)
+        except BaseException:
+            await self._lost()
+            raise
+        log.info("agent host %d ready", pid)
+
+    async def spawn(self, env: dict[str, str], cwd: str, log_fd: int, entry: str) -> WarmProcess:
+        """Fork an agent with exactly ``env`` as its environment, in ``cwd``, its output on
+        ``log_fd`` (which the caller still owns), running ``entry`` (``module:function``).
+        Returns once the agent leads its own session. Raises :class:`WarmUnavailable` if no
+        host can be had, ``OSError`` if the fork failed."""
+        async with self._lock:
+            sock = await self._ensure()
+            memfd = os.memfd_create("jetreduce-agent-request", os.MFD_CLOEXEC)
+            try:
+                os.write(memfd, json.dumps({"env": env, "cwd": cwd, "entry": entry}).encode())
+                self._serial += 1
+                self._pending = asyncio.get_running_loop().create_future()
+                message = json.dumps({"spawn": self._serial}).encode()
+                try:
+                    socket.send_fds(sock, [message], [memfd, log_fd])
+                except OSError as exc:
+                    await self._lost()
+                    raise WarmUnavailable(f"the agent host is gone: {exc}") from exc
+            finally:
+                os.close(memfd)
+            try:
+                return await asyncio.wait_for(asyncio.shield(self._pending), SPAWN_S)
+            finally:
+                self._pending = None
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        while sock is not None:
+            try:
+                data = sock.recv(_MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                asyncio.get_running_loop().create_task(self._lost()).add_done_callback(_retrieve)
+                return
+            self._on_message(json.loads(data))
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        if "exited" in message:
+            agent = self._agents.pop(message["exited"], None)
+            if agent is not None:
+                agent._set_exit(int(message["code"]))
+        elif "spawned" in message:
+            pending = self._pending
+            agent = None
+            if "pid" in message:
+                agent = WarmProcess(int(message["pid"]))
+                self._agents[agent.pid] = agent
+            if pending is not None and not pending.done():
+                if agent is not None:
+                    pending.set_result(agent)
+                else:
+                    pending.set_exception(OSError(f"agent host: {message.get('error')}"))
+        elif "ready" in message and self._ready is not None and not self._ready.done():
+            self._ready.set_result(int(message["ready"]))
+
+    async def _lost(self) -> None:
+        """The host's socket closed (it died, or :meth:`stop`): its agents are dead or
+        about to be (parent-death signal); make sure, and report each as killed."""
+        sock, proc = self._sock, self.proc
+        self._sock = self.proc = None
+        if sock is not None:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+        for fut in (self._pending, self._ready):
+            if fut is not None and not fut.done():
+                fut.set_exception(WarmUnavailable("the agent host is gone"))
+        agents, self._agents = self._agents, {}
+        for agent in agents.values():
+            with contextlib.suppress(OSError):
+                os.killpg(agent.pid, signal.SIGKILL)
+            agent._set_exit(-signal.SIGKILL)
+        if proc is not None:
+            try:
+                await asyncio.wait_for(proc.wait(), HOST_STOP_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+    async def stop(self) -> None:
+        """Stop the host (it kills what is left of its agents' sessions) and wait for it.
+        A later :meth:`spawn` starts a new one."""
+        starting = self._starting
+        if starting is not None and not starting.done():
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            await self._lost()
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Done callback: a failed start is raised to the spawn that waits for it, if any."""
+    if not task.cancelled():
+        task.exception()
