@@ -18,40 +18,47 @@ Protocol (JSON per datagram):
   never reads the request: only the child does, after the fork, so an agent's
   environment (credentials included) never enters the host's memory, and so is never
   inherited by the agents forked after it;
-- host → launcher ``{"spawned": n, "pid": pid}`` once the child is its own session leader
-  (a ``killpg`` from the launcher reaches it from then on, as after an exec);
-- host → launcher ``{"exited": pid, "code": code}`` when the host has reaped a child:
-  ``code`` as asyncio reports it (negative signal number for a death by signal).
+- host → launcher ``{"spawned": n, "pid": pid}`` (or ``"error"``) once the child leads its
+  own session: a ``killpg`` from the launcher reaches it from then on, as after an exec.
 
-When its socket closes (the launcher stopped it, or died) the host SIGKILLs what is left of
-its children's sessions, reaps them and exits. The parent-death signal chains: the launcher
-→ host → agents (``runtime/orphans.die_with_parent``), and the launcher's session reaper
-watches every agent's session as it does for exec'd agents.
+**The children are the launcher's, not the host's** (``clone(CLONE_PARENT)``): the launcher
+waits for each itself (exit codes exactly as for a subprocess; a pid cannot be reused before
+the launcher has reaped it), their CPU time adds up in the launcher's children's as an
+exec'd agent's did, and the parent-death signal (``runtime/orphans.die_with_parent``) ties
+each to the launcher: if the launcher is SIGKILLed its agents are, and the session reaper
+kills their steps, as before. The host itself dies with the launcher too, and exits when
+its socket closes; its death costs no agent (the next spawn starts a new host).
 
 What a child gets (the isolation an exec gave, ``_become_agent``): its own session and
 process group; exactly the environment the launcher computed (``os.environ`` cleared and
-refilled, ``TZ`` re-read, ``PYTHONPATH`` put in front of ``sys.path``); the working
-directory; stdin from /dev/null and stdout/stderr on its log file (unbuffered, as
-``PYTHONUNBUFFERED`` makes them); the signal dispositions and mask the host had when it
-started (a fresh interpreter's), no wakeup fd; no other open file descriptor; a reseeded
-``random``. What cannot be redone after a fork stays the host's: the interpreter's flags
-and hash seed (``PYTHON*`` variables other than ``PYTHONPATH`` read at start-up), which the
-launcher starts the host with from its own environment, as the agents' base environment.
-nats-py's NUID (inbox prefixes) is drawn from ``secrets`` when a client is made, in the
-child; ssl contexts, uuid4 and tempfile names draw from the OS after the fork as well.
+refilled, and written where ``/proc/PID/environ`` shows it; ``TZ`` re-read, ``PYTHONPATH``
+put in front of ``sys.path``); the working directory; stdin from /dev/null and
+stdout/stderr on its log file (unbuffered, as ``PYTHONUNBUFFERED`` makes them); the signal
+dispositions and mask the host had when it started (a fresh interpreter's); no other open
+file descriptor; a reseeded ``random``. What cannot be redone after a fork stays the
+host's: the interpreter's flags and hash seed (``PYTHON*`` variables other than
+``PYTHONPATH``, read at start-up), which the launcher starts the host with from its own
+environment, the agents' base environment. nats-py's NUID (inbox prefixes) is drawn from
+``secrets`` when a client is made, in the child; ssl contexts, uuid4 and tempfile names draw
+from the OS after the fork as well.
+
+The clone is a raw system call (Python's ``os.fork`` has no flags), wrapped in the C API's
+fork hooks as ``os.fork`` is. glibc's cached thread id of the child's main thread is then
+the host's: glibc ≥ 2.34 no longer uses it where a process signals itself (``raise``), and
+nothing else in the agent does (tested: tests/integration/test_warm_agents.py).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import gc
 import importlib
 import io
 import json
 import os
 import random
-import select
 import signal
 import socket
 import sys
@@ -75,14 +82,18 @@ SETUP_FAILED = 127
 
 _MAX_MESSAGE = 65536
 
-
-def _noop(signum: int, frame: object) -> None:
-    """SIGCHLD's handler: the wakeup fd does the waking."""
+_CLONE_PARENT = 0x00008000
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}.get(os.uname().machine)
+"""The clone syscall's number (no other architecture is supported: the launcher falls back
+to exec there, see ``launcher/warm.warm_supported``)."""
+_libc = ctypes.PyDLL(None, use_errno=True)  # PyDLL: the GIL is held across the call
+_libc.syscall.restype = ctypes.c_long
 
 
 class _Host:
     def __init__(self, fd: int) -> None:
         self.pid = os.getpid()
+        self.launcher = os.getppid()
         self.sock = socket.socket(fileno=fd)
         self.sock.setblocking(True)
         # A fresh interpreter's dispositions and mask, restored in every child.
@@ -92,34 +103,19 @@ class _Host:
             if sig not in (signal.SIGKILL, signal.SIGSTOP)
         }
         self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.children: set[int] = set()
+        self.env_region = _env_region()
 
     def send(self, message: dict[str, Any]) -> None:
         self.sock.send(json.dumps(message).encode())
 
     def serve(self) -> None:
-        signal.signal(signal.SIGCHLD, _noop)
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when we end
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
-        poller.register(self.wake_r, select.POLLIN)
         self.send({"ready": self.pid})
-        try:
-            while True:
-                for fd, _ in poller.poll():
-                    if fd == self.wake_r:
-                        with contextlib.suppress(BlockingIOError):
-                            while os.read(self.wake_r, 512):
-                                pass
-                        self.reap()
-                    elif not self.on_message():
-                        return
-        except OSError:  # the launcher is gone (EPIPE, ECONNRESET)
-            return
-        finally:
-            self.shutdown()
+        with contextlib.suppress(OSError):  # EPIPE, ECONNRESET: the launcher is gone
+            while self.on_message():
+                pass
+        with contextlib.suppress(OSError):
+            self.sock.close()
 
     def on_message(self) -> bool:
         data, fds, _, _ = socket.recv_fds(self.sock, _MAX_MESSAGE, 2)
@@ -146,41 +142,70 @@ class _Host:
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        try:
+            pid = _fork_sibling()
+        except BaseException:
+            os.close(ready_r)
+            os.close(ready_w)
+            raise
         if pid == 0:
             os.close(ready_r)
             _become_agent(self, request_fd, log_fd, ready_w)  # never returns
         os.close(ready_w)
-        self.children.add(pid)
         # The child closes its end once it leads its own session (or has failed to).
         while os.read(ready_r, 512):
             pass
         os.close(ready_r)
         return pid
 
-    def reap(self) -> None:
-        while self.children:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            self.children.discard(pid)
-            self.send({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
 
-    def shutdown(self) -> None:
-        """Nothing outlives the host: what is left of its children's sessions is killed."""
-        signal.set_wakeup_fd(-1)
-        for pid in self.children:
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
-        for pid in list(self.children):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        self.children.clear()
-        with contextlib.suppress(OSError):
-            self.sock.close()
+def _fork_sibling() -> int:
+    """``os.fork()``, except that the child is the launcher's (``CLONE_PARENT``): the
+    launcher waits for it, its CPU time counts in the launcher's children's, and the
+    parent-death signal ties it to the launcher, as for an exec'd agent. The public C API's
+    fork hooks (``PyOS_BeforeFork``/``AfterFork_*``) do what ``os.fork`` does around it."""
+    api = ctypes.pythonapi
+    api.PyOS_BeforeFork()
+    pid = int(_libc.syscall(_SYS_CLONE, _CLONE_PARENT | signal.SIGCHLD, 0, 0, 0, 0))
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+        return 0
+    errno = ctypes.get_errno()
+    api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(errno, f"clone: {os.strerror(errno)}")
+    return pid
+
+
+def _env_region() -> tuple[int, int] | None:
+    """Where the kernel shows this process's environment from (``/proc/PID/environ`` reads
+    the strings the process started with, not what ``putenv`` made since)."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])  # fields 50, 51 of proc(5)
+    except (OSError, IndexError, ValueError):
+        return None
+    return (start, end) if 0 < start < end else None
+
+
+def _show_environment(region: tuple[int, int] | None, env: dict[str, str]) -> None:
+    """Write ``env`` where ``/proc/PID/environ`` reads it, so that what is seen from outside
+    is the agent's environment, as after an exec, not the host's. The launcher starts the
+    host with room to spare (``JETREDUCE_AGENT_HOST_ROOM``); entries past the room are left
+    out of that view (never out of the environment itself)."""
+    if region is None:
+        return
+    start, end = region
+    size = end - start
+    block = bytearray()
+    for key, value in env.items():
+        entry = f"{key}={value}".encode(errors="surrogateescape") + b"\0"
+        if len(block) + len(entry) > size:
+            break
+        block += entry
+    block += bytes(size - len(block))
+    ctypes.memmove(start, bytes(block), size)
 
 
 def _become_agent(host: _Host, request_fd: int, log_fd: int, ready_w: int) -> None:
@@ -189,22 +214,19 @@ def _become_agent(host: _Host, request_fd: int, log_fd: int, ready_w: int) -> No
     try:
         os.setsid()
         die_with_parent(signal.SIGKILL)
-        if os.getppid() != host.pid:  # the host died before the line above
+        if os.getppid() != host.launcher:  # the launcher died before the line above
             os._exit(SETUP_FAILED)
-        signal.set_wakeup_fd(-1)
         for sig, handler in host.handlers.items():
             with contextlib.suppress(OSError, ValueError, TypeError):
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, host.mask)
         host.sock.close()
-        os.close(host.wake_r)
-        os.close(host.wake_w)
         request = json.loads(os.pread(request_fd, os.fstat(request_fd).st_size, 0))
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        # Nothing else of the host's stays open: its socket, pipes, the request.
+        # Nothing else of the host's stays open: its socket, the request, the log's copy.
         os.closerange(3, ready_w)
         os.closerange(ready_w + 1, os.sysconf("SC_OPEN_MAX"))
         encoding = sys.__stdout__.encoding if sys.__stdout__ else "utf-8"
@@ -222,6 +244,7 @@ def _become_agent(host: _Host, request_fd: int, log_fd: int, ready_w: int) -> No
         env: dict[str, str] = request["env"]
         os.environ.clear()
         os.environ.update(env)
+        _show_environment(host.env_region, env)
         del env
         time.tzset()
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]

@@ -6,7 +6,13 @@ negative signal number, as asyncio reports it).
 
 Why a fork server: an exec'd agent pays a fresh interpreter and the imports (~0.3 s wall,
 ~0.5 CPU-s) at every start, three in series per workflow (setup, map, reduce) and once per
-agent process (issue 17, 18). A fork of the warm host costs a few milliseconds.
+agent process (issues 17, 18). A fork of the warm host costs a few milliseconds.
+
+The host clones each agent as a child of this process (``CLONE_PARENT``, see
+``cli/agent_host.py``), so the launcher waits for its agents itself, through a pidfd: the
+exit status is the kernel's, the pid stays ours until reaped, the CPU time counts in this
+process's children's as before, and agents die with this process (parent-death signal),
+not with the host. The host dying costs no agent; the next spawn starts a new one.
 
 The request (environment, working directory, entry point) travels in a ``memfd`` whose
 descriptor is passed with ``SCM_RIGHTS``: the host forks without reading it, and only the
@@ -14,13 +20,9 @@ child reads it. An agent's credentials are thus in the launcher (which computed 
 before) and in that agent, never in the host nor in agents forked later. The agent's log
 file is opened here, as it was for an exec, and passed the same way.
 
-Lifecycle: started lazily (or early, by :meth:`WarmHost.prestart`), one per backend;
-:meth:`stop` closes its socket, upon which the host kills what is left of its agents'
-sessions and exits; a later spawn starts a new one. If the host dies (it should not: it
-runs no agent code), its agents die with it (parent-death signal); each is then reported as
-killed (``-SIGKILL``) after its process group is SIGKILLed here too, so the backend's
-restart rules treat it as a disruption and restart it, through a new host. A host that
-cannot start at all raises :class:`WarmUnavailable` and the backend falls back to exec.
+Lifecycle: started lazily (or early, by :meth:`WarmHost.prestart`), one per backend, and
+stopped with it (:meth:`stop` closes its socket, upon which it exits). A host that cannot
+start raises :class:`WarmUnavailable` and the backend falls back to exec.
 
 Spawns are one at a time (a lock): each is a datagram and a fork, a few milliseconds, and
 the socket never holds more than one request, so the launcher's writes never block.
@@ -86,27 +88,50 @@ class WarmUnavailable(RuntimeError):
     """The agent host is not running and could not be started: start the agent by exec."""
 
 
+HOST_ENV_ROOM = 65536
+"""Bytes of room the host's initial environment holds, where each child writes its own for
+``/proc/PID/environ`` to show (``cli/agent_host._show_environment``)."""
+
+
 def warm_supported() -> bool:
-    """Linux (memfd, SCM_RIGHTS, the parent-death signal) and not switched off."""
+    """Linux on x86-64 or arm64 (memfd, pidfd, SCM_RIGHTS, ``CLONE_PARENT``, the
+    parent-death signal) and not switched off."""
     off = os.environ.get(WARM_ENV, "").strip().lower() in {"0", "false", "no", "off"}
-    return sys.platform.startswith("linux") and hasattr(os, "memfd_create") and not off
+    return (
+        sys.platform.startswith("linux")
+        and os.uname().machine in {"x86_64", "aarch64"}
+        and hasattr(os, "memfd_create")
+        and hasattr(os, "pidfd_open")
+        and not off
+    )
 
 
 class WarmProcess:
-    """An agent forked by the host: what the backend's supervision uses of a process."""
+    """An agent forked by the host, a child of this process: what the backend's supervision
+    uses of a process. Its exit is waited for through a pidfd on the event loop."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
-        self._exited = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[int] = loop.create_future()
+        self._pidfd = os.pidfd_open(pid)
+        loop.add_reader(self._pidfd, self._check)
 
     async def wait(self) -> int:
         return await asyncio.shield(self._exited)
 
-    def _set_exit(self, code: int) -> None:
-        if self.returncode is None:
-            self.returncode = code
-            self._exited.set_result(code)
+    def _check(self) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored): the code is lost
+            pid, status = self.pid, 255 << 8
+        if pid == 0:
+            return
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self._exited.set_result(self.returncode)
 
 
 class WarmHost:
@@ -121,7 +146,6 @@ class WarmHost:
         self._lock = asyncio.Lock()
         self._pending: asyncio.Future[WarmProcess] | None = None
         self._ready: asyncio.Future[int] | None = None
-        self._agents: dict[int, WarmProcess] = {}
         self._serial = 0
 
     @property
@@ -162,6 +186,7 @@ class WarmHost:
             for key in [k for k in env if k.startswith(NOT_INHERITED)]:
                 del env[key]
             env["PYTHONUNBUFFERED"] = "1"
+            env["JETREDUCE_AGENT_HOST_ROOM"] = "." * HOST_ENV_ROOM
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -233,16 +258,11 @@ class WarmHost:
             self._on_message(json.loads(data))
 
     def _on_message(self, message: dict[str, Any]) -> None:
-        if "exited" in message:
-            agent = self._agents.pop(message["exited"], None)
-            if agent is not None:
-                agent._set_exit(int(message["code"]))
-        elif "spawned" in message:
+        if "spawned" in message:
             pending = self._pending
             agent = None
-            if "pid" in message:
+            if "pid" in message:  # ours to wait for, whoever asked
                 agent = WarmProcess(int(message["pid"]))
-                self._agents[agent.pid] = agent
             if pending is not None and not pending.done():
                 if agent is not None:
                     pending.set_result(agent)
@@ -252,8 +272,8 @@ class WarmHost:
             self._ready.set_result(int(message["ready"]))
 
     async def _lost(self) -> None:
-        """The host's socket closed (it died, or :meth:`stop`): its agents are dead or
-        about to be (parent-death signal); make sure, and report each as killed."""
+        """The host's socket closed (it died, or :meth:`stop`): wait for it to exit. Its
+        agents are this process's children and go on."""
         sock, proc = self._sock, self.proc
         self._sock = self.proc = None
         if sock is not None:
@@ -262,11 +282,6 @@ class WarmHost:
         for fut in (self._pending, self._ready):
             if fut is not None and not fut.done():
                 fut.set_exception(WarmUnavailable("the agent host is gone"))
-        agents, self._agents = self._agents, {}
-        for agent in agents.values():
-            with contextlib.suppress(OSError):
-                os.killpg(agent.pid, signal.SIGKILL)
-            agent._set_exit(-signal.SIGKILL)
         if proc is not None:
             try:
                 await asyncio.wait_for(proc.wait(), HOST_STOP_S)
@@ -276,8 +291,8 @@ class WarmHost:
                 await proc.wait()
 
     async def stop(self) -> None:
-        """Stop the host (it kills what is left of its agents' sessions) and wait for it.
-        A later :meth:`spawn` starts a new one."""
+        """Stop the host and wait for it (agents are not its: the backend stops them). A
+        later :meth:`spawn` starts a new one."""
         starting = self._starting
         if starting is not None and not starting.done():
             starting.cancel()
