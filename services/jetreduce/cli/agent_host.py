@@ -55,6 +55,7 @@ import contextlib
 import ctypes
 import gc
 import importlib
+import importlib.util
 import io
 import json
 import os
@@ -103,7 +104,7 @@ class _Host:
             if sig not in (signal.SIGKILL, signal.SIGSTOP)
         }
         self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        self.env_region = _env_region()
+        self.env_region, self.argv_region = _regions()
 
     def send(self, message: dict[str, Any]) -> None:
         self.sock.send(json.dumps(message).encode())
@@ -177,33 +178,42 @@ def _fork_sibling() -> int:
     return pid
 
 
-def _env_region() -> tuple[int, int] | None:
-    """Where the kernel shows this process's environment from (``/proc/PID/environ`` reads
-    the strings the process started with, not what ``putenv`` made since)."""
+Region = tuple[int, int] | None
+
+
+def _regions() -> tuple[Region, Region]:
+    """Where the kernel shows this process's environment and command line from
+    (``/proc/PID/environ`` and ``cmdline`` read the strings the process started with, not
+    what ``putenv`` made since)."""
     try:
         with open("/proc/self/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        start, end = int(fields[47]), int(fields[48])  # fields 50, 51 of proc(5)
+        # Fields 48 to 51 of proc(5): arg_start, arg_end, env_start, env_end.
+        bounds = [int(x) for x in fields[45:49]]
     except (OSError, IndexError, ValueError):
-        return None
-    return (start, end) if 0 < start < end else None
+        return None, None
+    argv, env = (bounds[0], bounds[1]), (bounds[2], bounds[3])
+    return (env if 0 < env[0] < env[1] else None), (argv if 0 < argv[0] < argv[1] else None)
 
 
-def _show_environment(region: tuple[int, int] | None, env: dict[str, str]) -> None:
-    """Write ``env`` where ``/proc/PID/environ`` reads it, so that what is seen from outside
-    is the agent's environment, as after an exec, not the host's. The launcher starts the
-    host with room to spare (``JETREDUCE_AGENT_HOST_ROOM``); entries past the room are left
-    out of that view (never out of the environment itself)."""
+def _show(region: Region, entries: list[str]) -> None:
+    """Write NUL-terminated ``entries`` where the kernel reads them from (the rest of the
+    region zeroed), so that what is seen from outside (``ps``, ``/proc``, tests and tools
+    that find agents by their command line and ``JETREDUCE_*`` variables) is the agent's
+    command line and environment, as after an exec, not the host's. The launcher starts
+    the host with room to spare in its environment (``JETREDUCE_AGENT_HOST_ROOM``) and a
+    command line of an agent's length; entries past the room are left out of that view
+    (never out of the environment itself)."""
     if region is None:
         return
     start, end = region
     size = end - start
     block = bytearray()
-    for key, value in env.items():
-        entry = f"{key}={value}".encode(errors="surrogateescape") + b"\0"
-        if len(block) + len(entry) > size:
+    for entry in entries:
+        raw = entry.encode(errors="surrogateescape") + b"\0"
+        if len(block) + len(raw) > size:
             break
-        block += entry
+        block += raw
     block += bytes(size - len(block))
     ctypes.memmove(start, bytes(block), size)
 
@@ -244,7 +254,12 @@ def _become_agent(host: _Host, request_fd: int, log_fd: int, ready_w: int) -> No
         env: dict[str, str] = request["env"]
         os.environ.clear()
         os.environ.update(env)
-        _show_environment(host.env_region, env)
+        _show(host.env_region, [f"{k}={v}" for k, v in env.items()])
+        argv: list[str] = request.get("argv") or []
+        _show(host.argv_region, argv)
+        if argv[1:2] == ["-m"] and len(argv) > 2:  # as ``python -m module`` sets it
+            spec = importlib.util.find_spec(argv[2])
+            sys.argv = [(spec.origin if spec else None) or argv[2], *argv[3:]]
         del env
         time.tzset()
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -304,8 +319,13 @@ def _finish() -> None:
             stream.flush()
 
 
+HOST_FD_ENV = "JETREDUCE_AGENT_HOST_FD"
+"""The host's end of its socket (in the environment, not the command line, which then has
+the length of an agent's: ``python -m jetreduce.cli.agent_main``, see ``_show``)."""
+
+
 def main() -> None:
-    fd = int(sys.argv[1])
+    fd = int(os.environ.pop(HOST_FD_ENV))
     die_with_parent(signal.SIGKILL)
     host = _Host(fd)
     gc.collect()

@@ -223,7 +223,7 @@ class LocalBackend:
             if self._warm is not None and handle is not None:
                 try:
                     proc: AgentProcess = await self._warm.spawn(
-                        env, cwd or os.getcwd(), handle.fileno(), self.entry
+                        env, cwd or os.getcwd(), handle.fileno(), self.entry, self.command
                     )
                     reaper().watch(proc.pid)
                     return proc

@@ -187,11 +187,11 @@ class WarmHost:
                 del env[key]
             env["PYTHONUNBUFFERED"] = "1"
             env["JETREDUCE_AGENT_HOST_ROOM"] = "." * HOST_ENV_ROOM
+            env["JETREDUCE_AGENT_HOST_FD"] = str(theirs.fileno())
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 HOST_MODULE,
-                str(theirs.fileno()),
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
@@ -218,16 +218,26 @@ class WarmHost:
             raise
         log.info("agent host %d ready", pid)
 
-    async def spawn(self, env: dict[str, str], cwd: str, log_fd: int, entry: str) -> WarmProcess:
+    async def spawn(
+        self,
+        env: dict[str, str],
+        cwd: str,
+        log_fd: int,
+        entry: str,
+        argv: tuple[str, ...] = (),
+    ) -> WarmProcess:
         """Fork an agent with exactly ``env`` as its environment, in ``cwd``, its output on
-        ``log_fd`` (which the caller still owns), running ``entry`` (``module:function``).
-        Returns once the agent leads its own session. Raises :class:`WarmUnavailable` if no
-        host can be had, ``OSError`` if the fork failed."""
+        ``log_fd`` (which the caller still owns), running ``entry`` (``module:function``),
+        shown with ``argv`` as its command line (what an exec would have run). Returns once
+        the agent leads its own session. Raises :class:`WarmUnavailable` if no host can be
+        had, ``OSError`` if the fork failed."""
         async with self._lock:
             sock = await self._ensure()
             memfd = os.memfd_create("jetreduce-agent-request", os.MFD_CLOEXEC)
             try:
-                os.write(memfd, json.dumps({"env": env, "cwd": cwd, "entry": entry}).encode())
+                request = {"env": env, "cwd": cwd, "entry": entry, "argv": argv}
+                with open(memfd, "wb", closefd=False) as f:
+                    f.write(json.dumps(request).encode())
                 self._serial += 1
                 self._pending = asyncio.get_running_loop().create_future()
                 message = json.dumps({"spawn": self._serial}).encode()
