@@ -44,7 +44,7 @@ def state() -> dict[str, object]:
 
 
 def main() -> int:
-    print(json.dumps(state()))
+    print(json.dumps(state()), flush=True)
     mode = os.environ.get("PROBE_MODE", "exit:0")
     kind, _, arg = mode.partition(":")
     if kind == "exit":

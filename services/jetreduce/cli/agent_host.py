@@ -239,17 +239,6 @@ def _become_agent(host: _Host, request_fd: int, log_fd: int, ready_w: int) -> No
         # Nothing else of the host's stays open: its socket, the request, the log's copy.
         os.closerange(3, ready_w)
         os.closerange(ready_w + 1, os.sysconf("SC_OPEN_MAX"))
-        encoding = sys.__stdout__.encoding if sys.__stdout__ else "utf-8"
-        sys.stdout = io.TextIOWrapper(
-            io.FileIO(1, "w", closefd=False), encoding=encoding, write_through=True
-        )
-        sys.stderr = io.TextIOWrapper(
-            io.FileIO(2, "w", closefd=False),
-            encoding=encoding,
-            errors="backslashreplace",
-            write_through=True,
-        )
-        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding=encoding)
         os.chdir(request["cwd"])
         env: dict[str, str] = request["env"]
         os.environ.clear()
@@ -262,6 +251,7 @@ def _become_agent(host: _Host, request_fd: int, log_fd: int, ready_w: int) -> No
             sys.argv = [(spec.origin if spec else None) or argv[2], *argv[3:]]
         del env
         time.tzset()
+        _stdio(unbuffered=bool(os.environ.get("PYTHONUNBUFFERED")))
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         sys.path[0:0] = [os.path.abspath(p) for p in paths]
         sys.dont_write_bytecode = bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
@@ -274,6 +264,23 @@ def _become_agent(host: _Host, request_fd: int, log_fd: int, ready_w: int) -> No
         os._exit(SETUP_FAILED)
     os.close(ready_w)
     os._exit(_run(entry))
+
+
+def _stdio(*, unbuffered: bool) -> None:
+    """New ``sys.std*`` on fds 0-2, as the interpreter makes them at start (``-u`` /
+    ``PYTHONUNBUFFERED``: no buffer; else a buffer, flushed at exit)."""
+    encoding = sys.__stdout__.encoding if sys.__stdout__ else "utf-8"
+
+    def out(fd: int, errors: str, lines: bool) -> io.TextIOWrapper:
+        raw = io.FileIO(fd, "w", closefd=False)
+        if unbuffered:
+            return io.TextIOWrapper(raw, encoding=encoding, errors=errors, write_through=True)
+        buffered = io.BufferedWriter(raw)
+        return io.TextIOWrapper(buffered, encoding=encoding, errors=errors, line_buffering=lines)
+
+    sys.stdout = out(1, "strict", lines=False)
+    sys.stderr = out(2, "backslashreplace", lines=True)  # as since Python 3.9
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding=encoding)
 
 
 def _entry(name: str) -> Callable[[], object]:
