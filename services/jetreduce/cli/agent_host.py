@@ -71,6 +71,7 @@ from typing import Any
 
 # What an agent imports, imported once here (the point of the host).
 import jetreduce.cli.agent_main  # noqa: F401
+from jetreduce.runtime import telemetry
 from jetreduce.runtime.orphans import die_with_parent
 
 __all__ = ["AGENT_ENTRY", "main"]
@@ -331,9 +332,31 @@ HOST_FD_ENV = "JETREDUCE_AGENT_HOST_FD"
 the length of an agent's: ``python -m jetreduce.cli.agent_main``, see ``_show``)."""
 
 
+_TELEMETRY_MODULES = (
+    "opentelemetry.sdk.resources",
+    "opentelemetry.sdk.trace",
+    "opentelemetry.sdk.trace.export",
+    "opentelemetry.sdk.metrics",
+    "opentelemetry.sdk.metrics.export",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+)
+
+
+def _preload() -> None:
+    """Import what the agents of this environment import later, lazily: the OpenTelemetry
+    SDK when telemetry is configured (modules only: providers, exporters and their threads
+    are made by each agent, after the fork)."""
+    if telemetry.TelemetryConfig.from_env("jetreduce-agent").active:
+        for name in _TELEMETRY_MODULES:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
+
+
 def main() -> None:
     fd = int(os.environ.pop(HOST_FD_ENV))
     die_with_parent(signal.SIGKILL)
+    _preload()
     host = _Host(fd)
     gc.collect()
     gc.freeze()  # children then leave the imported objects' pages shared
