@@ -112,8 +112,8 @@ class _Host:
 
     def serve(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when we end
-        self.send({"ready": self.pid})
         with contextlib.suppress(OSError):  # EPIPE, ECONNRESET: the launcher is gone
+            self.send({"ready": self.pid})
             while self.on_message():
                 pass
         with contextlib.suppress(OSError):
@@ -126,39 +126,53 @@ class _Host:
                 os.close(fd)
             return False
         n = json.loads(data).get("spawn")
+        go = None
         try:
             if len(fds) != 2:
                 raise ValueError(f"a spawn request carries 2 descriptors, not {len(fds)}")
-            reply: dict[str, Any] = {"spawned": n, "pid": self.fork(fds[0], fds[1])}
+            pid, go = self.fork(fds[0], fds[1])
+            reply: dict[str, Any] = {"spawned": n, "pid": pid}
         except Exception as exc:  # told to the launcher, which raises it there
             reply = {"spawned": n, "error": f"{type(exc).__name__}: {exc}"}
         finally:
             for fd in fds:
                 os.close(fd)
-        self.send(reply)
+        try:
+            self.send(reply)
+            if go is not None:
+                os.write(go, b"g")  # the launcher knows its pid: it may run
+        finally:
+            if go is not None:
+                os.close(go)  # unwritten (the launcher is gone): the child exits unrun
         return True
 
-    def fork(self, request_fd: int, log_fd: int) -> int:
+    def fork(self, request_fd: int, log_fd: int) -> tuple[int, int]:
+        """Fork a child; returns its pid once it leads its own session, and the pipe end
+        on which it waits for leave to run (written once the launcher has its pid: an agent
+        runs only if its launcher can supervise it)."""
         if threading.active_count() != 1:  # a fork from a threaded process may deadlock
             raise RuntimeError("the agent host has threads: it cannot fork safely")
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
         sys.stdout.flush()
         sys.stderr.flush()
         try:
             pid = _fork_sibling()
         except BaseException:
-            os.close(ready_r)
-            os.close(ready_w)
+            for fd in (ready_r, ready_w, go_r, go_w):
+                os.close(fd)
             raise
         if pid == 0:
             os.close(ready_r)
-            _become_agent(self, request_fd, log_fd, ready_w)  # never returns
+            os.close(go_w)
+            _become_agent(self, request_fd, log_fd, ready_w, go_r)  # never returns
         os.close(ready_w)
+        os.close(go_r)
         # The child closes its end once it leads its own session (or has failed to).
         while os.read(ready_r, 512):
             pass
         os.close(ready_r)
-        return pid
+        return pid, go_w
 
 
 def _fork_sibling() -> int:
@@ -219,7 +233,7 @@ def _show(region: Region, entries: list[str]) -> None:
     ctypes.memmove(start, bytes(block), size)
 
 
-def _become_agent(host: _Host, request_fd: int, log_fd: int, ready_w: int) -> None:
+def _become_agent(host: _Host, request_fd: int, log_fd: int, ready_w: int, go_r: int) -> None:
     """In the child: turn the host's copy into what an exec'd agent would be, run the
     entry point, exit. Never returns."""
     try:
@@ -238,8 +252,10 @@ def _become_agent(host: _Host, request_fd: int, log_fd: int, ready_w: int) -> No
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         # Nothing else of the host's stays open: its socket, the request, the log's copy.
-        os.closerange(3, ready_w)
-        os.closerange(ready_w + 1, os.sysconf("SC_OPEN_MAX"))
+        keep = sorted((ready_w, go_r))
+        os.closerange(3, keep[0])
+        os.closerange(keep[0] + 1, keep[1])
+        os.closerange(keep[1] + 1, os.sysconf("SC_OPEN_MAX"))
         os.chdir(request["cwd"])
         env: dict[str, str] = request["env"]
         os.environ.clear()
@@ -264,6 +280,9 @@ def _become_agent(host: _Host, request_fd: int, log_fd: int, ready_w: int) -> No
             os.write(2, traceback.format_exc().encode(errors="replace"))
         os._exit(SETUP_FAILED)
     os.close(ready_w)
+    if os.read(go_r, 1) != b"g":  # the host died, or could not tell the launcher our pid
+        os._exit(SETUP_FAILED)
+    os.close(go_r)
     os._exit(_run(entry))
 
 

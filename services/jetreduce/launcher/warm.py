@@ -88,6 +88,10 @@ class WarmUnavailable(RuntimeError):
     """The agent host is not running and could not be started: start the agent by exec."""
 
 
+class _HostLost(RuntimeError):
+    """The host went away during a spawn (it died, or did not answer): worth a new one."""
+
+
 HOST_ENV_ROOM = 65536
 """Bytes of room the host's initial environment holds, where each child writes its own for
 ``/proc/PID/environ`` to show (``cli/agent_host._show_environment``)."""
@@ -163,8 +167,14 @@ class WarmHost:
         if self._sock is None:
             self.prestart()
             assert self._starting is not None
+            starting = self._starting
             try:
-                await asyncio.shield(self._starting)
+                await asyncio.shield(starting)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if starting.cancelled() and not (task and task.cancelling()):
+                    raise WarmUnavailable("the agent host's start was cancelled") from None
+                raise
             except Exception as exc:
                 raise WarmUnavailable(f"the agent host did not start: {exc}") from exc
         if self._sock is None:
@@ -231,27 +241,41 @@ class WarmHost:
         shown with ``argv`` as its command line (what an exec would have run). Returns once
         the agent leads its own session. Raises :class:`WarmUnavailable` if no host can be
         had, ``OSError`` if the fork failed."""
+        request = json.dumps({"env": env, "cwd": cwd, "entry": entry, "argv": argv}).encode()
         async with self._lock:
-            sock = await self._ensure()
-            memfd = os.memfd_create("jetreduce-agent-request", os.MFD_CLOEXEC)
-            try:
-                request = {"env": env, "cwd": cwd, "entry": entry, "argv": argv}
-                with open(memfd, "wb", closefd=False) as f:
-                    f.write(json.dumps(request).encode())
-                self._serial += 1
-                self._pending = asyncio.get_running_loop().create_future()
-                message = json.dumps({"spawn": self._serial}).encode()
+            for attempt in (1, 2):
+                sock = await self._ensure()
                 try:
-                    socket.send_fds(sock, [message], [memfd, log_fd])
-                except OSError as exc:
-                    await self._lost()
-                    raise WarmUnavailable(f"the agent host is gone: {exc}") from exc
-            finally:
-                os.close(memfd)
+                    return await self._spawn_once(sock, request, log_fd)
+                except _HostLost as exc:
+                    # Its child, if forked, exits unrun (it waits for the host's go).
+                    if attempt == 2:
+                        raise WarmUnavailable(str(exc)) from exc
+                    log.warning("%s during a spawn; starting another host", exc)
+        raise AssertionError("unreachable")
+
+    async def _spawn_once(self, sock: socket.socket, request: bytes, log_fd: int) -> WarmProcess:
+        memfd = os.memfd_create("jetreduce-agent-request", os.MFD_CLOEXEC)
+        try:
+            with open(memfd, "wb", closefd=False) as f:
+                f.write(request)
+            self._serial += 1
+            self._pending = asyncio.get_running_loop().create_future()
+            message = json.dumps({"spawn": self._serial}).encode()
             try:
-                return await asyncio.wait_for(asyncio.shield(self._pending), SPAWN_S)
-            finally:
-                self._pending = None
+                socket.send_fds(sock, [message], [memfd, log_fd])
+            except OSError as exc:
+                await self._lost()
+                raise _HostLost(f"the agent host is gone ({exc})") from exc
+        finally:
+            os.close(memfd)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._pending), SPAWN_S)
+        except TimeoutError:
+            await self._lost()  # a host that does not answer is not trusted again
+            raise _HostLost(f"the agent host did not answer within {SPAWN_S} s") from None
+        finally:
+            self._pending = None
 
     def _on_readable(self) -> None:
         sock = self._sock
@@ -291,7 +315,7 @@ class WarmHost:
             sock.close()
         for fut in (self._pending, self._ready):
             if fut is not None and not fut.done():
-                fut.set_exception(WarmUnavailable("the agent host is gone"))
+                fut.set_exception(_HostLost("the agent host is gone"))
         if proc is not None:
             try:
                 await asyncio.wait_for(proc.wait(), HOST_STOP_S)
@@ -308,10 +332,11 @@ class WarmHost:
             starting.cancel()
             with contextlib.suppress(BaseException):
                 await starting
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
-            await self._lost()
+        async with self._lock:  # a spawn under way ends first
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                await self._lost()
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
