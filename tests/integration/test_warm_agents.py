@@ -191,6 +191,21 @@ async def test_sibling_agents_draw_their_own_inboxes_and_randomness(tmp_path: Pa
         await host.stop()
 
 
+async def test_past_the_pidfd_budget_a_thread_waits_for_the_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(warm, "pidfd_budget", lambda: 0)
+    host = WarmHost()
+    try:
+        for mode, code in (("exit:5", 5), ("signal:15", -15)):
+            log = tmp_path / f"{code}.log"
+            agent = await spawn(host, log, probe_env(PROBE_MODE=mode), tmp_path)
+            assert await asyncio.wait_for(agent.wait(), 10) == code
+            assert agent.returncode == code
+    finally:
+        await host.stop()
+
+
 def spec(workdir: Path) -> StoredSpec:
     parsed = parse_workflow(
         "name: t\nmap:\n  input: x.json\n  agent_template:\n    - shell: 'true'\n"

@@ -36,9 +36,11 @@ import functools
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -110,17 +112,39 @@ def warm_supported() -> bool:
     )
 
 
+def pidfd_budget() -> int:
+    """How many agents are waited for through a pidfd at most: a quarter of this process's
+    descriptor limit, so that 1,000 agents never starve the launcher of descriptors (its
+    connection, the agents' log files); past it, a thread waits, as asyncio's child watcher
+    does for exec'd agents."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (65536 if soft == resource.RLIM_INFINITY else soft) // 4
+
+
 class WarmProcess:
     """An agent forked by the host, a child of this process: what the backend's supervision
-    uses of a process. Its exit is waited for through a pidfd on the event loop."""
+    uses of a process. Its exit is waited for through a pidfd on the event loop, or by a
+    thread past :func:`pidfd_budget`."""
+
+    pidfds = 0
+    """pidfds open in this process."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
         loop = asyncio.get_running_loop()
         self._exited: asyncio.Future[int] = loop.create_future()
-        self._pidfd = os.pidfd_open(pid)
-        loop.add_reader(self._pidfd, self._check)
+        self._pidfd: int | None = None
+        if WarmProcess.pidfds < pidfd_budget():
+            with contextlib.suppress(OSError):
+                self._pidfd = os.pidfd_open(pid)
+        if self._pidfd is not None:
+            WarmProcess.pidfds += 1
+            loop.add_reader(self._pidfd, self._check)
+        else:
+            threading.Thread(
+                target=self._wait_blocking, args=(loop,), name=f"waitpid {pid}", daemon=True
+            ).start()
 
     async def wait(self) -> int:
         return await asyncio.shield(self._exited)
@@ -130,12 +154,26 @@ class WarmProcess:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored): the code is lost
             pid, status = self.pid, 255 << 8
-        if pid == 0:
+        if pid == 0 or self._pidfd is None:
             return
         asyncio.get_running_loop().remove_reader(self._pidfd)
         os.close(self._pidfd)
-        self.returncode = os.waitstatus_to_exitcode(status)
-        self._exited.set_result(self.returncode)
+        self._pidfd = None
+        WarmProcess.pidfds -= 1
+        self._set(os.waitstatus_to_exitcode(status))
+
+    def _wait_blocking(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            status = 255 << 8
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(self._set, os.waitstatus_to_exitcode(status))
+
+    def _set(self, code: int) -> None:
+        self.returncode = code
+        if not self._exited.done():
+            self._exited.set_result(code)
 
 
 class WarmHost:
