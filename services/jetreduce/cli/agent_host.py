@@ -151,7 +151,7 @@ class _Host:
         on which it waits for leave to run (written once the launcher has its pid: an agent
         runs only if its launcher can supervise it)."""
         if threading.active_count() != 1:  # a fork from a threaded process may deadlock
-            raise RuntimeError("the agent host has threads: it cannot fork safely")
+            raise AssertionError("the agent host has threads: it cannot fork safely")
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
         sys.stdout.flush()
@@ -276,6 +276,7 @@ def _become_agent(host: _Host, request_fd: int, log_fd: int, ready_w: int, go_r:
         entry = _entry(request.get("entry") or AGENT_ENTRY)
         del request
     except BaseException:
+        # The exit code says it failed; the traceback is a courtesy (its log may be gone).
         with contextlib.suppress(BaseException):
             os.write(2, traceback.format_exc().encode(errors="replace"))
         os._exit(SETUP_FAILED)
@@ -339,10 +340,12 @@ def _run(entry: Callable[[], object]) -> int:
 
 def _finish() -> None:
     """What an interpreter does at exit that ``os._exit`` skips."""
+    # The exit code is decided: a failing handler or a closed stream must not change it
+    # (an interpreter prints and goes on too).
     with contextlib.suppress(BaseException):
         atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(BaseException):
+        with contextlib.suppress(BaseException):  # as above
             stream.flush()
 
 

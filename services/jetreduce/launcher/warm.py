@@ -44,6 +44,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from jetreduce.contract.errors import PermanentError, TemporaryError
 from jetreduce.runtime.orphans import die_with_parent
 
 __all__ = [
@@ -86,11 +87,11 @@ NOT_INHERITED = (
 identity are set per agent. The host does not get them either."""
 
 
-class WarmUnavailable(RuntimeError):
+class WarmUnavailable(PermanentError, RuntimeError):
     """The agent host is not running and could not be started: start the agent by exec."""
 
 
-class _HostLost(RuntimeError):
+class _HostLost(TemporaryError, RuntimeError):
     """The host went away during a spawn (it died, or did not answer): worth a new one."""
 
 
@@ -368,6 +369,7 @@ class WarmHost:
         starting = self._starting
         if starting is not None and not starting.done():
             starting.cancel()
+            # Its end is all we wait for: a failed or cancelled start leaves nothing running.
             with contextlib.suppress(BaseException):
                 await starting
         async with self._lock:  # a spawn under way ends first
