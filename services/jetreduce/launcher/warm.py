@@ -25,7 +25,10 @@ stopped with it (:meth:`stop` closes its socket, upon which it exits). A host th
 start raises :class:`WarmUnavailable` and the backend falls back to exec.
 
 Spawns are one at a time (a lock): each is a datagram and a fork, a few milliseconds, and
-the socket never holds more than one request, so the launcher's writes never block.
+the socket never holds more than one request, so the launcher's writes never block. A host
+that does not answer within ``SPAWN_S`` is killed and replaced: a child it had forked then
+never gets its go and exits unrun (a zombie of this process until it exits: the price of
+an event that needs a host stuck for half a minute).
 """
 
 from __future__ import annotations
