@@ -38,9 +38,10 @@ dispositions and mask the host had when it started (a fresh interpreter's); no o
 file descriptor; a reseeded ``random``. What cannot be redone after a fork stays the
 host's: the interpreter's flags and hash seed (``PYTHON*`` variables other than
 ``PYTHONPATH``, read at start-up), which the launcher starts the host with from its own
-environment, the agents' base environment. nats-py's NUID (inbox prefixes) is drawn from
-``secrets`` when a client is made, in the child; ssl contexts, uuid4 and tempfile names draw
-from the OS after the fork as well.
+environment, the agents' base environment; and the umask, resource limits and nice value,
+which are the launcher's as they were when it started the host. nats-py's NUID (inbox
+prefixes) is drawn from ``secrets`` when a client is made, in the child; ssl contexts,
+uuid4 and tempfile names draw from the OS after the fork as well.
 
 The clone is a raw system call (Python's ``os.fork`` has no flags), wrapped in the C API's
 fork hooks as ``os.fork`` is. glibc's cached thread id of the child's main thread is then
