@@ -385,14 +385,21 @@ async def test_a_host_that_cannot_start_falls_back_to_exec(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(warm, "HOST_MODULE", "jetreduce.cli.no_such_module")
-    b = LocalBackend(NatsSettings(url="nats://127.0.0.1:1"), max_processes=1)
+    b = LocalBackend(NatsSettings(url="nats://127.0.0.1:1"), max_processes=3)
     assert b._warm is not None
-    await b.launch("wf", "map", [1], spec(tmp_path))
+    await b.launch("wf", "map", [1, 1, 1], spec(tmp_path))  # three spawns learn it at once
+
+    def started() -> list[int]:
+        procs = [r.proc for r in b._agents[("wf", "map")]]
+        return [p.pid for p in procs if p is not None and p.returncode is None]
+
     try:
-        pid = await wait_for(lambda: agent_pid(b), timeout_s=30)
+        pids = await wait_for(lambda: len(started()) == 3 and started(), timeout_s=30)
         assert b._warm is None  # given up for this backend: agents are exec'd
-        assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(
-            os.getpid()
-        )
+        for pid in pids:
+            assert b"jetreduce.cli.agent_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            assert stat[1] == str(os.getpid())
+        assert all(r.task is not None and not r.task.done() for r in b._agents[("wf", "map")])
     finally:
         await b.stop_all(grace_s=5)

@@ -216,23 +216,23 @@ class LocalBackend:
             directory.mkdir(parents=True, exist_ok=True)
             handle = open(directory / f"{spec.phase}-{spec.index}.log", "ab")  # noqa: SIM115
             out = handle.fileno()
-        elif self._warm is not None:
+        host = self._warm
+        if host is not None and handle is None:
             handle = open(os.devnull, "ab")  # noqa: SIM115
         cwd = spec.workdir if os.path.isdir(spec.workdir) else None
         try:
-            if self._warm is not None and handle is not None:
+            if host is not None and handle is not None:
                 try:
-                    proc: AgentProcess = await self._warm.spawn(
+                    proc: AgentProcess = await host.spawn(
                         env, cwd or os.getcwd(), handle.fileno(), self.entry, self.command
                     )
                     reaper().watch(proc.pid)
                     return proc
                 except WarmUnavailable as exc:
-                    log.warning("%s; starting agents by exec from now on", exc)
-                    warm, self._warm = self._warm, None
-                    await warm.stop()
-                    if self.log_dir is None:
-                        out = asyncio.subprocess.DEVNULL
+                    if self._warm is host:  # the first spawn to learn it: say it once
+                        log.warning("%s; starting agents by exec from now on", exc)
+                        self._warm = None
+                        await host.stop()
             proc = await asyncio.create_subprocess_exec(
                 *self.command,
                 env=env,
