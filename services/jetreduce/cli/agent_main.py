@@ -1,7 +1,13 @@
 """Entry point of an agent process (``jetreduce worker``, or ``python -m
-jetreduce.cli.agent_main`` as the local backend starts it: without the CLI's imports, which
+jetreduce.cli.agent_main`` as the local backend execs it: without the CLI's imports, which
 cost a third of a second at every agent start): everything comes from environment variables,
-as a pod's would."""
+as a pod's would.
+
+:func:`main` is also what a warm agent runs (``cli/agent_host.py``): called in a child
+forked from a host that has imported this module, after the child has been given the
+environment, working directory and stdio an exec would have given it. So it must build
+every piece of process state itself (logging, telemetry, its event loop and connection),
+and this module must do nothing at import beyond importing."""
 
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ still coming up, and failing it would spend its Job's retries on that."""
 
 
 def main() -> int:
+    """Run one agent; returns its exit code (the caller exits with it)."""
     configure()
     os.environ.setdefault(CONNECT_TIMEOUT_ENV, str(AGENT_CONNECT_TIMEOUT_S))
     settings = NatsSettings.from_env()

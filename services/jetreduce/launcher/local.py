@@ -1,5 +1,10 @@
-"""Local backend: agents are child processes (``python -m jetreduce.cli.agent_main``, what
-``jetreduce worker`` runs, without loading the whole CLI).
+"""Local backend: agents are child processes, forked by a warm agent host that has imported
+the agent already (``launcher/warm.py``, ``cli/agent_host.py``: milliseconds per agent), or
+started by exec as ``python -m jetreduce.cli.agent_main`` (what ``jetreduce worker`` runs,
+without loading the whole CLI) where the host cannot be had: elsewhere than Linux, with
+``JETREDUCE_WARM_AGENTS=0``, with a custom ``command``, or once a host failed to start. Both
+give an agent the same environment, working directory, session, log file and exit codes, so
+the supervision below does not know which it got.
 
 An agent that exits 0 has finished its phase. One that was killed from outside (SIGKILL,
 SIGTERM, SIGINT, SIGHUP, or 143 after handing its items back on SIGTERM: OOM killer,
@@ -30,9 +35,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from jetreduce.contract.records import StoredSpec
 from jetreduce.launcher.backend import ExitCallback, StatusCallback
+from jetreduce.launcher.warm import NOT_INHERITED, WarmHost, WarmUnavailable, warm_supported
 from jetreduce.runtime.orphans import die_with_parent, kill_session, reaper
 from jetreduce.runtime.settings import NatsSettings
 
@@ -62,14 +69,20 @@ finite, so an agent that is OOM-killed at every start (a reduce that cannot fit)
 
 AGENT_COMMAND = (sys.executable, "-m", "jetreduce.cli.agent_main")
 
-_NOT_INHERITED = (
-    "JETREDUCE_NATS_",
-    "JETREDUCE_PREFIX",
-    "JETREDUCE_WORKFLOW_ID",
-    "JETREDUCE_PHASE",
-    "JETREDUCE_AGENT_INDEX",
-    "JETREDUCE_SLOTS",
-)
+AGENT_ENTRY = "jetreduce.cli.agent_main:main"
+"""What a warm child calls: the same entry point as ``AGENT_COMMAND``."""
+
+
+class AgentProcess(Protocol):
+    """What supervision uses of an agent: an asyncio subprocess or a :class:`WarmProcess`."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
 
 
 @dataclass
@@ -84,7 +97,7 @@ class AgentSpec:
 @dataclass(eq=False)  # by identity: held in a set while stopping
 class _Running:
     spec: AgentSpec
-    proc: asyncio.subprocess.Process | None = None
+    proc: AgentProcess | None = None
     restarts: int = 0
     quick_kills: int = 0
     task: asyncio.Task[None] | None = None
@@ -105,7 +118,12 @@ class LocalBackend:
         max_restarts: int = 10,
         on_exit: ExitCallback | None = None,
         command: tuple[str, ...] = AGENT_COMMAND,
+        warm: bool | None = None,
+        entry: str = AGENT_ENTRY,
     ) -> None:
+        """``warm``: fork agents from a warm host (None: unless ``JETREDUCE_WARM_AGENTS=0``);
+        never with a custom ``command``, which only exec runs. ``entry``: what a warm child
+        calls (tests give a probe)."""
         self.settings = settings
         self.log_dir = log_dir
         self.max_processes = max_processes or max(2, os.cpu_count() or 2)
@@ -119,6 +137,12 @@ class LocalBackend:
         """Unused: a new leader's local agents are its own."""
         self.on_released: Callable[[str, str], Awaitable[None]] | None = None
         self.command = command
+        self.entry = entry
+        use_warm = warm_supported() if warm is None else warm and warm_supported()
+        self._warm: WarmHost | None = None
+        if use_warm and command == AGENT_COMMAND:
+            host_log = log_dir / "agent-host.log" if log_dir is not None else None
+            self._warm = WarmHost(log_file=host_log)
         self._agents: dict[tuple[str, str], list[_Running]] = {}
         self._stopping: set[_Running] = set()
         """Runs taken out of ``_agents`` by a :meth:`stop` still under way: one cancelled
@@ -155,7 +179,11 @@ class LocalBackend:
         )
 
     async def sync(self) -> None:
-        """Nothing to look at: local agents die with the launcher that started them."""
+        """Nothing to look at: local agents die with the launcher that started them. The
+        warm host is started now if it is not running, so that the first agent need not
+        wait for its imports."""
+        if self._warm is not None:
+            self._warm.prestart()
 
     async def launch(self, wf: str, phase: str, slots: list[int], spec: StoredSpec) -> int:
         """Start the phase's agents unless they are already running. Returns how many."""
@@ -168,11 +196,11 @@ class LocalBackend:
             run.task = asyncio.create_task(self._supervise(run), name=f"agent {wf}/{phase}")
         return len(runs)
 
-    async def _spawn(self, run: _Running) -> asyncio.subprocess.Process:
+    async def _spawn(self, run: _Running) -> AgentProcess:
         spec = run.spec
         # The launcher's environment passes through (agent settings such as
         # JETREDUCE_GRACE_S included), except its own connection and identity variables.
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_INHERITED)}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(NOT_INHERITED)}
         env.update(self.settings.to_env())
         env.update(
             JETREDUCE_WORKFLOW_ID=spec.workflow_id,
@@ -188,11 +216,27 @@ class LocalBackend:
             directory.mkdir(parents=True, exist_ok=True)
             handle = open(directory / f"{spec.phase}-{spec.index}.log", "ab")  # noqa: SIM115
             out = handle.fileno()
+        host = self._warm
+        if host is not None and handle is None:
+            handle = open(os.devnull, "ab")  # noqa: SIM115
+        cwd = spec.workdir if os.path.isdir(spec.workdir) else None
         try:
+            if host is not None and handle is not None:
+                try:
+                    proc: AgentProcess = await host.spawn(
+                        env, cwd or os.getcwd(), handle.fileno(), self.entry, self.command
+                    )
+                    reaper().watch(proc.pid)
+                    return proc
+                except WarmUnavailable as exc:
+                    if self._warm is host:  # the first spawn to learn it: say it once
+                        log.warning("%s; starting agents by exec from now on", exc)
+                        self._warm = None
+                        await host.stop()
             proc = await asyncio.create_subprocess_exec(
                 *self.command,
                 env=env,
-                cwd=spec.workdir if os.path.isdir(spec.workdir) else None,
+                cwd=cwd,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
@@ -283,7 +327,11 @@ class LocalBackend:
         runs = [r for rs in self._agents.values() for r in rs] + list(self._stopping)
         self._agents.clear()
         self._stopping.clear()
-        await self._terminate(runs, grace_s)
+        try:
+            await self._terminate(runs, grace_s)
+        finally:
+            if self._warm is not None:
+                await self._warm.stop()  # a later launch starts a new one
 
     async def _terminate(self, runs: list[_Running], grace_s: float) -> None:
         for run in runs:
@@ -308,7 +356,7 @@ def _always() -> bool:
     return True
 
 
-def _signal_group(proc: asyncio.subprocess.Process | None, sig: int) -> None:
+def _signal_group(proc: AgentProcess | None, sig: int) -> None:
     """Signal the agent and everything it started (its own session / process group)."""
     if proc is None or proc.returncode is not None:
         return
