@@ -97,7 +97,12 @@ def _idle_cpu_per_agent(run: Run, processes: int) -> dict[str, Any]:
         f"[ -e {release} ] && break; sleep 0.2; done; fi"
     )
     text = shell_workflow(processes, processes, hold)
-    with nats_server() as server, services_process(server.url, max_processes=processes) as svc:
+    # Idle agents must stay idle, not leave: draining (worker/elastic.py) is turned off.
+    no_drain = {"JETREDUCE_DRAIN_IDLE_S": "0"}
+    with (
+        nats_server() as server,
+        services_process(server.url, max_processes=processes, extra_env=no_drain) as svc,
+    ):
 
         def tree() -> float:
             return tree_cpu_seconds(svc.pid) - cpu_seconds(svc.pid)[0]
