@@ -259,9 +259,12 @@ class LocalBackend:
             try:
                 code = await run.proc.wait()
             finally:
-                # Steps an agent left behind (it was killed mid-item) die with it.
+                # Steps an agent left behind (it was killed mid-item) die with it. The scan
+                # reads every /proc entry (~10 ms with hundreds of processes): in a thread,
+                # or 200 agents leaving at map.complete held the launcher's loop for seconds
+                # (the reduce's launch waited behind them). A cancel does not stop the thread.
                 if run.proc.returncode is not None:
-                    kill_session(run.proc.pid, leader=False)
+                    await asyncio.to_thread(kill_session, run.proc.pid, leader=False)
                     reaper().forget(run.proc.pid)
             if code == 0:
                 run.ended = True  # its slots are no longer held
