@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 
 from jetreduce.cli import exit_codes
 from jetreduce.cli.logs import configure
@@ -35,6 +36,7 @@ def main() -> int:
     settings = NatsSettings.from_env()
     config = AgentConfig.from_env()
     telemetry.configure(f"jetreduce-agent-{config.phase}")
+    _watch_steps_by_pidfd()
     try:
         return asyncio.run(run_agent(settings, config))
     except ConnectFailed as exc:
@@ -42,6 +44,21 @@ def main() -> int:
         return exit_codes.UNREACHABLE
     finally:
         telemetry.shutdown()  # flush the last spans before the process ends
+
+
+def _watch_steps_by_pidfd() -> None:
+    """Wait for step processes through pidfds, not a thread per child. On Python 3.11 asyncio
+    starts a thread for every subprocess to block in ``waitpid``: in the shell and efficiency
+    load tests that thread's start and wait were ~40 % of the agents' samples, more than the
+    fork and exec of the step. 3.12 and later use pidfds by themselves (and deprecate
+    choosing the watcher), so only 3.11 on a kernel with ``pidfd_open`` changes here."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:  # the kernel has no pidfds (before Linux 5.3): keep the default
+        return
+    asyncio.get_event_loop_policy().set_child_watcher(asyncio.PidfdChildWatcher())
 
 
 if __name__ == "__main__":
