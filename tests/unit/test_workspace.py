@@ -74,6 +74,25 @@ async def test_items_starting_together_get_distinct_copies_reused_afterwards(
     assert not Path(first.path).exists() and not Path(second.path).exists()
 
 
+async def test_a_data_directory_under_another_name_is_not_copied(tmp_path: Path) -> None:
+    """``jetreduce run --data-dir state`` inside the workflow directory: the live store is
+    no item's input (copying it made each run slower than the last); a directory that
+    merely has a ``jetstream`` folder, without the server's lock, is data and is copied."""
+    work = tmp_path / "work"
+    (work / "state" / "jetstream").mkdir(parents=True)
+    (work / "state" / "lock").write_text("{}")
+    (work / "data" / "jetstream").mkdir(parents=True)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    spaces = Workspaces(str(work), "wf", mode="agent", scratch=scratch)
+    ws = await spaces.acquire(0)
+    try:
+        assert not Path(ws.path, "state").exists()
+        assert Path(ws.path, "data", "jetstream").is_dir()
+    finally:
+        await spaces.close()
+
+
 async def test_item_worktrees_need_a_repository(tmp_path: Path) -> None:
     spaces = Workspaces(str(tmp_path), "wf", mode="item", scratch=tmp_path / "s")
     with pytest.raises(workspace_module.WorkspaceError, match="git repository"):

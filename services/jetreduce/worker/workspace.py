@@ -16,12 +16,12 @@ Setup and reduce always run in the workflow directory. Map items run in:
       reset to where the item started (``checkout -f -B`` + ``clean -fd``), so no failed work
       reaches a later item's merge. A worktree holds committed files only, as Prodigy's do
       (a workflow directory that is not committed at all gets a copy instead).
-    * Elsewhere it is a **copy** of the workflow directory (``.git`` and the ``.jetreduce``
-      data directory left out): relative paths keep working, and what an item writes stays
-      in its agent's copy, as in a Kubernetes pod. Results travel through item outputs
-      (``${map.results}``), as in Prodigy. A directory over :data:`COPY_LIMIT_BYTES` or
-      :data:`COPY_LIMIT_FILES` is not copied: the agent warns and runs in the workflow
-      directory (``--workspace shared`` says so explicitly).
+    * Elsewhere it is a **copy** of the workflow directory (``.git`` and the embedded
+      server's data directory, ``.jetreduce`` or another, left out): relative paths keep
+      working, and what an item writes stays in its agent's copy, as in a Kubernetes pod.
+      Results travel through item outputs (``${map.results}``), as in Prodigy. A directory
+      over :data:`COPY_LIMIT_BYTES` or :data:`COPY_LIMIT_FILES` is not copied: the agent
+      warns and runs in the workflow directory (``--workspace shared`` says so explicitly).
 
 ``item`` (``--worktrees``)
     each item gets a fresh ``git worktree add -B jetreduce-<wf>-item_<i>`` off the workflow
@@ -83,6 +83,15 @@ COPY_LIMIT_BYTES: Final = 64 * 1024 * 1024
 a virtualenv or a build tree copied per slot would cost more than the items."""
 COPY_LIMIT_FILES: Final = 10_000
 NOT_COPIED: Final = frozenset({".git", ".jetreduce"})
+
+
+def _is_data_dir(path: str) -> bool:
+    """An embedded server's data directory under another name (``jetreduce run --data-dir
+    state``), recognised by its store and lock: a live JetStream store copied into every
+    agent's workspace made each run slower than the last, and is no input of any item."""
+    return os.path.isdir(os.path.join(path, "jetstream")) and os.path.isfile(
+        os.path.join(path, "lock")
+    )
 """Top-level entries an agent's copy leaves out: the repository (a copy's commits would be
 lost silently) and the embedded server's default data directory."""
 FALLBACK_IDENTITY: Final = {
@@ -290,7 +299,7 @@ class Workspaces:
         """Entries of ``directory`` an agent's copy leaves out (copytree's ``ignore``)."""
         if os.path.realpath(directory) != os.path.realpath(self.workdir):
             return set()
-        skip = {n for n in names if n in NOT_COPIED}
+        skip = {n for n in names if n in NOT_COPIED or _is_data_dir(os.path.join(directory, n))}
         scratch = os.path.relpath(os.path.realpath(self.scratch), os.path.realpath(self.workdir))
         if not scratch.startswith(".."):  # the copies live inside the workflow directory
             skip.add(scratch.split(os.sep)[0])
