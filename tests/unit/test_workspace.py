@@ -79,8 +79,11 @@ async def test_a_data_directory_under_another_name_is_not_copied(tmp_path: Path)
     no item's input (copying it made each run slower than the last); a directory that
     merely has a ``jetstream`` folder, without the server's lock, is data and is copied."""
     work = tmp_path / "work"
-    (work / "state" / "jetstream").mkdir(parents=True)
+    (work / "state" / "jetstream").mkdir(parents=True)  # `jetreduce server --data-dir`
     (work / "state" / "lock").write_text("{}")
+    (work / "run" / "nats" / "jetstream").mkdir(parents=True)  # `jetreduce run --data-dir`
+    (work / "run" / "nats" / "lock").write_text("{}")
+    (work / "run" / "logs").mkdir()
     (work / "data" / "jetstream").mkdir(parents=True)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -88,6 +91,7 @@ async def test_a_data_directory_under_another_name_is_not_copied(tmp_path: Path)
     ws = await spaces.acquire(0)
     try:
         assert not Path(ws.path, "state").exists()
+        assert not Path(ws.path, "run").exists()
         assert Path(ws.path, "data", "jetstream").is_dir()
     finally:
         await spaces.close()

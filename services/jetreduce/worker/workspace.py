@@ -89,9 +89,12 @@ def _is_data_dir(path: str) -> bool:
     """An embedded server's data directory under another name (``jetreduce run --data-dir
     state``), recognised by its store and lock: a live JetStream store copied into every
     agent's workspace made each run slower than the last, and is no input of any item."""
-    return os.path.isdir(os.path.join(path, "jetstream")) and os.path.isfile(
-        os.path.join(path, "lock")
-    )
+    for store in (path, os.path.join(path, "nats")):  # `jetreduce server` / `jetreduce run`
+        if os.path.isdir(os.path.join(store, "jetstream")) and os.path.isfile(
+            os.path.join(store, "lock")
+        ):
+            return True
+    return False
 """Top-level entries an agent's copy leaves out: the repository (a copy's commits would be
 lost silently) and the embedded server's default data directory."""
 FALLBACK_IDENTITY: Final = {
