@@ -83,6 +83,14 @@ COPY_LIMIT_BYTES: Final = 64 * 1024 * 1024
 a virtualenv or a build tree copied per slot would cost more than the items."""
 COPY_LIMIT_FILES: Final = 10_000
 NOT_COPIED: Final = frozenset({".git", ".jetreduce"})
+"""Top-level entries an agent's copy leaves out: the repository (a copy's commits would be
+lost silently) and the embedded server's default data directory."""
+FALLBACK_IDENTITY: Final = {
+    "GIT_AUTHOR_NAME": "jetreduce",
+    "GIT_AUTHOR_EMAIL": "jetreduce@localhost",
+    "GIT_COMMITTER_NAME": "jetreduce",
+    "GIT_COMMITTER_EMAIL": "jetreduce@localhost",
+}
 
 
 def _is_data_dir(path: str) -> bool:
@@ -95,14 +103,6 @@ def _is_data_dir(path: str) -> bool:
         ):
             return True
     return False
-"""Top-level entries an agent's copy leaves out: the repository (a copy's commits would be
-lost silently) and the embedded server's default data directory."""
-FALLBACK_IDENTITY: Final = {
-    "GIT_AUTHOR_NAME": "jetreduce",
-    "GIT_AUTHOR_EMAIL": "jetreduce@localhost",
-    "GIT_COMMITTER_NAME": "jetreduce",
-    "GIT_COMMITTER_EMAIL": "jetreduce@localhost",
-}
 
 
 class WorkspaceError(PermanentError):
