@@ -207,8 +207,10 @@ async def test_a_phase_stop_returns_once_its_pods_no_longer_run(
         await asyncio.to_thread(core.create_namespaced_pod, namespace, pod, _preload_content=False)
         stopping = asyncio.create_task(backend.stop("wf-g", "map"))
         await wait_for(lambda: job not in _jobs(emulator, namespace), 10)
+        # The backend learns of the deletion from the API's answer, just after the emulator
+        # has made it: wait for that, not only for the emulator.
+        await wait_for(lambda: not backend.running("wf-g", "map"), 10)
         assert not stopping.done()
-        assert not backend.running("wf-g", "map")
 
         await asyncio.to_thread(
             core.patch_namespaced_pod_status,

@@ -295,7 +295,12 @@ async def test_workflow_completes_after_its_map_job_failed_and_was_relaunched(
     first = kubelet.finished[job_name(wf, "map")]
     assert first.failed_indexes  # it failed as a whole: some indexes used up their backoff
     map_exits = [e for e in exited if e.phase == "map"]
-    assert map_exits and all(e.restarted and e.remaining == 3 for e in map_exits), map_exits
+    # Which failures are reported as restarted depends on what each 0.2 s poll saw of
+    # pods that crash at once (an index may use up its backoff between two polls); what
+    # must hold is that none of them gave the phase up while a relaunch was due: the final
+    # exit (not restarted, none remaining) fails the workflow.
+    assert map_exits and any(e.restarted for e in map_exits), map_exits
+    assert not any(not e.restarted and e.remaining == 0 for e in map_exits), map_exits
     assert {e.exit_code for e in map_exits} == {3}
 
 
