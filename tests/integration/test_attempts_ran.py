@@ -11,7 +11,7 @@ from jetreduce.contract import events as ev
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.topology import declare
 from jetreduce.runtime.service import ServiceContext
-from jetreduce.worker.recording import attempts_ran
+from jetreduce.worker.recording import attempts_ran, dead_stands
 
 pytestmark = pytest.mark.anyio
 
@@ -53,5 +53,45 @@ async def test_attempts_ran_are_the_failures_stored_never_more_than_the_deliveri
             )
             await js.publish(s.item_failed(wf, 5), ev.encode(again))
         assert await attempts_ran(ctx, wf, 5, deliveries=2) == 2
+    finally:
+        await nc.close()
+
+
+async def test_a_dead_result_stands_whoever_stored_it(nats_url: str, prefix: str) -> None:
+    """An agent killed between recording an item dead and adding its DLQ entry leaves the
+    entry to the next delivery, which finds the dead result stored (its own publish is
+    refused) and adds the entry all the same (worker/recording.py ``_bury``)."""
+    nc = await nats.connect(nats_url)
+    try:
+        s = Subjects(prefix)
+        js = nc.jetstream()
+        await declare(js, s)
+        ctx = ServiceContext(nc=nc, js=js, subjects=s)
+        wf = "wf-dead-stands"
+        dead = ev.ItemDead(
+            workflow_id=wf,
+            index=3,
+            item_id="item_3",
+            error="exit 9",
+            exit_code=9,
+            stderr_tail="",
+            attempts=2,
+            agent="a/1",
+        )
+        done = ev.ItemDone(
+            workflow_id=wf,
+            index=4,
+            item_id="item_4",
+            output="",
+            exit_code=0,
+            duration_s=0.1,
+            attempts=1,
+            agent="a/1",
+        )
+        await js.publish(s.item_dead(wf, 3), ev.encode(dead))
+        await js.publish(s.item_done(wf, 4), ev.encode(done))
+        assert await dead_stands(ctx, wf, 3)
+        assert not await dead_stands(ctx, wf, 4)  # done: never dead-lettered
+        assert not await dead_stands(ctx, wf, 5)  # nothing stored
     finally:
         await nc.close()
