@@ -46,15 +46,29 @@ map:
 
 
 class SlowMapStop(LocalBackend):
-    """Stopping a map phase waits for :attr:`gate` first (its agents stay as they are)."""
+    """Stopping a map phase waits for :attr:`gate` first, and until the gate opens a map
+    phase's agents count as holding their slots (``held``): agents slow to go. Real agents
+    leave by themselves at ``map.complete``, and a fast exit would free the slots before
+    the stop began (fresh clone 20 saw the waiting workflow admitted so, rightly)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gate = asyncio.Event()
+        self.map_slots: dict[str, int] = {}
         self.map_stops: list[str] = []
         """Workflows whose map stop was asked for."""
         self.map_stopped: list[str] = []
         """Workflows whose map stop returned."""
+
+    async def launch(self, wf: str, phase: str, slots: list[int], spec: Any) -> int:
+        if phase == "map":
+            self.map_slots[wf] = sum(slots)
+        return await super().launch(wf, phase, slots, spec)
+
+    def held(self, wf: str, phase: str) -> int | None:
+        if phase == "map" and wf in self.map_slots and not self.gate.is_set():
+            return self.map_slots[wf]
+        return super().held(wf, phase)
 
     async def stop(self, wf: str, phase: str | None = None, grace_s: float = 10.0) -> None:
         if phase == "map":

@@ -114,6 +114,9 @@ class Stops:
         self.after = after
         self.retry_s = retry_s
         self._tasks: dict[asyncio.Task[None], tuple[str, str | None, int]] = {}
+        self._after: set[asyncio.Task[None]] = set()
+        """Stops that returned and now run ``after`` (no longer counted as stopping, still
+        tracked: :meth:`cancel` must end them too, or they outlive the term)."""
 
     def start(self, wf: str, phase: str | None, map_slots: int) -> None:
         """Stop ``wf``'s agents of ``phase`` (None: all) in the background, counting
@@ -135,13 +138,13 @@ class Stops:
 
     async def wait(self, timeout_s: float) -> None:
         """Wait (at most ``timeout_s``) for the stops under way."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+        if self._tasks or self._after:
+            await asyncio.wait([*self._tasks, *self._after], timeout=timeout_s)
 
     async def cancel(self) -> None:
         """End every stop under way (a term ends): the backend's ``stop_all`` that follows
         stops whatever they had not (local agents mid-stop are kept for it)."""
-        tasks = list(self._tasks)
+        tasks = [*self._tasks, *self._after]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -164,6 +167,12 @@ class Stops:
                 log.warning("workflow %s: stopping %s failed (%s); retrying", wf, what, exc)
                 await asyncio.sleep(self.retry_s * 2**attempt)
         me = asyncio.current_task()
-        if me is not None:
-            self._tasks.pop(me, None)  # its slots are free from now on
-        await self.after(wf, phase)
+        if me is None:
+            await self.after(wf, phase)
+            return
+        self._tasks.pop(me, None)  # its slots are free from now on
+        self._after.add(me)
+        try:
+            await self.after(wf, phase)
+        finally:
+            self._after.discard(me)
