@@ -11,12 +11,37 @@ import time
 from pathlib import Path
 
 from loadtest import ceilings
-from loadtest.common import Run, bound, follow_workflow, shell_workflow
+from loadtest.common import Followed, Run, bound, follow_workflow, shell_workflow
 from loadtest.dispatching import DISPATCH_PARALLEL, dispatch_once
 from loadtest.infra import nats_server, profiled, redis_server, services_process
 from loadtest.report import Result, rounded
 
 __all__ = ["efficiency", "peer", "shell"]
+
+
+def _shell_items(
+    run: Run, name: str, n: int, parallel: int, command: str, per_s: float
+) -> tuple[Followed, list[tuple[float, float]], float]:
+    """``n`` items running ``command`` on ``parallel`` slots, on a fresh server and services
+    process (profiled as ``name``): the followed workflow, each item's (start, end) on the
+    agents' clock, and the map wall (first start → last end)."""
+    with (
+        nats_server() as server,
+        services_process(server.url) as svc,
+        profiled(svc.pid, run.profile(name)),
+    ):
+        f = asyncio.run(
+            follow_workflow(
+                server.url,
+                shell_workflow(n, parallel, command),
+                timeout_s=bound(n, per_s),
+                items=True,
+                workdir=str(run.workdir),
+                max_parallel=parallel,
+            )
+        )
+    spans = f.rec.item_spans()
+    return f, spans, max(e for _, e in spans) - min(s for s, _ in spans)
 
 
 # -- 5. efficiency -------------------------------------------------------------------------------
@@ -27,24 +52,8 @@ def efficiency(run: Run) -> Result:
     n = run.size(1_000, 250)
     parallel, item_s = 50, 0.2
     start = time.monotonic()
-    with (
-        nats_server() as server,
-        services_process(server.url) as svc,
-        profiled(svc.pid, run.profile("efficiency")),
-    ):
-        f = asyncio.run(
-            follow_workflow(
-                server.url,
-                shell_workflow(n, parallel, "sleep 0.2"),
-                timeout_s=bound(n, 20),
-                items=True,
-                workdir=str(run.workdir),
-                max_parallel=parallel,
-            )
-        )
-    spans = f.rec.item_spans()
+    f, spans, wall = _shell_items(run, "efficiency", n, parallel, "sleep 0.2", 20)
     ideal = n * item_s / parallel
-    wall = max(e for _, e in spans) - min(s for s, _ in spans)
     overhead = wall / ideal - 1
     planned, complete = f.at("workflow.planned"), f.at("map.complete")
     per_item = statistics.fmean(e - s for s, e in spans)
@@ -85,23 +94,7 @@ def shell(run: Run) -> Result:
     n = run.size(5_000, 500)
     ceil = ceilings.measure(run.quick)
     start = time.monotonic()
-    with (
-        nats_server() as server,
-        services_process(server.url) as svc,
-        profiled(svc.pid, run.profile("shell")),
-    ):
-        f = asyncio.run(
-            follow_workflow(
-                server.url,
-                shell_workflow(n, SHELL_PARALLEL, "echo ${item}"),
-                timeout_s=bound(n, 100),
-                items=True,
-                workdir=str(run.workdir),
-                max_parallel=SHELL_PARALLEL,
-            )
-        )
-    spans = f.rec.item_spans()
-    wall = max(e for _, e in spans) - min(s for s, _ in spans)
+    f, spans, wall = _shell_items(run, "shell", n, SHELL_PARALLEL, "echo ${item}", 100)
     rate = len(spans) / wall
     ratio = rate / ceil.spawn_per_s
     e2e = f.since_submit(f.outcome) or 0.0
