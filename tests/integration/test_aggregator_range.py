@@ -10,7 +10,7 @@ import pytest
 
 from jetreduce.aggregator.service import Aggregator
 from jetreduce.contract import events as ev
-from jetreduce.contract.records import Phase
+from jetreduce.contract.records import Phase, counted_complete
 from jetreduce.runtime.publish import is_stored
 from jetreduce.runtime.state import StateStore
 from support import wait_for
@@ -72,6 +72,9 @@ async def test_a_result_beyond_the_total_does_not_complete_the_map(
             await wait_for(completed, 10)
             found = await complete()
             assert found is not None and (found.total, found.done, found.dead) == (3, 3, 0)
+            # Its count is in the record first, which vouches for the event (the launcher and
+            # the agents then need no count of their own: test_vouched_completion.py).
+            assert counted_complete(await state.get(wf), found)
 
 
 async def test_a_false_map_complete_does_not_end_a_map_without_reduce(

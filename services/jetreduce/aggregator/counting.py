@@ -358,7 +358,9 @@ def policy_verdict(policy: ErrorPolicy | None, terminal: int, dead: int) -> str 
 
 
 def _set_counts(record: WorkflowRecord, done: int, dead: int) -> WorkflowRecord | None:
-    if record.done == done and record.dead == dead:
+    """The exact count, vouching for the ``map.complete`` about to be stored
+    (``records.counted_complete``)."""
+    if record.done == done and record.dead == dead and record.map_counted:
         return None
-    record.done, record.dead = done, dead
+    record.done, record.dead, record.map_counted = done, dead, True
     return record

@@ -11,11 +11,18 @@ from enum import StrEnum
 
 import msgspec
 
-from jetreduce.contract.events import SubmitOptions
+from jetreduce.contract.events import MapComplete, SubmitOptions
 from jetreduce.contract.subjects import TERMINAL_EVENTS
 from jetreduce.contract.workflow.model import Workflow
 
-__all__ = ["Phase", "PhaseClaim", "StoredSpec", "WorkflowRecord", "needs_reduce"]
+__all__ = [
+    "Phase",
+    "PhaseClaim",
+    "StoredSpec",
+    "WorkflowRecord",
+    "counted_complete",
+    "needs_reduce",
+]
 
 
 class Phase(StrEnum):
@@ -55,6 +62,26 @@ class WorkflowRecord(msgspec.Struct, kw_only=True):
     reason: str = ""
     reduce_output: str = ""
     finished_ts: float | None = None
+    map_counted: bool = False
+    """The aggregator counted every item of the map terminal (``done`` and ``dead`` are that
+    count) and stores ``map.complete`` next; cleared when a DLQ retry reopens the map. See
+    :func:`counted_complete`."""
+
+
+def counted_complete(record: WorkflowRecord | None, complete: MapComplete) -> bool:
+    """Whether the record vouches for ``complete``: the aggregator wrote the same counts
+    into it, after its exact count, before storing the event. Anyone allowed to publish
+    events could store a false ``map.complete``, but only services write records, so one
+    that agrees with its record needs no second count of the results: that count is
+    O(items) on the server, and 200 agents and the launcher counting at once held every
+    JetStream API request for seconds before the reduce could start (issue 18). One that
+    does not agree is counted, as before."""
+    return (
+        record is not None
+        and record.map_counted
+        and (record.total, record.done, record.dead)
+        == (complete.total, complete.done, complete.dead)
+    )
 
 
 class StoredSpec(msgspec.Struct, kw_only=True):

@@ -11,6 +11,7 @@ import logging
 from nats.js.errors import NotFoundError
 
 from jetreduce.contract.events import MapComplete, decode_as
+from jetreduce.contract.records import WorkflowRecord, counted_complete
 from jetreduce.runtime.counts import count_items_in_range, count_subjects
 from jetreduce.runtime.service import ServiceContext
 
@@ -32,13 +33,17 @@ async def stored_map_complete(ctx: ServiceContext, wf: str) -> tuple[MapComplete
 
 
 async def map_is_complete(
-    ctx: ServiceContext, wf: str, total: int | None, complete: MapComplete, seq: int
+    ctx: ServiceContext, record: WorkflowRecord, complete: MapComplete, seq: int
 ) -> bool:
-    """Whether ``map.complete`` is true: its counts add up to the planned ``total`` and the
-    server holds exactly that many terminal items in ``0..total-1`` (one exact count, only
-    now; the item-by-item one only when there are more results than items). A false one is
-    removed from the stream, so that the aggregator's true one can be stored and the map
-    agents are admitted as before."""
+    """Whether ``map.complete`` is true: the workflow's record vouches for it (the
+    aggregator's count, ``counted_complete``: no request at all), or else its counts add up
+    to the planned total and the server holds exactly that many terminal items in
+    ``0..total-1`` (one exact count; the item-by-item one only when there are more results
+    than items). A false one is removed from the stream, so that the aggregator's true one
+    can be stored and the map agents are admitted as before."""
+    if counted_complete(record, complete):
+        return True
+    wf, total = record.workflow_id, record.total
     s = ctx.subjects
     terminal = await count_subjects(ctx.nc, s.results_stream, s.terminal_of(wf))
     if total is not None and terminal > total:

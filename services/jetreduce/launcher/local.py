@@ -40,7 +40,7 @@ from typing import Protocol
 from jetreduce.contract.records import StoredSpec
 from jetreduce.launcher.backend import ExitCallback, StatusCallback
 from jetreduce.launcher.warm import NOT_INHERITED, WarmHost, WarmUnavailable, warm_supported
-from jetreduce.runtime.orphans import die_with_parent, kill_session, reaper
+from jetreduce.runtime.orphans import SessionSweeper, die_with_parent, reaper
 from jetreduce.runtime.settings import NatsSettings
 
 __all__ = ["AgentSpec", "LocalBackend"]
@@ -144,6 +144,7 @@ class LocalBackend:
             host_log = log_dir / "agent-host.log" if log_dir is not None else None
             self._warm = WarmHost(log_file=host_log)
         self._agents: dict[tuple[str, str], list[_Running]] = {}
+        self._sweeper = SessionSweeper()
         self._stopping: set[_Running] = set()
         """Runs taken out of ``_agents`` by a :meth:`stop` still under way: one cancelled
         midway (its caller's term ended) leaves them here for :meth:`stop_all`."""
@@ -259,12 +260,10 @@ class LocalBackend:
             try:
                 code = await run.proc.wait()
             finally:
-                # Steps an agent left behind (it was killed mid-item) die with it. The scan
-                # reads every /proc entry (~10 ms with hundreds of processes): in a thread,
-                # or 200 agents leaving at map.complete held the launcher's loop for seconds
-                # (the reduce's launch waited behind them). A cancel does not stop the thread.
+                # Steps an agent left behind (it was killed mid-item) die with it: swept in
+                # passes over /proc shared by the agents that ended meanwhile (SessionSweeper).
                 if run.proc.returncode is not None:
-                    await asyncio.to_thread(kill_session, run.proc.pid, leader=False)
+                    await self._sweeper.sweep(run.proc.pid, leader=False)
                     reaper().forget(run.proc.pid)
             if code == 0:
                 run.ended = True  # its slots are no longer held

@@ -405,7 +405,7 @@ class Launcher:
         counted until they are) and start the reduce. From the event, or from the reconciler
         when the workflow still maps (the leader that pulled the event died before handling
         it). Idempotent: a second delivery starts no second stop or reduce."""
-        if not await map_is_complete(self.ctx, wf, record.total, complete, seq):
+        if not await map_is_complete(self.ctx, record, complete, seq):
             return
         self.leadership.check()
         self.stops.start(wf, "map", self._held(wf, self._planned(record)))

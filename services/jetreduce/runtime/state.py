@@ -180,7 +180,12 @@ class StateStore:
             if rec.phase == Phase.MAPPING:
                 return None
             return msgspec.structs.replace(
-                rec, phase=Phase.MAPPING, reason="", reduce_output="", finished_ts=None
+                rec,
+                phase=Phase.MAPPING,
+                reason="",
+                reduce_output="",
+                finished_ts=None,
+                map_counted=False,  # its old count vouches for no new map.complete
             )
 
         return await self.update(wf, change)

@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from jetreduce.contract.events import (
+    BadEvent,
+    MapComplete,
     ReduceRestarted,
     SetupRestarted,
+    decode_as,
     encode,
 )
-from jetreduce.contract.records import StoredSpec
+from jetreduce.contract.records import StoredSpec, counted_complete
 from jetreduce.contract.subjects import Subjects
 from jetreduce.contract.workflow.model import Step
 from jetreduce.lang.interpolate import Variables
@@ -241,6 +244,30 @@ class AgentBase:
             text = f"{label} exited with code {failed.exit_code}"
         return f"{text} ({result.reason})" if result.reason else text
 
+    async def _map_complete_holds(self, msg: Any) -> bool:
+        """Whether the ``map.complete`` in ``msg`` is true (anyone who may publish events can
+        send one): vouched for by the workflow's record (one read, ``counted_complete``),
+        else by the exact count of terminal items, O(items) on the server, so made only for
+        an event the record does not vouch for."""
+        try:
+            complete = decode_as(msg.data, MapComplete, subject=msg.subject)
+        except BadEvent as exc:
+            log.error("agent: unreadable map.complete ignored: %s", exc)
+            return False
+        try:
+            if counted_complete(await StateStore(self.ctx.js, self.s).get(self.wf), complete):
+                return True
+            terminal = await count_subjects(
+                self.ctx.nc, self.s.results_stream, self.s.terminal_of(self.wf)
+            )
+        except Exception as exc:
+            log.warning("agent: map.complete not checked (%r); going on", exc)
+            return False
+        if terminal < self.total:
+            log.error("agent: false map.complete ignored (%d terminal)", terminal)
+            return False
+        return True
+
     async def _watch_end(self, also_map_complete: bool) -> None:
         """Set ``stop`` when the workflow ends (or its map phase does)."""
 
@@ -249,20 +276,10 @@ class AgentBase:
             self.abort.set()
             self.stop.set()
 
-        async def on_map_complete(_msg: Any) -> None:
-            # Only a true one (anyone who may publish can send one): every item terminal.
-            try:
-                terminal = await count_subjects(
-                    self.ctx.nc, self.s.results_stream, self.s.terminal_of(self.wf)
-                )
-            except Exception as exc:
-                log.warning("agent: map.complete not checked (%r); going on", exc)
-                return
-            if terminal < self.total:
-                log.error("agent: false map.complete ignored (%d terminal)", terminal)
-                return
-            self.phase_over.set()
-            self.stop.set()
+        async def on_map_complete(msg: Any) -> None:
+            if await self._map_complete_holds(msg):
+                self.phase_over.set()
+                self.stop.set()
 
         subs = [
             await self.ctx.nc.subscribe(subject, cb=on_end)
