@@ -18,7 +18,12 @@ Figures:
 * ``map.complete`` → ``workflow.completed``: how long the reduce waited (for map agents to
   exit, among other things);
 * idle CPU per agent per second: all agents but one wait for work while one item is held
-  (until the harness releases it: however long the agents take to start).
+  (until the harness releases it: however long the agents take to start);
+* the one-slot ceiling (``loadtest/one_slot.py``): bare nats-py processes doing only what
+  exactly-once requires per item (pull one, store its result and await the PubAck, ack), as
+  many as the agents, on a fresh server. Its rate over the few-process rate is the best
+  ratio any one-process-per-slot Python agent reaches on this machine, so the rate verdict
+  says whether the target is within reach at all; its CPU per item is the agents' floor.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from jetreduce.contract.subjects import Subjects
 from loadtest.common import Recorder, Run, connect_harness, shell_workflow
 from loadtest.dispatching import dispatch_once
 from loadtest.infra import nats_server, services_process
+from loadtest.one_slot import one_slot_ceiling
 from loadtest.procs import agent_pids, cpu_seconds, tree_cpu_seconds
 from loadtest.report import Result
 
@@ -52,6 +58,8 @@ TAIL_TARGET_S = 1.0
 LEASED_TARGET = 0.10
 """Leased-but-not-running items at most this fraction of the slots."""
 IDLE_WINDOW_S = 8.0
+CEILING_ITEMS = 30_000
+"""Items of the one-slot ceiling (full run): enough for a steady rate."""
 
 
 def _processes(run: Run) -> int:
@@ -202,6 +210,7 @@ def agents1000(run: Run) -> Result:
     few_processes = _few(run, processes)
     few = dispatch_once(run, n, processes, max_processes=few_processes)
     idle = _idle_cpu_per_agent(run, processes)
+    bare = one_slot_ceiling(run.size(CEILING_ITEMS, 1_000), processes)
     one = _figures(one_each, processes)
     figures = {
         f"{processes}x1": one,
@@ -209,6 +218,8 @@ def agents1000(run: Run) -> Result:
     }
     rate, base = one_each["e2e_per_s"] or 0.0, few["e2e_per_s"] or 0.0
     ratio = round(rate / base, 3) if base else None
+    bare["ratio_to_few_processes"] = round(bare["per_s"] / base, 3) if base else None
+    bare["agents_fraction"] = round(rate / bare["per_s"], 3) if bare["per_s"] else None
     verdicts = _verdicts(one, ratio, processes)
     outcomes = [one_each["outcome"], few["outcome"], idle["outcome"]]
     completed = all(o.endswith("completed") for o in outcomes)
@@ -235,6 +246,7 @@ def agents1000(run: Run) -> Result:
             "verdicts": verdicts,
             "figures": figures,
             "idle": idle,
+            "one_slot_ceiling": bare,
             "one_each": one_each,
             "few": few,
         },
@@ -245,6 +257,7 @@ def agents1000(run: Run) -> Result:
         + ("-" if tail is None else f"{tail:.2f} s")
         + "; leased-not-running "
         + ("-" if leased is None else f"{leased:,.0f}")
-        + f" of {processes} slots",
+        + f" of {processes} slots; bare one-slot ceiling {bare['per_s']:,.0f} items/s "
+        f"({bare['ratio_to_few_processes']} of the few-process rate)",
         quick=run.quick,
     )

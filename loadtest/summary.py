@@ -204,6 +204,18 @@ def issue17_rows(results: Results, cores: int) -> list[Row]:
     ]
 
 
+def _one_slot_ceiling(bare: dict[str, Any] | None) -> str:
+    """The bare one-slot protocol's rate (loadtest/one_slot.py): the reachable ratio."""
+    if not bare or not bare.get("per_s"):
+        return "one-slot ceiling not measured"
+    return (
+        f"bare one-slot ceiling {bare['per_s']:,.0f} items/s = "
+        f"{bare.get('ratio_to_few_processes') or 0:.2f} of the few-process rate (the best "
+        f"ratio reachable here); agents reach {bare.get('agents_fraction') or 0:.2f} of it, "
+        f"CPU {bare.get('cpu_us_per_item', 0):,.0f} µs/item bare"
+    )
+
+
 def issue18_rows(results: Results) -> list[Row]:
     r = results.get("agents1000")
     if r is None or r.get("error"):
@@ -232,7 +244,7 @@ def issue18_rows(results: Results) -> list[Row]:
             f"({fig(r.get('ratio'), '{:.2f}')})",
             "≥ 0.5 of the few-process rate",
             verdict("rate_vs_few_processes", lambda x: at_least(x, 0.5)),
-            f"{p.get('items', 0):,} no-op items",
+            f"{p.get('items', 0):,} no-op items; " + _one_slot_ceiling(d.get("one_slot_ceiling")),
             src,
         ),
         (

@@ -82,3 +82,18 @@ def test_cluster_scenario_runs_r1_r3_and_fsync_on_a_three_node_cluster() -> None
     assert set(rates) == {"single_r1", "cluster_r1", "cluster_r3", "cluster_r3_sync_always"}
     assert all(rate > 0 for rate in rates.values()), rates
     assert result["details"]["cluster_r3"]["outcome"] == "workflow.completed"
+
+
+def test_agents1000_reports_issue_18_verdicts_and_the_one_slot_ceiling() -> None:
+    """Its own test (and process) so that it runs beside the others under xdist: 20 one-slot
+    agents beside 2 processes, idle agents, and bare one-slot workers (the ceiling)."""
+    (result,), tables = _quick_run("agents1000")
+    _ran_to_the_end(result)
+    bare = result["details"]["one_slot_ceiling"]
+    assert bare["processes"] == result["params"]["processes"] and bare["per_s"] > 0, bare
+    assert bare["ratio_to_few_processes"] > 0, bare
+    rows = [line for line in tables.splitlines() if line.startswith("| ")]
+    for figure in ("e2e, ", "map.complete → workflow.completed", "leased but not running"):
+        row = next(line for line in rows if line.startswith(f"| {figure}"))
+        assert "met" in row or "missed" in row, row
+    assert "bare one-slot ceiling" in next(line for line in rows if line.startswith("| e2e, "))
