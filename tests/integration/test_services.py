@@ -134,6 +134,37 @@ async def test_a_deeply_nested_workflow_object_is_rejected_not_crashed_on(
     assert any("nesting" in p.message for p in reply.problems), reply.problems
 
 
+async def test_a_workflow_is_planning_while_its_input_is_expanded(
+    nats_url: str, prefix: str
+) -> None:
+    """The record says ``planning`` between setup and mapping (expanding a million items
+    takes minutes, and ``status`` used to say ``setup`` all along): its revisions, in order."""
+    async with context(nats_url, prefix) as ctx, running(Planner(ctx)):
+        wf = "wf-planning"
+        reply = await submit(
+            ctx.nc, ctx.subjects, WORKFLOW, ev.SubmitOptions(), workflow_id=wf, source="t"
+        )
+        assert reply.accepted
+        state = StateStore(ctx.js, ctx.subjects)
+        assert await state.transition(wf, Phase.SETUP) is not None  # as the launcher does
+        store = await ctx.js.object_store(ctx.subjects.objects_bucket)
+        await store.put(f"input/{wf}", b"[1, 2, 3]")
+        setup = ev.SetupCompleted(workflow_id=wf, input_object=f"input/{wf}")
+        await ctx.js.publish(ctx.subjects.setup("completed", wf), ev.encode(setup))
+
+        async def mapping() -> bool:
+            rec = await state.get(wf)
+            return rec is not None and rec.phase == Phase.MAPPING
+
+        await wait_for(mapping, 10)
+        kv = await ctx.js.key_value(ctx.subjects.workflows_bucket)
+        phases = [
+            msgspec.json.decode(e.value or b"", type=WorkflowRecord).phase
+            for e in await kv.history(wf)
+        ]
+    assert phases == [Phase.ACCEPTED, Phase.SETUP, Phase.PLANNING, Phase.MAPPING], phases
+
+
 async def test_resubmit_and_replanning_enqueue_each_item_once(nats_url: str, prefix: str) -> None:
     async with context(nats_url, prefix) as ctx, running(Planner(ctx)):
         for _ in range(2):  # the same id twice: one record, one accepted event

@@ -316,6 +316,9 @@ class Planner:
             return
         if record.phase.terminal:
             return
+        # Shown as planning (`jetreduce status`, `watch`) while the input is read and
+        # expanded, which takes minutes for a million items; a redelivery re-plans.
+        await self.state.transition(wf, Phase.PLANNING)
         parent: dict[str, str] = dict(msg.headers or {})
         if "traceparent" not in parent and tracing_enabled():  # an untraced setup agent
             accepted = self.s.workflow("accepted", wf)
