@@ -7,14 +7,25 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["env_without_jetreduce", "git", "init_repo", "wait_for"]
+from jetreduce.contract.records import Phase, WorkflowRecord
+
+__all__ = ["env_without_jetreduce", "git", "init_repo", "mapping_record", "wait_for"]
 
 
 def env_without_jetreduce() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("JETREDUCE_")}
+
+
+def mapping_record(wf: str, total: int, name: str = "test", **fields: Any) -> WorkflowRecord:
+    """A workflow record as the planner leaves it: mapping ``total`` items, created now
+    (``fields`` override the rest: ``max_parallel``, ``created_ts``…)."""
+    now = time.time()
+    values: dict[str, Any] = {"created_ts": now, "updated_ts": now, **fields}
+    return WorkflowRecord(workflow_id=wf, name=name, phase=Phase.MAPPING, total=total, **values)
 
 
 async def wait_for(predicate: Any, timeout_s: float = 10.0, every_s: float = 0.05) -> Any:

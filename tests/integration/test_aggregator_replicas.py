@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 import msgspec
 import pytest
@@ -14,11 +13,11 @@ from nats.aio.msg import Msg
 
 from jetreduce.aggregator.service import Aggregator
 from jetreduce.contract import events as ev
-from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
+from jetreduce.contract.records import Phase, StoredSpec
 from jetreduce.lang import parse_workflow
 from jetreduce.runtime.service import EventConsumer
 from jetreduce.runtime.state import StateStore
-from support import wait_for
+from support import mapping_record, wait_for
 
 from .test_services import _consumer_acked_all, context, running
 
@@ -36,12 +35,7 @@ map:
 async def _mapping(state: StateStore, wf: str, total: int) -> None:
     spec = StoredSpec(workflow=parse_workflow(WORKFLOW).workflow, options=ev.SubmitOptions())
     await state.put_spec(wf, spec)
-    now = time.time()
-    record = WorkflowRecord(
-        workflow_id=wf, name="replicas", phase=Phase.MAPPING, created_ts=now, updated_ts=now
-    )
-    record.total = total
-    assert await state.create(record)
+    assert await state.create(mapping_record(wf, total, "replicas"))
 
 
 async def test_a_running_replica_counts_a_workflow_planned_while_another_had_the_event(

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from jetreduce.contract import events as ev
-from jetreduce.contract.records import Phase, StoredSpec, WorkflowRecord
+from jetreduce.contract.records import StoredSpec
 from jetreduce.lang import parse_workflow
 from jetreduce.launcher.local import LocalBackend
 from jetreduce.launcher.service import Launcher
@@ -22,7 +22,7 @@ from jetreduce.runtime.leadership import Leadership
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
-from support import wait_for
+from support import mapping_record, wait_for
 
 from .test_services import context
 
@@ -59,17 +59,7 @@ async def _mapping(ctx: ServiceContext) -> None:
     state = StateStore(ctx.js, ctx.subjects)
     spec = StoredSpec(workflow=parse_workflow(WORKFLOW).workflow, options=ev.SubmitOptions())
     await state.put_spec(WF, spec)
-    now = time.time()
-    record = WorkflowRecord(
-        workflow_id=WF,
-        name="step-down",
-        phase=Phase.MAPPING,
-        created_ts=now,
-        updated_ts=now,
-        total=4,
-        max_parallel=2,
-    )
-    assert await state.create(record)
+    assert await state.create(mapping_record(WF, 4, "step-down", max_parallel=2))
 
 
 def _launcher(ctx: ServiceContext, js: object, name: str) -> tuple[Launcher, LocalBackend]:

@@ -24,7 +24,7 @@ from jetreduce.runtime.connection import connect
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
-from support import wait_for
+from support import mapping_record, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -215,17 +215,7 @@ async def test_aggregator_completes_once_despite_duplicate_results(
         wf = "wf-agg"
         spec = StoredSpec(workflow=parse_workflow(WORKFLOW).workflow, options=ev.SubmitOptions())
         await state.put_spec(wf, spec)
-        now = time.time()
-        await state.create(
-            WorkflowRecord(
-                workflow_id=wf,
-                name="agg",
-                phase=Phase.MAPPING,
-                created_ts=now,
-                updated_ts=now,
-                total=3,
-            )
-        )
+        await state.create(mapping_record(wf, 3, "agg"))
 
         async def result(index: int) -> None:
             done = ev.ItemDone(

@@ -62,8 +62,9 @@ async def test_sessions_ending_together_are_swept_in_one_pass(
     sweeper = SessionSweeper()
     await asyncio.gather(*(sweeper.sweep(p.pid, leader=False) for p in sessions))
     assert sweeper.passes == 1
-    for proc in sessions:  # the children are gone; the leader (leader=False) is left
-        assert members(proc.pid) <= {proc.pid}
+    # The children die (a SIGKILL lands a moment after kill() returns); the leaders are
+    # left (leader=False): each is still there until its `wait` returns.
+    await wait_for(lambda: all(members(p.pid) <= {p.pid} for p in sessions), 10)
     # Its children killed, each leader's `wait` returns: it ends by itself.
     for proc in sessions:
         assert await asyncio.to_thread(proc.wait, 10) == 0
@@ -79,7 +80,7 @@ async def test_a_session_ending_during_a_pass_is_swept_by_the_next(
     later = [sweeper.sweep(p.pid) for p in sessions[1:]]
     await asyncio.gather(first, *later)
     assert sweeper.passes == 2
-    assert all(not members(p.pid) for p in sessions)  # leaders too (leader=True)
+    await wait_for(lambda: all(not members(p.pid) for p in sessions), 10)  # leaders too
 
 
 async def test_a_cancelled_caller_does_not_stop_its_pass(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 
 import msgspec
 import pytest
@@ -26,7 +25,7 @@ from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.state import StateStore
 from jetreduce.worker.agent import Agent
 from jetreduce.worker.context import AgentConfig
-from support import wait_for
+from support import mapping_record, wait_for
 
 from .test_services import context
 
@@ -44,18 +43,7 @@ reduce:
 
 
 def _record(wf: str, *, counted: bool, done: int = 3, dead: int = 0) -> WorkflowRecord:
-    now = time.time()
-    return WorkflowRecord(
-        workflow_id=wf,
-        name="vouched",
-        phase=Phase.MAPPING,
-        created_ts=now,
-        updated_ts=now,
-        total=3,
-        done=done,
-        dead=dead,
-        map_counted=counted,
-    )
+    return mapping_record(wf, 3, "vouched", done=done, dead=dead, map_counted=counted)
 
 
 COMPLETE = ev.MapComplete(workflow_id="wf", total=3, done=3, dead=0)
