@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from jetreduce.launcher.k8s_api import KubernetesBackendError, PermanentApiError
@@ -103,6 +103,10 @@ class JobPoller(JobRelauncher):
         jobs: list[tuple[str, str, str, int, dict[str, Any]]] = []
         current: dict[tuple[str, str], int] = {}
         """(workflow, phase) → the highest attempt listed: that phase's current Job."""
+        known = {name: seen for name, seen in self._seen.items() if seen.namespace == ns}
+        """What was known before the listing. The listing is a snapshot, older than any entry
+        added, replaced or dropped since (a launch, a stop, this poll's own relaunch, in the
+        awaits of this poll): those are not undone by it (see :meth:`_stale`)."""
         listed = await self.kube.call(
             self.kube.batch.list_namespaced_job, ns, label_selector=self._mine
         )
@@ -119,6 +123,8 @@ class JobPoller(JobRelauncher):
         """The namespace's Warning Events, listed once per poll if a Job is starting."""
         released: list[tuple[str, str]] = []
         for name, wf, phase, attempt, job in jobs:
+            if self._stale(name, known):
+                continue  # stopped, or stopped and launched again, since it was listed
             seen = self._seen.setdefault(name, JobSeen(wf, phase, attempt, namespace=ns))
             seen.namespace = ns
             status = job.get("status") or {}
@@ -198,11 +204,20 @@ class JobPoller(JobRelauncher):
             elif job_failed and not superseded:
                 await self._after_job_failed(seen, job, reason, relaunch, reported)
         present = {name for name, *_ in jobs}
-        for name in [n for n, seen in self._seen.items() if seen.namespace == ns]:
-            if name not in present:
+        for name in known:
+            if name not in present and not self._stale(name, known):
                 del self._seen[name]  # deleted (by us, the janitor, or its TTL)
         for wf, phase in dict.fromkeys(released):
             await self._released(wf, phase)
+
+    def _stale(self, name: str, known: Mapping[str, JobSeen]) -> bool:
+        """Whether a poll's listing is older than what it knows of Job ``name``: its entry
+        was there before the listing and has since been dropped (``stop``) or replaced (a
+        map reopened while its old Job was deleted: ``launch`` reuses the name). A Job
+        unknown before the listing (a launch or relaunch while it was taken) is not listed
+        as gone either (``known`` does not name it): the poll that created it keeps it. Each
+        such Job waits for the next poll, whose listing is newer."""
+        return name in known and self._seen.get(name) is not known[name]
 
     async def _released(self, wf: str, phase: str) -> None:
         """Tell the launcher that ``wf``'s ``phase`` holds fewer slots (it may admit)."""
