@@ -1,8 +1,10 @@
 """The real services (planner, launcher with ``KubernetesBackend``, aggregator, janitor) on the
-session nats-server, for the tests that run workflows through the process kubelet."""
+session nats-server, for the tests that run workflows through the process kubelet; and the
+pieces backend tests share (a spec to launch, a Job LIST held back)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +15,7 @@ from jetreduce.contract.events import SubmitOptions
 from jetreduce.contract.records import StoredSpec
 from jetreduce.lang.parse import parse_workflow
 from jetreduce.launcher.backend import AgentBackend
+from jetreduce.launcher.k8s_api import KubeApi
 from jetreduce.launcher.kubernetes import KubernetesBackend
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
@@ -63,3 +66,39 @@ def map_only_spec() -> StoredSpec:
         workflow=parse_workflow(MAP_ONLY, source="t.yml").workflow,
         options=SubmitOptions(backend="kubernetes"),
     )
+
+
+class GatedJobList(KubeApi):
+    """Once :attr:`armed`, the next Job LIST answers, sets :attr:`listed`, and returns only
+    when :attr:`gate` is set: a poll slow to go through its Jobs, made deterministic, so that
+    a test can launch or stop between a poll's listing and its end (:meth:`slow_poll`).
+    Install it as the backend's ``kube``."""
+
+    def __init__(self, kube: KubeApi) -> None:
+        super().__init__(kube.client, kube.request_timeout_s)
+        self.armed = False
+        self.listed = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        answer = await super().call(fn, *args, **kwargs)
+        if self.armed and fn == self.batch.list_namespaced_job:
+            self.armed = False
+            self.listed.set()
+            await self.gate.wait()
+        return answer
+
+    @contextlib.asynccontextmanager
+    async def slow_poll(self, backend: KubernetesBackend) -> AsyncIterator[None]:
+        """Within: a poll of ``backend`` has listed the Jobs and waits before going through
+        them. On leaving, the poll goes on, and is awaited."""
+        self.armed = True
+        self.listed.clear()
+        self.gate.clear()
+        poll = asyncio.create_task(backend.poll_once())
+        try:
+            await asyncio.wait_for(self.listed.wait(), 10)
+            yield
+        finally:
+            self.gate.set()
+            await asyncio.wait_for(poll, 10)

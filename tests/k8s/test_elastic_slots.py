@@ -8,6 +8,7 @@ test, as the Job controller would), a real nats-server for records and events; n
 * A drained index is not "the phase is over": when another index then fails for good, the
   Job is relaunched as before (only index 0, the agent kept for retries, succeeding decides).
 * The reduce Job is created while the map Job's deletion has not returned.
+* A map Job created while a poll is under way keeps its slots counted when that poll ends.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from harness import GatedJobList
 from kmock_plus import EmulatorThread
 from kubernetes import client as k8s
 
@@ -321,6 +323,26 @@ async def test_a_drained_pod_hands_its_slot_to_a_waiting_workflow(
         assert backend.held("busy", "map") == 1 and backend.running("busy", "map")
 
 
+async def test_a_map_launched_while_a_poll_lists_keeps_its_slots(
+    emulator: EmulatorThread, api_client: k8s.ApiClient, namespace: str, nats_url: str, prefix: str
+) -> None:
+    """Two slots. ``late``'s map Job (two slots) is created while a poll that listed the
+    Jobs before it is under way; once that poll is over, ``early`` (older, so first in line)
+    comes and waits: the two slots are still ``late``'s, not free for ``early`` beside it."""
+    backend = _backend(api_client, namespace, prefix)
+    backend.kube = kube = GatedJobList(backend.kube)
+    async with _launcher(nats_url, prefix, backend, max_slots=2) as (launcher, ctx):
+        await launcher.reconcile()  # the first poll: no Job yet
+        async with kube.slow_poll(backend):
+            await _mapping(ctx, "late", _spec(2), time.time())
+            await launcher.admit_maps("late")
+            assert _jobs(emulator, namespace) == {job_name("late", "map")}
+        await _mapping(ctx, "early", _spec(2), time.time() - 10)
+        await launcher.admit_maps("early")
+        assert _jobs(emulator, namespace) == {job_name("late", "map")}
+        assert backend.held("late", "map") == 2
+
+
 async def test_the_reduce_job_is_created_before_the_map_job_is_deleted(
     emulator: EmulatorThread,
     api_client: k8s.ApiClient,
@@ -399,8 +421,9 @@ async def test_a_map_reopened_while_its_job_is_deleted_gets_a_new_job_after(
         backend.gate.set()
         await wait_for(lambda: backend.map_stopped == 1, 10)
         await wait_for(lambda: len(_uids(emulator, namespace, map_job) - old) == 1, 10)
-        # A poll that listed the Jobs between the deletion and the new launch may report the
-        # name gone for a moment (fresh clone 21): the backend's view converges to running.
+        # The emulator lists the new Job a moment before its create returns to the launch,
+        # which then records it. (A poll that listed the Jobs between the deletion and the
+        # launch no longer forgets it: see test_poll_race.py.)
         await wait_for(lambda: backend.running("wf-o", "map"), 10)
 
 

@@ -4,8 +4,10 @@ The objects and their builders are in :mod:`jetreduce.launcher.k8s_manifests`, t
 in :mod:`jetreduce.launcher.k8s_api`, what Job and pod status say in
 :mod:`jetreduce.launcher.k8s_status`.
 
-The poller (Job status, pods that cannot start, relaunches) is in
-:mod:`jetreduce.launcher.k8s_poller`, which this backend extends.
+The poller (listing Jobs and pods, released slots) is in :mod:`jetreduce.launcher.k8s_poller`,
+which this backend extends; it extends in turn :mod:`jetreduce.launcher.k8s_relaunch` (a failed
+Job run again or given up) and :mod:`jetreduce.launcher.k8s_reports` (exits, pod and Job
+status reported to the launcher).
 """
 
 from __future__ import annotations
