@@ -5,6 +5,7 @@ README's subscription)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import shlex
 import time
 from pathlib import Path
@@ -112,6 +113,23 @@ def test_watch_after_submit_shows_the_workflow_from_its_first_event(
     assert lines[0] == "workflow accepted", lines
     assert "planned: 2 items, 2 in parallel" in lines, lines
     assert lines[-1].startswith("workflow early-1: completed"), lines
+    # Each map agent's usage, with its figures: which agent, slots, busy of held
+    # slot-seconds and their share, items, whether it drained.
+    usage = [USAGE.fullmatch(line) for line in lines if line.startswith("agent ")]
+    assert usage and all(usage), lines
+    figures = [m.groupdict() for m in usage if m]
+    assert all("/map-" in f["agent"] for f in figures), figures
+    assert sum(int(f["items"]) for f in figures) == 2, figures  # one attempt per item
+    busy = sum(float(f["busy"]) for f in figures)
+    assert busy >= 1.5, figures  # two items of "sleep 1"
+    assert all(float(f["busy"]) <= float(f["held"]) for f in figures), figures
+
+
+USAGE = re.compile(
+    r"agent (?P<agent>\S+) usage: (?P<slots>\d+) slot\(s\), busy (?P<busy>[\d.]+) of "
+    r"(?P<held>[\d.]+) slot-seconds held \((?P<share>\d+)%\), (?P<items>\d+) item\(s\), "
+    r"(drained early|not drained)"
+)
 
 
 # -- 13: what failures say ----------------------------------------------------------------------

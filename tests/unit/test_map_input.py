@@ -64,7 +64,7 @@ def test_a_name_no_path_can_hold_is_not_a_file() -> None:
 def test_run_and_submit_upload_the_file_of_their_profile(tmp_path: Path) -> None:
     """``--backend kubernetes`` uploads the input the pods' setup agent will look for: the
     one the submission's ``--profile`` names (the shared options builder passes it on)."""
-    from jetreduce.cli.workflow_options import submit_options
+    from jetreduce.cli.workflow_options import SubmitArgs, submit_options
 
     (tmp_path / "paths.env").write_text("DATA=data\n")
     (tmp_path / "data").mkdir()
@@ -73,23 +73,8 @@ def test_run_and_submit_upload_the_file_of_their_profile(tmp_path: Path) -> None
     wf = parse_workflow(WORKFLOW).workflow
 
     def uploaded(profile: str | None) -> Path | None:
-        _, upload = submit_options(
-            wf,
-            {},
-            workdir=tmp_path,
-            max_parallel=None,
-            priority="normal",
-            max_attempts=None,
-            timeout=None,
-            args=["x"],
-            profile=profile,
-            worktrees=False,
-            workspace=None,
-            queue=None,
-            backend="kubernetes",
-            namespace=None,
-            image=None,
-        )
+        how = SubmitArgs(workdir=tmp_path, args=["x"], profile=profile, backend="kubernetes")
+        _, upload = submit_options(wf, {}, how)
         return upload
 
     assert uploaded("big") == tmp_path / "data" / "items-large-x.json"

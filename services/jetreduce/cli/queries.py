@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ import typer
 
 from jetreduce.cli import context, exit_codes, workflow_file
 from jetreduce.cli import workflow_options as opts
+from jetreduce.cli.option_group import expand_groups
 from jetreduce.cli.options import Nats
 from jetreduce.cli.outcome import show_outcome, terminal_code
 from jetreduce.cli.session import run_connected
@@ -31,6 +33,16 @@ from jetreduce.runtime.state import StateStore
 
 __all__ = ["cancel", "list_cmd", "status", "submit_cmd", "watch"]
 
+NeededBackend = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        envvar="JETREDUCE_BACKEND",
+        help="The backend the workflow needs: local or kubernetes. The installation's "
+        "launcher fails a workflow that asks for a backend it does not run.",
+    ),
+]
+
 
 async def _cancel(nc: Any, subjects: Subjects, wf: str, reason: str) -> None:
     js = nc.jetstream()
@@ -40,57 +52,31 @@ async def _cancel(nc: Any, subjects: Subjects, wf: str, reason: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class _ServicesSubmitArgs(opts.SubmitArgs):
+    """``submit``'s ``--backend`` says what the workflow asks of the installation (whose
+    launcher runs one backend), not where this command runs agents as ``run``'s does."""
+
+    backend: NeededBackend = "local"
+
+
+@expand_groups
 def submit_cmd(
     workflow: Annotated[Path, typer.Argument(help="Workflow YAML file.")],
     nats: Nats = None,
-    max_parallel: Annotated[int | None, typer.Option("--max-parallel", "-j", min=1)] = None,
-    priority: Annotated[str, typer.Option(help="high, normal or low.")] = "normal",
-    workdir: Annotated[Path | None, typer.Option(help="Where commands run.")] = None,
-    max_attempts: Annotated[int | None, typer.Option("--max-attempts", min=1)] = None,
-    timeout: opts.TimeoutOption = None,
+    *,
+    how: _ServicesSubmitArgs,
     workflow_id: Annotated[str | None, typer.Option("--id", help="Workflow id.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow it until it ends.")] = False,
-    args: opts.ArgsOption = None,
-    profile: opts.ProfileOption = None,
-    worktrees: opts.WorktreesOption = False,
-    workspace: opts.WorkspaceOption = None,
-    queue: opts.QueueOption = None,
-    backend: Annotated[
-        str,
-        typer.Option(
-            "--backend",
-            envvar="JETREDUCE_BACKEND",
-            help="The backend the workflow needs: local or kubernetes. The installation's "
-            "launcher fails a workflow that asks for a backend it does not run.",
-        ),
-    ] = "local",
-    namespace: opts.Namespace = None,
-    image: opts.Image = None,
 ) -> None:
     """Submit a workflow to running services; prints its id (stdout). The map input file,
     if it is one here, is uploaded too: agents elsewhere (pods) read it from there."""
-    opts.check_backend(backend, namespace, image)
+    how.check_backend()
     text, result, used = workflow_file.load(workflow)
-    opts.check_profile(result.workflow, profile)
-    opts.check_queue(queue)
+    opts.check_profile(result.workflow, how.profile)
+    opts.check_queue(how.queue)
     wf = workflow_file.workflow_id(result, workflow_id)
-    options, upload = opts.submit_options(
-        result.workflow,
-        used,
-        workdir=workdir,
-        max_parallel=max_parallel,
-        priority=priority,
-        max_attempts=max_attempts,
-        timeout=timeout,
-        args=args,
-        profile=profile,
-        worktrees=worktrees,
-        workspace=workspace,
-        queue=queue,
-        backend=backend,
-        namespace=namespace,
-        image=image,
-    )
+    options, upload = opts.submit_options(result.workflow, used, how)
 
     async def go(nc: Any, subjects: Subjects) -> int:
         watcher = Watcher(nc, subjects, wf)

@@ -15,28 +15,22 @@ from jetreduce.cli.context import fail
 from jetreduce.cli.dry_run import show_plan
 from jetreduce.cli.k8s_settings import kubernetes_settings
 from jetreduce.cli.local_run import DEFAULT_DATA_DIR, run_here
+from jetreduce.cli.option_group import expand_groups
 from jetreduce.cli.options import Nats
 from jetreduce.contract.events import SubmitOptions
 
 __all__ = ["resume_cmd", "run"]
 
 
+@expand_groups
 def run(
     workflow: Annotated[Path, typer.Argument(help="Workflow YAML file (Prodigy MapReduce).")],
-    max_parallel: Annotated[
-        int | None, typer.Option("--max-parallel", "-j", min=1, help="Override map.max_parallel.")
-    ] = None,
+    *,
+    how: opts.SubmitArgs,
     nats: Nats = None,
     data_dir: Annotated[
         Path, typer.Option("--data-dir", help="Embedded server's store and agent logs.")
     ] = Path(DEFAULT_DATA_DIR),
-    workdir: Annotated[
-        Path | None, typer.Option("--workdir", help="Where commands run (default: here).")
-    ] = None,
-    max_attempts: Annotated[
-        int | None, typer.Option("--max-attempts", min=1, help="Attempts per item.")
-    ] = None,
-    timeout: opts.TimeoutOption = None,
     workflow_id: Annotated[str | None, typer.Option("--id", help="Workflow id.")] = None,
     lease: Annotated[
         float | None,
@@ -55,65 +49,39 @@ def run(
         bool,
         typer.Option("--resume", help="With --id: continue that workflow if it exists."),
     ] = False,
-    args: opts.ArgsOption = None,
-    profile: opts.ProfileOption = None,
-    worktrees: opts.WorktreesOption = False,
-    workspace: opts.WorkspaceOption = None,
-    queue: opts.QueueOption = None,
-    priority: Annotated[str, typer.Option(help="high, normal or low.")] = "normal",
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print the plan (phases, items, parallelism); run no step."),
     ] = False,
-    backend: opts.Backend = "local",
-    namespace: opts.Namespace = None,
-    image: opts.Image = None,
 ) -> None:
     """Run a workflow here: embedded nats-server, the services in this process, agents as
     child processes (or, with --backend kubernetes, as Jobs in --namespace with --image; the
     map input file is uploaded, since pods do not see this disk). Prints the reduce output
     and a summary. Ctrl-C stops it and keeps the workflow resumable (it prints the resume
     command); `jetreduce cancel` ends a workflow for good."""
-    opts.check_backend(backend, namespace, image)
+    how.check_backend()
     if resume and workflow_id is None:
         raise fail("--resume needs --id ID (the workflow to continue)", exit_codes.USAGE)
     text, result, used = workflow_file.load(workflow)
-    opts.check_profile(result.workflow, profile)
+    opts.check_profile(result.workflow, how.profile)
     if dry_run:
-        where = (workdir or Path.cwd()).resolve()
+        where = (how.workdir or Path.cwd()).resolve()
         plan = show_plan(
             result.workflow,
             workflow,
             where,
-            max_parallel,
-            args or [],
-            opts.workspace_kind(workspace, worktrees),
-            profile,
+            how.max_parallel,
+            how.args or [],
+            how.workspace_kind,
+            how.profile,
         )
         raise typer.Exit(plan)
-    opts.check_queue(queue)
+    opts.check_queue(how.queue)
     wf = workflow_file.workflow_id(result, workflow_id)
-    options, upload = opts.submit_options(
-        result.workflow,
-        used,
-        workdir=workdir,
-        max_parallel=max_parallel,
-        priority=priority,
-        max_attempts=max_attempts,
-        timeout=timeout,
-        args=args,
-        profile=profile,
-        worktrees=worktrees,
-        workspace=workspace,
-        queue=queue,
-        backend=backend,
-        namespace=namespace,
-        image=image,
-        lease=lease,
-    )
+    options, upload = opts.submit_options(result.workflow, used, how, lease=lease)
     k8s = None
-    if backend == "kubernetes":
-        k8s = kubernetes_settings(namespace, image, [])
+    if how.backend == "kubernetes":
+        k8s = kubernetes_settings(how.namespace, how.image, [])
         if nats is None:
             typer.echo(
                 "note: agent pods reach the embedded nats-server on this host's loopback "
@@ -131,7 +99,7 @@ def run(
             data_dir,
             quiet,
             resume=resume,
-            backend=backend,
+            backend=how.backend,
             k8s=k8s,
             upload=upload,
         )

@@ -6,6 +6,7 @@ serving: tests replace it to see what a command would serve without connecting."
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -17,6 +18,7 @@ from jetreduce.cli.context import fail
 from jetreduce.cli.host import SERVICE_NAMES, ServiceHost
 from jetreduce.cli.k8s_settings import kubernetes_settings
 from jetreduce.cli.local_run import DEFAULT_DATA_DIR, busy_message
+from jetreduce.cli.option_group import expand_groups
 from jetreduce.cli.options import Nats
 from jetreduce.cli.roles import agent_settings
 from jetreduce.cli.signals import Signals, block_until_signalled
@@ -24,7 +26,9 @@ from jetreduce.launcher.k8s_settings import KubernetesSettings
 from jetreduce.runtime import telemetry
 from jetreduce.runtime.connection import ConnectFailed
 
-__all__ = ["host_services", "server", "service", "services_up", "worker"]
+__all__ = ["ServeArgs", "host_services", "server", "service", "services_up", "worker"]
+
+LogDir = Annotated[Path | None, typer.Option("--log-dir", help="Local agents' logs.")]
 
 StreamReplicas = Annotated[
     int,
@@ -158,77 +162,59 @@ def host_services(
     return asyncio.run(go())
 
 
+@dataclass(frozen=True)
+class ServeArgs:
+    """The options ``service`` and ``services up`` both take (typer fills them: see
+    ``cli/option_group.py``)."""
+
+    nats: Nats = None
+    log_dir: LogDir = None
+    backend: opts.Backend = "local"
+    namespace: opts.Namespace = None
+    image: opts.Image = None
+    stream_replicas: StreamReplicas = 1
+    max_slots: MaxSlots = None
+    queue: DefaultQueue = None
+    metrics_port: MetricsPort = None
+    workflow_namespace: WorkflowNamespaces = None
+    agent_env: AgentEnv = None
+
+
+@expand_groups
 def service(
     name: Annotated[str, typer.Argument(help="planner, launcher, aggregator or janitor.")],
-    nats: Nats = None,
-    log_dir: Annotated[Path | None, typer.Option(help="Local agents' logs.")] = None,
-    backend: opts.Backend = "local",
-    namespace: opts.Namespace = None,
-    image: opts.Image = None,
-    stream_replicas: StreamReplicas = 1,
-    max_slots: MaxSlots = None,
-    queue: DefaultQueue = None,
-    metrics_port: MetricsPort = None,
-    workflow_namespace: WorkflowNamespaces = None,
-    agent_env: AgentEnv = None,
+    how: ServeArgs,
 ) -> None:
     """Run one service (what a Kubernetes Deployment runs)."""
     if name not in SERVICE_NAMES:
         raise fail(
             f"unknown service {name!r}: choose from {', '.join(SERVICE_NAMES)}", exit_codes.USAGE
         )
-    options = locals()
-    del options["name"]
-    _serve_command((name,), **options)
+    _serve_command((name,), how)
 
 
-def services_up(
-    nats: Nats = None,
-    log_dir: Annotated[Path | None, typer.Option(help="Local agents' logs.")] = None,
-    backend: opts.Backend = "local",
-    namespace: opts.Namespace = None,
-    image: opts.Image = None,
-    stream_replicas: StreamReplicas = 1,
-    max_slots: MaxSlots = None,
-    queue: DefaultQueue = None,
-    metrics_port: MetricsPort = None,
-    workflow_namespace: WorkflowNamespaces = None,
-    agent_env: AgentEnv = None,
-) -> None:
+@expand_groups
+def services_up(how: ServeArgs) -> None:
     """Run planner, launcher, aggregator and janitor in one process."""
-    _serve_command(SERVICE_NAMES, **locals())
+    _serve_command(SERVICE_NAMES, how)
 
 
-def _serve_command(
-    names: tuple[str, ...],
-    *,
-    nats: str | None,
-    log_dir: Path | None,
-    backend: str,
-    namespace: str | None,
-    image: str | None,
-    stream_replicas: int,
-    max_slots: int | None,
-    queue: str | None,
-    metrics_port: int | None,
-    workflow_namespace: list[str] | None,
-    agent_env: Path | None,
-) -> NoReturn:
+def _serve_command(names: tuple[str, ...], how: ServeArgs) -> NoReturn:
     """What ``service`` and ``services up`` share once their options are parsed."""
-    opts.check_queue(queue)
-    k8s = kubernetes_settings(namespace, image, workflow_namespace or [])
+    opts.check_queue(how.queue)
+    k8s = kubernetes_settings(how.namespace, how.image, how.workflow_namespace or [])
     raise typer.Exit(
         host_services(
             names,
-            nats,
-            log_dir,
-            backend,
+            how.nats,
+            how.log_dir,
+            how.backend,
             k8s,
-            stream_replicas,
-            max_slots=max_slots,
-            default_queue=queue,
-            metrics_port=metrics_port,
-            agent_env=agent_env,
+            how.stream_replicas,
+            max_slots=how.max_slots,
+            default_queue=how.queue,
+            metrics_port=how.metrics_port,
+            agent_env=how.agent_env,
         )
     )
 

@@ -74,6 +74,8 @@ def _describe(event: ev.Event) -> str:
         return f"{event.phase} agent {event.index} exited with {event.exit_code}" + (
             " (restarting)" if event.restarted else f": {event.reason}" if event.reason else ""
         )
+    if isinstance(event, ev.AgentUsage):
+        return _usage(event)
     if isinstance(event, ev.PodFailed):
         code = f", exit code {event.exit_code}" if event.exit_code is not None else ""
         note = " (disruption: retried, not counted)" if event.disruption else ""
@@ -123,6 +125,18 @@ def _describe(event: ev.Event) -> str:
         return f"reopened: {event.retried} dead item(s) retried"
     # ReduceStarted → "reduce started", WorkflowAccepted → "workflow accepted"…
     return re.sub(r"(?<!^)(?=[A-Z])", " ", kind).lower()
+
+
+def _usage(event: ev.AgentUsage) -> str:
+    """What an agent did with the slots it held: a low share busy says the workflow kept
+    more slots than its items needed (``max_parallel`` too high, or a long tail); "drained
+    early" says the agent handed its slots back when the queue ran dry."""
+    share = f" ({event.busy_s / event.held_s:.0%})" if event.held_s > 0 else ""
+    left = "drained early" if event.drained else "not drained"
+    return (
+        f"agent {event.agent} usage: {event.slots} slot(s), busy {event.busy_s:.1f} of "
+        f"{event.held_s:.1f} slot-seconds held{share}, {event.items} item(s), {left}"
+    )
 
 
 class Watcher:

@@ -1,9 +1,12 @@
-"""The options of ``run`` and ``submit`` that describe how a workflow runs (arguments,
-profile, workspace, queue, backend), and their checks: refused with exit 2 before anything
-is submitted, since the services would only fail the workflow later."""
+"""The options of ``run`` and ``submit`` that describe how a workflow runs (parallelism,
+attempts, arguments, profile, workspace, queue, backend), declared once (:class:`SubmitArgs`)
+and turned into the ``SubmitOptions`` both submit in one place (:func:`submit_options`), and
+their checks: refused with exit 2 before anything is submitted, since the services would only
+fail the workflow later."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +25,7 @@ __all__ = [
     "Namespace",
     "ProfileOption",
     "QueueOption",
+    "SubmitArgs",
     "TimeoutOption",
     "WorkspaceOption",
     "WorktreesOption",
@@ -91,6 +95,44 @@ Image = Annotated[
     str | None,
     typer.Option("--image", envvar="JETREDUCE_K8S_IMAGE", help="Agent image (kubernetes)."),
 ]
+MaxParallel = Annotated[
+    int | None, typer.Option("--max-parallel", "-j", min=1, help="Override map.max_parallel.")
+]
+Workdir = Annotated[
+    Path | None, typer.Option("--workdir", help="Where commands run (default: here).")
+]
+MaxAttempts = Annotated[
+    int | None, typer.Option("--max-attempts", min=1, help="Attempts per item.")
+]
+Priority = Annotated[str, typer.Option("--priority", help="high, normal or low.")]
+
+
+@dataclass(frozen=True)
+class SubmitArgs:
+    """The options ``run`` and ``submit`` both take to say how the workflow runs (typer
+    fills them: see ``cli/option_group.py``); :func:`submit_options` makes them the
+    workflow's ``SubmitOptions``."""
+
+    max_parallel: MaxParallel = None
+    priority: Priority = "normal"
+    workdir: Workdir = None
+    max_attempts: MaxAttempts = None
+    timeout: TimeoutOption = None
+    args: ArgsOption = None
+    profile: ProfileOption = None
+    worktrees: WorktreesOption = False
+    workspace: WorkspaceOption = None
+    queue: QueueOption = None
+    backend: Backend = "local"
+    namespace: Namespace = None
+    image: Image = None
+
+    @property
+    def workspace_kind(self) -> str:
+        return workspace_kind(self.workspace, self.worktrees)
+
+    def check_backend(self) -> None:
+        check_backend(self.backend, self.namespace, self.image)
 
 
 def workspace_kind(workspace: str | None, worktrees: bool) -> str:
@@ -132,47 +174,31 @@ def check_profile(workflow: Any, profile: str | None) -> None:
 
 
 def submit_options(
-    workflow: Workflow,
-    used: dict[str, str],
-    *,
-    workdir: Path | None,
-    max_parallel: int | None,
-    priority: str,
-    max_attempts: int | None,
-    timeout: float | None,
-    args: list[str] | None,
-    profile: str | None,
-    worktrees: bool,
-    workspace: str | None,
-    queue: str | None,
-    backend: str,
-    namespace: str | None,
-    image: str | None,
-    lease: float | None = None,
+    workflow: Workflow, used: dict[str, str], how: SubmitArgs, *, lease: float | None = None
 ) -> tuple[SubmitOptions, Path | None]:
     """The options ``run`` and ``submit`` both submit a workflow with (one place, so an
     option one of them takes reaches the services as the other's does), and the map input
     file to upload with it, if any. ``used``: the ``$VAR`` values the file referenced."""
-    where = (workdir or Path.cwd()).resolve()
-    pods = backend == "kubernetes"
+    where = (how.workdir or Path.cwd()).resolve()
+    pods = how.backend == "kubernetes"
     # Pods share nothing with this disk: their working directory is their own, and the
     # input file travels through the object store. A local installation reads it in place.
-    upload = input_file(workflow, where, args or [], profile) if pods else None
+    upload = input_file(workflow, where, how.args or [], how.profile) if pods else None
     options = SubmitOptions(
         workdir=None if pods else str(where),
-        max_parallel=max_parallel,
-        priority=priority,
+        max_parallel=how.max_parallel,
+        priority=how.priority,
         vars=used,
-        max_attempts=max_attempts,
-        timeout_s=timeout,
+        max_attempts=how.max_attempts,
+        timeout_s=how.timeout,
         lease_s=lease,
-        args=args or [],
-        profile=profile,
-        workspace=workspace_kind(workspace, worktrees),
-        queue=queue,
-        backend=backend,
-        namespace=namespace,
-        image=image,
+        args=how.args or [],
+        profile=how.profile,
+        workspace=how.workspace_kind,
+        queue=how.queue,
+        backend=how.backend,
+        namespace=how.namespace,
+        image=how.image,
         input_upload=upload is not None,
     )
     return options, upload
