@@ -79,19 +79,24 @@ class GatedJobList(KubeApi):
         self.armed = False
         self.listed = asyncio.Event()
         self.gate = asyncio.Event()
+        self.gated: Any = self.batch.list_namespaced_job
+        """The LIST that holds the poll: the Jobs' (default), or the pods' of a Job."""
 
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         answer = await super().call(fn, *args, **kwargs)
-        if self.armed and fn == self.batch.list_namespaced_job:
+        if self.armed and fn == self.gated:
             self.armed = False
             self.listed.set()
             await self.gate.wait()
         return answer
 
     @contextlib.asynccontextmanager
-    async def slow_poll(self, backend: KubernetesBackend) -> AsyncIterator[None]:
-        """Within: a poll of ``backend`` has listed the Jobs and waits before going through
-        them. On leaving, the poll goes on, and is awaited."""
+    async def slow_poll(
+        self, backend: KubernetesBackend, *, at_pods: bool = False
+    ) -> AsyncIterator[None]:
+        """Within: a poll of ``backend`` has listed the Jobs (or, ``at_pods``, a Job's pods)
+        and waits before going on. On leaving, the poll goes on, and is awaited."""
+        self.gated = self.core.list_namespaced_pod if at_pods else self.batch.list_namespaced_job
         self.armed = True
         self.listed.clear()
         self.gate.clear()

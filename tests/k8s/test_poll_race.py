@@ -40,6 +40,25 @@ def _backend(
     return backend, gated
 
 
+async def _fail(api: k8s.ApiClient, namespace: str, job: str) -> None:
+    """The Job failed for good (as the Job controller says it once an index used up its
+    backoff): one pod failed."""
+    await asyncio.to_thread(
+        k8s.BatchV1Api(api).patch_namespaced_job_status,
+        job,
+        namespace,
+        {
+            "status": {
+                "failed": 1,
+                "conditions": [
+                    {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}
+                ],
+            }
+        },
+        _preload_content=False,
+    )
+
+
 def _job_names(emu: EmulatorThread, ns: str) -> set[str]:
     return {j["metadata"]["name"] for j in emu.live("batch/v1/jobs", ns)}
 
@@ -93,21 +112,30 @@ async def test_a_relaunched_job_is_known_after_the_poll_that_created_it(
     first, second = job_name("wf-f", "map"), job_name("wf-f", "map", 1)
     try:
         assert await backend.launch("wf-f", "map", [1, 1], map_only_spec()) == 2
-        await asyncio.to_thread(
-            k8s.BatchV1Api(api_client).patch_namespaced_job_status,
-            first,
-            namespace,
-            {
-                "status": {
-                    "conditions": [
-                        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}
-                    ]
-                }
-            },
-            _preload_content=False,
-        )
+        await _fail(api_client, namespace, first)
         await backend.poll_once()
         assert _job_names(emulator, namespace) == {first, second}
         assert backend.running("wf-f", "map") and backend.held("wf-f", "map") == 2
+    finally:
+        await backend.stop_all()
+
+
+async def test_a_failed_job_stopped_while_its_pods_are_listed_is_not_relaunched(
+    emulator: EmulatorThread, api_client: k8s.ApiClient, namespace: str
+) -> None:
+    """A poll finds the map's Job failed and lists its pods (to report them); meanwhile the
+    map is stopped (its Job deleted). With no relaunch delay the poll went on to create the
+    next Job for a phase that had just been stopped."""
+    backend, kube = _backend(api_client, namespace, max_relaunches=1, relaunch_delay_s=0)
+    first = job_name("wf-p", "map")
+    try:
+        assert await backend.launch("wf-p", "map", [1, 1], map_only_spec()) == 2
+        await backend.poll_once()
+        await _fail(api_client, namespace, first)
+        async with kube.slow_poll(backend, at_pods=True):
+            await backend.stop("wf-p", "map")
+            assert _job_names(emulator, namespace) == set()
+        assert _job_names(emulator, namespace) == set()
+        assert not backend.running("wf-p", "map") and backend.held("wf-p", "map") == 0
     finally:
         await backend.stop_all()

@@ -170,6 +170,8 @@ class JobPoller(JobRelauncher):
                         self.kube.core.list_namespaced_event, ns, field_selector="type=Warning"
                     )
                 await self._check_start(name, seen, pods, events)
+            if self._seen.get(name) is not seen:
+                continue  # stopped while its pods were listed: nothing more to do for it
             # Every index ran to its end and index 0 succeeded: agent 0 exits 0 only once its
             # phase is over, so the phase's outcome is decided (by the aggregator), and
             # neither a relaunch nor a give-up may race it. Not any other index: a map agent
@@ -201,7 +203,8 @@ class JobPoller(JobRelauncher):
             if decided and not seen.gave_up:
                 seen.gave_up = True
                 log.info("workflow %s: %s Job %s ended after its phase did", wf, phase, name)
-            elif job_failed and not superseded:
+            elif job_failed and not superseded and self._seen.get(name) is seen:
+                # (Not if a stop dropped it during the reports above: no Job after a stop.)
                 await self._after_job_failed(seen, job, reason, relaunch, reported)
         present = {name for name, *_ in jobs}
         for name in known:
