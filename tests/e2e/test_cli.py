@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,6 +94,8 @@ def test_run_prints_reduce_output_and_exits_zero(tmp_path: Path, prodigy_example
     assert out.stdout.strip() == "Processed 3 items"
     assert "progress: 3/3" in out.stderr  # plain progress lines when not a TTY
     assert "completed, 3/3 items succeeded" in out.stderr
+    # How well the map used its slots, from the map agents' own reports.
+    assert re.search(r"map slots busy \d+% of the time held", out.stderr), out.stderr
 
 
 def test_run_exit_codes_for_failures(tmp_path: Path) -> None:

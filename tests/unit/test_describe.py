@@ -30,6 +30,11 @@ def test_every_event_type_reads_as_words() -> None:
             workflow_id="w", phase="map", agent="h/8/map-0", index=0, slots=1, held_s=0, busy_s=0
         ),
     ]
+    done = {"workflow_id": "w", "total": 3, "done": 3, "dead": 0, "duration_s": 2.04}
+    samples += [
+        ev.WorkflowCompleted(**done, utilisation=0.754, busy_slot_s=30.2, held_slot_s=40.0),
+        ev.WorkflowCompleted(**done),  # no map agent reported
+    ]
     lines = [describe(e) for e in samples]
     assert lines[:3] == ["reduce started", "workflow accepted", "reopened: 2 dead item(s) retried"]
     assert lines[3] == "agent a: circuit half-open"
@@ -43,4 +48,8 @@ def test_every_event_type_reads_as_words() -> None:
         "agent h/8/map-0 usage: 1 slot(s), busy 0.0 of 0.0 slot-seconds held, 0 item(s), "
         "not drained"
     )
+    assert lines[7] == (
+        "completed: 3 done, 0 failed of 3 in 2.0s, map slots busy 75% of the time held"
+    )
+    assert lines[8] == "completed: 3 done, 0 failed of 3 in 2.0s"
     assert all(not re.search(r"[a-z][A-Z]", line) for line in lines)

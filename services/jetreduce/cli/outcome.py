@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from jetreduce.cli import exit_codes
-from jetreduce.cli.watch import describe
+from jetreduce.cli.watch import describe, slot_use
 from jetreduce.contract import events as ev
 from jetreduce.contract.subjects import Subjects
 
@@ -48,7 +48,7 @@ def print_outcome(event: Any, quiet: bool = False) -> None:
             return
         typer.echo(
             f"workflow {event.workflow_id}: completed, {event.done}/{event.total} items "
-            f"succeeded, {event.dead} failed, in {event.duration_s:.1f}s",
+            f"succeeded, {event.dead} failed, in {event.duration_s:.1f}s{slot_use(event)}",
             err=True,
         )
     else:

@@ -50,6 +50,14 @@ Terminal = (
 PLAIN_EVERY_S = 2.0
 
 
+def slot_use(event: ev.WorkflowCompleted) -> str:
+    """``, map slots busy 75% of the time held`` (the map agents' own reports), or nothing
+    when no map agent reported (no map, or agents that never started)."""
+    if event.utilisation is None:
+        return ""
+    return f", map slots busy {event.utilisation:.0%} of the time held"
+
+
 def describe(event: ev.Event) -> str:
     """One readable line per event: names, reasons and errors come from submitters and
     steps, so their control characters are escaped (a newline cannot split the line, an
@@ -107,7 +115,7 @@ def _describe(event: ev.Event) -> str:
     if isinstance(event, ev.WorkflowCompleted):
         return (
             f"completed: {event.done} done, {event.dead} failed of {event.total} "
-            f"in {event.duration_s:.1f}s"
+            f"in {event.duration_s:.1f}s{slot_use(event)}"
         )
     if isinstance(event, ev.WorkflowFailed):
         return f"failed: {event.reason}"
