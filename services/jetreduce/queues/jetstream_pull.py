@@ -34,6 +34,8 @@ from typing import Any
 
 from nats.errors import ConnectionClosedError
 
+from jetreduce.runtime.flag import Flag, wait_first
+
 __all__ = ["LOST_AFTER_S", "Puller"]
 
 LOST_AFTER_S = 2.0
@@ -60,7 +62,7 @@ class Puller:
         self._open: dict[str, _Request] = {}
         self._serial = 0
         self.buffer: deque[Any] = deque()
-        self._changed = asyncio.Event()
+        self._changed = Flag()
         self.requests = 0
         """Pull requests sent (for tests and measurements)."""
 
@@ -116,8 +118,7 @@ class Puller:
             if remaining <= 0:
                 return []
             self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+            await wait_first([self._changed], timeout_s=remaining)  # no task per wait
 
     async def _request(self, batch: int, expires_s: float) -> None:
         self._serial += 1

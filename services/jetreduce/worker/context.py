@@ -7,7 +7,6 @@ which one agent at a time runs setup or reduce. Each phase adds its own runner o
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os
@@ -34,6 +33,7 @@ from jetreduce.contract.workflow.model import Step
 from jetreduce.lang.interpolate import Variables
 from jetreduce.runtime.claim import CLAIM_TTL_S, Claim, Taken
 from jetreduce.runtime.counts import count_subjects
+from jetreduce.runtime.flag import Flag
 from jetreduce.runtime.publish import is_stored, publish_retrying
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.state import StateStore
@@ -117,12 +117,12 @@ class AgentBase:
         self.wf = config.workflow_id
         self.name = f"{socket.gethostname()}/{os.getpid()}/{config.phase}-{config.index}"
         self.workdir = spec.options.workdir or os.getcwd()
-        self.stop = asyncio.Event()
+        self.stop = Flag()
         """Stop taking items; in-flight ones finish within the grace period (SIGTERM)."""
-        self.phase_over = asyncio.Event()
+        self.phase_over = Flag()
         """The map phase or the workflow ended: the agent's job is done."""
         self.signalled = False
-        self.abort = asyncio.Event()
+        self.abort = Flag()
         """The workflow ended (cancelled, failed…): in-flight steps are killed at once."""
         self.scratch_prefix = f"jetreduce-{self.wf}-{config.phase}{config.index}-"
         if config.phase not in CLAIMED_PHASES:

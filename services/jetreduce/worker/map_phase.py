@@ -25,6 +25,7 @@ from jetreduce.contract.workflow.model import RetryConfig, Step
 from jetreduce.queues.base import Lease
 from jetreduce.queues.factory import open_queue
 from jetreduce.queues.resilient import ResilientQueue
+from jetreduce.runtime.flag import Flag, wait_first
 from jetreduce.runtime.publish import AckMux, publish_retrying
 from jetreduce.runtime.state import StateStore
 from jetreduce.runtime.telemetry import (
@@ -93,7 +94,7 @@ class MapRunner(ItemRecorder):
         self.ready = deque()
         self.recording = {}
         self.slow = set()
-        self.progress = asyncio.Event()
+        self.progress = Flag()
         self.on_failure = policy.on_item_failure
         if self.on_failure == "skip":
             self.max_attempts = 1  # a skipped item is not retried and not dead-lettered
@@ -220,11 +221,7 @@ class MapRunner(ItemRecorder):
         (the launcher waits for map agents to exit before it starts reduce). A signal alone
         lets the poll finish, so nothing it fetched is stranded until its lease runs out."""
         polling = asyncio.ensure_future(self.queue.lease(free, wait_s=1.0))
-        ended = asyncio.ensure_future(self.phase_over.wait())
-        try:
-            await asyncio.wait({polling, ended}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ended.cancel()
+        await wait_first([self.phase_over], [polling])
         if polling.done():
             return polling.result()
         polling.cancel()
@@ -236,17 +233,7 @@ class MapRunner(ItemRecorder):
         """Until a slot may have freed (an item ended, a result's ack went out), a stop, or
         ``timeout_s``."""
         self.progress.clear()
-        stopping = asyncio.ensure_future(self.stop.wait())
-        settled = asyncio.ensure_future(self.progress.wait())
-        try:
-            await asyncio.wait(
-                [*self.inflight, *self.slow, stopping, settled],
-                timeout=timeout_s,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            stopping.cancel()
-            settled.cancel()
+        await wait_first([self.stop, self.progress], [*self.inflight, *self.slow], timeout_s)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self.inflight.pop(task, None)
@@ -259,24 +246,12 @@ class MapRunner(ItemRecorder):
         another agent at once."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.grace_s
-        aborting = asyncio.ensure_future(self.abort.wait())
-        try:
-            while (self.inflight or self.recording or self.slow) and not self.abort.is_set():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                self.progress.clear()
-                settled = asyncio.ensure_future(self.progress.wait())
-                try:
-                    await asyncio.wait(
-                        [*self.inflight, *self.slow, aborting, settled],
-                        timeout=remaining,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                finally:
-                    settled.cancel()
-        finally:
-            aborting.cancel()
+        while (self.inflight or self.recording or self.slow) and not self.abort.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self.progress.clear()
+            await wait_first([self.abort, self.progress], [*self.inflight, *self.slow], remaining)
         leftovers = list(self.inflight.items())
         for task, _ in leftovers:
             task.cancel()  # run_process kills the step's process group on cancellation
