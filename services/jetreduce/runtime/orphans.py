@@ -72,32 +72,43 @@ def _start_time(pid: int) -> str | None:
 
 
 def kill_session(sid: int, *, leader: bool = True) -> None:
-    """SIGKILL every process of session ``sid`` (its leader too unless ``leader=False``).
-    Linux /proc; a no-op elsewhere."""
+    """SIGKILL every process of session ``sid``; ``leader=False``: its leader has ended (see
+    :func:`kill_sessions`). Linux /proc; a no-op elsewhere."""
     kill_sessions({sid: leader})
 
 
 def kill_sessions(sessions: dict[int, bool]) -> None:
     """SIGKILL every process of each session in ``sessions`` (session id → whether its
-    leader goes too), in one pass over /proc: a pass reads every process's ``stat``."""
+    leader goes too), in one pass over /proc: a pass reads every process's ``stat``.
+
+    A session whose leader is not to be killed is one whose leader has ended and been
+    reaped (an agent): its id may then have been handed to a new process. Linux reuses a
+    pid only once no session or process group holds it, so if a process with that id is
+    alive, nothing of the old session is left, and what the pass would find under that id
+    is a new session (another agent's steps): it is left alone."""
     proc_root = Path("/proc")
     if not sessions or not proc_root.is_dir():
         return
     wanted = {str(sid): leader for sid, leader in sessions.items()}
+    found: list[tuple[str, str]] = []
+    alive: set[str] = set()
     for entry in proc_root.iterdir():
         if not entry.name.isdigit():
             continue
+        if entry.name in wanted:
+            alive.add(entry.name)
         try:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
         # Fields after the parenthesised command name: state ppid pgrp session ...
         fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) <= 3 or (leader := wanted.get(fields[3])) is None:
-            continue
-        if leader or entry.name != fields[3]:
+        if len(fields) > 3 and fields[3] in wanted:
+            found.append((entry.name, fields[3]))
+    for pid, sid in found:
+        if wanted[sid] or (pid != sid and sid not in alive):
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(entry.name), signal.SIGKILL)
+                os.kill(int(pid), signal.SIGKILL)
 
 
 class SessionSweeper:
@@ -115,8 +126,9 @@ class SessionSweeper:
         """Passes made (for tests)."""
 
     async def sweep(self, sid: int, *, leader: bool = True) -> None:
-        """Return once a pass that began after this call has swept session ``sid``. A
-        cancelled caller does not stop the pass."""
+        """Return once a pass that began after this call has swept session ``sid``
+        (``leader=False``: its leader has ended and been reaped). A cancelled caller does not
+        stop the pass."""
         self._waiting[sid] = leader
         if self._next is None:
             self._next = asyncio.get_running_loop().create_future()
