@@ -13,13 +13,23 @@ from pathlib import Path
 
 import pytest
 
-from helpers import item_results, services
+from helpers import Harness, item_results, services
 from jetreduce.cli.submit import SubmitRejected, submit
 from jetreduce.contract import events as ev
 from jetreduce.contract.events import SubmitOptions
 from support import env_without_jetreduce, git, init_repo, wait_for
 
 pytestmark = pytest.mark.anyio
+
+
+async def cleaned_up(repo: Path, h: Harness) -> None:
+    """Wait (bounded) for :func:`no_agent_branches`; if it never holds, fail with what is
+    left and what the agents logged (fresh clone 25 once saw it fail with no clue)."""
+    try:
+        await wait_for(lambda: no_agent_branches(repo), timeout_s=20)
+    except AssertionError:
+        left = git(repo, "worktree", "list") + git(repo, "branch", "--list")
+        raise AssertionError(f"agents left behind:\n{left}\n{h.agent_logs()[-6000:]}") from None
 
 
 def no_agent_branches(repo: Path) -> bool:
@@ -138,7 +148,7 @@ async def test_git_repository_gives_each_agent_a_worktree_and_merges_commits(
         assert f"Process {name}" in git(workdir, "log", "--format=%s", "main")
     assert git(workdir, "branch", "--show-current").strip() == "main"
     assert git(workdir, "status", "--porcelain", "--untracked-files=no").strip() == ""
-    await wait_for(lambda: no_agent_branches(workdir), timeout_s=20)
+    await cleaned_up(workdir, h)
 
 
 async def test_failed_item_in_an_agent_worktree_is_kept_apart_and_reset(
@@ -297,7 +307,7 @@ reduce:
     assert "second attempt" in log and "first attempt" not in log
     assert not (workdir / "wip.txt").exists()
     try:
-        await wait_for(lambda: no_agent_branches(workdir), timeout_s=20)
+        await cleaned_up(workdir, h)
     except AssertionError:
         left = git(workdir, "worktree", "list") + git(workdir, "branch", "--list")
         raise AssertionError(f"left behind:\n{left}\n{h.agent_logs()}") from None
