@@ -24,6 +24,7 @@ from jetreduce.runtime.connection import connect
 from jetreduce.runtime.service import ServiceContext
 from jetreduce.runtime.settings import NatsSettings
 from jetreduce.runtime.state import StateStore
+from jetreduce.runtime.store import read_subject
 from support import mapping_record, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -157,11 +158,12 @@ async def test_a_workflow_is_planning_while_its_input_is_expanded(
             return rec is not None and rec.phase == Phase.MAPPING
 
         await wait_for(mapping, 10)
-        kv = await ctx.js.key_value(ctx.subjects.workflows_bucket)
-        phases = [
-            msgspec.json.decode(e.value or b"", type=WorkflowRecord).phase
-            for e in await kv.history(wf)
-        ]
+        # The record's revisions as stored (the bucket keeps 5), read in stream order: what
+        # nats-py's kv.history() returns, without its watcher, which once found no entry
+        # at all on a loaded machine (fresh clone 27).
+        bucket = ctx.subjects.workflows_bucket
+        revisions = await read_subject(ctx.js, f"KV_{bucket}", f"$KV.{bucket}.{wf}")
+        phases = [msgspec.json.decode(m.data, type=WorkflowRecord).phase for m in revisions]
     assert phases == [Phase.ACCEPTED, Phase.SETUP, Phase.PLANNING, Phase.MAPPING], phases
 
 
