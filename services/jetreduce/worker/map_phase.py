@@ -218,7 +218,7 @@ class MapRunner(ItemRecorder):
     async def _lease(self, free: int) -> list[Lease] | None:
         """Up to ``free`` items (a long poll of a second), or None when the phase ends first:
         after ``map.complete`` no item is left, so the poll is abandoned instead of awaited
-        (the launcher waits for map agents to exit before it starts reduce). A signal alone
+        (the agent leaves at once, and its slots are free for others sooner). A signal alone
         lets the poll finish, so nothing it fetched is stranded until its lease runs out."""
         polling = asyncio.ensure_future(self.queue.lease(free, wait_s=1.0))
         await wait_first([self.phase_over], [polling])
