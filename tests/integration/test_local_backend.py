@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,37 @@ async def test_a_stop_cancelled_midway_leaves_its_agents_to_stop_all(tmp_path: P
     assert run.task.done()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+AGENT_WITH_A_CHILD = """
+import os, signal, subprocess, sys, time
+marker = sys.argv[1]
+child = subprocess.Popen([sys.executable, "-c", '''
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: (open(sys.argv[1], "w").write("TERM"), sys.exit(0)))
+time.sleep(60)
+''', marker])  # left in the agent's process group, as a child just forked is
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+open(marker + ".ready", "w").close()
+time.sleep(60)
+"""
+
+
+async def test_a_stop_asks_the_agent_alone_not_what_is_still_in_its_group(tmp_path: Path) -> None:
+    """A stop's SIGTERM goes to the agent, which stops its steps itself. Sent to the agent's
+    process group it also reached a child the agent had just forked, before the child moved
+    to a group of its own: that child died of it as it exec'd (a map agent's `git branch -D`
+    as it cleaned up on map.complete, fresh clone 28). A child kept in the group stands for
+    that moment here: it must not get the SIGTERM."""
+    marker = tmp_path / "child-got-term"
+    script = tmp_path / "agent.py"
+    script.write_text(AGENT_WITH_A_CHILD)
+    exits: list[Exit] = []
+    b = backend((sys.executable, str(script), str(marker)), exits, max_restarts=0)
+    try:
+        assert await b.launch("wf", "map", [1], spec(tmp_path)) == 1
+        await wait_for(lambda: Path(f"{marker}.ready").exists(), timeout_s=20)
+        await b.stop("wf", "map", grace_s=10)
+    finally:
+        await b.stop_all(grace_s=5)
+    assert not marker.exists()

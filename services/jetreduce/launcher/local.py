@@ -256,7 +256,7 @@ class LocalBackend:
             started = time.monotonic()
             run.proc = await self._spawn(run)
             if run.stopping:  # stopped while it was being started: it must not outlive that
-                _signal_group(run.proc, signal.SIGTERM)
+                _signal(run.proc, signal.SIGTERM)
             try:
                 code = await run.proc.wait()
             finally:
@@ -338,7 +338,7 @@ class LocalBackend:
     async def _terminate(self, runs: list[_Running], grace_s: float) -> None:
         for run in runs:
             run.stopping = True
-            _signal_group(run.proc, signal.SIGTERM)
+            _signal(run.proc, signal.SIGTERM)
         tasks = [r.task for r in runs if r.task is not None]
         if not tasks:
             return
@@ -358,8 +358,21 @@ def _always() -> bool:
     return True
 
 
+def _signal(proc: AgentProcess | None, sig: int) -> None:
+    """Ask the agent alone to stop. Not its process group: its steps and git commands run
+    in groups of their own, so the group holds nothing else but a child the agent has just
+    forked and that has not left the group yet, and a SIGTERM there kills that child as it
+    execs (its handlers are reset first): an item's step, or the `git branch -D` of the
+    agent's cleanup as it left on ``map.complete`` (fresh clone 28). The agent stops its
+    steps itself; a SIGKILL after the grace period goes to the group (`_signal_group`)."""
+    if proc is None or proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(proc.pid, sig)
+
+
 def _signal_group(proc: AgentProcess | None, sig: int) -> None:
-    """Signal the agent and everything it started (its own session / process group)."""
+    """Signal the agent and everything it started in its own process group."""
     if proc is None or proc.returncode is not None:
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
