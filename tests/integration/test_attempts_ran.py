@@ -4,70 +4,49 @@ drained) or lost to its death must not cost the item one of its ``max_attempts``
 
 from __future__ import annotations
 
-import nats
 import pytest
 
 from jetreduce.contract import events as ev
-from jetreduce.contract.subjects import Subjects
-from jetreduce.contract.topology import declare
-from jetreduce.runtime.service import ServiceContext
 from jetreduce.worker.recording import attempts_ran, dead_stands
 
+from .test_services import context
+
 pytestmark = pytest.mark.anyio
+
+
+def _failed(wf: str, index: int, attempt: int) -> ev.ItemFailed:
+    return ev.ItemFailed(
+        workflow_id=wf,
+        index=index,
+        item_id=f"item_{index}",
+        attempt=attempt,
+        error="exit 3",
+        exit_code=3,
+        stderr_tail="",
+        retry_in_s=1.0,
+    )
 
 
 async def test_attempts_ran_are_the_failures_stored_never_more_than_the_deliveries(
     nats_url: str, prefix: str
 ) -> None:
-    nc = await nats.connect(nats_url)
-    try:
-        s = Subjects(prefix)
-        js = nc.jetstream()
-        await declare(js, s)
-        ctx = ServiceContext(nc=nc, js=js, subjects=s)
-        wf = "wf-attempts"
+    async with context(nats_url, prefix) as ctx:
+        s, js, wf = ctx.subjects, ctx.js, "wf-attempts"
         # First delivery ran and failed; the second was handed back unrun.
-        failed = ev.ItemFailed(
-            workflow_id=wf,
-            index=5,
-            item_id="item_5",
-            attempt=1,
-            error="exit 3",
-            exit_code=3,
-            stderr_tail="",
-            retry_in_s=1.0,
-        )
-        await js.publish(s.item_failed(wf, 5), ev.encode(failed))
+        await js.publish(s.item_failed(wf, 5), ev.encode(_failed(wf, 5, 1)))
         assert await attempts_ran(ctx, wf, 5, deliveries=2) == 1  # this one is attempt 2
         assert await attempts_ran(ctx, wf, 6, deliveries=2) == 0  # another item: none ran
         for attempt in (2, 3, 4):  # failures of an earlier run (a DLQ retry reopened it)
-            again = ev.ItemFailed(
-                workflow_id=wf,
-                index=5,
-                item_id="item_5",
-                attempt=attempt,
-                error="x",
-                exit_code=1,
-                stderr_tail="",
-                retry_in_s=1.0,
-            )
-            await js.publish(s.item_failed(wf, 5), ev.encode(again))
+            await js.publish(s.item_failed(wf, 5), ev.encode(_failed(wf, 5, attempt)))
         assert await attempts_ran(ctx, wf, 5, deliveries=2) == 2
-    finally:
-        await nc.close()
 
 
 async def test_a_dead_result_stands_whoever_stored_it(nats_url: str, prefix: str) -> None:
     """An agent killed between recording an item dead and adding its DLQ entry leaves the
     entry to the next delivery, which finds the dead result stored (its own publish is
     refused) and adds the entry all the same (worker/recording.py ``_bury``)."""
-    nc = await nats.connect(nats_url)
-    try:
-        s = Subjects(prefix)
-        js = nc.jetstream()
-        await declare(js, s)
-        ctx = ServiceContext(nc=nc, js=js, subjects=s)
-        wf = "wf-dead-stands"
+    async with context(nats_url, prefix) as ctx:
+        s, js, wf = ctx.subjects, ctx.js, "wf-dead-stands"
         dead = ev.ItemDead(
             workflow_id=wf,
             index=3,
@@ -93,5 +72,3 @@ async def test_a_dead_result_stands_whoever_stored_it(nats_url: str, prefix: str
         assert await dead_stands(ctx, wf, 3)
         assert not await dead_stands(ctx, wf, 4)  # done: never dead-lettered
         assert not await dead_stands(ctx, wf, 5)  # nothing stored
-    finally:
-        await nc.close()
